@@ -1,0 +1,131 @@
+"""Augmentations (METHOD.md section 5), two ways.
+
+- `BatchAugment`: batched, on the device, for small images decoded into memory once: random
+  resized crop (area scale, aspect 3/4-4/3) and flip as one affine `grid_sample`, brightness /
+  contrast (and for colour images saturation and random grayscale) per sample. Fast on CPU and
+  GPU; hue jitter is omitted in this path.
+- `sample_transform`: torchvision transforms on PIL images, per sample, in DataLoader workers:
+  the paper's ImageNet and CIFAR recipes, and a grayscale recipe.
+
+Dimension letters: B batch, C channels, H, W input size, S output size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision import transforms as T
+
+
+class BatchAugment:
+    """Random resized crop + flip + colour jitter on a uint8 batch (B, C, H, W) -> float (B, C, S, S),
+    normalised with mean/std. All randomness comes from the generator passed to `__call__`."""
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], *,
+                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 flip: bool = True, brightness: float = 0.4, contrast: float = 0.4,
+                 saturation: float = 0.0, grayscale_p: float = 0.0) -> None:
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.scale = scale
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.flip = flip
+        self.brightness = brightness
+        self.contrast = contrast
+        self.saturation = saturation
+        self.grayscale_p = grayscale_p
+
+    def _uniform(self, n: int, lo: float, hi: float, g: torch.Generator, device: torch.device
+                 ) -> Tensor:
+        return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        b, c = images.shape[:2]
+        dev = images.device
+        g = generator
+        x = images.float().div_(255.0)  # (B, C, H, W)
+        # crop: area fraction a, aspect r -> width/height fractions of the image side
+        area = self._uniform(b, self.scale[0], self.scale[1], g, dev)
+        ratio = torch.exp(self._uniform(b, self.log_ratio[0], self.log_ratio[1], g, dev))
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(b, generator=g, device=dev) * 2 - 1) * (1 - w)
+        cy = (torch.rand(b, generator=g, device=dev) * 2 - 1) * (1 - h)
+        sx = w
+        if self.flip:
+            sign = torch.where(torch.rand(b, generator=g, device=dev) < 0.5, -1.0, 1.0)
+            sx = w * sign
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0] = sx
+        theta[:, 0, 2] = cx
+        theta[:, 1, 1] = h
+        theta[:, 1, 2] = cy
+        grid = F.affine_grid(theta, [b, c, self.size, self.size], align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
+                          align_corners=False)  # (B, C, S, S)
+        if self.brightness > 0:
+            f = self._uniform(b, 1 - self.brightness, 1 + self.brightness, g, dev).view(b, 1, 1, 1)
+            x = x * f
+        if self.contrast > 0:
+            f = self._uniform(b, 1 - self.contrast, 1 + self.contrast, g, dev).view(b, 1, 1, 1)
+            gray = x.mean(dim=1, keepdim=True) if c > 1 else x
+            m = gray.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - m) * f + m
+        if c == 3 and self.saturation > 0:
+            f = self._uniform(b, 1 - self.saturation, 1 + self.saturation, g, dev).view(b, 1, 1, 1)
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+            x = (x - gray) * f + gray
+        if c == 3 and self.grayscale_p > 0:
+            pick = (torch.rand(b, generator=g, device=dev) < self.grayscale_p).view(b, 1, 1, 1)
+            gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+            x = torch.where(pick, gray, x)
+        x = x.clamp_(0.0, 1.0)
+        return (x - self.mean.to(dev)) / self.std.to(dev)
+
+
+def batch_augment_for(recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
+                      scale_min: float) -> BatchAugment:
+    """The batched version of a named recipe (imagenet | cifar | gray)."""
+    if recipe == "gray":
+        return BatchAugment(size, mean, std, scale=(scale_min, 1.0), brightness=0.4, contrast=0.4)
+    return BatchAugment(size, mean, std, scale=(scale_min, 1.0), brightness=0.4, contrast=0.4,
+                        saturation=0.4, grayscale_p=0.2)
+
+
+def batch_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]
+                         ) -> Callable[[Tensor], Tensor]:
+    """uint8 (B, C, H, W) -> normalised float (B, C, S, S): resize only if the size differs."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def apply(images: Tensor) -> Tensor:
+        x = images.float().div_(255.0)
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)
+        return (x - m.to(x.device)) / s.to(x.device)
+
+    return apply
+
+
+def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
+                     scale_min: float, train: bool) -> Callable:
+    """Per-sample torchvision transform on a PIL image -> float tensor (C, S, S)."""
+    norm = [T.ToTensor(), T.Normalize(list(mean), list(std))]
+    if not train:
+        if recipe == "imagenet":
+            return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
+        return T.Compose([T.Resize(size), T.CenterCrop(size), *norm])
+    crop = T.RandomResizedCrop(size, scale=(scale_min, 1.0))
+    if recipe == "imagenet":
+        return T.Compose([crop, T.RandomGrayscale(0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+                          T.RandomHorizontalFlip(), *norm])
+    if recipe == "cifar":
+        return T.Compose([crop, T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(0.2),
+                          T.RandomHorizontalFlip(), *norm])
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4), *norm])

@@ -1,0 +1,214 @@
+"""The `oocid` command: parses arguments and calls the library; nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import InputError, OocidError, VerifyError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="oocid: unsupervised features by non-parametric instance discrimination (NPID), "
+         "with the memory bank on disk. Start with `oocid demo`.")
+bank_app = typer.Typer(no_args_is_help=True, help="Inspect, verify or create an on-disk bank.")
+app.add_typer(bank_app, name="bank")
+
+
+def _err(msg: str) -> None:
+    print(f"oocid: {msg}", file=sys.stderr)
+
+
+@app.command()
+def shard(
+    src: Annotated[Path, typer.Argument(help="Image folder (class sub-folders = labels; flat = "
+                                        "unlabeled) or .npz with `images` and optional `labels`.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the tar shards and manifest.json.")],
+    shard_size: Annotated[int, typer.Option(help="Samples per shard (= bank chunk rows).")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle that assigns instance ids.")] = 0,
+    split: Annotated[str, typer.Option(help="For an .npz with `<split>_images` keys.")] = "train",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Write images as shuffled WebDataset tar shards plus manifest.json."""
+    from .shards import write_shards
+
+    m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress)
+    cls = f", {len(m.classes)} classes" if m.classes else ", unlabeled"
+    print(f"wrote {m.n} samples in {len(m.shards)} shards to {out}{cls}; "
+          f"skipped {len(m.skipped)} unreadable")
+
+
+@app.command()
+def train(
+    shards: Annotated[Path, typer.Option(help="Training shard folder (from `oocid shard`).")],
+    bank: Annotated[Path, typer.Option(help="Bank path: DIR.zarr (Zarr v3) or FILE.npy (memmap); "
+                                       "created when missing.")],
+    config: Annotated[Path | None, typer.Option(help="TOML config (see configs/).")] = None,
+    out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, config.json.")
+                   ] = Path("runs/oocid"),
+    val: Annotated[Path | None, typer.Option(help="Labeled validation shards for a kNN check "
+                                             "after each epoch.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")
+                      ] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override optim.epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override data.batch_size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Override optim.lr.")] = None,
+    loss: Annotated[str | None, typer.Option(help="Override loss.kind: nce | softmax | infonce.")
+                    ] = None,
+    nce_k: Annotated[int | None, typer.Option(help="Override loss.nce_k (negatives).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Override model.arch: small | resnet18 | "
+                                             "resnet50 | cifar_resnet18.")] = None,
+    device: Annotated[str | None, typer.Option(help="Override train.device: auto | cpu | cuda.")
+                      ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, e.g. --set "
+                                                   "loss.z=ema (repeatable).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train NPID features; the bank lives on disk and is committed at every checkpoint."""
+    from .config import load_config
+    from .train import train as run_train
+
+    overrides = list(set_ or [])
+    for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
+                       ("optim.lr", lr), ("loss.nce_k", nce_k)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    for key, svalue in (("loss.kind", loss), ("model.arch", arch), ("train.device", device)):
+        if svalue is not None:
+            overrides.append(f"{key}={json.dumps(svalue)}")
+    if resume and config is None and not overrides and (out / "config.json").is_file():
+        from .config import config_from_dict
+
+        cfg = config_from_dict(json.loads((out / "config.json").read_text()),
+                               str(out / "config.json"))
+    else:
+        cfg = load_config(config, overrides)
+    res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress)
+    last = res.metrics[-1] if res.metrics else {}
+    print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
+
+
+@app.command()
+def knn(
+    bank: Annotated[Path, typer.Option(help="The trained bank (its rows are the training features).")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose model embeds the queries.")],
+    shards: Annotated[Path, typer.Option(help="Labeled validation shards to classify.")],
+    train_shards: Annotated[Path | None, typer.Option(help="Training shards (for their labels); "
+                                                      "default: the path in the checkpoint.")] = None,
+    k: Annotated[int, typer.Option(help="Neighbours.")] = 200,
+    temperature: Annotated[float, typer.Option(help="sigma in exp(s / sigma).")] = 0.07,
+    out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+) -> None:
+    """Weighted kNN top-1/top-5 of validation images against the on-disk bank."""
+    from .knn_cli import run_knn
+
+    res = run_knn(bank, checkpoint, shards, train_shards, k, temperature, device)
+    text = json.dumps(res, indent=2)
+    print(f"kNN top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  (k={k}, t={temperature}, "
+          f"{res['queries']} queries, {res['bank_rows']} bank rows)")
+    if out is not None:
+        out.write_text(text + "\n")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for shards, bank, run and demo.json "
+                                      "(rebuilt if it is a previous demo folder).")] = Path("oocid-demo"),
+    epochs: Annotated[int | None, typer.Option(help="Training epochs (default from the demo "
+                                               "config, sized for ~5 min on 2 cores).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Shard the bundled Fashion-MNIST subset, train, and compare kNN accuracy with baselines."""
+    from .demo import format_demo, run_demo
+
+    res = run_demo(out, epochs=epochs, progress=progress)
+    print(format_demo(res))
+    print(f"wrote {out / 'demo.json'}")
+
+
+@bank_app.command("info")
+def bank_info(path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")]) -> None:
+    """N, D, dtype, store, size on disk, last committed step, norm statistics."""
+    from .store import store_info
+
+    info = store_info(path)
+    for key, value in info.items():
+        print(f"{key:>16}: {value}")
+
+
+@bank_app.command("verify")
+def bank_verify(
+    path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")],
+    tol: Annotated[float | None, typer.Option(help="Allowed | ||v|| - 1 |.")] = None,
+) -> None:
+    """Check every row is finite and unit-norm and the metadata is consistent (exit 1 if not)."""
+    from .store import verify_store
+
+    rep = verify_store(path, tol=tol)
+    if not rep.ok:
+        rows = ", ".join(str(r) for r in rep.bad_rows)
+        detail = "; ".join(rep.problems)
+        raise VerifyError(f"{path}: {rep.n_bad} bad rows (first: {rows}); {detail}")
+    print(f"{path}: ok ({rep.n_rows} rows x {rep.dim}, {rep.dtype}, max | |v|-1 | = "
+          f"{rep.max_norm_error:.2e})")
+
+
+@bank_app.command("init")
+def bank_init(
+    path: Annotated[Path, typer.Argument(help="New bank.zarr or bank.npy")],
+    rows: Annotated[int | None, typer.Option(help="N rows (or take it from --shards).")] = None,
+    dim: Annotated[int, typer.Option(help="D.")] = 128,
+    dtype: Annotated[str, typer.Option(help="float32 | float16 on disk.")] = "float32",
+    chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk (default: the shard "
+                                                   "size, else 4096).")] = None,
+    shards: Annotated[Path | None, typer.Option(help="Shard folder: N, chunking and identity.")
+                      ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the random unit rows.")] = 0,
+) -> None:
+    """Create a bank of random unit rows."""
+    from .store import create_store
+
+    manifest_id = None
+    if shards is not None:
+        from .shards import read_manifest
+
+        m = read_manifest(shards)
+        if rows is not None and rows != m.n:
+            raise InputError(f"--rows {rows} disagrees with {shards} ({m.n} samples)")
+        rows, manifest_id = m.n, m.identity
+        chunk_rows = chunk_rows or m.shard_size
+    if rows is None:
+        raise InputError("give --rows N or --shards DIR")
+    st = create_store(path, rows, dim, dtype=dtype, chunk_rows=chunk_rows or 4096,
+                      manifest_id=manifest_id, seed=seed, progress=True)
+    st.close()
+    print(f"created {path}: {rows} x {dim} {dtype}")
+
+
+def main() -> None:
+    """Entry point: one-line errors with documented exit codes, no tracebacks."""
+    try:
+        app()
+    except OocidError as e:
+        _err(f"error: {e}")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        _err("interrupted; the last checkpoint and the bank are intact")
+        sys.exit(130)
+    except Exception as e:
+        if os.environ.get("OOCID_DEBUG"):
+            traceback.print_exc()
+        _err(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+             "(set OOCID_DEBUG=1 for the traceback)")
+        sys.exit(70)
+
+
+if __name__ == "__main__":
+    main()

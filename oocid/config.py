@@ -1,0 +1,249 @@
+"""Typed run configuration: dataclasses, loaded from TOML with strict checking.
+
+A config file has the sections [model], [data], [loss], [optim], [bank], [train]; every key is
+optional and defaults to the paper's ImageNet settings (METHOD.md section 5). Unknown keys and
+wrong types are errors naming the file and the key. Overrides from the command line use the
+same dotted names (`optim.lr=0.1`). The resolved config is saved beside a run's outputs and in
+every checkpoint, so a run can be rebuilt from either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from .errors import InputError
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet18"  # small | resnet18 | resnet50 | cifar_resnet18
+    dim: int = 128  # feature / bank dimension D
+    channels_last: bool = True
+
+
+@dataclass
+class DataConfig:
+    image_size: int = 224  # training crop size (small images: their own size)
+    augment: str = "imagenet"  # imagenet | cifar | gray
+    crop_scale_min: float = 0.2  # RandomResizedCrop area scale lower bound
+    in_memory: str = "auto"  # auto | yes | no: decode the whole set into memory once
+    in_memory_max_mb: int = 2048
+    batch_size: int = 256
+    workers: int = 4
+    shuffle_buffer: int = 2048
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class LossConfig:
+    kind: str = "nce"  # nce | softmax | infonce
+    nce_k: int = 4096  # negatives per sample (K, the paper's m)
+    temperature: float = 0.07
+    z: str = "oneshot"  # oneshot (official) | ema (moving average)
+    z_momentum: float = 0.99
+    negatives: str = "per-sample"  # per-sample (official) | shared (one set per batch)
+    eps: float = 1e-7
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"  # step | cosine (per iteration, to 0)
+    milestones: list[int] = field(default_factory=lambda: [120, 160])
+    gamma: float = 0.1
+
+
+@dataclass
+class BankConfig:
+    momentum: float = 0.5  # weight on the OLD row
+    dtype: str = "float32"  # float32 | float16 (on disk)
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    knn_k: int = 200
+    knn_temperature: float = 0.07
+    eval_every: int = 1  # epochs between kNN checks on --val shards (0: only at the end)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("small", "resnet18", "resnet50", "cifar_resnet18"),
+    "data.augment": ("imagenet", "cifar", "gray"),
+    "data.in_memory": ("auto", "yes", "no"),
+    "loss.kind": ("nce", "softmax", "infonce"),
+    "loss.z": ("oneshot", "ema"),
+    "loss.negatives": ("per-sample", "shared"),
+    "optim.schedule": ("step", "cosine"),
+    "bank.dtype": ("float32", "float16"),
+}
+POSITIVE = ("model.dim", "data.image_size", "data.batch_size", "optim.epochs", "loss.nce_k",
+            "train.knn_k", "data.shuffle_buffer")
+
+
+def _check_value(where: str, name: str, ftype: Any, value: Any) -> Any:
+    origin = typing.get_origin(ftype)
+    if origin is list:
+        (inner,) = typing.get_args(ftype)
+        if not isinstance(value, list):
+            raise InputError(f"{where}: {name} must be a list, got {value!r}")
+        return [_check_value(where, f"{name}[{i}]", inner, v) for i, v in enumerate(value)]
+    if ftype is bool:
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: {name} must be true or false, got {value!r}")
+        return value
+    if ftype is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: {name} must be an integer, got {value!r}")
+        return value
+    if ftype is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"{where}: {name} must be a number, got {value!r}")
+        return float(value)
+    if ftype is str:
+        if not isinstance(value, str):
+            raise InputError(f"{where}: {name} must be a string, got {value!r}")
+        return value
+    raise InputError(f"{where}: {name} has an unsupported type")  # pragma: no cover
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def apply_mapping(cfg: Config, data: dict[str, Any], where: str) -> Config:
+    """Apply a nested mapping {section: {key: value}} onto cfg, strictly."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: the config must be a table of sections")
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for sec_name, sec_values in data.items():
+        if sec_name not in sections:
+            raise InputError(f"{where}: unknown config section [{sec_name}] "
+                             f"(known: {', '.join(sorted(sections))})")
+        if not isinstance(sec_values, dict):
+            raise InputError(f"{where}: [{sec_name}] must be a table")
+        section = getattr(cfg, sec_name)
+        types = _section_types(section)
+        for key, value in sec_values.items():
+            if key not in types:
+                raise InputError(f"{where}: unknown config key {sec_name}.{key} "
+                                 f"(known: {', '.join(sorted(types))})")
+            setattr(section, key, _check_value(where, f"{sec_name}.{key}", types[key], value))
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Range and choice checks that types alone cannot express."""
+    for name, choices in CHOICES.items():
+        sec, key = name.split(".")
+        value = getattr(getattr(cfg, sec), key)
+        if value not in choices:
+            raise InputError(f"{where}: {name} must be one of {', '.join(choices)}; got {value!r}")
+    for name in POSITIVE:
+        sec, key = name.split(".")
+        if getattr(getattr(cfg, sec), key) < 1:
+            raise InputError(f"{where}: {name} must be >= 1")
+    if not 0.0 <= cfg.bank.momentum < 1.0:
+        raise InputError(f"{where}: bank.momentum must be in [0, 1)")
+    if cfg.loss.temperature <= 0:
+        raise InputError(f"{where}: loss.temperature must be > 0")
+    if cfg.optim.lr <= 0:
+        raise InputError(f"{where}: optim.lr must be > 0")
+    if not 0.0 < cfg.data.crop_scale_min <= 1.0:
+        raise InputError(f"{where}: data.crop_scale_min must be in (0, 1]")
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults (or `base`), then the TOML file, then `key=value` overrides (TOML values)."""
+    cfg = base if base is not None else Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not valid TOML: {e}") from None
+        apply_mapping(cfg, data, str(path))
+    for item in overrides or []:
+        apply_mapping(cfg, parse_override(item), f"override {item!r}")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """'optim.lr=0.1' -> {'optim': {'lr': 0.1}}; the value is parsed as TOML, else a string."""
+    if "=" not in item:
+        raise InputError(f"override {item!r}: expected SECTION.KEY=VALUE")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise InputError(f"override {item!r}: expected SECTION.KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return {parts[0]: {parts[1]: value}}
+
+
+def config_from_dict(data: dict[str, Any], where: str = "checkpoint") -> Config:
+    """Rebuild a Config saved with `to_dict` (strict)."""
+    return apply_mapping(Config(), json.loads(json.dumps(data)), where)
+
+
+def demo_config() -> Config:
+    """The bundled demo's settings (configs/demo.toml mirrors these; a test checks it).
+
+    METHOD.md section 8's best recipe for small grayscale images on 2 CPU cores: the narrow
+    conv net, exact softmax with t 0.1, crop scale 0.5-1, SGD lr 0.03 with a cosine schedule."""
+    cfg = Config()
+    cfg.model.arch = "small"
+    cfg.data.image_size = 28
+    cfg.data.augment = "gray"
+    cfg.data.crop_scale_min = 0.5
+    cfg.data.in_memory = "yes"
+    cfg.data.mean = [0.286]
+    cfg.data.std = [0.353]
+    cfg.data.workers = 0
+    cfg.loss.kind = "softmax"
+    cfg.loss.temperature = 0.1
+    cfg.optim.epochs = 40
+    cfg.optim.lr = 0.03
+    cfg.optim.weight_decay = 5e-4
+    cfg.optim.schedule = "cosine"
+    cfg.train.knn_temperature = 0.07
+    cfg.train.eval_every = 0
+    return cfg

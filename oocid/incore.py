@@ -1,0 +1,49 @@
+"""The bank held whole in (device) memory, loaded from and committed to the on-disk store.
+
+This is the in-core reference of the algorithm; `oocid.cache` gives the same interface over a
+budget of cached chunks. N rows, D dims, B batch, K negatives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .store import BankStore
+
+
+class InCoreBank:
+    """All N rows as one float32 tensor on `device`."""
+
+    def __init__(self, store: BankStore, device: torch.device) -> None:
+        self.store = store
+        self.n = store.n_rows
+        self.dim = store.dim
+        rows = np.empty((self.n, self.dim), dtype=np.float32)
+        for c, chunk in store.iter_chunks():
+            a, b = store.chunk_range(c)
+            rows[a:b] = chunk
+        self.rows = torch.from_numpy(rows).to(device)  # (N, D)
+        self.device = device
+
+    def gather(self, index: Tensor) -> Tensor:
+        """Rows (len(index), D) for any index tensor shape (..., ) -> (..., D)."""
+        return self.rows[index]
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """Negative indices, uniform over [0, N) with replacement, of the given shape."""
+        return torch.randint(0, self.n, shape, generator=generator, device=generator.device
+                             ).to(self.device)
+
+    def update(self, index: Tensor, rows: Tensor) -> None:
+        self.rows[index] = rows.to(self.rows.dtype)
+
+    def all_rows(self) -> Tensor:
+        return self.rows
+
+    def commit(self, step: int) -> None:
+        """Write every chunk to the store and commit `step` (one journal, atomic)."""
+        host = self.rows.detach().cpu().numpy()
+        chunks = {c: host[slice(*self.store.chunk_range(c))] for c in range(self.store.n_chunks)}
+        self.store.write_chunks(chunks, step=step)

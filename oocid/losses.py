@@ -1,0 +1,155 @@
+"""Losses of NPID (METHOD.md sections 1-2) as pure functions on tensors.
+
+Dimension letters: B batch, K negatives per sample, D feature dim, N bank rows.
+
+- `nce_loss`: the paper's noise-contrastive estimation, numerically the official
+  `NCEAverage` + `NCECriterion` (uniform noise P_n = 1/N, Z by Monte Carlo).
+- `softmax_loss`: the exact non-parametric softmax (official `LinearAverage` + cross-entropy).
+- `infonce_loss`: cross-entropy over [positive | K negatives] / t (a later variant, not in the paper).
+- `ZEstimator`: the normalising constant Z, one-shot (official) or moving average (the fix).
+
+All math runs in float32 whatever the autocast context: scores are computed from float32
+copies of the features and bank rows, so exp(s / 0.07) never overflows float16.
+The bank rows (`weights`, `bank`) are treated as constants: no gradient flows into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_scores(n_data: int, k: int) -> None:
+    if n_data < 1:
+        raise ValueError(f"n_data must be >= 1, got {n_data}")
+    if k < 1:
+        raise ValueError(f"NCE needs at least one negative, got K={k}")
+
+
+def nce_probs(scores: Tensor, n_data: int, temperature: float, z: Tensor | float | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """exp(s / t) / Z for scores (B, K+1); returns (P (B, K+1), Z as a 0-d float32 tensor).
+
+    Z None: Z = N * mean(exp(s / t)) over all B*(K+1) entries, positive column included,
+    computed without gradient (the official code's estimate)."""
+    out = torch.exp(scores.float() / temperature)  # (B, K+1)
+    if z is None:
+        z_t = (out.detach().mean() * n_data).to(torch.float32)
+    else:
+        z_t = torch.as_tensor(z, dtype=torch.float32, device=out.device).detach()
+    return out / z_t, z_t
+
+
+def nce_criterion(probs: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
+    """The official NCECriterion on P (B, K+1), column 0 the positive.
+
+    L = -(1/B) [ sum_i log(P_i0 / (P_i0 + c + eps)) + sum_i sum_k log(c / (P_ik + c + eps)) ],
+    c = K / N. Negatives are summed, not averaged."""
+    b, k1 = probs.shape
+    k = k1 - 1
+    _check_scores(n_data, k)
+    c = k / float(n_data)
+    p_pos = probs[:, 0]  # (B,)
+    p_neg = probs[:, 1:]  # (B, K)
+    ln_pmt = torch.log(p_pos / (p_pos + (c + eps)))
+    ln_pon = torch.log(c / (p_neg + (c + eps)))
+    return -(ln_pmt.sum() + ln_pon.sum()) / b
+
+
+def nce_loss(x: Tensor, weights: Tensor, n_data: int, temperature: float,
+             z: Tensor | float | None = None, eps: float = 1e-7) -> tuple[Tensor, Tensor]:
+    """NCE loss of the paper, as the official code computes it.
+
+    x: (B, D) unit features (gradient flows here); weights: (B, K+1, D) bank rows, column 0 the
+    positive v_i (from before this step's update), columns 1..K the sampled negatives.
+    z: the normalising constant; None estimates it from this call (N * mean exp over all
+    B*(K+1) entries) and returns it, as the official code does on its first batch.
+    Returns (loss, z)."""
+    if x.dim() != 2 or weights.dim() != 3 or weights.shape[0] != x.shape[0] \
+            or weights.shape[2] != x.shape[1]:
+        raise ValueError(f"nce_loss: x {tuple(x.shape)} and weights {tuple(weights.shape)} "
+                         "must be (B, D) and (B, K+1, D)")
+    scores = torch.bmm(weights.detach().float(), x.float().unsqueeze(2)).squeeze(2)  # (B, K+1)
+    probs, z_t = nce_probs(scores, n_data, temperature, z)
+    return nce_criterion(probs, n_data, eps), z_t
+
+
+def shared_scores(x: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+    """Scores against one set of negatives shared by the batch.
+
+    x (B, D), positives (B, D), negatives (K, D) -> (B, K+1), column 0 the positive."""
+    xf = x.float()
+    pos = (xf * positives.detach().float()).sum(1, keepdim=True)  # (B, 1)
+    neg = xf @ negatives.detach().float().t()  # (B, K)
+    return torch.cat([pos, neg], dim=1)
+
+
+def softmax_loss(x: Tensor, bank: Tensor, index: Tensor, temperature: float) -> Tensor:
+    """Exact non-parametric softmax: mean cross-entropy of (x @ bank^T) / t against `index`.
+
+    x (B, D), bank (N, D) (no gradient), index (B,) int64 instance ids."""
+    logits = x.float() @ bank.detach().float().t() / temperature  # (B, N)
+    return F.cross_entropy(logits, index)
+
+
+def infonce_loss(x: Tensor, weights: Tensor, temperature: float) -> Tensor:
+    """Sampled softmax / InfoNCE: cross-entropy over [positive | K negatives] / t.
+
+    x (B, D); weights (B, K+1, D), column 0 the positive."""
+    scores = torch.bmm(weights.detach().float(), x.float().unsqueeze(2)).squeeze(2)  # (B, K+1)
+    return infonce_from_scores(scores, temperature)
+
+
+def infonce_from_scores(scores: Tensor, temperature: float) -> Tensor:
+    """Cross-entropy with target column 0 on scores (B, K+1)."""
+    target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    return F.cross_entropy(scores.float() / temperature, target)
+
+
+@dataclass
+class ZEstimator:
+    """The NCE normalising constant Z.
+
+    mode "oneshot": estimated once from the first batch, then fixed (official code, paper default).
+    mode "ema": z <- momentum * z + (1 - momentum) * estimate(batch), starting from the first
+    batch's estimate (the common fix for the fragile one-shot Z on small data)."""
+
+    mode: str = "oneshot"
+    momentum: float = 0.99
+    value: float | None = None
+    first: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("oneshot", "ema"):
+            raise ValueError(f"Z mode must be 'oneshot' or 'ema', got {self.mode!r}")
+
+    def __call__(self, scores: Tensor, n_data: int, temperature: float) -> Tensor:
+        """Z to use for this batch's scores (B, K+1); updates the state."""
+        if self.value is None or self.mode == "ema":
+            est = float((torch.exp(scores.detach().float() / temperature).mean() * n_data).item())
+            if self.value is None:
+                self.value = est
+                self.first = est
+            else:
+                self.value = self.momentum * self.value + (1.0 - self.momentum) * est
+        return torch.tensor(self.value, dtype=torch.float32, device=scores.device)
+
+    def drift(self) -> float:
+        """Current Z over the first estimate (1.0 before the first batch)."""
+        if self.value is None or not self.first:
+            return 1.0
+        return self.value / self.first
+
+    def state_dict(self) -> dict[str, float | str | None]:
+        return {"mode": self.mode, "momentum": self.momentum, "value": self.value,
+                "first": self.first}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(f"checkpoint Z mode {state.get('mode')!r} != config {self.mode!r}")
+        self.momentum = float(state["momentum"])
+        self.value = None if state["value"] is None else float(state["value"])
+        self.first = None if state["first"] is None else float(state["first"])

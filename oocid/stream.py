@@ -1,0 +1,325 @@
+"""Shards -> batches of (images, index, label) for training and evaluation.
+
+Two paths with one interface (`epoch_batches`):
+- `InMemoryData`: small sets (the demo, CIFAR, Fashion-MNIST) are decoded from the shards once
+  into a uint8 tensor (N, C, H, W) on the device and augmented in batches there (`BatchAugment`).
+- `StreamData`: large sets stream from the tar shards through DataLoader workers: shard order
+  shuffled per epoch, a sample shuffle buffer, per-sample torchvision augmentation.
+Bad samples (an image that does not decode) are reported with shard and key, skipped and
+counted; a shard that cannot be read at all stops the run with its name.
+Randomness is derived from (seed, epoch, step) so that a run resumed at an epoch boundary sees
+exactly the same batches.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .augment import BatchAugment, batch_eval_transform, sample_transform
+from .errors import DataError, OocidError
+from .shards import Manifest, iter_samples
+
+
+@dataclass
+class Batch:
+    images: Tensor  # (B, C, S, S) float, augmented and normalised, on the device
+    index: Tensor  # (B,) int64 global instance ids, on the device
+    label: Tensor  # (B,) int64, -1 where unlabeled, on the device
+
+
+@dataclass
+class SkipLog:
+    """Bad samples seen: reported once each to stderr, counted per epoch."""
+
+    count: int = 0
+    keys: list[str] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.count += 1
+        if len(self.keys) < 1000:
+            self.keys.append(where)
+        print(f"oocid: warning: skipped bad sample {where}: {reason}", file=sys.stderr)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes and runs)."""
+    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])
+    return int(ss.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def image_channels(manifest: Manifest) -> int:
+    """1 if every image of the set is single-channel, else 3."""
+    chans = manifest.image_stats.get("channels", {}) if manifest.image_stats else {}
+    keys = {str(k) for k, v in chans.items() if v}
+    return 1 if keys == {"1"} else 3
+
+
+def decode_image(data: bytes, channels: int) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def same_size(manifest: Manifest) -> tuple[int, int] | None:
+    st = manifest.image_stats or {}
+    try:
+        h, w = st["height"], st["width"]
+        if h["min"] == h["max"] and w["min"] == w["max"]:
+            return int(h["min"]), int(w["min"])
+    except (KeyError, TypeError):
+        return None
+    return None
+
+
+def fits_in_memory(manifest: Manifest, channels: int, max_mb: int) -> bool:
+    hw = same_size(manifest)
+    return hw is not None and manifest.n * channels * hw[0] * hw[1] <= max_mb * 2**20
+
+
+def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips: SkipLog | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode every sample into (images (N, C, H, W) uint8, labels (N,) int64 (-1 unlabeled),
+    valid (N,) bool). Needs all images of one size."""
+    hw = same_size(manifest)
+    if hw is None:
+        raise DataError(f"{manifest.root}: images differ in size; cannot hold them in memory "
+                        "(set data.in_memory = \"no\")")
+    h, w = hw
+    images = np.zeros((manifest.n, channels, h, w), dtype=np.uint8)
+    labels = np.full(manifest.n, -1, dtype=np.int64)
+    valid = np.zeros(manifest.n, dtype=bool)
+    skips = skips if skips is not None else SkipLog()
+    from tqdm import tqdm
+
+    bar = tqdm(total=manifest.n, desc="decode", unit="img", disable=not progress, leave=False)
+    for path in manifest.shard_paths():
+        for s in iter_samples(path):
+            try:
+                img = decode_image(s.image, channels)
+                arr = np.asarray(img)
+                if arr.shape[:2] != (h, w):
+                    raise ValueError(f"size {arr.shape[1]}x{arr.shape[0]}, expected {w}x{h}")
+            except Exception as e:
+                skips.add(f"{path.name}:{s.key}", str(e) or type(e).__name__)
+                continue
+            if not 0 <= s.index < manifest.n:
+                raise DataError(f"{path}: sample {s.key} has index {s.index} outside [0, {manifest.n})")
+            images[s.index] = arr.reshape(h, w, channels).transpose(2, 0, 1)
+            labels[s.index] = -1 if s.label is None else s.label
+            valid[s.index] = True
+            bar.update(1)
+    bar.close()
+    return images, labels, valid
+
+
+class InMemoryData:
+    """The whole set as a uint8 tensor on the device, batched augmentation there."""
+
+    def __init__(self, manifest: Manifest, channels: int, batch_size: int, augment: BatchAugment,
+                 seed: int, device: torch.device, progress: bool = False) -> None:
+        self.skips = SkipLog()
+        imgs, labels, valid = decode_all(manifest, channels, progress, self.skips)
+        self.n = manifest.n
+        self.images = torch.from_numpy(imgs).to(device)
+        self.labels = torch.from_numpy(labels).to(device)
+        self.valid_index = torch.from_numpy(np.flatnonzero(valid)).to(torch.int64)
+        self.batch_size = batch_size
+        self.augment = augment
+        self.seed = seed
+        self.device = device
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.valid_index) // self.batch_size)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(mix_seed(self.seed, 1, epoch))
+        order = self.valid_index[torch.randperm(len(self.valid_index), generator=g)]
+        for step in range(start_step, self.steps_per_epoch()):
+            idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.device)
+            ga = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, 2, epoch, step))
+            x = self.augment(self.images[idx], ga)
+            yield Batch(x, idx, self.labels[idx])
+
+
+class ShardStream(IterableDataset):
+    """Per-sample stream over the shards: shard shuffle per epoch, shuffle buffer, transform.
+
+    Yields (image (C,S,S) float, index, label, bad) where bad is "" or "shard:key: reason";
+    a fatal shard error is yielded as a 5th element so the main process can stop with it."""
+
+    def __init__(self, manifest: Manifest, channels: int, transform: Callable, seed: int,
+                 shuffle: bool, shuffle_buffer: int, size: int) -> None:
+        super().__init__()
+        self.paths = manifest.shard_paths()
+        self.channels = channels
+        self.transform = transform
+        self.seed = seed
+        self.shuffle = shuffle
+        self.buffer = shuffle_buffer if shuffle else 1
+        self.size = size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _samples(self, paths: list) -> Iterator[tuple]:
+        blank = torch.zeros(self.channels, self.size, self.size)
+        for path in paths:
+            try:
+                for s in iter_samples(path):
+                    label = -1 if s.label is None else int(s.label)
+                    try:
+                        img = decode_image(s.image, self.channels)
+                        torch.manual_seed(mix_seed(self.seed, 3, self.epoch, s.index))
+                        x = self.transform(img)
+                    except Exception as e:
+                        yield (blank, s.index, label, f"{path.name}:{s.key}: {e}", "")
+                        continue
+                    yield (x, s.index, label, "", "")
+            except OocidError as e:
+                yield (blank, -1, -1, "", str(e))
+                return
+
+    def __iter__(self) -> Iterator[tuple]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng(mix_seed(self.seed, 4, self.epoch))
+        order = rng.permutation(len(self.paths)) if self.shuffle else np.arange(len(self.paths))
+        mine = [self.paths[i] for i in order[wid::nw]]
+        brng = np.random.default_rng(mix_seed(self.seed, 5, self.epoch, wid))
+        buf: list[tuple] = []
+        for item in self._samples(mine):
+            if item[4]:
+                yield item
+                return
+            if len(buf) < self.buffer:
+                buf.append(item)
+                continue
+            j = int(brng.integers(len(buf)))
+            buf[j], item = item, buf[j]
+            yield item
+        brng.shuffle(buf)  # type: ignore[arg-type]
+        yield from buf
+
+
+def _collate(items: list[tuple]) -> dict[str, Any]:
+    fatal = [it[4] for it in items if it[4]]
+    bad = [it[3] for it in items if it[3]]
+    good = [it for it in items if not it[3] and not it[4]]
+    if good:
+        x = torch.stack([it[0] for it in good])
+        idx = torch.tensor([it[1] for it in good], dtype=torch.int64)
+        lab = torch.tensor([it[2] for it in good], dtype=torch.int64)
+    else:
+        x, idx, lab = torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    return {"x": x, "index": idx, "label": lab, "bad": bad, "fatal": fatal}
+
+
+class StreamData:
+    """Batches streamed from the shards by DataLoader workers."""
+
+    def __init__(self, manifest: Manifest, channels: int, batch_size: int, transform: Callable,
+                 seed: int, device: torch.device, workers: int, shuffle: bool = True,
+                 shuffle_buffer: int = 2048, size: int = 224) -> None:
+        self.n = manifest.n
+        self.batch_size = batch_size
+        self.device = device
+        self.skips = SkipLog()
+        self.dataset = ShardStream(manifest, channels, transform, seed, shuffle, shuffle_buffer, size)
+        self.workers = workers
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        self.dataset.set_epoch(epoch)
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+                            collate_fn=_collate, pin_memory=self.device.type == "cuda",
+                            persistent_workers=False)
+        for step, b in enumerate(loader):
+            if b["fatal"]:
+                raise DataError(b["fatal"][0], exit_code=3)
+            for where in b["bad"]:
+                self.skips.add(where.split(": ")[0], where.split(": ", 1)[-1])
+            if step < start_step or b["index"].numel() == 0:
+                continue
+            yield Batch(b["x"].to(self.device, non_blocking=True),
+                        b["index"].to(self.device), b["label"].to(self.device))
+
+
+def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.device,
+                    progress: bool = False) -> InMemoryData | StreamData:
+    """The training data path chosen by `data.in_memory` (auto: in memory when it fits)."""
+    channels = image_channels(manifest)
+    mean, std = _stats_for(data_cfg, channels)
+    use_mem = data_cfg.in_memory == "yes" or (
+        data_cfg.in_memory == "auto" and fits_in_memory(manifest, channels, data_cfg.in_memory_max_mb))
+    if use_mem:
+        from .augment import batch_augment_for
+
+        aug = batch_augment_for(data_cfg.augment, data_cfg.image_size, mean, std,
+                                data_cfg.crop_scale_min)
+        return InMemoryData(manifest, channels, data_cfg.batch_size, aug, seed, device, progress)
+    tf = sample_transform(data_cfg.augment, data_cfg.image_size, mean, std,
+                          data_cfg.crop_scale_min, train=True)
+    return StreamData(manifest, channels, data_cfg.batch_size, tf, seed, device, data_cfg.workers,
+                      True, data_cfg.shuffle_buffer, data_cfg.image_size)
+
+
+def _stats_for(data_cfg: Any, channels: int) -> tuple[list[float], list[float]]:
+    mean, std = list(data_cfg.mean), list(data_cfg.std)
+    if len(mean) != channels:
+        mean = [float(np.mean(mean))] * channels
+        std = [float(np.mean(std))] * channels
+    return mean, std
+
+
+def eval_batches(manifest: Manifest, data_cfg: Any, device: torch.device, batch_size: int = 512,
+                 progress: bool = False) -> Iterator[Batch]:
+    """Every sample once, in index order where held in memory, with the test transform."""
+    channels = image_channels(manifest)
+    mean, std = _stats_for(data_cfg, channels)
+    use_mem = data_cfg.in_memory != "no" and fits_in_memory(manifest, channels,
+                                                            data_cfg.in_memory_max_mb)
+    if use_mem:
+        imgs, labels, valid = decode_all(manifest, channels, progress)
+        tf = batch_eval_transform(data_cfg.image_size, mean, std)
+        keep = torch.from_numpy(np.flatnonzero(valid))
+        images = torch.from_numpy(imgs)
+        lab = torch.from_numpy(labels)
+        for part in keep.split(batch_size):
+            yield Batch(tf(images[part].to(device)), part.to(device), lab[part].to(device))
+        return
+    tf = sample_transform(data_cfg.augment, data_cfg.image_size, mean, std,
+                          data_cfg.crop_scale_min, train=False)
+    sd = StreamData(manifest, channels, batch_size, tf, 0, device, data_cfg.workers,
+                    shuffle=False, size=data_cfg.image_size)
+    yield from sd.epoch_batches(0)
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, batches: Iterator[Batch], channels_last: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(features (M, D) float32, index (M,), label (M,)) of every batch, on the batches' device."""
+    was_training = model.training
+    model.eval()
+    feats, idx, lab = [], [], []
+    for b in batches:
+        x = b.images.contiguous(memory_format=torch.channels_last) if channels_last else b.images
+        feats.append(model(x).float())
+        idx.append(b.index)
+        lab.append(b.label)
+    model.train(was_training)
+    if not feats:
+        raise DataError("no samples to extract features from")
+    return torch.cat(feats), torch.cat(idx), torch.cat(lab)

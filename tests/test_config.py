@@ -1,0 +1,63 @@
+"""Config loading: strict keys and types, overrides, the shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from oocid.config import Config, config_from_dict, demo_config, load_config
+from oocid.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_papers_imagenet_settings() -> None:
+    c = Config()
+    assert (c.loss.nce_k, c.loss.temperature, c.bank.momentum, c.model.dim) == (4096, 0.07, 0.5, 128)
+    assert (c.optim.lr, c.optim.momentum, c.optim.weight_decay) == (0.03, 0.9, 1e-4)
+    assert c.optim.milestones == [120, 160] and c.optim.epochs == 200
+
+
+def test_unknown_key_and_wrong_type_are_errors(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text("[optim]\nlearning_rate = 0.1\n")
+    with pytest.raises(InputError, match=r"c\.toml.*unknown config key optim\.learning_rate"):
+        load_config(p)
+    p.write_text("[optim]\nlr = \"fast\"\n")
+    with pytest.raises(InputError, match="optim.lr must be a number"):
+        load_config(p)
+    p.write_text("[nope]\nx = 1\n")
+    with pytest.raises(InputError, match=r"unknown config section \[nope\]"):
+        load_config(p)
+    p.write_text("[loss]\nkind = \"magic\"\n")
+    with pytest.raises(InputError, match="loss.kind must be one of"):
+        load_config(p)
+    p.write_text("not toml = = =")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_config(p)
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_overrides() -> None:
+    c = load_config(None, ["optim.lr=0.1", "loss.kind=softmax", "optim.milestones=[1, 2]"])
+    assert c.optim.lr == 0.1 and c.loss.kind == "softmax" and c.optim.milestones == [1, 2]
+    with pytest.raises(InputError):
+        load_config(None, ["optim.lr"])
+    with pytest.raises(InputError):
+        load_config(None, ["optim.epochs=1.5"])
+
+
+def test_round_trip_through_dict() -> None:
+    c = demo_config()
+    assert config_from_dict(c.to_dict()).to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    load_config(path)
+
+
+def test_demo_toml_mirrors_demo_config() -> None:
+    assert load_config(ROOT / "configs" / "demo.toml").to_dict() == demo_config().to_dict()

@@ -1,0 +1,69 @@
+"""Weighted kNN on hand-built banks with exact expected answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oocid.knn import knn_scores_from_topk, topk_accuracy, topk_streaming, weighted_knn
+
+
+def test_weighted_knn_hand_built_bank() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.6, 0.8]])
+    labels = torch.tensor([0, 1, 1, 0])
+    q = torch.tensor([[1.0, 0.0]])
+    scores = weighted_knn(q, bank, labels, k=3, temperature=0.5, num_classes=2)
+    # top-3 sims: 1.0 (label 0), 0.6 (label 0), 0.0 (label 1)
+    expected = torch.tensor([[math.exp(2.0) + math.exp(1.2), math.exp(0.0)]])
+    assert torch.allclose(scores, expected)
+
+
+def test_weighted_knn_k_larger_than_bank_is_clamped() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    s = weighted_knn(torch.tensor([[1.0, 0.0]]), bank, torch.tensor([0, 1]), 200, 1.0, 3)
+    assert torch.allclose(s, torch.tensor([[math.e, 1.0, 0.0]]))
+
+
+def test_weighted_knn_matches_official_code() -> None:
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    labels = torch.randint(0, 5, (300,), generator=g)
+    q = F.normalize(torch.randn(20, 16, generator=g), dim=1)
+    k, sigma, c = 50, 0.07, 5
+    # lemniscate test.py kNN
+    dist = torch.mm(q, bank.t())
+    yd, yi = dist.topk(k, dim=1, largest=True, sorted=True)
+    candidates = labels.view(1, -1).expand(20, -1)
+    retrieval = torch.gather(candidates, 1, yi)
+    one_hot = torch.zeros(20 * k, c).scatter_(1, retrieval.view(-1, 1), 1)
+    yd_t = yd.clone().div_(sigma).exp_()
+    ref = torch.sum(torch.mul(one_hot.view(20, -1, c), yd_t.view(20, -1, 1)), 1)
+    assert torch.allclose(weighted_knn(q, bank, labels, k, sigma, c), ref, rtol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 60), st.integers(1, 17), st.integers(1, 25), st.integers(0, 10**6))
+def test_topk_streaming_equals_in_memory(n: int, chunk: int, k: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(n, 8, generator=g), dim=1)
+    q = F.normalize(torch.randn(5, 8, generator=g), dim=1)
+    chunks = [(s, bank[s:s + chunk]) for s in range(0, n, chunk)]
+    s, i = topk_streaming(q, iter(chunks), k)
+    rs, ri = (q @ bank.t()).topk(min(k, n), dim=1)
+    assert torch.allclose(s, rs)
+    assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
+
+
+def test_scores_and_accuracy() -> None:
+    sims = torch.tensor([[0.9, 0.5], [0.8, 0.1]])
+    nl = torch.tensor([[2, 0], [1, 1]])
+    sc = knn_scores_from_topk(sims, nl, 2, 1.0, 3)
+    assert torch.allclose(sc[0], torch.tensor([math.exp(0.5), 0.0, math.exp(0.9)]))
+    acc = topk_accuracy(sc, torch.tensor([2, 0]), (1, 2))
+    assert acc[1] == pytest.approx(0.5)
+    assert acc[2] == pytest.approx(1.0)

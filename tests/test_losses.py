@@ -1,0 +1,161 @@
+"""The losses against hand-computed values and against the official code's formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oocid.losses import (
+    ZEstimator,
+    infonce_loss,
+    nce_criterion,
+    nce_loss,
+    nce_probs,
+    shared_scores,
+    softmax_loss,
+)
+
+
+def official_nce(x: torch.Tensor, weight: torch.Tensor, n_lem: int, t: float, z: float
+                 ) -> tuple[torch.Tensor, float]:
+    """lemniscate.pytorch NCEFunction.forward + NCECriterion.forward, transcribed with their
+    in-place ops (z < 0 means: estimate it from this batch)."""
+    batch_size, input_size = x.shape
+    out = torch.bmm(weight, x.reshape(batch_size, input_size, 1))
+    out.div_(t).exp_()
+    if z < 0:
+        z = out.mean().item() * n_lem
+    out.div_(z).resize_(batch_size, weight.shape[1])
+    eps = 1e-7
+    k = out.size(1) - 1
+    pnt = 1 / float(n_lem)
+    pns = 1 / float(n_lem)
+    pmt = out.select(1, 0)
+    pmt_div = pmt.add(k * pnt + eps)
+    ln_pmt = torch.div(pmt, pmt_div)
+    pon_div = out.narrow(1, 1, k).add(k * pns + eps)
+    pon = pon_div.clone().fill_(k * pns)
+    ln_pon = torch.div(pon, pon_div)
+    ln_pmt.log_()
+    ln_pon.log_()
+    loss = -(ln_pmt.sum(0) + ln_pon.view(-1, 1).sum(0)) / batch_size
+    return loss.squeeze(), z
+
+
+def unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).float()
+
+
+def test_nce_hand_computed_tiny() -> None:
+    # B=1, K=1, D=2: x=(1,0), positive (1,0), negative (0,1); N=4, t=1, z given = 2.
+    x = torch.tensor([[1.0, 0.0]])
+    w = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    loss, z = nce_loss(x, w, n_data=4, temperature=1.0, z=2.0, eps=0.0)
+    p0, p1, c = math.e / 2, 1 / 2, 1 / 4
+    expected = -(math.log(p0 / (p0 + c)) + math.log(c / (p1 + c)))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert z.item() == 2.0
+
+
+def test_nce_estimates_z_from_all_entries_including_positive() -> None:
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    w = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    _, z = nce_loss(x, w, n_data=10, temperature=0.5)
+    # scores: [1, 0], [1, 1] -> exp(s/0.5): [e^2, 1], [e^2, e^2]
+    assert z.item() == pytest.approx(10 * (3 * math.exp(2) + 1) / 4, rel=1e-6)
+
+
+@pytest.mark.parametrize("z", [-1.0, 123.0])
+def test_nce_matches_official_code(z: float) -> None:
+    b, k, d, n = 8, 50, 16, 1000
+    x = unit(b, d, seed=1)
+    w = unit(b, k + 1, d, seed=2)
+    ref_loss, ref_z = official_nce(x.clone(), w.clone(), n, 0.07, z)
+    loss, got_z = nce_loss(x, w, n, 0.07, z=None if z < 0 else z)
+    assert got_z.item() == pytest.approx(ref_z, rel=1e-6)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+
+
+def test_nce_gradient_flows_to_x_only() -> None:
+    x = unit(4, 8, seed=3).requires_grad_(True)
+    w = unit(4, 6, 8, seed=4).requires_grad_(True)
+    loss, _ = nce_loss(x, w, 100, 0.07)
+    loss.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert w.grad is None
+
+
+def test_nce_z_is_constant_in_gradient() -> None:
+    # d/dx of the loss with Z estimated == d/dx with the same Z passed as a constant
+    x1 = unit(4, 8, seed=5).requires_grad_(True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    w = unit(4, 6, 8, seed=6)
+    l1, z = nce_loss(x1, w, 100, 0.07)
+    l2, _ = nce_loss(x2, w, 100, 0.07, z=z)
+    l1.backward()
+    l2.backward()
+    assert torch.allclose(x1.grad, x2.grad)  # type: ignore[arg-type]
+
+
+def test_nce_rejects_no_negatives() -> None:
+    with pytest.raises(ValueError):
+        nce_loss(unit(2, 4), unit(2, 1, 4), 10, 0.07)
+
+
+def test_softmax_loss_hand_computed() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0]])
+    loss = softmax_loss(x, bank, torch.tensor([0]), temperature=0.5)
+    logits = torch.tensor([2.0, 0.0, -2.0])
+    expected = -(logits[0] - torch.logsumexp(logits, 0))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_softmax_loss_matches_official_linear_average() -> None:
+    x, bank = unit(16, 32, seed=7), unit(100, 32, seed=8)
+    idx = torch.randint(0, 100, (16,), generator=torch.Generator().manual_seed(0))
+    out = torch.mm(x, bank.t()).div_(0.07)  # official LinearAverage.forward
+    ref = torch.nn.CrossEntropyLoss()(out, idx)
+    assert softmax_loss(x, bank, idx, 0.07).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_infonce_is_cross_entropy_with_target_zero() -> None:
+    x, w = unit(4, 8, seed=9), unit(4, 5, 8, seed=10)
+    s = torch.einsum("bkd,bd->bk", w, x) / 0.1
+    ref = -(s[:, 0] - torch.logsumexp(s, 1)).mean()
+    assert infonce_loss(x, w, 0.1).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_shared_scores_equal_per_sample_with_repeated_negatives() -> None:
+    x, pos, neg = unit(4, 8, seed=11), unit(4, 8, seed=12), unit(6, 8, seed=13)
+    w = torch.cat([pos.unsqueeze(1), neg.unsqueeze(0).expand(4, 6, 8)], 1)
+    ref = torch.bmm(w, x.unsqueeze(2)).squeeze(2)
+    assert torch.allclose(shared_scores(x, pos, neg), ref, atol=1e-6)
+
+
+def test_z_estimator_oneshot_and_ema() -> None:
+    s1 = torch.zeros(2, 3)  # exp(0) = 1 -> estimate N
+    s2 = torch.full((2, 3), math.log(2.0) * 0.1)  # exp(s/0.1) = 2 -> estimate 2N
+    one = ZEstimator("oneshot")
+    assert one(s1, 10, 0.1).item() == pytest.approx(10)
+    assert one(s2, 10, 0.1).item() == pytest.approx(10)  # fixed after the first batch
+    ema = ZEstimator("ema", momentum=0.9)
+    assert ema(s1, 10, 0.1).item() == pytest.approx(10)
+    assert ema(s2, 10, 0.1).item() == pytest.approx(0.9 * 10 + 0.1 * 20)
+    assert ema.drift() == pytest.approx(1.1)
+    restored = ZEstimator("ema")
+    restored.load_state_dict(ema.state_dict())
+    assert restored.value == ema.value and restored.momentum == 0.9
+
+
+def test_nce_probs_and_criterion_compose_to_nce_loss() -> None:
+    x, w = unit(3, 4, seed=14), unit(3, 5, 4, seed=15)
+    scores = torch.bmm(w, x.unsqueeze(2)).squeeze(2)
+    p, z = nce_probs(scores, 50, 0.07)
+    loss, z2 = nce_loss(x, w, 50, 0.07)
+    assert z.item() == pytest.approx(z2.item())
+    assert nce_criterion(p, 50).item() == pytest.approx(loss.item(), rel=1e-6)

@@ -1,0 +1,362 @@
+"""Tests for oocid.shards: round trips, determinism, skipped inputs, and every error path."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from oocid.errors import DataError, InputError, OocidError
+from oocid.shards import (
+    MANIFEST_NAME,
+    Manifest,
+    RawSample,
+    iter_samples,
+    read_manifest,
+    verify_shards,
+    write_shards,
+)
+
+DEMO = Path(__file__).resolve().parents[1] / "oocid" / "data" / "fashion_mnist_demo.npz"
+
+
+def make_npz(
+    path: Path, n: int = 37, shape: tuple[int, ...] = (6, 5), labeled: bool = True
+) -> Path:
+    """An npz of n random uint8 images (n, *shape), labels i % 3, class names a/b/c."""
+    rng = np.random.default_rng(123)
+    arrays: dict[str, Any] = {"images": rng.integers(0, 256, (n, *shape), dtype=np.uint8)}
+    if labeled:
+        arrays["labels"] = np.arange(n) % 3
+        arrays["class_names"] = np.array(["a", "b", "c"])
+    np.savez(path, **arrays)
+    return path
+
+
+def save_image(path: Path, fmt: str, size: tuple[int, int] = (9, 7), mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    color = (10, 200, 30) if mode == "RGB" else 77
+    Image.new(mode, size, color).save(path, format=fmt)
+
+
+def all_samples(m: Manifest) -> list[RawSample]:
+    return [s for p in m.shard_paths() for s in iter_samples(p)]
+
+
+def decode(s: RawSample) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(s.image)))
+
+
+def member_names(m: Manifest) -> list[str]:
+    names = []
+    for p in m.shard_paths():
+        with tarfile.open(p) as tar:
+            names += tar.getnames()
+    return names
+
+
+@pytest.fixture
+def npz_shards(tmp_path: Path) -> tuple[Path, Manifest]:
+    src = make_npz(tmp_path / "data.npz")
+    return src, write_shards(src, tmp_path / "shards", shard_size=10, seed=7, progress=False)
+
+
+# ------------------------------------------------------------------------- round trips
+
+
+def test_npz_round_trip(npz_shards: tuple[Path, Manifest]) -> None:
+    src, m = npz_shards
+    source = np.load(src)
+    assert (m.n, m.shard_size, m.seed, m.source) == (37, 10, 7, str(src))
+    assert m.classes == ("a", "b", "c") and m.labeled and m.skipped == ()
+    assert [(s.name, s.start, s.stop) for s in m.shards] == [
+        (f"shard-{k:06d}.tar", 10 * k, min(10 * k + 10, 37)) for k in range(4)
+    ]
+    assert [s.nbytes for s in m.shards] == [p.stat().st_size for p in m.shard_paths()]
+    assert m.image_stats == {
+        "height": {"min": 6, "max": 6, "mean": 6.0},
+        "width": {"min": 5, "max": 5, "mean": 5.0},
+        "channels": {"1": 37},
+        "formats": {"png": 37},
+    }
+    positions = []
+    for shard, p in zip(m.shards, m.shard_paths(), strict=True):
+        samples = list(iter_samples(p))
+        assert [s.index for s in samples] == list(range(shard.start, shard.stop))
+        for s in samples:
+            assert s.key == f"{s.index:09d}" and s.ext == "png"
+            pos = int(s.path.removeprefix("npz:images:"))
+            positions.append(pos)
+            assert s.label == source["labels"][pos]
+            np.testing.assert_array_equal(decode(s), source["images"][pos])
+    assert sorted(positions) == list(range(37))
+    assert positions != list(range(37))  # shuffled
+    assert sum(name.endswith(".cls") for name in member_names(m)) == 37
+    assert read_manifest(m.root) == m
+    verify_shards(m)
+    assert not list(m.root.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 3), (4, 3, 1)])
+def test_npz_channels(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    src = make_npz(tmp_path / "c.npz", n=5, shape=shape, labeled=False)
+    m = write_shards(src, tmp_path / "out", shard_size=2, progress=False)
+    assert m.classes is None and not m.labeled
+    assert m.image_stats["channels"] == {str(shape[2]): 5}
+    images = np.load(src)["images"]
+    for s in all_samples(m):
+        expected = images[int(s.path.split(":")[-1])]
+        np.testing.assert_array_equal(decode(s), expected.reshape(decode(s).shape))
+        assert s.label is None
+
+
+def test_deterministic(tmp_path: Path) -> None:
+    src = make_npz(tmp_path / "d.npz")
+    a = write_shards(src, tmp_path / "a", shard_size=10, seed=3, progress=False)
+    b = write_shards(src, tmp_path / "b", shard_size=10, seed=3, progress=False)
+    c = write_shards(src, tmp_path / "c", shard_size=10, seed=4, progress=False)
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    assert a.identity == b.identity != c.identity
+    assert [s.path for s in all_samples(a)] != [s.path for s in all_samples(c)]
+
+
+def test_demo_npz_split(tmp_path: Path) -> None:
+    m = write_shards(DEMO, tmp_path / "out", shard_size=1000, split="test", progress=False)
+    assert m.n == 2000 and len(m.shards) == 2 and m.classes is not None
+    assert m.classes[0] == "T-shirt/top" and m.classes[9] == "Ankle boot"
+    first = next(iter_samples(m.shard_paths()[0]))
+    assert first.path.startswith("npz:test:") and decode(first).shape == (28, 28)
+
+
+def test_overwrites_own_shard_dir(tmp_path: Path) -> None:
+    src = make_npz(tmp_path / "o.npz")
+    out = tmp_path / "out"
+    write_shards(src, out, shard_size=5, progress=False)
+    (out / "notes.md").write_text("mine")
+    m = write_shards(src, out, shard_size=20, progress=False)
+    assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.tar", "shard-000001.tar"]
+    assert (out / "notes.md").read_text() == "mine"
+    assert read_manifest(out) == m
+
+
+# ------------------------------------------------------------------------- folders
+
+
+def test_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "photos"
+    save_image(src / "cat" / "a.png", "PNG")
+    save_image(src / "cat" / "b.JPG", "JPEG")
+    save_image(src / "cat" / "sub" / "c.bmp", "BMP", mode="L")
+    save_image(src / "dog" / "d.jpeg", "JPEG", size=(12, 4))
+    save_image(src / "dog" / "e.webp", "WEBP")
+    (src / "dog" / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(300))
+    (src / "cat" / "notes.txt").write_text("not an image")
+    (src / "cat" / ".DS_Store").write_bytes(b"hidden")
+    m = write_shards(src, tmp_path / "shards", shard_size=2, progress=False)
+
+    assert m.n == 5 and len(m.shards) == 3 and m.classes == ("cat", "dog")
+    assert {s["path"]: s["error"] for s in m.skipped}.keys() == {"cat/notes.txt", "dog/broken.jpg"}
+    assert dict((s["path"], s["error"]) for s in m.skipped)["cat/notes.txt"] == "non-image file"
+    err = capsys.readouterr().err
+    assert f"oocid: warning: skipped {src / 'dog' / 'broken.jpg'}:" in err
+    assert "skipped 2 of 7 inputs" in err
+
+    samples = {s.path: s for s in all_samples(m)}
+    assert sorted(s.index for s in samples.values()) == list(range(5))
+    assert {p: s.label for p, s in samples.items()} == {
+        "cat/a.png": 0,
+        "cat/b.JPG": 0,
+        "cat/sub/c.bmp": 0,
+        "dog/d.jpeg": 1,
+        "dog/e.webp": 1,
+    }
+    assert {p: s.ext for p, s in samples.items()} == {
+        "cat/a.png": "png",
+        "cat/b.JPG": "jpg",
+        "cat/sub/c.bmp": "png",  # re-encoded
+        "dog/d.jpeg": "jpg",
+        "dog/e.webp": "webp",
+    }
+    for p in ("cat/a.png", "cat/b.JPG", "dog/e.webp"):  # original bytes kept
+        assert samples[p].image == (src / p).read_bytes()
+    assert decode(samples["cat/sub/c.bmp"]).tolist() == [[77] * 9] * 7
+    assert m.image_stats["height"] == {"min": 4, "max": 7, "mean": (7 * 4 + 4) / 5}
+    assert m.image_stats["channels"] == {"1": 1, "3": 4}
+    assert m.image_stats["formats"] == {"jpg": 2, "png": 2, "webp": 1}
+
+
+def test_flat_folder_unlabeled(tmp_path: Path) -> None:
+    src = tmp_path / "flat"
+    for i in range(4):
+        save_image(src / f"{i}.png", "PNG")
+    m = write_shards(src, tmp_path / "out", shard_size=3, progress=False)
+    assert m.classes is None and m.n == 4
+    assert all(s.label is None for s in all_samples(m))
+    assert not [name for name in member_names(m) if name.endswith(".cls")]
+
+
+def test_all_unreadable(tmp_path: Path) -> None:
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "x.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(InputError, match="no readable images"):
+        write_shards(src, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / MANIFEST_NAME).exists()
+
+
+# ------------------------------------------------------------------------- write errors
+
+
+def test_write_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nope"):
+        write_shards(tmp_path / "nope", tmp_path / "o1", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="empty: no image files"):
+        write_shards(tmp_path / "empty", tmp_path / "o2", progress=False)
+    np.savez(tmp_path / "noimg.npz", pixels=np.zeros((2, 3, 3), np.uint8))
+    with pytest.raises(InputError, match=r"noimg.npz.*no 'images'"):
+        write_shards(tmp_path / "noimg.npz", tmp_path / "o3", progress=False)
+    np.savez(tmp_path / "f.npz", images=np.zeros((2, 3, 3), np.float32))
+    with pytest.raises(InputError, match="dtype float32"):
+        write_shards(tmp_path / "f.npz", tmp_path / "o4", progress=False)
+    np.savez(tmp_path / "l.npz", images=np.zeros((2, 3, 3), np.uint8), labels=np.zeros(3, int))
+    with pytest.raises(InputError, match="'labels' must be"):
+        write_shards(tmp_path / "l.npz", tmp_path / "o5", progress=False)
+    src = make_npz(tmp_path / "ok.npz")
+    with pytest.raises(InputError, match="shard size"):
+        write_shards(src, tmp_path / "o6", shard_size=0, progress=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.pdf").write_text("precious")
+    with pytest.raises(InputError, match="refusing to overwrite"):
+        write_shards(src, other, progress=False)
+    assert (other / "thesis.pdf").read_text() == "precious"
+
+
+# ------------------------------------------------------------------------- read errors
+
+
+def test_read_manifest_errors(npz_shards: tuple[Path, Manifest]) -> None:
+    _, m = npz_shards
+    path = m.root / MANIFEST_NAME
+    good = json.loads(path.read_text())
+    with pytest.raises(InputError, match="no such shard folder"):
+        read_manifest(m.root / "missing")
+    path.write_text("{not json")
+    with pytest.raises(DataError, match=r"manifest.json: unreadable or invalid JSON"):
+        read_manifest(m.root)
+    bad_range = json.loads(json.dumps(good))
+    bad_range["shards"][1]["start"] = 11
+    path.write_text(json.dumps(bad_range))
+    with pytest.raises(DataError, match=r"shards\[1\].*contiguity"):
+        read_manifest(m.root)
+    no_n = {k: v for k, v in good.items() if k != "n"}
+    path.write_text(json.dumps(no_n))
+    with pytest.raises(DataError, match="missing key 'n'"):
+        read_manifest(m.root)
+    path.write_text(json.dumps(good))
+    m.shard_paths()[2].unlink()
+    with pytest.raises(DataError, match=r"shard-000002.tar: shard listed in .* is missing"):
+        read_manifest(m.root)
+    path.unlink()
+    with pytest.raises(InputError, match=r"manifest.json: missing"):
+        read_manifest(m.root)
+
+
+def test_verify_detects_changed_shard(npz_shards: tuple[Path, Manifest]) -> None:
+    _, m = npz_shards
+    p = m.shard_paths()[1]
+    data = bytearray(p.read_bytes())
+    data[700] ^= 0xFF
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-000001.tar: sha256 differs"):
+        verify_shards(m)
+
+
+def test_truncated_tar(npz_shards: tuple[Path, Manifest]) -> None:
+    _, m = npz_shards
+    p = m.shard_paths()[0]
+    data = p.read_bytes()
+    with tarfile.open(p) as tar:
+        boundary = tar.getmembers()[6].offset  # header of sample 2's first member
+    for cut in (len(data) // 2, boundary):
+        p.write_bytes(data[:cut])
+        with pytest.raises(DataError, match=r"shard-000000.tar: .*truncated"):
+            list(iter_samples(p))
+    p.write_bytes(b"")
+    with pytest.raises(DataError, match=r"shard-000000.tar"):
+        list(iter_samples(p))
+
+
+def test_sample_missing_member(tmp_path: Path) -> None:
+    p = tmp_path / "shard-000000.tar"
+    with tarfile.open(p, "w") as tar:
+        for name, data in (
+            ("000000000.png", b"x"),
+            ("000000000.json", b"{}"),
+            ("000000001.png", b"y"),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(DataError, match=r"shard-000000.tar: sample 000000000: bad json"):
+        list(iter_samples(p))
+    with tarfile.open(p, "w") as tar:
+        info = tarfile.TarInfo("000000001.png")
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(DataError, match="sample 000000001: expected one image and one json"):
+        list(iter_samples(p))
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+KEYS = ["n", "shard_size", "shards", "classes", "identity", "seed", "skipped", "format"]
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    root = tmp_path_factory.mktemp("fuzz")
+    return write_shards(make_npz(root / "f.npz", n=4), root / "s", shard_size=3, progress=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=st.sampled_from(KEYS), value=JSON, whole=JSON)
+def test_read_manifest_fuzz(small_shards: Manifest, key: str, value: object, whole: object) -> None:
+    """Any JSON content gives a valid Manifest or an OocidError, never another exception."""
+    path = small_shards.root / MANIFEST_NAME
+    good = json.loads(path.read_text())
+    try:
+        for obj in ({**good, key: value}, whole):
+            path.write_text(json.dumps(obj))
+            try:
+                read_manifest(small_shards.root)
+            except OocidError:
+                pass
+    finally:
+        path.write_text(json.dumps(good))
+
+
+def test_demo_npz_bundled() -> None:
+    with np.load(DEMO) as z:
+        assert z["train_images"].shape == (10000, 28, 28) and z["train_images"].dtype == np.uint8
+        assert z["test_images"].shape == (2000, 28, 28) and z["test_images"].dtype == np.uint8
+        assert z["train_labels"].dtype == np.int64 and z["test_labels"].dtype == np.int64
+        assert np.bincount(z["train_labels"]).tolist() == [1000] * 10
+        assert np.bincount(z["test_labels"]).tolist() == [200] * 10
+        assert z["class_names"].tolist()[::9] == ["T-shirt/top", "Ankle boot"]
+    assert DEMO.stat().st_size < 8_000_000

@@ -1,0 +1,128 @@
+"""Training: the loss goes down, the bank stays unit, a run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oocid.config import Config, demo_config
+from oocid.errors import DataError, InputError
+from oocid.incore import InCoreBank
+from oocid.losses import ZEstimator
+from oocid.models import build_model
+from oocid.shards import write_shards
+from oocid.store import create_store, open_store, verify_store
+from oocid.stream import Batch
+from oocid.train import NPIDStep, build_optimizer, train
+
+
+def tiny_npz(path: Path, n: int = 96, size: int = 16, classes: int = 4, seed: int = 0) -> Path:
+    """Synthetic labeled grayscale images: each class a different bar orientation plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = np.zeros((n, size, size), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        pattern = [(xx // 3) % 2, (yy // 3) % 2, ((xx + yy) // 3) % 2, ((xx - yy) // 3) % 2][c % 4]
+        img = pattern * 180 + rng.integers(0, 60, (size, size))
+        images[i] = np.clip(img, 0, 255)
+    np.savez(path, images=images, labels=labels.astype(np.int64),
+             class_names=np.array([f"c{i}" for i in range(classes)]))
+    return path
+
+
+def tiny_config(**loss: object) -> Config:
+    cfg = demo_config()
+    cfg.data.image_size = 16
+    cfg.data.batch_size = 32
+    cfg.optim.epochs = 3
+    cfg.optim.lr = 0.05
+    cfg.train.knn_k = 10
+    for key, value in loss.items():
+        setattr(cfg.loss, key, value)
+    return cfg
+
+
+@pytest.fixture()
+def shards(tmp_path: Path) -> tuple[Path, Path]:
+    npz = tiny_npz(tmp_path / "tiny.npz")
+    tr, va = tmp_path / "train", tmp_path / "val"
+    write_shards(npz, tr, shard_size=32, seed=0, progress=False)
+    write_shards(tiny_npz(tmp_path / "tiny_val.npz", n=40, seed=1), va, shard_size=32,
+                 progress=False)
+    return tr, va
+
+
+@pytest.mark.parametrize("kind", ["softmax", "nce", "infonce"])
+def test_loss_goes_down_on_a_fixed_batch(tmp_path: Path, kind: str) -> None:
+    torch.manual_seed(0)
+    # NCE needs N well above K (METHOD.md: one-shot Z is fragile on small data; EMA Z here)
+    n = 1024
+    cfg = tiny_config(kind=kind, nce_k=64, z="ema", temperature=0.1)
+    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=256)
+    bank = InCoreBank(store, torch.device("cpu"))
+    model = build_model("small", 1, 128)
+    opt = build_optimizer(cfg, model)
+    step = NPIDStep(cfg, model, opt, bank, n, ZEstimator("ema") if kind == "nce" else None, 0)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(32, 1, 16, 16, generator=g), torch.arange(32), torch.zeros(32))
+    losses = [step(batch, i, 0.05).loss for i in range(30)]
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
+    rows = bank.all_rows()
+    assert torch.allclose(rows.norm(dim=1), torch.ones(n), atol=1e-5)
+    store.close()
+
+
+def test_train_writes_run_and_bank(tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    tr, va = shards
+    res = train(tiny_config(), tr, tmp_path / "bank.zarr", tmp_path / "run", val=va,
+                progress=False, log=lambda m: None)
+    assert res.epochs == 3 and res.step == 3 * 3
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert 0.0 <= lines[-1]["knn_top1"] <= 1.0
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"]["kind"] == "softmax"
+    rep = verify_store(tmp_path / "bank.zarr")
+    assert rep.ok, rep.problems
+    with open_store(tmp_path / "bank.zarr") as st:
+        assert st.meta.committed_step == 9
+
+
+def test_resume_equals_uninterrupted(tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    tr, _ = shards
+    cfg = tiny_config(kind="nce", nce_k=8, z="ema")
+    full = train(cfg, tr, tmp_path / "a.npy", tmp_path / "a", progress=False, log=lambda m: None)
+    part = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, max_epochs=1,
+                 log=lambda m: None)
+    assert part.epochs == 1
+    rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
+                 log=lambda m: None)
+    assert rest.epochs == 3
+    assert [m["loss"] for m in full.metrics] == [m["loss"] for m in part.metrics + rest.metrics]
+    with open_store(tmp_path / "a.npy") as a, open_store(tmp_path / "b.npy") as b:
+        assert np.array_equal(a.read_rows(0, a.n_rows), b.read_rows(0, b.n_rows))
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_bad_inputs(tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    tr, _ = shards
+    with pytest.raises(InputError, match="nce_k"):
+        train(tiny_config(kind="nce", nce_k=4096), tr, tmp_path / "b.zarr", tmp_path / "r",
+              progress=False)
+    create_store(tmp_path / "wrong.zarr", 50, 128).close()
+    with pytest.raises(DataError, match="wrong.zarr"):
+        train(tiny_config(), tr, tmp_path / "wrong.zarr", tmp_path / "r2", progress=False)
+    create_store(tmp_path / "wrongd.npy", 96, 64).close()
+    with pytest.raises(DataError, match="wrongd.npy"):
+        train(tiny_config(), tr, tmp_path / "wrongd.npy", tmp_path / "r3", progress=False)
+    with pytest.raises(InputError, match="no bank to resume"):
+        train(tiny_config(), tr, tmp_path / "none.zarr", tmp_path / "r4", progress=False,
+              resume=True)
