@@ -72,7 +72,6 @@ def train(
 ) -> None:
     """Train NPID features; the bank lives on disk and is committed at every checkpoint."""
     from .config import load_config
-    from .train import train as run_train
 
     overrides = list(set_ or [])
     for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
@@ -82,13 +81,16 @@ def train(
     for key, svalue in (("loss.kind", loss), ("model.arch", arch), ("train.device", device)):
         if svalue is not None:
             overrides.append(f"{key}={json.dumps(svalue)}")
-    if resume and config is None and not overrides and (out / "config.json").is_file():
+    if resume and config is None and (out / "config.json").is_file():
         from .config import config_from_dict
 
-        cfg = config_from_dict(json.loads((out / "config.json").read_text()),
-                               str(out / "config.json"))
+        saved = config_from_dict(json.loads((out / "config.json").read_text()),
+                                 str(out / "config.json"))
+        cfg = load_config(None, overrides, base=saved)
     else:
         cfg = load_config(config, overrides)
+    from .train import train as run_train  # torch: imported once the config is known good
+
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress)
     last = res.metrics[-1] if res.metrics else {}
     print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))

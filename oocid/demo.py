@@ -96,7 +96,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
         return f[order], lab[order]
 
     def knn(q: torch.Tensor, ql: torch.Tensor, bank: torch.Tensor) -> float:
-        return knn_against(q, ql, tensor_chunks(bank), train_labels, k, t, ncls)["top1"]
+        return knn_against(q, ql, lambda: tensor_chunks(bank), train_labels, k, t, ncls)["top1"]
 
     res: dict[str, Any] = {}
     fq, ql = feats(learned, vm)

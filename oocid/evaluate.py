@@ -7,7 +7,7 @@ Q queries, N bank rows, D dims, C classes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,15 +64,15 @@ def knn_evaluate(queries: Tensor, query_labels: Tensor, sims: Tensor, neighbours
     return out
 
 
-def knn_against(queries: Tensor, query_labels: Tensor, chunks: Iterator[tuple[int, Tensor]],
-                bank_labels: Tensor, k: int, temperature: float, num_classes: int,
-                query_chunk: int = 4096) -> dict[str, float]:
-    """Weighted kNN accuracy of queries against streamed bank chunks (materialised per query
-    block; for a bank on disk pass a fresh chunk iterator factory instead, see `knn_store`)."""
-    rows = list(chunks)
+def knn_against(queries: Tensor, query_labels: Tensor,
+                chunks: Callable[[], Iterator[tuple[int, Tensor]]], bank_labels: Tensor, k: int,
+                temperature: float, num_classes: int, query_chunk: int = 4096
+                ) -> dict[str, float]:
+    """Weighted kNN accuracy of queries against bank chunks; `chunks()` starts a fresh pass
+    over the bank for each block of `query_chunk` queries (memory: one chunk + top-k)."""
     all_s, all_i = [], []
     for q in queries.split(query_chunk):
-        s, i = topk_streaming(q, iter(rows), k)
+        s, i = topk_streaming(q, chunks(), k)
         all_s.append(s)
         all_i.append(i)
     return knn_evaluate(queries, query_labels, torch.cat(all_s), torch.cat(all_i), bank_labels,

@@ -31,8 +31,15 @@ from .checkpoint import (
 )
 from .config import Config, config_from_dict
 from .errors import DataError, InputError
-from .evaluate import check_same_classes, knn_against, num_classes_of, read_labels, tensor_chunks
-from .incore import InCoreBank
+from .evaluate import (
+    check_same_classes,
+    knn_against,
+    num_classes_of,
+    read_labels,
+    store_chunks,
+    tensor_chunks,
+)
+from .cache import ChunkCache, default_cache_rows
 from .losses import (
     ZEstimator,
     infonce_from_scores,
@@ -122,6 +129,8 @@ class NPIDStep:
         if not bool(torch.isfinite(loss)) or not bool(torch.isfinite(f).all()):
             self.skipped += 1
             self.optimizer.zero_grad(set_to_none=True)
+            if hasattr(self.bank, "end_step"):
+                self.bank.end_step()
             return StepOut(float("nan"), True, z)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -129,6 +138,8 @@ class NPIDStep:
         with torch.no_grad():  # the memory update, after the optimiser step
             new = momentum_update(self.bank.gather(batch.index), f.detach(), self.cfg.bank.momentum)
             self.bank.update(batch.index, new)
+        if hasattr(self.bank, "end_step"):
+            self.bank.end_step()
         return StepOut(float(loss.item()), False, z)
 
 
@@ -197,8 +208,6 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
 def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store: BankStore,
            run_dir: Path, device: torch.device, resume: bool, progress: bool,
            max_epochs: int | None, say: Any) -> RunResult:
-    from tqdm import tqdm
-
     torch.manual_seed(cfg.train.seed)
     channels = image_channels(manifest)
     model = build_model(cfg.model.arch, channels, cfg.model.dim).to(device)
@@ -207,6 +216,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     optimizer = build_optimizer(cfg, model)
     zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum) if cfg.loss.kind == "nce" else None
     epoch, step = 0, 0
+    bank_state = None
     if resume:
         path = checkpoint_for_step(run_dir, store.meta.committed_step)
         state = load_checkpoint(path)
@@ -221,12 +231,42 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         if zest is not None and state.get("z") is not None:
             zest.load_state_dict(state["z"])
         epoch, step = int(state["epoch"]), int(state["step"])
+        bank_state = state.get("bank_cache")
         torch.set_rng_state(state["rng"]["torch"])
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
 
-    bank = InCoreBank(store, device)
     data = make_train_data(manifest, cfg.data, cfg.train.seed, device, progress)
+    spe = data.steps_per_epoch()
+    bank = make_cache(cfg, store, device, spe)
+    if resume and bank_state is not None:
+        bank.load_state_dict(bank_state)
+    try:
+        return _loop(cfg, manifest, val_manifest, run_dir, device, progress, max_epochs, say,
+                     model, optimizer, zest, bank, data, epoch, step)
+    finally:
+        bank.close()
+
+
+def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_epoch: int
+               ) -> ChunkCache:
+    """The device cache with the configured budget (rows = MB / (4 D))."""
+    if cfg.bank.cache_mb > 0:
+        budget = cfg.bank.cache_mb * 2**20 // (store.dim * 4)
+    else:
+        budget = default_cache_rows(store.n_rows, store.dim, device)
+    pool = cfg.bank.pool_chunks or None
+    if pool is None and budget < store.n_rows:
+        pool = max(budget // store.chunk_rows // 4, 2 * max(1, cfg.data.workers) + 2)
+    return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)
+
+
+def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_dir: Path,
+          device: torch.device, progress: bool, max_epochs: int | None, say: Any,
+          model: Embedder, optimizer: torch.optim.Optimizer, zest: ZEstimator | None,
+          bank: ChunkCache, data: Any, epoch: int, step: int) -> RunResult:
+    from tqdm import tqdm
+
     npid = NPIDStep(cfg, model, optimizer, bank, manifest.n, zest, cfg.train.seed)
     spe = data.steps_per_epoch()
     train_labels = torch.from_numpy(read_labels(manifest)) if val_manifest is not None else None
@@ -269,7 +309,10 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
                 epoch == cfg.optim.epochs or epoch == last_epoch
                 or (cfg.train.eval_every > 0 and epoch % cfg.train.eval_every == 0)):
             feats, _, labels = extract_features(model, iter(val_batches), cfg.model.channels_last)
-            acc = knn_against(feats, labels, tensor_chunks(bank.all_rows()), train_labels,
+            bank.flush()
+            chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else (
+                lambda: store_chunks(bank.store, device))
+            acc = knn_against(feats, labels, chunks, train_labels,
                               cfg.train.knn_k, cfg.train.knn_temperature,
                               num_classes_of(manifest, train_labels.numpy()))
             rec["knn_top1"], rec["knn_top5"] = acc["top1"], acc["top5"]
@@ -287,7 +330,7 @@ def _fmt(v: Any) -> str:
 
 
 def _checkpoint(cfg: Config, run_dir: Path, model: Embedder, optimizer: torch.optim.Optimizer,
-                zest: ZEstimator | None, bank: InCoreBank, manifest: Manifest, epoch: int,
+                zest: ZEstimator | None, bank: ChunkCache, manifest: Manifest, epoch: int,
                 step: int) -> None:
     state = {
         "format": "oocid-checkpoint",
@@ -305,6 +348,7 @@ def _checkpoint(cfg: Config, run_dir: Path, model: Embedder, optimizer: torch.op
         "shards": str(manifest.root.resolve()),
         "n_data": manifest.n,
         "rng": {"torch": torch.get_rng_state()},
+        "bank_cache": bank.state_dict(),
     }
     save_checkpoint(run_dir, step, state)
     bank.commit(step)

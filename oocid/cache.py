@@ -1,0 +1,410 @@
+"""The device cache of bank chunks over the on-disk store (DESIGN.md "The bank is the heart").
+
+N rows in chunks of R rows (chunk c = rows [c*R, (c+1)*R), aligned with the shards); D dims;
+B batch; K negatives. The cache holds S slots of R rows on the device, S*R <= the budget:
+
+- W *window* slots cycle through the bank in chunk order at a rate that visits every chunk once
+  per epoch (each chunk stays W/rate steps). Negatives are drawn uniformly from the window's
+  rows only, so over an epoch every row has the same chance of being a negative.
+- P = S - W *pool* slots hold the chunks of the batch's positives, LRU; a chunk evicted dirty is
+  written back (in a background thread, batched into one journal per write).
+- The window's next chunks are read ahead by the same background thread (host buffers, pinned
+  on CUDA), so disk I/O overlaps compute. Disk traffic per epoch is O(bank size).
+When the budget covers the whole bank, every chunk is loaded in order once and never evicted,
+and gather / sample / update are exactly those of `InCoreBank` (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import OrderedDict, deque
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .store import BankStore
+
+MAX_WRITE_BYTES = 256 * 2**20  # cap one journal at this many bytes of rows
+TOUCH_MAX = 8192  # gathers up to this many indices update the LRU order
+
+
+def default_cache_rows(n_rows: int, dim: int, device: torch.device) -> int:
+    """The whole bank when it fits in a quarter of free device memory, else that quarter."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_ram()
+    quarter = max(1, free // 4 // (dim * 4))
+    return int(min(n_rows, quarter))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+class _IOThread:
+    """One background thread: reads chunks ahead, writes evicted chunks back."""
+
+    def __init__(self, store: BankStore, pin: bool) -> None:
+        self.store = store
+        self.pin = pin
+        self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.ready: dict[int, tuple[int, Any]] = {}  # chunk -> (version read, rows)
+        self.version: dict[int, int] = {}  # bumped when a chunk's newer rows are queued to write
+        self.pending: dict[int, np.ndarray] = {}  # chunk -> rows queued for write-back
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.error: BaseException | None = None
+        self.inflight = 0
+        self.thread = threading.Thread(target=self._run, name="oocid-bank-io", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            kind, arg = self.jobs.get()
+            if kind == "stop":
+                return
+            try:
+                if kind == "read":
+                    c, v = arg
+                    rows = self.store.read_chunk(c)
+                    if self.pin:
+                        rows = torch.from_numpy(rows).pin_memory()
+                    with self.cond:
+                        self.ready[c] = (v, rows)
+                elif kind == "write":
+                    with self.cond:
+                        batch = dict(self.pending)
+                    if batch:
+                        _write_batched(self.store, batch, None)
+                        with self.cond:
+                            for c, rows in batch.items():
+                                if self.pending.get(c) is rows:
+                                    del self.pending[c]
+            except BaseException as e:  # noqa: BLE001 - surfaced to the main thread
+                with self.cond:
+                    self.error = e
+            finally:
+                with self.cond:
+                    self.inflight -= 1
+                    self.cond.notify_all()
+
+    def submit(self, kind: str, arg: Any = None) -> None:
+        with self.cond:
+            self.inflight += 1
+        self.jobs.put((kind, arg))
+
+    def check(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def drain(self) -> None:
+        with self.cond:
+            while self.inflight:
+                self.cond.wait()
+        self.check()
+
+    def stop(self) -> None:
+        self.jobs.put(("stop", None))
+        self.thread.join()
+
+
+def _write_batched(store: BankStore, chunks: dict[int, np.ndarray], step: int | None) -> None:
+    """store.write_chunks in journals of at most MAX_WRITE_BYTES; `step` commits with the last."""
+    items = sorted(chunks.items())
+    batch: dict[int, np.ndarray] = {}
+    size = 0
+    for c, rows in items:
+        if batch and size + rows.nbytes > MAX_WRITE_BYTES:
+            store.write_chunks(batch)
+            batch, size = {}, 0
+        batch[c] = rows
+        size += rows.nbytes
+    if batch or step is not None:
+        store.write_chunks(batch, step=step)
+
+
+class ChunkCache:
+    """Bank rows cached on `device` in whole chunks; same interface as `InCoreBank`."""
+
+    def __init__(self, store: BankStore, budget_rows: int, device: torch.device, *,
+                 steps_per_epoch: int = 1, pool_chunks: int | None = None, prefetch: bool = True,
+                 prefetch_ahead: int = 2) -> None:
+        self.store = store
+        self.device = device
+        self.n, self.dim, self.r = store.n_rows, store.dim, store.chunk_rows
+        self.n_chunks = store.n_chunks
+        max_slots = budget_rows // self.r
+        self.full = budget_rows >= self.n or max_slots >= self.n_chunks
+        if self.full:
+            self.n_slots = self.n_chunks
+        else:
+            if max_slots < 3:
+                raise InputError(
+                    f"{store.path}: a cache of {budget_rows} rows holds {max_slots} chunks of "
+                    f"{self.r} rows; it needs at least 3 (raise --cache-mb)")
+            self.n_slots = max_slots
+        self.slots = torch.empty(self.n_slots, self.r, self.dim, dtype=torch.float32,
+                                 device=device)  # (S, R, D)
+        self.flat = self.slots.view(self.n_slots * self.r, self.dim)  # (S*R, D)
+        self.slot_of = torch.full((self.n_chunks,), -1, dtype=torch.int64, device=device)
+        self.chunk_of = [-1] * self.n_slots
+        self.dirty = [False] * self.n_slots
+        self.free = list(range(self.n_slots - 1, -1, -1))
+        self.pool: OrderedDict[int, None] = OrderedDict()  # LRU order, oldest first
+        self.window: deque[int] = deque()
+        self.pinned: set[int] = set()
+        self.chunk_loads = 0
+        self.writebacks = 0
+        self.peak_resident_rows = 0
+        self.io = _IOThread(store, pin=device.type == "cuda") if prefetch and not self.full \
+            else None
+        self.ahead = prefetch_ahead
+        if self.full:
+            self.rows = self.flat[: self.n]  # (N, D): identity layout, as InCoreBank
+            for c in range(self.n_chunks):
+                self._load(c)
+            self.w = self.n_slots
+            self.rate = 0.0
+        else:
+            pool = max(2, self.n_slots // 4) if pool_chunks is None else pool_chunks
+            self.w = max(1, self.n_slots - min(self.n_slots - 1, max(1, pool)))
+            self.rate = self.n_chunks / max(1, steps_per_epoch)  # window chunks per step
+        self.next_chunk = 0  # next chunk to enter the window
+        self.acc = 0.0
+        self._window_rows: Tensor | None = None
+        if not self.full:
+            for _ in range(self.w):
+                self._window_push()
+
+    # ---- residency -----------------------------------------------------------------------
+
+    def _fetch(self, c: int) -> Tensor:
+        """Rows of chunk c from the prefetcher, a pending write-back, or the store."""
+        rows: Any = None
+        if self.io is not None:
+            self.io.check()
+            with self.io.cond:
+                got = self.io.ready.pop(c, None)
+                if got is not None and got[0] == self.io.version.get(c, 0):
+                    rows = got[1]  # read after the last write-back was queued: current
+                pend = self.io.pending.get(c)
+            if pend is not None:  # newer than disk and than any read-ahead
+                rows = pend
+        if rows is None:
+            rows = self.store.read_chunk(c)
+        return rows if isinstance(rows, Tensor) else torch.from_numpy(np.asarray(rows))
+
+    def _load(self, c: int) -> int:
+        if not self.free:
+            self._evict_one()
+        s = self.free.pop()
+        a, b = self.store.chunk_range(c)
+        data = self._fetch(c)
+        self.slots[s, : b - a].copy_(data, non_blocking=True)
+        if b - a < self.r:
+            self.slots[s, b - a:].zero_()
+        self.slot_of[c] = s
+        self.chunk_of[s] = c
+        self.dirty[s] = False
+        self.chunk_loads += 1
+        self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows())
+        return s
+
+    def _evict_one(self) -> None:
+        for c in self.pool:
+            if c not in self.pinned:
+                break
+        else:
+            raise InputError(
+                f"{self.store.path}: the cache's {self.n_slots - self.w} pool chunks cannot hold "
+                "one batch's positives (raise --cache-mb, or read shards in order)")
+        del self.pool[c]
+        self._drop(c)
+
+    def _drop(self, c: int) -> None:
+        s = int(self.slot_of[c])
+        if self.dirty[s]:
+            a, b = self.store.chunk_range(c)
+            rows = self.slots[s, : b - a].cpu().numpy().copy()
+            if self.io is not None:
+                with self.io.cond:
+                    self.io.pending[c] = rows
+                    self.io.version[c] = self.io.version.get(c, 0) + 1
+                self.io.submit("write")
+            else:
+                self.store.write_chunks({c: rows})
+            self.writebacks += 1
+        self.slot_of[c] = -1
+        self.chunk_of[s] = -1
+        self.dirty[s] = False
+        self.free.append(s)
+
+    def resident_rows(self) -> int:
+        return (self.n_slots - len(self.free)) * self.r
+
+    def ensure(self, index: Tensor) -> None:
+        """Make the chunks of `index` resident (positives: pool, most recently used). A chunk
+        evicted later in the step is simply reloaded by `update` (it was clean or written back)."""
+        if self.full:
+            return
+        chunks = torch.unique(index.reshape(-1) // self.r).tolist()
+        self.pinned = set(chunks)  # not evicted while this call loads the others
+        try:
+            for c in chunks:
+                if c in self.pool:
+                    self.pool.move_to_end(c)
+                elif int(self.slot_of[c]) < 0:
+                    self._load(c)
+                    self.pool[c] = None
+        finally:
+            self.pinned = set()
+
+    # ---- window --------------------------------------------------------------------------
+
+    def _window_push(self) -> None:
+        c = self.next_chunk
+        self.next_chunk = (self.next_chunk + 1) % self.n_chunks
+        if c in self.pool:
+            del self.pool[c]
+        elif int(self.slot_of[c]) < 0:
+            self._load(c)
+        self.window.append(c)
+        self._window_rows = None
+        if self.io is not None:  # read ahead the chunks that enter next
+            for j in range(self.ahead):
+                nxt = (self.next_chunk + j) % self.n_chunks
+                if int(self.slot_of[nxt]) < 0 and nxt not in self.io.ready:
+                    self.io.submit("read", (nxt, self.io.version.get(nxt, 0)))
+
+    def _window_pop(self) -> None:
+        c = self.window.popleft()
+        self.pool[c] = None
+        self.pool.move_to_end(c, last=False)  # least recently used: the first to go
+        while len(self.pool) > self.n_slots - self.w:
+            self._evict_one()
+
+    def end_step(self) -> None:
+        """Advance the window by this step's share of the epoch."""
+        if self.full:
+            return
+        self.acc += self.rate
+        while self.acc >= 1.0:
+            self.acc -= 1.0
+            self._window_pop()
+            self._window_push()
+
+    def _window_index(self) -> Tensor:
+        if self._window_rows is None:
+            parts = [torch.arange(*self.store.chunk_range(c)) for c in self.window]
+            self._window_rows = torch.cat(parts).to(self.device)
+        return self._window_rows
+
+    # ---- the bank interface ----------------------------------------------------------------
+
+    def _slot_rows(self, index: Tensor) -> Tensor:
+        slot = self.slot_of[index // self.r]
+        if bool((slot < 0).any()):
+            raise RuntimeError("bank cache: gather of a row that is not resident")
+        return slot * self.r + index % self.r
+
+    def gather(self, index: Tensor) -> Tensor:
+        """Rows (..., D) for global indices (...). Small index sets (a batch's positives, shared
+        negatives) are made resident and marked recently used; large ones (per-sample negatives,
+        drawn from the resident window) take one table lookup, loading only on a miss."""
+        if self.full:
+            return self.rows[index]
+        if int(index.numel()) <= TOUCH_MAX:
+            self.ensure(index)
+            return self.flat[self._slot_rows(index)]
+        slot = self.slot_of[index // self.r]
+        if bool((slot < 0).any()):
+            self.ensure(index)
+            slot = self.slot_of[index // self.r]
+        return self.flat[slot * self.r + index % self.r]
+
+    def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        """Negative indices drawn uniformly, with replacement, from the window's rows."""
+        if self.full:
+            return torch.randint(0, self.n, shape, generator=generator,
+                                 device=generator.device).to(self.device)
+        rows = self._window_index()
+        pick = torch.randint(0, int(rows.numel()), shape, generator=generator,
+                             device=generator.device).to(self.device)
+        return rows[pick]
+
+    def update(self, index: Tensor, rows: Tensor) -> None:
+        if self.full:
+            self.rows[index] = rows.to(self.rows.dtype)
+            self.dirty = [True] * self.n_slots
+            return
+        self.ensure(index)
+        self.flat[self._slot_rows(index)] = rows.to(self.flat.dtype)
+        for c in torch.unique(index // self.r).tolist():
+            self.dirty[int(self.slot_of[c])] = True
+
+    def all_rows(self) -> Tensor:
+        if not self.full:
+            raise InputError("the exact softmax needs the whole bank in the cache; raise "
+                             "--cache-mb or use loss.kind = \"nce\" / \"infonce\"")
+        return self.rows
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def flush(self, step: int | None = None) -> None:
+        """Write every dirty chunk (and pending write-backs) and, with `step`, commit it."""
+        if self.io is not None:
+            self.io.drain()
+        chunks: dict[int, np.ndarray] = {}
+        for s, c in enumerate(self.chunk_of):
+            if c >= 0 and self.dirty[s]:
+                a, b = self.store.chunk_range(c)
+                chunks[c] = self.slots[s, : b - a].cpu().numpy()
+        if self.io is not None:  # read-aheads from before this write are stale now
+            with self.io.cond:
+                for c in chunks:
+                    self.io.version[c] = self.io.version.get(c, 0) + 1
+        _write_batched(self.store, chunks, step)
+        for s in range(self.n_slots):
+            self.dirty[s] = False
+
+    def commit(self, step: int) -> None:
+        self.flush(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": list(self.window), "next_chunk": self.next_chunk, "acc": self.acc}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the window (which rows are negatives) of a checkpoint."""
+        if self.full:
+            return
+        while self.window:
+            self._window_pop()
+        self.next_chunk = int(state["window"][0]) if state["window"] else int(state["next_chunk"])
+        for _ in range(len(state["window"])):
+            self._window_push()
+        self.next_chunk, self.acc = int(state["next_chunk"]), float(state["acc"])
+
+    def stats(self) -> dict[str, int]:
+        return {"chunk_loads": self.chunk_loads, "writebacks": self.writebacks,
+                "bytes_read": self.store.bytes_read, "bytes_written": self.store.bytes_written,
+                "peak_resident_rows": self.peak_resident_rows, "slots": self.n_slots,
+                "window_slots": self.w}
+
+    def close(self) -> None:
+        if self.io is not None:
+            self.io.drain()
+            self.io.stop()
+            self.io = None

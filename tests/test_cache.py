@@ -1,0 +1,223 @@
+"""The device cache over the on-disk store: equivalence with the in-core bank, a stateful
+model check, uniform negatives over an epoch, and the memory budget."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from oocid.bank import momentum_update, random_unit_rows
+from oocid.cache import ChunkCache
+from oocid.config import demo_config
+from oocid.errors import InputError
+from oocid.incore import InCoreBank
+from oocid.losses import ZEstimator
+from oocid.models import build_model
+from oocid.store import create_store, open_store
+from oocid.stream import Batch
+from oocid.train import NPIDStep, build_optimizer
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
+def test_full_budget_equals_in_core_bit_for_bit(tmp_path: Path, negatives: str) -> None:
+    """Same seed, same batches: identical losses, weights and final bank, on CPU."""
+    n, steps = 300, 12
+    results = []
+    for name, make in (("incore", lambda s: InCoreBank(s, CPU)),
+                       ("cache", lambda s: ChunkCache(s, n, CPU, steps_per_epoch=5))):
+        store = create_store(tmp_path / f"{name}.npy", n, 128, chunk_rows=64, seed=3)
+        bank = make(store)
+        cfg = demo_config()
+        cfg.loss.kind, cfg.loss.nce_k, cfg.loss.z, cfg.loss.negatives = "nce", 32, "ema", negatives
+        torch.manual_seed(0)
+        model = build_model("small", 1, 128)
+        step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, ZEstimator("ema"), 7)
+        g = torch.Generator().manual_seed(1)
+        losses = []
+        for i in range(steps):
+            idx = torch.randperm(n, generator=g)[:24]
+            x = torch.randn(24, 1, 28, 28, generator=g)
+            losses.append(step(Batch(x, idx, idx * 0), i, 0.03).loss)
+        bank.commit(steps)
+        if isinstance(bank, ChunkCache):
+            bank.close()
+        results.append((losses, model.state_dict(), store.read_rows(0, n)))
+        store.close()
+    (la, ma, ba), (lb, mb, bb) = results
+    assert la == lb
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert np.array_equal(ba, bb)
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Drive cache + store through gathers, updates, window moves, evictions, flushes and
+    reopens; every read must equal a plain in-memory model of the bank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="oocid-cache-"))
+        self.count = 0
+        # durability against power loss is tested in test_store; skip fsync here for speed
+        self._fsync = os.fsync, getattr(os, "fdatasync", os.fsync)
+        os.fsync = os.fdatasync = lambda fd: None  # type: ignore[assignment]
+
+    @initialize(n=st.integers(20, 90), r=st.integers(3, 10), slots=st.integers(3, 8),
+                kind=st.sampled_from(["npy", "zarr"]), prefetch=st.booleans())
+    def setup(self, n: int, r: int, slots: int, kind: str, prefetch: bool) -> None:
+        self.path = self.dir / f"b{self.count}.{kind}"
+        self.count += 1
+        self.store = create_store(self.path, n, 4, chunk_rows=r, seed=1)
+        self.model = self.store.read_rows(0, n).copy()
+        self.n, self.r, self.budget, self.prefetch = n, r, slots * r, prefetch
+        self.cache = self._open()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def _open(self) -> ChunkCache:
+        return ChunkCache(self.store, self.budget, CPU, steps_per_epoch=7, pool_chunks=2,
+                          prefetch=self.prefetch)
+
+    def _batch(self, data: st.DataObject) -> torch.Tensor:
+        # positives from at most 2 chunks (the pool's size)
+        c0 = data.draw(st.integers(0, self.store.n_chunks - 1))
+        c1 = data.draw(st.integers(0, self.store.n_chunks - 1))
+        rows = [i for c in {c0, c1} for i in range(*self.store.chunk_range(c))]
+        picks = data.draw(st.lists(st.sampled_from(rows), min_size=1, max_size=12, unique=True))
+        return torch.tensor(picks, dtype=torch.int64)
+
+    @rule(data=st.data())
+    def gather(self, data: st.DataObject) -> None:
+        idx = self._batch(data)
+        got = self.cache.gather(idx).numpy()
+        assert np.array_equal(got, self.model[idx.numpy()])
+
+    @rule(data=st.data(), m=st.floats(0.0, 0.9))
+    def update(self, data: st.DataObject, m: float) -> None:
+        idx = self._batch(data)
+        new = momentum_update(self.cache.gather(idx), random_unit_rows(len(idx), 4, self.gen), m)
+        self.cache.update(idx, new)
+        self.model[idx.numpy()] = new.numpy()
+        self.cache.end_step()
+
+    @rule(k=st.integers(1, 40))
+    def negatives(self, k: int) -> None:
+        idx = self.cache.sample((k,), self.gen)
+        window_rows = {i for c in self.cache.window for i in range(*self.store.chunk_range(c))}
+        if not self.cache.full:
+            assert set(idx.tolist()) <= window_rows
+        assert np.array_equal(self.cache.gather(idx).numpy(), self.model[idx.numpy()])
+
+    @rule()
+    def end_step(self) -> None:
+        self.cache.end_step()
+
+    @precondition(lambda self: not self.cache.full and len(self.cache.pool) > 0)
+    @rule()
+    def evict(self) -> None:
+        self.cache._evict_one()
+
+    @rule(step=st.integers(0, 100))
+    def flush(self, step: int) -> None:
+        self.cache.flush(step)
+        assert self.store.meta.committed_step == step
+        assert np.array_equal(self.store.read_rows(0, self.n), self.model)
+
+    @rule()
+    def close_and_reopen(self) -> None:
+        self.cache.flush(1)
+        self.cache.close()
+        self.store.close()
+        self.store = open_store(self.path)
+        assert np.array_equal(self.store.read_rows(0, self.n), self.model)
+        self.cache = self._open()
+
+    @invariant()
+    def within_budget(self) -> None:
+        if hasattr(self, "cache"):
+            assert self.cache.resident_rows() <= max(self.budget, self.store.n_chunks * self.r)
+            assert self.cache.peak_resident_rows <= self.cache.n_slots * self.r
+
+    def teardown(self) -> None:
+        if hasattr(self, "cache"):
+            self.cache.close()
+            self.store.close()
+        os.fsync, os.fdatasync = self._fsync
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+CacheMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+test_cache_state_machine = CacheMachine.TestCase
+
+
+def chi2_critical(dof: int, z: float = 3.09) -> float:
+    """Upper quantile of chi-square (Wilson-Hilferty), z = 3.09 -> p = 0.001."""
+    a = 2.0 / (9.0 * dof)
+    return dof * (1.0 - a + z * math.sqrt(a)) ** 3
+
+
+def test_negatives_uniform_over_an_epoch_with_small_cache(tmp_path: Path) -> None:
+    n_chunks, r, steps, k = 40, 16, 200, 64
+    store = create_store(tmp_path / "b.npy", n_chunks * r, 4, chunk_rows=r)
+    cache = ChunkCache(store, 6 * r, CPU, steps_per_epoch=steps, pool_chunks=2)
+    assert not cache.full and cache.w == 4
+    g = torch.Generator().manual_seed(0)
+    counts = np.zeros(n_chunks * r)
+    for _ in range(steps):
+        np.add.at(counts, cache.sample((k,), g).numpy(), 1)
+        cache.end_step()
+    # each chunk spent the same number of steps in the window ...
+    per_chunk = counts.reshape(n_chunks, r).sum(1)
+    expected = steps * k / n_chunks
+    stat = float(((per_chunk - expected) ** 2 / expected).sum())
+    assert stat < chi2_critical(n_chunks - 1), per_chunk
+    # ... and rows are uniform overall
+    e_row = steps * k / counts.size
+    stat_rows = float(((counts - e_row) ** 2 / e_row).sum())
+    assert stat_rows < chi2_critical(counts.size - 1)
+    # disk reads over the epoch: the bank once (window) plus the initial fill, not steps x K
+    assert cache.chunk_loads <= n_chunks + cache.w
+    cache.close()
+    store.close()
+
+
+def test_window_only_sampling_is_needed(tmp_path: Path) -> None:
+    """Sanity of the test above: sampling only the first chunks is caught by the same check."""
+    n_chunks, r = 40, 16
+    counts = np.zeros(n_chunks)
+    counts[:4] = 200 * 64 / 4
+    expected = 200 * 64 / n_chunks
+    assert float(((counts - expected) ** 2 / expected).sum()) > chi2_critical(n_chunks - 1)
+
+
+def test_budget_is_respected_and_too_small_budget_is_an_error(tmp_path: Path) -> None:
+    store = create_store(tmp_path / "b.zarr", 1000, 8, chunk_rows=50)
+    with pytest.raises(InputError, match="at least 3"):
+        ChunkCache(store, 120, CPU)
+    cache = ChunkCache(store, 250, CPU, steps_per_epoch=10, pool_chunks=2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        c = int(torch.randint(0, 20, (1,), generator=g))
+        idx = torch.arange(c * 50, c * 50 + 10)
+        cache.update(idx, momentum_update(cache.gather(idx), random_unit_rows(10, 8, g), 0.5))
+        cache.gather(cache.sample((100,), g))
+        cache.end_step()
+        assert cache.resident_rows() <= 250
+    assert cache.peak_resident_rows <= 250
+    assert cache.writebacks > 0
+    cache.flush(5)
+    cache.close()
+    rows = store.read_rows(0, 1000)
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+    store.close()
