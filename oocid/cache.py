@@ -92,7 +92,7 @@ class _IOThread:
                             for c, rows in batch.items():
                                 if self.pending.get(c) is rows:
                                     del self.pending[c]
-            except BaseException as e:  # noqa: BLE001 - surfaced to the main thread
+            except BaseException as e:
                 with self.cond:
                     self.error = e
             finally:

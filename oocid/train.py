@@ -22,6 +22,7 @@ from torch import Tensor
 
 from . import __version__
 from .bank import momentum_update
+from .cache import ChunkCache, default_cache_rows
 from .checkpoint import (
     checkpoint_for_step,
     finish_checkpoint,
@@ -39,7 +40,6 @@ from .evaluate import (
     store_chunks,
     tensor_chunks,
 )
-from .cache import ChunkCache, default_cache_rows
 from .losses import (
     ZEstimator,
     infonce_from_scores,

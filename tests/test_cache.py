@@ -194,7 +194,7 @@ def test_negatives_uniform_over_an_epoch_with_small_cache(tmp_path: Path) -> Non
 
 def test_window_only_sampling_is_needed(tmp_path: Path) -> None:
     """Sanity of the test above: sampling only the first chunks is caught by the same check."""
-    n_chunks, r = 40, 16
+    n_chunks = 40
     counts = np.zeros(n_chunks)
     counts[:4] = 200 * 64 / 4
     expected = 200 * 64 / n_chunks
