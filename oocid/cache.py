@@ -255,12 +255,8 @@ class ChunkCache:
     def resident_rows(self) -> int:
         return (self.n_slots - len(self.free)) * self.r
 
-    def ensure(self, index: Tensor) -> None:
-        """Make the chunks of `index` resident (positives: pool, most recently used). A chunk
-        evicted later in the step is simply reloaded by `update` (it was clean or written back)."""
-        if self.full:
-            return
-        chunks = torch.unique(index.reshape(-1) // self.r).tolist()
+    def ensure(self, chunks: list[int]) -> None:
+        """Make `chunks` resident at once (positives go to the pool, most recently used)."""
         self.pinned = set(chunks)  # not evicted while this call loads the others
         try:
             for c in chunks:
@@ -271,6 +267,13 @@ class ChunkCache:
                     self.pool[c] = None
         finally:
             self.pinned = set()
+
+    def _chunk_groups(self, index: Tensor) -> tuple[list[int], Tensor]:
+        chunk = index // self.r
+        return torch.unique(chunk).tolist(), chunk
+
+    def _fits_pool(self, chunks: list[int]) -> bool:
+        return len(chunks) <= self.n_slots - self.w
 
     # ---- window --------------------------------------------------------------------------
 
@@ -322,18 +325,25 @@ class ChunkCache:
 
     def gather(self, index: Tensor) -> Tensor:
         """Rows (..., D) for global indices (...). Small index sets (a batch's positives, shared
-        negatives) are made resident and marked recently used; large ones (per-sample negatives,
-        drawn from the resident window) take one table lookup, loading only on a miss."""
+        negatives) are made resident and marked recently used, chunk by chunk if they span more
+        chunks than the pool holds; large ones (per-sample negatives, drawn from the resident
+        window) take one table lookup, loading only on a miss."""
         if self.full:
             return self.rows[index]
-        if int(index.numel()) <= TOUCH_MAX:
-            self.ensure(index)
-            return self.flat[self._slot_rows(index)]
-        slot = self.slot_of[index // self.r]
-        if bool((slot < 0).any()):
-            self.ensure(index)
+        if int(index.numel()) > TOUCH_MAX:
             slot = self.slot_of[index // self.r]
-        return self.flat[slot * self.r + index % self.r]
+            if not bool((slot < 0).any()):
+                return self.flat[slot * self.r + index % self.r]
+        chunks, chunk = self._chunk_groups(index)
+        if self._fits_pool(chunks):
+            self.ensure(chunks)
+            return self.flat[self._slot_rows(index)]
+        out = torch.empty(*index.shape, self.dim, dtype=self.flat.dtype, device=self.device)
+        for c in chunks:  # more chunks than the pool: one at a time (slower, never wrong)
+            self.ensure([c])
+            m = chunk == c
+            out[m] = self.flat[int(self.slot_of[c]) * self.r + index[m] % self.r]
+        return out
 
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         """Negative indices drawn uniformly, with replacement, from the window's rows."""
@@ -346,14 +356,20 @@ class ChunkCache:
         return rows[pick]
 
     def update(self, index: Tensor, rows: Tensor) -> None:
+        """Write rows (B, D) at global indices (B,) (unique) and mark their chunks dirty."""
         if self.full:
             self.rows[index] = rows.to(self.rows.dtype)
             self.dirty = [True] * self.n_slots
             return
-        self.ensure(index)
-        self.flat[self._slot_rows(index)] = rows.to(self.flat.dtype)
-        for c in torch.unique(index // self.r).tolist():
-            self.dirty[int(self.slot_of[c])] = True
+        chunks, chunk = self._chunk_groups(index)
+        rows = rows.to(self.flat.dtype)
+        groups = [chunks] if self._fits_pool(chunks) else [[c] for c in chunks]
+        for group in groups:
+            self.ensure(group)
+            m = torch.isin(chunk, torch.tensor(group, device=chunk.device))
+            self.flat[self._slot_rows(index[m])] = rows[m]
+            for c in group:
+                self.dirty[int(self.slot_of[c])] = True
 
     def all_rows(self) -> Tensor:
         if not self.full:

@@ -66,6 +66,9 @@ def train(
                                              "resnet50 | cifar_resnet18.")] = None,
     device: Annotated[str | None, typer.Option(help="Override train.device: auto | cpu | cuda.")
                       ] = None,
+    cache_mb: Annotated[float | None, typer.Option(help="Override bank.cache_mb: device cache "
+                                                  "budget in MB (0: whole bank if it fits in a "
+                                                  "quarter of free memory).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, e.g. --set "
                                                    "loss.z=ema (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -75,7 +78,7 @@ def train(
 
     overrides = list(set_ or [])
     for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
-                       ("optim.lr", lr), ("loss.nce_k", nce_k)):
+                       ("optim.lr", lr), ("loss.nce_k", nce_k), ("bank.cache_mb", cache_mb)):
         if value is not None:
             overrides.append(f"{key}={value}")
     for key, svalue in (("loss.kind", loss), ("model.arch", arch), ("train.device", device)):

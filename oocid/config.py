@@ -69,7 +69,7 @@ class BankConfig:
     momentum: float = 0.5  # weight on the OLD row
     dtype: str = "float32"  # float32 | float16 (on disk)
     seed: int = 0
-    cache_mb: int = 0  # device cache budget; 0: the whole bank if it fits in 1/4 of free memory
+    cache_mb: float = 0.0  # device cache budget; 0: the whole bank if it fits in 1/4 of free memory
     pool_chunks: int = 0  # cache chunks for the batch's positives; 0: max(S/4, 2*workers+2)
 
 

@@ -217,6 +217,9 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum) if cfg.loss.kind == "nce" else None
     epoch, step = 0, 0
     bank_state = None
+    if resume and store.meta.committed_step < 0 and not list_checkpoints(run_dir):
+        say(f"oocid: {store.path} has no committed step yet; starting {run_dir} from the beginning")
+        resume = False
     if resume:
         path = checkpoint_for_step(run_dir, store.meta.committed_step)
         state = load_checkpoint(path)
@@ -252,7 +255,7 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
                ) -> ChunkCache:
     """The device cache with the configured budget (rows = MB / (4 D))."""
     if cfg.bank.cache_mb > 0:
-        budget = cfg.bank.cache_mb * 2**20 // (store.dim * 4)
+        budget = int(cfg.bank.cache_mb * 2**20) // (store.dim * 4)
     else:
         budget = default_cache_rows(store.n_rows, store.dim, device)
     pool = cfg.bank.pool_chunks or None
