@@ -60,6 +60,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "step"  # step | cosine (per iteration, to 0)
+    accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
     milestones: list[int] = field(default_factory=lambda: [120, 160])
     gamma: float = 0.1
 
@@ -81,6 +82,9 @@ class TrainConfig:
     knn_temperature: float = 0.07
     eval_every: int = 1  # epochs between kNN checks on --val shards (0: only at the end)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    precision: str = "auto"  # auto (bf16 on CUDA where supported, else 16; 32 on CPU) | 32 | 16 | bf16
+    compile: bool = False  # torch.compile the model
+    checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epochs only)
 
 
 @dataclass
@@ -108,9 +112,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.negatives": ("per-sample", "shared"),
     "optim.schedule": ("step", "cosine"),
     "bank.dtype": ("float32", "float16"),
+    "train.precision": ("auto", "32", "16", "bf16"),
 }
 POSITIVE = ("model.dim", "data.image_size", "data.batch_size", "optim.epochs", "loss.nce_k",
-            "train.knn_k", "data.shuffle_buffer")
+            "train.knn_k", "data.shuffle_buffer", "optim.accumulate")
 
 
 def _check_value(where: str, name: str, ftype: Any, value: Any) -> Any:

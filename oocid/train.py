@@ -9,6 +9,7 @@ B batch, K negatives, D dims, N bank rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -18,10 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from . import __version__
-from .bank import momentum_update
 from .cache import ChunkCache, default_cache_rows
 from .checkpoint import (
     checkpoint_for_step,
@@ -40,18 +39,12 @@ from .evaluate import (
     store_chunks,
     tensor_chunks,
 )
-from .losses import (
-    ZEstimator,
-    infonce_from_scores,
-    nce_criterion,
-    nce_probs,
-    shared_scores,
-    softmax_loss,
-)
+from .losses import ZEstimator
 from .models import Embedder, build_model
 from .shards import Manifest, read_manifest
+from .step import NPIDStep, StepOut, resolve_precision
 from .store import BankStore, check_matches, create_store, open_store
-from .stream import Batch, eval_batches, extract_features, image_channels, make_train_data, mix_seed
+from .stream import Batch, eval_batches, extract_features, image_channels, make_train_data
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,75 +65,6 @@ def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> 
         t = (epoch * steps_per_epoch + step_in_epoch) / max(1, o.epochs * steps_per_epoch)
         return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
     return o.lr * o.gamma ** sum(1 for m in o.milestones if epoch >= m)
-
-
-@dataclass
-class StepOut:
-    loss: float
-    skipped: bool
-    z: float | None = None
-
-
-@dataclass
-class NPIDStep:
-    """One training step: loss of the batch's features against the bank, optimiser step, then
-    the bank's momentum update. Pure of I/O: `bank` is any object with gather / sample /
-    update / all_rows (in-core or cached)."""
-
-    cfg: Config
-    model: Embedder
-    optimizer: torch.optim.Optimizer
-    bank: Any
-    n_data: int
-    zest: ZEstimator | None
-    seed: int
-    skipped: int = 0
-
-    def loss(self, f: Tensor, index: Tensor, step: int) -> tuple[Tensor, float | None]:
-        lc = self.cfg.loss
-        if lc.kind == "softmax":
-            return softmax_loss(f, self.bank.all_rows(), index, lc.temperature), None
-        b = f.shape[0]
-        g = torch.Generator(device=self.bank.device.type if hasattr(self.bank, "device") else "cpu")
-        g.manual_seed(mix_seed(self.seed, 6, step))
-        pos = self.bank.gather(index)  # (B, D)
-        if lc.negatives == "shared":
-            neg = self.bank.gather(self.bank.sample((lc.nce_k,), g))  # (K, D)
-            scores = shared_scores(f, pos, neg)  # (B, K+1)
-        else:
-            neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)
-            weights = torch.cat([pos.unsqueeze(1), self.bank.gather(neg_idx)], dim=1)  # (B, K+1, D)
-            scores = torch.bmm(weights.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K+1)
-        if lc.kind == "infonce":
-            return infonce_from_scores(scores, lc.temperature), None
-        assert self.zest is not None
-        z = self.zest(scores, self.n_data, lc.temperature)
-        probs, _ = nce_probs(scores, self.n_data, lc.temperature, z)
-        return nce_criterion(probs, self.n_data, lc.eps), float(z.item())
-
-    def __call__(self, batch: Batch, step: int, lr: float) -> StepOut:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x = batch.images
-        if self.cfg.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        f = self.model(x)  # (B, D) unit, float32
-        loss, z = self.loss(f, batch.index, step)
-        if not bool(torch.isfinite(loss)) or not bool(torch.isfinite(f).all()):
-            self.skipped += 1
-            self.optimizer.zero_grad(set_to_none=True)
-            if hasattr(self.bank, "end_step"):
-                self.bank.end_step()
-            return StepOut(float("nan"), True, z)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():  # the memory update, after the optimiser step
-            new = momentum_update(self.bank.gather(batch.index), f.detach(), self.cfg.bank.momentum)
-            self.bank.update(batch.index, new)
-        if hasattr(self.bank, "end_step"):
-            self.bank.end_step()
-        return StepOut(float(loss.item()), False, z)
 
 
 @dataclass
@@ -176,11 +100,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 
 def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Path | None = None,
           resume: bool = False, progress: bool = True, max_epochs: int | None = None,
-          log: Any = None) -> RunResult:
+          max_steps: int | None = None, log: Any = None) -> RunResult:
     """Train NPID on a shard set with the bank at `bank_path`; outputs go to `run_dir`.
 
-    `max_epochs` stops after that many epochs of this call (the schedule still spans
-    cfg.optim.epochs), which is how a run is stopped and resumed in tests."""
+    `max_epochs` / `max_steps` stop after that many epochs / optimiser steps of this call with
+    a checkpoint (the schedule still spans cfg.optim.epochs); `--resume` continues exactly."""
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
     manifest = read_manifest(shards)
     val_manifest = read_manifest(val) if val is not None else None
@@ -200,14 +124,14 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     store = _open_or_create_bank(cfg, manifest, bank_path, resume)
     try:
         return _train(cfg, manifest, val_manifest, store, run_dir, device, resume, progress,
-                      max_epochs, say)
+                      max_epochs, max_steps, say)
     finally:
         store.close()
 
 
 def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store: BankStore,
            run_dir: Path, device: torch.device, resume: bool, progress: bool,
-           max_epochs: int | None, say: Any) -> RunResult:
+           max_epochs: int | None, max_steps: int | None, say: Any) -> RunResult:
     torch.manual_seed(cfg.train.seed)
     channels = image_channels(manifest)
     model = build_model(cfg.model.arch, channels, cfg.model.dim).to(device)
@@ -217,6 +141,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum) if cfg.loss.kind == "nce" else None
     epoch, step = 0, 0
     bank_state = None
+    partial: dict[str, Any] | None = None
     if resume and store.meta.committed_step < 0 and not list_checkpoints(run_dir):
         say(f"oocid: {store.path} has no committed step yet; starting {run_dir} from the beginning")
         resume = False
@@ -235,6 +160,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
             zest.load_state_dict(state["z"])
         epoch, step = int(state["epoch"]), int(state["step"])
         bank_state = state.get("bank_cache")
+        partial = state.get("partial_epoch")
         torch.set_rng_state(state["rng"]["torch"])
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
@@ -245,8 +171,8 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     if resume and bank_state is not None:
         bank.load_state_dict(bank_state)
     try:
-        return _loop(cfg, manifest, val_manifest, run_dir, device, progress, max_epochs, say,
-                     model, optimizer, zest, bank, data, epoch, step)
+        return _loop(cfg, manifest, val_manifest, run_dir, device, progress, max_epochs,
+                     max_steps, say, model, optimizer, zest, bank, data, epoch, step, partial)
     finally:
         bank.close()
 
@@ -265,49 +191,70 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
 
 
 def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_dir: Path,
-          device: torch.device, progress: bool, max_epochs: int | None, say: Any,
-          model: Embedder, optimizer: torch.optim.Optimizer, zest: ZEstimator | None,
-          bank: ChunkCache, data: Any, epoch: int, step: int) -> RunResult:
+          device: torch.device, progress: bool, max_epochs: int | None, max_steps: int | None,
+          say: Any, model: Embedder, optimizer: torch.optim.Optimizer, zest: ZEstimator | None,
+          bank: ChunkCache, data: Any, epoch: int, step: int, partial: dict[str, Any] | None
+          ) -> RunResult:
     from tqdm import tqdm
 
-    npid = NPIDStep(cfg, model, optimizer, bank, manifest.n, zest, cfg.train.seed)
-    spe = data.steps_per_epoch()
+    precision = resolve_precision(cfg.train.precision, device)
+    net = torch.compile(model) if cfg.train.compile else model
+    npid = NPIDStep(cfg, net, optimizer, bank, manifest.n, zest, cfg.train.seed, precision)
+    watch = CollapseWatch(cfg, say)
+    acc_n = cfg.optim.accumulate
+    spe = -(-data.steps_per_epoch() // acc_n)  # optimiser steps per epoch
     train_labels = torch.from_numpy(read_labels(manifest)) if val_manifest is not None else None
     val_batches = list(eval_batches(val_manifest, cfg.data, device)) if val_manifest else None
     result = RunResult(run_dir, epoch, step)
     metrics_path = run_dir / "metrics.jsonl"
     last_epoch = cfg.optim.epochs if max_epochs is None else min(cfg.optim.epochs,
                                                                  epoch + max_epochs)
+    stop_step = None if max_steps is None else step + max_steps
     model.train()
     while epoch < last_epoch:
         t0 = time.perf_counter()
-        skipped0, skips0 = npid.skipped, data.skips.count
-        total, count, z = 0.0, 0, None
-        bar = tqdm(total=spe, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", unit="step",
-                   disable=not progress, leave=False, file=sys.stderr)
-        for i, batch in enumerate(data.epoch_batches(epoch)):
-            lr = lr_at(cfg, epoch, i, spe)
-            out = npid(batch, step, lr)
+        run = EpochTotals(**partial) if partial else EpochTotals()
+        partial = None
+        skipped0, skips0 = npid.skipped - run.skipped_steps, data.skips.count - run.bad_samples
+        start = run.steps_done
+        bar = tqdm(total=spe, initial=start, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                   unit="step", disable=not progress, leave=False, file=sys.stderr)
+        micro: list[Batch] = []
+        i = start
+        for batch in data.epoch_batches(epoch, start * acc_n):
+            micro.append(batch)
+            if len(micro) < acc_n:
+                continue
+            i = _train_step(cfg, npid, micro, epoch, i, spe, step, run, watch, bar, t0)
             step += 1
-            if not out.skipped:
-                total += out.loss * batch.index.numel()
-                count += batch.index.numel()
-            z = out.z if out.z is not None else z
-            bar.update(1)
-            if i % 10 == 0:
-                dt = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.4g}",
-                                img_s=f"{count / max(dt, 1e-9):.0f}")
+            micro = []
+            stop = stop_step is not None and step >= stop_step
+            if i < spe and (stop or (cfg.train.checkpoint_every > 0
+                                     and step % cfg.train.checkpoint_every == 0)):
+                run.skipped_steps = npid.skipped - skipped0
+                run.bad_samples = data.skips.count - skips0
+                _checkpoint(cfg, run_dir, model, optimizer, zest, bank, manifest, epoch, step,
+                            run)
+                if stop:
+                    bar.close()
+                    result.epochs, result.step = epoch, step
+                    return result
+        if micro:
+            i = _train_step(cfg, npid, micro, epoch, i, spe, step, run, watch, bar, t0)
+            step += 1
         bar.close()
         epoch += 1
         dt = time.perf_counter() - t0
-        rec: dict[str, Any] = {"epoch": epoch, "step": step, "loss": total / max(count, 1),
-                               "lr": lr_at(cfg, epoch - 1, spe - 1, spe), "images": count,
-                               "images_per_s": count / max(dt, 1e-9), "epoch_s": dt,
-                               "skipped_steps": npid.skipped - skipped0,
+        rec: dict[str, Any] = {"epoch": epoch, "step": step, "loss": run.loss_sum / max(run.images, 1),
+                               "lr": lr_at(cfg, epoch - 1, spe - 1, spe), "images": run.images,
+                               "images_per_s": (run.images - run.images_at_start) / max(dt, 1e-9),
+                               "epoch_s": dt, "skipped_steps": npid.skipped - skipped0,
                                "bad_samples": data.skips.count - skips0}
-        if z is not None:
-            rec["z"] = z
+        if run.z is not None:
+            rec["z"] = run.z
+            rec["z_drift"] = zest.drift() if zest is not None else 1.0
+        if watch.fired:
+            rec["collapse"] = sorted(watch.fired)
         if val_batches is not None and train_labels is not None and val_manifest is not None and (
                 epoch == cfg.optim.epochs or epoch == last_epoch
                 or (cfg.train.eval_every > 0 and epoch % cfg.train.eval_every == 0)):
@@ -319,7 +266,7 @@ def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_di
                               cfg.train.knn_k, cfg.train.knn_temperature,
                               num_classes_of(manifest, train_labels.numpy()))
             rec["knn_top1"], rec["knn_top5"] = acc["top1"], acc["top5"]
-        _checkpoint(cfg, run_dir, model, optimizer, zest, bank, manifest, epoch, step)
+        _checkpoint(cfg, run_dir, model, optimizer, zest, bank, manifest, epoch, step, None)
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         result.metrics.append(rec)
@@ -328,13 +275,95 @@ def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_di
     return result
 
 
+@dataclass
+class EpochTotals:
+    """Running sums of an epoch; saved in mid-epoch checkpoints so a resumed epoch reports the
+    same metrics as an uninterrupted one."""
+
+    steps_done: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    images_at_start: int = 0
+    skipped_steps: int = 0
+    bad_samples: int = 0
+    z: float | None = None
+
+    def __post_init__(self) -> None:
+        self.images_at_start = self.images
+
+
+def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch], epoch: int, i: int, spe: int,
+                step: int, run: EpochTotals, watch: CollapseWatch, bar: Any, t0: float) -> int:
+    lr = lr_at(cfg, epoch, i, spe)
+    out = npid(micro if len(micro) > 1 else micro[0], step, lr)
+    n = sum(int(b.index.numel()) for b in micro)
+    if not out.skipped:
+        run.loss_sum += out.loss * n
+        run.images += n
+    run.z = out.z if out.z is not None else run.z
+    run.steps_done = i + 1
+    watch.check(step, out, npid)
+    bar.update(1)
+    if i % 10 == 0:
+        dt = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.4g}",
+                        img_s=f"{(run.images - run.images_at_start) / max(dt, 1e-9):.0f}")
+    return i + 1
+
+
+class CollapseWatch:
+    """Warns once per cause when training is collapsing, with the likely cause and a remedy:
+    the loss exploding (10x its early median), Z drifting 100x from its first estimate, or the
+    batch's features collapsing to one direction (mean pairwise cosine > 0.95)."""
+
+    def __init__(self, cfg: Config, say: Any) -> None:
+        self.cfg = cfg
+        self.say = say
+        self.early: list[float] = []
+        self.fired: set[str] = set()
+
+    def _fire(self, cause: str, msg: str) -> None:
+        if cause not in self.fired:
+            self.fired.add(cause)
+            self.say(f"oocid: warning: {msg}")
+
+    def check(self, step: int, out: StepOut, npid: NPIDStep) -> None:
+        lc = self.cfg.loss
+        remedy = ("NCE with a one-shot Z is fragile on small data (METHOD.md): use "
+                  "--set loss.z=ema, or loss.kind = \"softmax\" when the bank fits")
+        if out.skipped:
+            return
+        if len(self.early) < 50:
+            self.early.append(out.loss)
+        elif out.loss > 10 * max(1e-6, sorted(self.early)[len(self.early) // 2]):
+            self._fire("loss", f"loss exploded to {out.loss:.4g} at step {step} (early median "
+                               f"{sorted(self.early)[25]:.4g}); "
+                               + (remedy if lc.kind == "nce" else "lower optim.lr"))
+        if npid.zest is not None and npid.zest.value is not None:
+            d = npid.zest.drift()
+            if d > 100 or d < 0.01:
+                self._fire("z", f"NCE normaliser Z drifted {d:.3g}x from its first estimate at "
+                                f"step {step}; {remedy}")
+        if npid.last_features is not None and npid.last_features.shape[0] > 1:
+            f = npid.last_features
+            b = f.shape[0]
+            m = f.mean(0)
+            sim = float((b * b * (m @ m) - b) / (b * (b - 1)))  # mean pairwise cosine
+            if sim > 0.95:
+                self._fire("features", f"features collapsed (mean pairwise cosine {sim:.3f}) at "
+                                       f"step {step}; " + (remedy if lc.kind == "nce"
+                                                           else "lower optim.lr"))
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _checkpoint(cfg: Config, run_dir: Path, model: Embedder, optimizer: torch.optim.Optimizer,
                 zest: ZEstimator | None, bank: ChunkCache, manifest: Manifest, epoch: int,
-                step: int) -> None:
+                step: int, partial: EpochTotals | None) -> None:
+    """Checkpoint after `epoch` whole epochs and `step` optimiser steps; `partial` holds the
+    running totals when it is written inside an epoch."""
     state = {
         "format": "oocid-checkpoint",
         "version": __version__,
@@ -352,6 +381,7 @@ def _checkpoint(cfg: Config, run_dir: Path, model: Embedder, optimizer: torch.op
         "n_data": manifest.n,
         "rng": {"torch": torch.get_rng_state()},
         "bank_cache": bank.state_dict(),
+        "partial_epoch": dataclasses.asdict(partial) if partial is not None else None,
     }
     save_checkpoint(run_dir, step, state)
     bank.commit(step)

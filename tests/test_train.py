@@ -126,3 +126,56 @@ def test_bad_inputs(tmp_path: Path, shards: tuple[Path, Path]) -> None:
     with pytest.raises(InputError, match="no bank to resume"):
         train(tiny_config(), tr, tmp_path / "none.zarr", tmp_path / "r4", progress=False,
               resume=True)
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    """Stop inside an epoch at a step checkpoint, resume: same losses, bank and weights."""
+    tr, _ = shards
+    cfg = tiny_config(kind="nce", nce_k=8, z="ema")
+    cfg.train.checkpoint_every = 2
+    full = train(cfg, tr, tmp_path / "a.npy", tmp_path / "a", progress=False, log=lambda m: None)
+    part = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, max_steps=4,
+                 log=lambda m: None)
+    assert part.step == 4 and part.epochs == 1  # 3 steps per epoch: stopped inside epoch 2
+    rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
+                 log=lambda m: None)
+    assert rest.step == full.step == 9
+    assert [m["loss"] for m in full.metrics] == [m["loss"] for m in part.metrics + rest.metrics]
+    with open_store(tmp_path / "a.npy") as a, open_store(tmp_path / "b.npy") as b:
+        assert np.array_equal(a.read_rows(0, a.n_rows), b.read_rows(0, b.n_rows))
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_gradient_accumulation_runs_and_counts_steps(tmp_path: Path,
+                                                     shards: tuple[Path, Path]) -> None:
+    tr, _ = shards
+    cfg = tiny_config()
+    cfg.data.batch_size = 16
+    cfg.optim.accumulate = 2  # 96 samples / 16 = 6 micro-batches = 3 optimiser steps
+    res = train(cfg, tr, tmp_path / "b.npy", tmp_path / "r", progress=False, log=lambda m: None)
+    assert res.step == 9
+    assert all(np.isfinite(m["loss"]) and m["images"] == 96 for m in res.metrics)
+
+
+def test_non_finite_features_are_skipped_and_counted(tmp_path: Path,
+                                                     shards: tuple[Path, Path],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN from the model (injected) never reaches the bank: the step is skipped and counted."""
+    from oocid import models
+
+    tr, _ = shards
+    real = models.Embedder.forward
+    calls = {"n": 0}
+
+    def poisoned(self: models.Embedder, x: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        f = real(self, x)
+        return f * float("nan") if calls["n"] in (2, 5) else f
+
+    monkeypatch.setattr(models.Embedder, "forward", poisoned)
+    res = train(tiny_config(), tr, tmp_path / "b.npy", tmp_path / "r", progress=False,
+                log=lambda m: None)
+    assert sum(m["skipped_steps"] for m in res.metrics) == 2
+    assert verify_store(tmp_path / "b.npy").ok

@@ -1,0 +1,146 @@
+"""One NPID training step, apart from the loop: features -> loss against the bank ->
+backward -> optimiser step -> THEN the bank's momentum update, explicitly, where a reader sees it:
+    v_i <- normalize(m * v_i + (1 - m) * f_i)      for the step's indices only.
+
+Precision: the backbone may run under autocast (bf16, or fp16 with a grad scaler) on CUDA;
+`Embedder.forward` returns float32 features, and every loss (oocid.losses) and the bank stay
+float32, so exp(s / t) and the momentum update never see reduced precision.
+B batch, K negatives, D dims, N bank rows.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .bank import momentum_update
+from .config import Config
+from .losses import (
+    ZEstimator,
+    infonce_from_scores,
+    nce_criterion,
+    nce_probs,
+    shared_scores,
+    softmax_loss,
+)
+from .models import Embedder
+from .stream import Batch, mix_seed
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto": bf16 on CUDA where supported, else fp16 on CUDA, else 32 (CPU)."""
+    if device.type != "cuda":
+        return "32"
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    if device.type == "cuda" and precision in ("bf16", "16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return nullcontext()
+
+
+@dataclass
+class StepOut:
+    loss: float
+    skipped: bool
+    z: float | None = None
+
+
+@dataclass
+class NPIDStep:
+    """One training step: loss of the batch's features against the bank, optimiser step, then
+    the bank's momentum update. Pure of I/O: `bank` is any object with gather / sample /
+    update / all_rows (in-core or cached)."""
+
+    cfg: Config
+    model: Embedder
+    optimizer: torch.optim.Optimizer
+    bank: Any
+    n_data: int
+    zest: ZEstimator | None
+    seed: int
+    precision: str = "32"
+    skipped: int = 0
+    scaler: Any = field(default=None, init=False)
+    last_features: Tensor | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.precision == "16":
+            self.scaler = torch.amp.GradScaler("cuda")
+
+    def loss(self, f: Tensor, index: Tensor, step: int) -> tuple[Tensor, float | None]:
+        lc = self.cfg.loss
+        if lc.kind == "softmax":
+            return softmax_loss(f, self.bank.all_rows(), index, lc.temperature), None
+        b = f.shape[0]
+        g = torch.Generator(device=self.bank.device.type if hasattr(self.bank, "device") else "cpu")
+        g.manual_seed(mix_seed(self.seed, 6, step))
+        pos = self.bank.gather(index)  # (B, D)
+        if lc.negatives == "shared":
+            neg = self.bank.gather(self.bank.sample((lc.nce_k,), g))  # (K, D)
+            scores = shared_scores(f, pos, neg)  # (B, K+1)
+        else:
+            neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)
+            weights = torch.cat([pos.unsqueeze(1), self.bank.gather(neg_idx)], dim=1)  # (B, K+1, D)
+            scores = torch.bmm(weights.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K+1)
+        if lc.kind == "infonce":
+            return infonce_from_scores(scores, lc.temperature), None
+        assert self.zest is not None
+        z = self.zest(scores, self.n_data, lc.temperature)
+        probs, _ = nce_probs(scores, self.n_data, lc.temperature, z)
+        return nce_criterion(probs, self.n_data, lc.eps), float(z.item())
+
+    def __call__(self, batch: Batch | list[Batch], step: int, lr: float) -> StepOut:
+        """One optimiser step over one batch, or over micro-batches whose gradients accumulate
+        (each micro-batch's loss is against the bank before this step's update)."""
+        micro = batch if isinstance(batch, list) else [batch]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        device = micro[0].images.device
+        feats, total, z = [], 0.0, None
+        n_all = sum(int(b.index.numel()) for b in micro)
+        for i, b in enumerate(micro):
+            x = b.images
+            if self.cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.precision, device):
+                f = self.model(x)  # (B, D) unit, float32 (Embedder casts before normalising)
+            loss, z = self.loss(f, b.index, step * len(micro) + i)  # float32
+            if not bool(torch.isfinite(loss)) or not bool(torch.isfinite(f).all()):
+                # never write a non-finite feature into the bank: skip, count, carry on
+                self.skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                self._end_step()
+                return StepOut(float("nan"), True, z)
+            weighted = loss * (b.index.numel() / n_all)
+            if self.scaler is not None:
+                self.scaler.scale(weighted).backward()
+            else:
+                weighted.backward()
+            feats.append(f.detach())
+            self.last_features = feats[-1]
+            total += float(loss.item()) * b.index.numel()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        with torch.no_grad():  # the memory update, after the optimiser step
+            for b, f in zip(micro, feats, strict=True):
+                new = momentum_update(self.bank.gather(b.index), f, self.cfg.bank.momentum)
+                self.bank.update(b.index, new)
+        self._end_step()
+        return StepOut(total / max(n_all, 1), False, z)
+
+    def _end_step(self) -> None:
+        if hasattr(self.bank, "end_step"):
+            self.bank.end_step()
