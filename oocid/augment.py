@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision import transforms as T
 
 
 class BatchAugment:
@@ -116,6 +115,8 @@ def batch_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]
 def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
                      scale_min: float, train: bool) -> Callable:
     """Per-sample torchvision transform on a PIL image -> float tensor (C, S, S)."""
+    from torchvision import transforms as T  # lazily: slow to import
+
     norm = [T.ToTensor(), T.Normalize(list(mean), list(std))]
     if not train:
         if recipe == "imagenet":

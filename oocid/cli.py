@@ -66,6 +66,17 @@ def train(
                                              "resnet50 | cifar_resnet18.")] = None,
     device: Annotated[str | None, typer.Option(help="Override train.device: auto | cpu | cuda.")
                       ] = None,
+    precision: Annotated[str | None, typer.Option(help="Override train.precision: auto | 32 | "
+                                                  "16 | bf16 (autocast on CUDA; CPU runs 32).")
+                         ] = None,
+    negatives: Annotated[str | None, typer.Option(help="Override loss.negatives: per-sample "
+                                                  "(official) | shared (one set per batch).")
+                         ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="Also checkpoint every N steps "
+                                                         "inside an epoch (resume mid-epoch).")
+                                ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop (with a checkpoint) after N "
+                                                  "optimiser steps of this call.")] = None,
     cache_mb: Annotated[float | None, typer.Option(help="Override bank.cache_mb: device cache "
                                                   "budget in MB (0: whole bank if it fits in a "
                                                   "quarter of free memory).")] = None,
@@ -78,23 +89,29 @@ def train(
 
     overrides = list(set_ or [])
     for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
-                       ("optim.lr", lr), ("loss.nce_k", nce_k), ("bank.cache_mb", cache_mb)):
+                       ("optim.lr", lr), ("loss.nce_k", nce_k), ("bank.cache_mb", cache_mb),
+                       ("train.checkpoint_every", checkpoint_every)):
         if value is not None:
             overrides.append(f"{key}={value}")
-    for key, svalue in (("loss.kind", loss), ("model.arch", arch), ("train.device", device)):
+    for key, svalue in (("loss.kind", loss), ("model.arch", arch), ("train.device", device),
+                        ("train.precision", precision), ("loss.negatives", negatives)):
         if svalue is not None:
             overrides.append(f"{key}={json.dumps(svalue)}")
     if resume and config is None and (out / "config.json").is_file():
         from .config import config_from_dict
 
-        saved = config_from_dict(json.loads((out / "config.json").read_text()),
-                                 str(out / "config.json"))
+        try:
+            saved_dict = json.loads((out / "config.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{out / 'config.json'}: not a readable config ({e})") from None
+        saved = config_from_dict(saved_dict, str(out / "config.json"))
         cfg = load_config(None, overrides, base=saved)
     else:
         cfg = load_config(config, overrides)
     from .train import train as run_train  # torch: imported once the config is known good
 
-    res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress)
+    res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,
+                    max_steps=max_steps)
     last = res.metrics[-1] if res.metrics else {}
     print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
 
@@ -176,6 +193,7 @@ def bank_init(
     shards: Annotated[Path | None, typer.Option(help="Shard folder: N, chunking and identity.")
                       ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random unit rows.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Create a bank of random unit rows."""
     from .store import create_store
@@ -192,7 +210,7 @@ def bank_init(
     if rows is None:
         raise InputError("give --rows N or --shards DIR")
     st = create_store(path, rows, dim, dtype=dtype, chunk_rows=chunk_rows or 4096,
-                      manifest_id=manifest_id, seed=seed, progress=True)
+                      manifest_id=manifest_id, seed=seed, progress=progress)
     st.close()
     print(f"created {path}: {rows} x {dim} {dtype}")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 
 ARCHS = ("small", "resnet18", "resnet50", "cifar_resnet18")
@@ -45,6 +44,8 @@ class SmallConvNet(nn.Module):
 
 
 def _torchvision_resnet(arch: str, in_channels: int, out_dim: int) -> nn.Module:
+    import torchvision  # lazily: it costs ~1.5 s of start-up for every command
+
     if arch in ("resnet18", "cifar_resnet18"):
         net = torchvision.models.resnet18(weights=None, num_classes=out_dim)
     elif arch == "resnet50":

@@ -39,6 +39,7 @@ from .evaluate import (
     store_chunks,
     tensor_chunks,
 )
+from .lock import BankLock
 from .losses import ZEstimator
 from .models import Embedder, build_model
 from .shards import Manifest, read_manifest
@@ -56,6 +57,18 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise InputError(f"unknown device {name!r}") from None
+
+
+def config_diff(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """['optim.lr 0.03 -> 0.1', ...] for every key that differs (dotted names)."""
+    out = []
+    a, b = old.to_dict(), new.to_dict()
+    for sec in a:
+        for key in a[sec]:
+            name = f"{sec}.{key}"
+            if name not in ignore and a[sec][key] != b[sec][key]:
+                out.append(f"{name} {a[sec][key]!r} -> {b[sec][key]!r}")
+    return out
 
 
 def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
@@ -117,16 +130,19 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     device = resolve_device(cfg.train.device)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if not resume and list_checkpoints(run_dir):
         raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                          "another --out")
-    store = _open_or_create_bank(cfg, manifest, bank_path, resume)
-    try:
-        return _train(cfg, manifest, val_manifest, store, run_dir, device, resume, progress,
-                      max_epochs, max_steps, say)
-    finally:
-        store.close()
+    with BankLock(bank_path) as lock:
+        if lock.took_over:
+            say(f"oocid: took over the stale lock of a trainer that died ({lock.path})")
+        store = _open_or_create_bank(cfg, manifest, bank_path, resume)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return _train(cfg, manifest, val_manifest, store, run_dir, device, resume, progress,
+                          max_epochs, max_steps, say)
+        finally:
+            store.close()
 
 
 def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store: BankStore,
@@ -149,9 +165,13 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         path = checkpoint_for_step(run_dir, store.meta.committed_step)
         state = load_checkpoint(path)
         saved = config_from_dict(state["config"], str(path))
-        if saved.to_dict() != cfg.to_dict():
-            raise InputError(f"{path}: was written with a different config; resume with the "
-                             f"config saved in {run_dir / 'config.json'}")
+        diff = config_diff(saved, cfg, ignore=("optim.epochs",))
+        if diff:
+            raise InputError(f"{path}: was written with a different config ({', '.join(diff)}); "
+                             f"resume with the config saved in {run_dir / 'config.json'}")
+        if cfg.optim.epochs < int(state["epoch"]):
+            raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
+                             f"optim.epochs = {cfg.optim.epochs} is fewer")
         if state["manifest_id"] != manifest.identity:
             raise DataError(f"{path}: belongs to other shards than {manifest.root}")
         model.load_state_dict(state["model"], strict=True)

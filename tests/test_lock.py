@@ -1,0 +1,45 @@
+"""Two trainers on one bank: the second refuses; a killed trainer's lock is taken over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from oocid.errors import InputError
+from oocid.lock import BankLock
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from oocid.lock import BankLock
+lock = BankLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_holder_refused_with_pid(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.zarr"
+    with BankLock(bank), pytest.raises(InputError, match=rf"in use by a running trainer \(pid {os.getpid()}"):
+        BankLock(bank).acquire()
+    with BankLock(bank) as again:  # released: free again, and not a takeover
+        assert not again.took_over
+
+
+def test_lock_of_killed_process_is_taken_over(tmp_path: Path) -> None:
+    bank = tmp_path / "bank.npy"
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(bank)], stdout=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline().strip() == b"locked"
+    with pytest.raises(InputError, match=f"pid {p.pid}"):
+        BankLock(bank).acquire()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    time.sleep(0.05)
+    with BankLock(bank) as lock:
+        assert lock.took_over
