@@ -155,6 +155,18 @@ def demo(
     print(f"wrote {out / 'demo.json'}")
 
 
+@app.command()
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds metrics.jsonl).")],
+    out: Annotated[Path | None, typer.Option(help="PNG path (default RUN_DIR/metrics.png).")
+                   ] = None,
+) -> None:
+    """Draw loss and kNN accuracy over epochs as a PNG."""
+    from .plot import plot_run
+
+    print(f"wrote {plot_run(run_dir, out)}")
+
+
 @bank_app.command("info")
 def bank_info(path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")]) -> None:
     """N, D, dtype, store, size on disk, last committed step, norm statistics."""

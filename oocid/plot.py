@@ -1,0 +1,99 @@
+"""`oocid plot RUN_DIR`: a PNG of loss and kNN accuracy over epochs from metrics.jsonl.
+
+Drawn with PIL alone (no plotting dependency): one panel per series, axes with tick labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .errors import DataError, InputError
+
+W, H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 300, 70, 20, 34, 44
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise InputError(f"{path}: no metrics (is {run_dir} an oocid run folder?)")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}:{n}: not a JSON line") from None
+        if not isinstance(rec, dict) or "epoch" not in rec:
+            raise DataError(f"{path}:{n}: a metrics line without an epoch")
+        rows.append(rec)
+    if not rows:
+        raise DataError(f"{path}: has no epochs yet")
+    return rows
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def _panel(title: str, xs: list[float], ys: list[float], color: tuple[int, int, int]) -> Image.Image:
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    x0, x1, y0, y1 = PAD_L, W - PAD_R, PAD_T, H - PAD_B
+    d.text((PAD_L, 8), title, fill="black", font=font)
+    d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
+    xlo, xhi = min(xs), max(xs)
+    ylo, yhi = min(ys), max(ys)
+    if yhi - ylo < 1e-12:
+        ylo, yhi = ylo - 0.5, yhi + 0.5
+    margin = 0.05 * (yhi - ylo)
+    ylo, yhi = ylo - margin, yhi + margin
+
+    def px(x: float) -> float:
+        return x0 + (x - xlo) / max(xhi - xlo, 1e-12) * (x1 - x0) if xhi > xlo else (x0 + x1) / 2
+
+    def py(y: float) -> float:
+        return y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+
+    for t in _ticks(ylo, yhi):
+        d.line([x0 - 4, py(t), x0, py(t)], fill="black")
+        d.line([x0, py(t), x1, py(t)], fill=(235, 235, 235))
+        d.text((4, py(t) - 6), f"{t:.4g}", fill="black", font=font)
+    for t in _ticks(xlo, xhi, min(6, len(set(xs)))):
+        d.line([px(t), y1, px(t), y1 + 4], fill="black")
+        d.text((px(t) - 8, y1 + 8), f"{t:.0f}", fill="black", font=font)
+    d.text(((x0 + x1) // 2 - 15, H - 18), "epoch", fill="black", font=font)
+    pts = [(px(x), py(y)) for x, y in zip(xs, ys, strict=True)]
+    if len(pts) > 1:
+        d.line(pts, fill=color, width=2)
+    for p in pts:
+        d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
+    return img
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Write RUN_DIR/metrics.png (or `out`): loss, and kNN top-1 where measured."""
+    rows = read_metrics(run_dir)
+    panels = []
+    loss = [(r["epoch"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
+    if loss:
+        panels.append(_panel(f"training loss ({run_dir.name})", [e for e, _ in loss],
+                             [v for _, v in loss], (31, 119, 180)))
+    knn = [(r["epoch"], r["knn_top1"]) for r in rows if isinstance(r.get("knn_top1"), (int, float))]
+    if knn:
+        panels.append(_panel("kNN top-1 on the validation shards", [e for e, _ in knn],
+                             [v for _, v in knn], (214, 39, 40)))
+    if not panels:
+        raise DataError(f"{run_dir / 'metrics.jsonl'}: nothing to plot")
+    img = Image.new("RGB", (W, H * len(panels)), "white")
+    for i, p in enumerate(panels):
+        img.paste(p, (0, i * H))
+    out = out if out is not None else run_dir / "metrics.png"
+    img.save(out)
+    return out
