@@ -1,0 +1,60 @@
+"""Collapse detection: fires on the paper's NCE (one-shot Z, K 4096) on the 10,000-image demo
+data, where METHOD.md section 8 saw it collapse, and stays silent on the demo's default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from oocid.config import demo_config
+from oocid.demo import demo_data_path
+from oocid.shards import write_shards
+from oocid.step import StepOut
+from oocid.train import CollapseWatch, train
+
+
+class FakeStep:
+    def __init__(self, feats: torch.Tensor) -> None:
+        self.zest = None
+        self.last_features = feats
+
+
+def test_watch_unit() -> None:
+    said: list[str] = []
+    w = CollapseWatch(demo_config(), said.append)
+    healthy = torch.nn.functional.normalize(torch.randn(64, 16), dim=1)
+    for i in range(60):
+        w.check(i, StepOut(5.0, False), FakeStep(healthy))  # type: ignore[arg-type]
+    assert not w.fired and not said
+    same = torch.nn.functional.normalize(torch.ones(64, 16) + 0.01 * torch.randn(64, 16), dim=1)
+    w.check(61, StepOut(80.0, False), FakeStep(same))  # type: ignore[arg-type]
+    w.check(62, StepOut(90.0, False), FakeStep(same))  # type: ignore[arg-type]
+    assert w.fired == {"loss", "features"}
+    assert len(said) == 2  # once per cause
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "train"
+    write_shards(demo_data_path(), out, shard_size=1000, split="train", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("setting", ["paper-nce", "default"])
+def test_collapse_on_known_setting_only(tmp_path: Path, demo_shards: Path, setting: str) -> None:
+    cfg = demo_config()
+    cfg.optim.epochs = 4
+    if setting == "paper-nce":
+        cfg.loss.kind, cfg.loss.nce_k, cfg.loss.z, cfg.loss.temperature = "nce", 4096, "oneshot", 0.07
+        cfg.loss.negatives = "shared"  # same collapse, a fraction of the CPU time
+    said: list[str] = []
+    res = train(cfg, demo_shards, tmp_path / "bank.npy", tmp_path / "run", progress=False,
+                max_steps=120, log=said.append)
+    fired = {c for m in res.metrics for c in m.get("collapse", [])}
+    warnings = [s for s in said if "warning" in s]
+    if setting == "paper-nce":
+        assert "features" in fired and any("one-shot Z" in s for s in warnings)
+    else:
+        assert not fired and not warnings
