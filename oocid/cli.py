@@ -118,25 +118,147 @@ def train(
 
 @app.command()
 def knn(
-    bank: Annotated[Path, typer.Option(help="The trained bank (its rows are the training features).")],
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose model embeds the queries.")],
-    shards: Annotated[Path, typer.Option(help="Labeled validation shards to classify.")],
-    train_shards: Annotated[Path | None, typer.Option(help="Training shards (for their labels); "
-                                                      "default: the path in the checkpoint.")] = None,
-    k: Annotated[int, typer.Option(help="Neighbours.")] = 200,
+    bank: Annotated[Path | None, typer.Option(help="The trained bank (its rows are the training "
+                                              "features); optional with --recompute.")] = None,
+    shards: Annotated[Path | None, typer.Option(help="Labeled validation shards to classify.")
+                      ] = None,
+    query: Annotated[list[Path] | None, typer.Option(help="Instead of --shards: an image file or "
+                                                     "a folder of images; list the nearest "
+                                                     "training images (repeatable).")] = None,
+    train_shards: Annotated[Path | None, typer.Option(help="Training shards (labels, neighbour "
+                                                      "look-up, --recompute); default: the path "
+                                                      "in the checkpoint.")] = None,
+    k: Annotated[list[int] | None, typer.Option(help="Neighbours; repeat for several k in one "
+                                                "pass (top-k once, at the largest). Default: "
+                                                "200 with --shards, 10 with --query.")] = None,
     temperature: Annotated[float, typer.Option(help="sigma in exp(s / sigma).")] = 0.07,
+    recompute: Annotated[bool, typer.Option(help="Score against the training shards embedded "
+                                            "now with the test transform instead of the bank "
+                                            "(the official CIFAR protocol).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the result as JSON here (with "
+                                             "per-class top-1 and the confusion matrix).")
+                   ] = None,
+    sheet: Annotated[Path | None, typer.Option(help="With --query: write a contact sheet PNG, one "
+                                               "row per query (query, then neighbours with "
+                                               "their similarity).")] = None,
+    tile: Annotated[int, typer.Option(help="Contact sheet tile size in pixels.")] = 96,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar for --recompute.")] = True,
+) -> None:
+    """Weighted kNN top-1/top-5 of validation images against the training features, or
+    (--query) the training images nearest to given images."""
+    from . import knn_cli
+
+    if (shards is None) == (not query):
+        raise InputError("give either --shards DIR (classify) or --query PATH (search)")
+    if query:
+        if k is not None and len(k) > 1:
+            raise InputError("--query takes one --k")
+        meta, hits = knn_cli.run_search(bank, checkpoint, query, train_shards,
+                                        k[0] if k else 10, device, recompute=recompute,
+                                        progress=progress)
+        print(knn_cli.format_hits(hits))
+        if sheet is not None:
+            w, h = knn_cli.write_sheet(hits, sheet, tile)
+            print(f"wrote {sheet} ({w}x{h})")
+        if out is not None:
+            out.write_text(knn_cli.to_json(knn_cli.search_json(meta, hits)) + "\n")
+        return
+    if sheet is not None:
+        raise InputError("--sheet needs --query")
+    assert shards is not None
+    res = knn_cli.run_knn(bank, checkpoint, shards, train_shards, k or [200], temperature, device,
+                          recompute=recompute, progress=progress)
+    for kk in res["ks"]:
+        r = res["by_k"][str(kk)]
+        print(f"kNN top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  (k={kk}, t={temperature}, "
+              f"{res['queries']} queries, {res['bank_rows']} training rows, {res['features']})")
+    print(knn_cli.format_per_class(res["per_class"], res["k"]))
+    if out is not None:
+        out.write_text(knn_cli.to_json(res) + "\n")
+
+
+@app.command()
+def embed(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose model embeds the images.")],
+    shards: Annotated[Path, typer.Option(help="Any shard folder (from `oocid shard`).")],
+    out: Annotated[Path, typer.Option(help="FEATS.npy (plus FEATS.index.npy and "
+                                      "FEATS.labels.npy beside it) or FEATS.npz (keys "
+                                      "features, index, labels).")],
+    pre_fc: Annotated[bool, typer.Option(help="Backbone features before the fc head (not "
+                                         "normalised) instead of the unit D-dim features.")
+                      ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Features (N, D) float32 of a shard set in index order, with the test transform."""
+    from .embed import embed_shards
+
+    res = embed_shards(checkpoint, shards, out, pre_fc=pre_fc, device_name=device,
+                       batch_size=batch_size, progress=progress)
+    print(f"wrote {res.rows} x {res.dim} float32 features to {', '.join(map(str, res.paths))}"
+          + (f"; skipped {res.skipped} undecodable" if res.skipped else ""))
+
+
+EXPORT_HELP = (
+    "Export the backbone as a state dict (torch.load(PATH, weights_only=True)) that loads with "
+    "strict=True into the model built as below.\n\n"
+    "Keys: every parameter and buffer of the backbone (conv1, bn1, layer1-4 with BN running "
+    "statistics; features.* for small), none of the fc.* projection head unless --head.\n\n"
+    "resnet18 / resnet50: m = torchvision.models.resnet18() (resnet50()); m.fc = nn.Identity() "
+    "-> (B, 512) / (B, 2048) pooled pre-fc features. A 1-channel checkpoint also needs "
+    "m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False).\n\n"
+    "cifar_resnet18: as resnet18, plus m.conv1 = nn.Conv2d(C, 64, 3, 1, 1, bias=False) and "
+    "m.maxpool = nn.Identity().\n\n"
+    "small: m = oocid.models.SmallConvNet(C); m.fc = nn.Identity() -> (B, 128).\n\n"
+    "--head: keep fc; build with num_classes=D (the checkpoint's dim, 128 by default; "
+    "SmallConvNet(C, out_dim=D)) and no m.fc = nn.Identity(): the un-normalised D-dim embedding.")
+
+
+@app.command(help=EXPORT_HELP)
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint to export.")],
+    out: Annotated[Path, typer.Option(help="Output state dict, e.g. backbone.pt.")],
+    arch: Annotated[str | None, typer.Option(help="Expected architecture; error if the "
+                                             "checkpoint's differs.")] = None,
+    head: Annotated[bool, typer.Option(help="Also include the fc head (fc.weight, fc.bias).")
+                    ] = False,
+) -> None:
+    """Export the backbone as a strict-loading state dict (see EXPORT_HELP, oocid/export.py)."""
+    from .export import export_checkpoint, load_recipe
+
+    info = export_checkpoint(checkpoint, out, arch=arch, head=head)
+    keys = "with the fc head" if head else "backbone without fc"
+    print(f"wrote {out}: {info.arch}, {info.n_tensors} tensors, {info.n_params} values ({keys}; "
+          f"outputs {info.feature_dim}-d)\nload: {load_recipe(info)}")
+
+
+@app.command()
+def linear(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose frozen backbone is probed.")],
+    train_shards: Annotated[Path, typer.Option(help="Labeled shards to fit the classifier on.")],
+    val_shards: Annotated[Path, typer.Option(help="Labeled shards to report top-1/top-5 on.")],
+    epochs: Annotated[int, typer.Option(help="Passes over the training features.")] = 20,
+    lr: Annotated[float, typer.Option(help="Adam learning rate (cosine schedule to 0).")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="Classifier batch size.")] = 256,
+    head: Annotated[bool, typer.Option(help="Probe the 128-d embedding instead of the pre-fc "
+                                       "backbone features.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Weighted kNN top-1/top-5 of validation images against the on-disk bank."""
-    from .knn_cli import run_knn
+    """Linear probe: logistic regression (one nn.Linear) on frozen, L2-normalised pre-fc
+    backbone features (test transform, no augmentation); checks the backbone is unchanged."""
+    from .linear import ProbeConfig, linear_eval
 
-    res = run_knn(bank, checkpoint, shards, train_shards, k, temperature, device)
-    text = json.dumps(res, indent=2)
-    print(f"kNN top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  (k={k}, t={temperature}, "
-          f"{res['queries']} queries, {res['bank_rows']} bank rows)")
+    res = linear_eval(checkpoint, train_shards, val_shards, head=head, device_name=device,
+                      probe=ProbeConfig(epochs, lr, batch_size), progress=progress)
+    print(f"linear top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  (train top-1 "
+          f"{res['train_top1']:.4f}; {res['features']}; backbone unchanged)")
     if out is not None:
-        out.write_text(text + "\n")
+        out.write_text(json.dumps(res, indent=2) + "\n")
 
 
 @app.command()

@@ -79,13 +79,6 @@ def knn_against(queries: Tensor, query_labels: Tensor,
                         (k,), temperature, num_classes)
 
 
-def knn_store(queries: Tensor, query_labels: Tensor, store: BankStore, bank_labels: Tensor,
-              k: int, temperature: float, num_classes: int, device: torch.device) -> dict[str, float]:
-    """kNN against the on-disk bank, one pass over the store (all queries at once)."""
-    s, i = topk_streaming(queries, store_chunks(store, device), k)
-    return knn_evaluate(queries, query_labels, s, i, bank_labels, (k,), temperature, num_classes)
-
-
 def num_classes_of(manifest: Manifest, labels: np.ndarray) -> int:
     if manifest.classes:
         return len(manifest.classes)

@@ -1,54 +1,208 @@
-"""`oocid knn`: embed labeled validation shards with a checkpoint's model and classify them
-by weighted kNN against the on-disk bank (streamed chunk by chunk)."""
+"""`oocid knn`: classify labeled validation shards by weighted kNN (METHOD.md section 4), or
+find the training images nearest to query images.
+
+The training features are the on-disk bank (streamed chunk by chunk) or, with `recompute`,
+the training shards embedded now with the test transform (streamed batch by batch). Top-k is
+computed once at the largest k and reused for every smaller k.
+Q queries, C classes, k neighbours.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
+from torch import Tensor
 
-from .checkpoint import load_checkpoint
-from .config import config_from_dict
 from .errors import DataError, InputError
-from .evaluate import check_same_classes, knn_store, num_classes_of, read_labels
+from .evaluate import check_same_classes, num_classes_of, read_labels
+from .knn import knn_scores_from_topk, topk_accuracy
+from .retrieval import (
+    contact_sheet,
+    embed_images,
+    load_query,
+    load_training_side,
+    lookup_samples,
+    query_files,
+    save_png,
+    shard_of,
+    source_path,
+    thumbnail,
+    topk_indexed,
+)
 from .shards import read_manifest
-from .store import open_store
 from .stream import eval_batches, extract_features
-from .train import model_from_checkpoint, resolve_device
+
+CONFUSION_AXES = "rows: true class, columns: predicted class (both in `classes` order)"
 
 
-def run_knn(bank: Path, checkpoint: Path, val: Path, train_shards: Path | None, k: int,
-            temperature: float, device_name: str = "auto") -> dict[str, Any]:
-    if k < 1:
-        raise InputError(f"--k must be >= 1, got {k}")
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """(C, C) int64 counts of (true class, predicted class); pred, target (Q,) int64."""
+    c = num_classes
+    flat = target.long().cpu() * c + pred.long().cpu()
+    return torch.bincount(flat, minlength=c * c).view(c, c)
+
+
+def per_class_top1(confusion: Tensor) -> list[float | None]:
+    """Top-1 accuracy of each true class (None for a class with no queries)."""
+    n = confusion.sum(dim=1).tolist()
+    diag = confusion.diagonal().tolist()
+    return [None if n[c] == 0 else diag[c] / n[c] for c in range(len(n))]
+
+
+def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: int,
+               temperature: float, classes: Sequence[str]) -> dict[str, Any]:
+    """top-1/top-5, per-class top-1 and confusion matrix at k, from the sorted top-k
+    (sims, neighbour_labels (Q, >=k'), k' = min(k, N))."""
+    c = len(classes)
+    scores = knn_scores_from_topk(sims, neighbour_labels, min(k, sims.shape[1]), temperature, c)
+    acc = topk_accuracy(scores, query_labels, (1, 5))
+    pred = scores.argsort(dim=1, descending=True, stable=True)[:, 0]  # as topk_accuracy ranks
+    conf = confusion_matrix(pred, query_labels, c)
+    n = conf.sum(dim=1).tolist()
+    per = [{"class": name, "n": int(n[i]), "top1": a}
+           for i, (name, a) in enumerate(zip(classes, per_class_top1(conf), strict=True))]
+    return {"top1": acc[1], "top5": acc[5], "per_class": per, "confusion": conf.tolist()}
+
+
+def _check_ks(ks: Sequence[int], temperature: float) -> list[int]:
+    if not ks or any(k < 1 for k in ks):
+        raise InputError(f"--k must be >= 1, got {list(ks)}")
     if temperature <= 0:
         raise InputError(f"--temperature must be > 0, got {temperature}")
-    device = resolve_device(device_name)
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"], str(checkpoint))
-    model = model_from_checkpoint(state, device, str(checkpoint))
-    with open_store(bank, read_only=True) as store:
-        if store.meta.manifest_id is not None and store.meta.manifest_id != state["manifest_id"]:
-            raise DataError(f"{bank}: belongs to other shards than the checkpoint {checkpoint}")
-        tpath = train_shards if train_shards is not None else Path(state.get("shards", ""))
-        if not str(tpath) or not tpath.exists():
-            raise InputError(f"{checkpoint}: training shards {str(tpath)!r} not found; pass "
-                             "--train-shards for the bank's labels")
-        tm = read_manifest(tpath)
-        if tm.identity != state["manifest_id"] or tm.n != store.n_rows:
-            raise DataError(f"{tpath}: are not the shards the bank {bank} was trained on")
-        vm = read_manifest(val)
-        check_same_classes(tm, vm, val)
-        labels = read_labels(tm)
-        if (labels < 0).any():
-            raise DataError(f"{tpath}: training shards are unlabeled; kNN accuracy needs labels")
-        feats, _, vlab = extract_features(model, eval_batches(vm, cfg.data, device),
-                                          cfg.model.channels_last)
-        if (vlab < 0).any():
-            raise DataError(f"{val}: validation shards are unlabeled")
-        acc = knn_store(feats, vlab, store, torch.from_numpy(labels), k, temperature,
-                        num_classes_of(tm, labels), device)
-        return {**acc, "k": k, "temperature": temperature, "queries": int(feats.shape[0]),
-                "bank_rows": store.n_rows, "bank": str(bank), "checkpoint": str(checkpoint),
-                "features": "memory bank"}
+    return sorted(set(ks))
+
+
+def run_knn(bank: Path | None, checkpoint: Path, val: Path, train_shards: Path | None,
+            k: int | Sequence[int], temperature: float, device_name: str = "auto", *,
+            recompute: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Weighted kNN accuracy of `val` for every k; the top-level numbers are those of the
+    largest k, `by_k` holds each."""
+    ks = _check_ks([k] if isinstance(k, int) else list(k), temperature)
+    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress)
+    tm = side.manifest
+    vm = read_manifest(val)
+    check_same_classes(tm, vm, val)
+    labels = read_labels(tm)
+    if (labels < 0).any():
+        raise DataError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
+    c = num_classes_of(tm, labels)
+    classes = list(tm.classes) if tm.classes else [str(i) for i in range(c)]
+    feats, _, vlab = extract_features(side.model, eval_batches(vm, side.cfg.data, side.device),
+                                      side.cfg.model.channels_last)
+    if (vlab < 0).any():
+        raise DataError(f"{val}: validation shards are unlabeled")
+    if int(vlab.max()) >= c:
+        raise DataError(f"{val}: label {int(vlab.max())} outside the training set's {c} classes")
+    sims, index = topk_indexed(feats, side.chunks(), max(ks))  # (Q, k'), once at the largest k
+    nl = torch.from_numpy(labels).to(index.device)[index]
+    by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes) for kk in ks}
+    return {**by_k[str(max(ks))], "k": max(ks), "ks": ks, "temperature": temperature,
+            "queries": int(feats.shape[0]), "bank_rows": tm.n,
+            "bank": str(bank) if bank is not None else None,
+            "checkpoint": str(checkpoint), "train_shards": str(tm.root),
+            "features": side.features, "classes": classes, "confusion_axes": CONFUSION_AXES,
+            "by_k": by_k}
+
+
+def format_per_class(per_class: list[dict[str, Any]], k: int, most: int = 12) -> str:
+    """One line of per-class top-1; with many classes, the worst and best few."""
+    def item(p: dict[str, Any]) -> str:
+        return f"{p['class']} {p['top1']:.2f}" if p["top1"] is not None else f"{p['class']} -"
+
+    head = f"per-class top-1 (k={k}): "
+    if len(per_class) <= most:
+        return head + "  ".join(item(p) for p in per_class)
+    ranked = sorted((p for p in per_class if p["top1"] is not None), key=lambda p: p["top1"])
+    half = most // 2
+    return (head + "worst " + "  ".join(item(p) for p in ranked[:half]) + " | best "
+            + "  ".join(item(p) for p in ranked[-half:]))
+
+
+def to_json(obj: Any, indent: str = "") -> str:
+    """JSON with 2-space indent, but lists of numbers (a confusion row) and dicts of plain
+    values (a neighbour, a class) on one line each."""
+    step = indent + "  "
+    flat = isinstance(obj, dict) and all(not isinstance(v, dict | list) for v in obj.values())
+    if isinstance(obj, dict) and obj and not flat:
+        items = [f"{step}{json.dumps(str(k))}: {to_json(v, step)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{indent}}}"
+    if isinstance(obj, list) and obj and not all(isinstance(v, int | float) for v in obj):
+        return "[\n" + ",\n".join(step + to_json(v, step) for v in obj) + f"\n{indent}]"
+    return json.dumps(obj)
+
+
+# ---------------------------------------------------------------------------- search
+
+
+@dataclass
+class QueryHits:
+    query: Path
+    image: Image.Image
+    neighbours: list[dict[str, Any]]  # rank, similarity, index, shard, key, path, label, class
+    thumbs: list[Image.Image]  # the neighbours' images, same order
+
+
+def run_search(bank: Path | None, checkpoint: Path, queries: Sequence[Path],
+               train_shards: Path | None, k: int, device_name: str = "auto", *,
+               recompute: bool = False, progress: bool = False
+               ) -> tuple[dict[str, Any], list[QueryHits]]:
+    """The k training images nearest to each query image (files, or folders of images)."""
+    _check_ks([k], 1.0)
+    files = query_files(queries)
+    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress)
+    channels = side.model.in_channels
+    images = [load_query(f, channels) for f in files]
+    sims, index = topk_indexed(embed_images(side, images), side.chunks(), k)  # (Q, k')
+    tm = side.manifest
+    samples = lookup_samples(tm, index.flatten().tolist())
+    hits = []
+    for q, f in enumerate(files):
+        found, thumbs = [], []
+        for r, (s, i) in enumerate(zip(sims[q].tolist(), index[q].tolist(), strict=True)):
+            raw = samples[i]
+            label = raw.label
+            name = tm.classes[label] if tm.classes and label is not None else None
+            found.append({"rank": r + 1, "similarity": s, "index": i,
+                          "shard": tm.shards[shard_of(tm, i)].name, "key": raw.key,
+                          "path": source_path(tm, raw.path), "label": label, "class": name})
+            thumbs.append(thumbnail(raw, channels))
+        hits.append(QueryHits(f, images[q], found, thumbs))
+    meta = {"checkpoint": str(checkpoint), "bank": str(bank) if bank is not None else None,
+            "train_shards": str(tm.root),
+            "features": side.features, "k": k}
+    return meta, hits
+
+
+def search_json(meta: dict[str, Any], hits: list[QueryHits]) -> dict[str, Any]:
+    return {**meta, "queries": [{"query": str(h.query), "neighbours": h.neighbours}
+                                for h in hits]}
+
+
+def format_hits(hits: list[QueryHits]) -> str:
+    lines = []
+    for q, h in enumerate(hits):
+        lines.append(f"query {q + 1}/{len(hits)}: {h.query}")
+        for n in h.neighbours:
+            cls = f"  [{n['class']}]" if n["class"] is not None else ""
+            lines.append(f"  {n['rank']:>3}  {n['similarity']:.4f}  #{n['index']:<9} "
+                         f"{n['shard']}:{n['key']}  {n['path']}{cls}")
+    return "\n".join(lines)
+
+
+def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]:
+    """The contact sheet PNG: per query, the query then its neighbours captioned with the
+    similarity. Returns its (width, height)."""
+    if tile < 8:
+        raise InputError(f"--tile must be >= 8 pixels, got {tile}")
+    rows = [[(h.image, "query"), *((t, f"{n['similarity']:.3f}")
+                                   for t, n in zip(h.thumbs, h.neighbours, strict=True))]
+            for h in hits]
+    sheet = contact_sheet(rows, tile)
+    save_png(sheet, path)
+    return sheet.size

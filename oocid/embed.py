@@ -1,0 +1,161 @@
+"""`oocid embed`: features of any shard set, in index order, written to .npy or .npz.
+
+Images go through the checkpoint's test transform (`stream.eval_batches`), batches are
+embedded and written straight into a memory-mapped array at their index, so the features
+never have to fit in memory. M = samples embedded (N minus undecodable ones), F = width.
+
+    OUT.npy  (M, F) float32   + OUT.index.npy (M,) int64 + OUT.labels.npy (M,) int64 (-1: none)
+    OUT.npz  keys features, index, labels (the same arrays)
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint
+from .config import Config, config_from_dict
+from .errors import DataError, InputError, WriteError
+from .shards import Manifest, read_manifest
+from .stream import Batch, eval_batches, image_channels
+from .train import model_from_checkpoint, resolve_device
+
+
+@torch.no_grad()
+def iter_features(model: nn.Module, batches: Iterator[Batch], channels_last: bool = False,
+                  progress: bool = False, total: int | None = None, desc: str = "embed"
+                  ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """Stream (index (B,), features (B, F) float32, label (B,)) batch by batch (eval mode)."""
+    from tqdm import tqdm
+
+    was_training = model.training
+    model.eval()
+    try:
+        with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+            for b in batches:
+                x = b.images.contiguous(memory_format=torch.channels_last) if channels_last \
+                    else b.images
+                yield b.index, model(x).float(), b.label
+                bar.update(int(b.index.numel()))
+    finally:
+        model.train(was_training)
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    paths: tuple[Path, ...]
+    rows: int  # M
+    dim: int  # F
+    skipped: int  # N - M
+
+
+def output_paths(out: Path) -> tuple[Path, ...]:
+    """OUT.npz, or OUT.npy with OUT.index.npy and OUT.labels.npy beside it."""
+    if out.suffix == ".npz":
+        return (out,)
+    if out.suffix != ".npy":
+        raise InputError(f"{out}: name the output *.npy (with .index.npy/.labels.npy beside) "
+                         "or *.npz")
+    stem = out.with_suffix("")
+    return out, Path(f"{stem}.index.npy"), Path(f"{stem}.labels.npy")
+
+
+def embed_shards(checkpoint: Path, shards: Path, out: Path, *, pre_fc: bool = False,
+                 device_name: str = "auto", batch_size: int = 256, progress: bool = False
+                 ) -> EmbedResult:
+    """Embed every sample of `shards` with the model of `checkpoint` and write `out`."""
+    output_paths(out)
+    device = resolve_device(device_name)
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"], str(checkpoint))
+    emb = model_from_checkpoint(state, device, str(checkpoint))
+    from .export import pre_fc as strip_head
+
+    model: nn.Module = strip_head(emb) if pre_fc else emb
+    return write_features(model, emb.in_channels, read_manifest(shards), cfg, device, out,
+                          batch_size, progress)
+
+
+def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: Config,
+                   device: torch.device, out: Path, batch_size: int = 256,
+                   progress: bool = False) -> EmbedResult:
+    """Features of every sample of `manifest` (test transform of `cfg.data`) written to `out`,
+    each batch straight into an (N, F) memory map at its index."""
+    paths = output_paths(out)
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: no such directory")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    if image_channels(manifest) != in_channels:
+        raise DataError(f"{manifest.root}: {image_channels(manifest)}-channel images, but the "
+                        f"model takes {in_channels}-channel images")
+    n = manifest.n
+    tmp = out.with_name(out.name + ".rows.tmp")
+    try:
+        feats: np.ndarray | None = None
+        index_seen = np.zeros(n, dtype=bool)
+        labels = np.full(n, -1, dtype=np.int64)
+        batches = eval_batches(manifest, cfg.data, device, batch_size)
+        for idx, f, lab in iter_features(model, batches, cfg.model.channels_last, progress, n):
+            if feats is None:  # (N, F) on disk, rows at their index
+                feats = np.lib.format.open_memmap(tmp, "w+", np.float32, (n, f.shape[1]))
+            i = idx.cpu().numpy()
+            feats[i] = f.cpu().numpy()
+            labels[i] = lab.cpu().numpy()
+            index_seen[i] = True
+        if feats is None:
+            raise DataError(f"{manifest.root}: no sample could be decoded")
+        keep = np.flatnonzero(index_seen)
+        _write(paths, feats, keep, labels[keep])
+        dim = int(feats.shape[1])
+        del feats
+    except OSError as e:
+        raise WriteError(f"{out}: could not write features: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return EmbedResult(paths, len(keep), dim, n - len(keep))
+
+
+def _rows(feats: np.ndarray, keep: np.ndarray, block: int = 65536) -> Iterator[np.ndarray]:
+    full = len(keep) == feats.shape[0]
+    for a in range(0, len(keep), block):
+        yield np.asarray(feats[a:a + block] if full else feats[keep[a:a + block]])
+
+
+def _write(paths: tuple[Path, ...], feats: np.ndarray, keep: np.ndarray, labels: np.ndarray
+           ) -> None:
+    """Features (rows `keep` of `feats`), index and labels, each file written then renamed."""
+    shape = (len(keep), feats.shape[1])
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+              "fortran_order": False, "shape": shape}
+    if len(paths) == 1:  # .npz: stream the features into the archive member
+        tmp = paths[0].with_name(paths[0].name + ".tmp")
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            with z.open("features.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, header)
+                for r in _rows(feats, keep):
+                    f.write(np.ascontiguousarray(r, np.float32).tobytes())
+            for name, arr in (("index", keep.astype(np.int64)), ("labels", labels)):
+                with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, arr)
+        os.replace(tmp, paths[0])
+        return
+    out, index_path, labels_path = paths
+    for path, arr in ((index_path, keep.astype(np.int64)), (labels_path, labels)):
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array(f, arr)
+        os.replace(tmp, path)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        for r in _rows(feats, keep):
+            f.write(np.ascontiguousarray(r, np.float32).tobytes())
+    os.replace(tmp, out)

@@ -1,0 +1,136 @@
+"""`oocid linear`: linear evaluation of the frozen backbone (a logistic-regression probe).
+
+Features are the backbone's pooled pre-fc features (the paper's conv5 features; F = 512 for
+resnet18, 2048 for resnet50, 128 for small), or with `head` the 128-d embedding, each L2
+normalised, computed once with the test transform (no augmentation, unlike the paper's
+linear eval) and kept on disk as memory maps. A single nn.Linear(F, C) is trained on them
+with Adam and a cosine schedule; top-1/top-5 on the validation shards. The backbone is never
+in the optimiser; a hash of its state dict before and after proves it did not change.
+N training samples, M validation samples, F feature width, C classes, B batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import load_checkpoint
+from .config import config_from_dict
+from .embed import write_features
+from .errors import DataError, InputError
+from .evaluate import check_same_classes, num_classes_of
+from .export import pre_fc
+from .knn import topk_accuracy
+from .shards import read_manifest
+from .train import model_from_checkpoint, resolve_device
+
+
+def state_hash(module: nn.Module) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor of the state dict."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        a = t.detach().cpu().contiguous()
+        h.update(f"{name}|{a.dtype}|{tuple(a.shape)}\n".encode())
+        h.update(a.reshape(-1).view(torch.uint8).numpy().tobytes() if a.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 256
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def _batch(feats: np.ndarray, idx: np.ndarray, device: torch.device) -> Tensor:
+    """(B, F) L2-normalised rows `idx` of the (N, F) features."""
+    return F.normalize(torch.from_numpy(np.asarray(feats[idx], np.float32)).to(device), dim=1)
+
+
+def fit_linear(feats: np.ndarray, labels: np.ndarray, num_classes: int, cfg: ProbeConfig,
+               device: torch.device) -> tuple[nn.Linear, list[float]]:
+    """Train nn.Linear(F, C) on (N, F) features (normalised per batch) and (N,) labels;
+    returns it and the mean loss of each epoch."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    clf = nn.Linear(feats.shape[1], num_classes).to(device)
+    opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(labels) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))  # cosine to 0
+    y_all = torch.from_numpy(labels).to(device)
+    losses = []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(labels), generator=g).numpy()
+        total = 0.0
+        for a in range(0, len(order), cfg.batch_size):
+            idx = np.sort(order[a:a + cfg.batch_size])  # sorted: sequential reads of the map
+            loss = F.cross_entropy(clf(_batch(feats, idx, device)), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        losses.append(total / len(labels))
+    return clf.eval(), losses
+
+
+@torch.no_grad()
+def accuracy(clf: nn.Linear, feats: np.ndarray, labels: np.ndarray, device: torch.device,
+             batch: int = 4096) -> dict[int, float]:
+    scores = torch.cat([clf(_batch(feats, np.arange(a, min(a + batch, len(labels))), device))
+                        for a in range(0, len(labels), batch)])  # (M, C)
+    return topk_accuracy(scores, torch.from_numpy(labels).to(device), (1, 5))
+
+
+def linear_eval(checkpoint: Path, train_shards: Path, val_shards: Path, *,
+                probe: ProbeConfig | None = None, head: bool = False, device_name: str = "auto",
+                progress: bool = False) -> dict[str, Any]:
+    """Linear-probe top-1/top-5 of a checkpoint's frozen features on labeled shards."""
+    probe = probe or ProbeConfig()
+    if probe.epochs < 1 or probe.batch_size < 1 or probe.lr <= 0:
+        raise InputError(f"--epochs and --batch-size must be >= 1 and --lr > 0, got {probe}")
+    device = resolve_device(device_name)
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"], str(checkpoint))
+    emb = model_from_checkpoint(state, device, str(checkpoint))
+    tm, vm = read_manifest(train_shards), read_manifest(val_shards)
+    check_same_classes(tm, vm, val_shards)
+    net: nn.Module = emb if head else pre_fc(emb)  # what embeds the images, frozen
+    before = state_hash(net)
+    with tempfile.TemporaryDirectory(prefix="oocid-linear-") as tmp:
+        tr = write_features(net, emb.in_channels, tm, cfg, device, Path(tmp) / "train.npy",
+                            progress=progress)
+        va = write_features(net, emb.in_channels, vm, cfg, device, Path(tmp) / "val.npy",
+                            progress=progress)
+        xt, yt = np.load(tr.paths[0], mmap_mode="r"), np.load(tr.paths[2])
+        xv, yv = np.load(va.paths[0], mmap_mode="r"), np.load(va.paths[2])
+        if (yt < 0).any() or (yv < 0).any():
+            raise DataError(f"{train_shards if (yt < 0).any() else val_shards}: unlabeled "
+                            "samples; a linear probe needs labels")
+        c = num_classes_of(tm, yt)
+        if int(yv.max()) >= c:
+            raise DataError(f"{val_shards}: label {int(yv.max())} outside the {c} classes")
+        clf, losses = fit_linear(xt, yt, c, probe, device)
+        train_acc, val_acc = accuracy(clf, xt, yt, device), accuracy(clf, xv, yv, device)
+        del xt, xv  # release the maps before the folder goes
+    if state_hash(net) != before:
+        raise DataError(f"{checkpoint}: the backbone changed during the linear probe (bug)")
+    kind = "128-d embedding" if head else "pre-fc backbone"
+    return {"top1": val_acc[1], "top5": val_acc[5], "train_top1": train_acc[1],
+            "features": f"{kind} ({tr.dim}-d, L2-normalised, test transform)",
+            "classes": c, "train_samples": tr.rows, "val_samples": va.rows,
+            "epochs": probe.epochs, "lr": probe.lr, "batch_size": probe.batch_size,
+            "loss_first_epoch": losses[0], "loss_last_epoch": losses[-1],
+            "backbone_sha256": before, "checkpoint": str(checkpoint)}

@@ -1,0 +1,260 @@
+"""Nearest training images: the training side as a stream of features (the memory bank's
+chunks, or features recomputed with the test transform), a streamed top-k that keeps global
+indices, query images embedded as the training data is at test time, the neighbours' samples
+looked up in the shards, and the contact sheet.
+
+Q queries, N training samples, D feature dims, k neighbours.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from .augment import batch_eval_transform, sample_transform
+from .checkpoint import load_checkpoint
+from .config import Config, DataConfig, config_from_dict
+from .embed import iter_features
+from .errors import DataError, InputError, WriteError
+from .knn import topk_streaming
+from .models import Embedder
+from .shards import IMAGE_EXTS, Manifest, RawSample, iter_samples, read_manifest
+from .store import open_store
+from .stream import _stats_for, decode_image, eval_batches, fits_in_memory
+from .train import model_from_checkpoint, resolve_device
+
+
+@dataclass
+class TrainingSide:
+    """The model of a checkpoint and the features of the training set it was trained on."""
+
+    checkpoint: Path
+    cfg: Config
+    model: Embedder
+    device: torch.device
+    manifest: Manifest
+    bank: Path | None
+    recompute: bool
+    progress: bool = False
+
+    @property
+    def features(self) -> str:
+        return "recomputed" if self.recompute else "memory bank"
+
+    def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(index (n,) int64, rows (n, D) unit float) covering the training set, streamed."""
+        if self.recompute:
+            batches = eval_batches(self.manifest, self.cfg.data, self.device)
+            for idx, f, _ in iter_features(self.model, batches, self.cfg.model.channels_last,
+                                           self.progress, self.manifest.n, "training features"):
+                yield idx, f
+            return
+        assert self.bank is not None
+        with open_store(self.bank, read_only=True) as store:
+            for c, rows in store.iter_chunks():
+                lo, hi = store.chunk_range(c)
+                yield torch.arange(lo, hi), torch.from_numpy(rows).to(self.device)
+
+
+def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path | None,
+                       device_name: str = "auto", recompute: bool = False,
+                       progress: bool = False) -> TrainingSide:
+    """Load the checkpoint's model and check the bank and the training shards belong to it."""
+    if bank is None and not recompute:
+        raise InputError("give --bank (the trained bank), or --recompute to use training "
+                         "features computed now with the test transform")
+    device = resolve_device(device_name)
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"], str(checkpoint))
+    model = model_from_checkpoint(state, device, str(checkpoint))
+    tpath = train_shards if train_shards is not None else Path(state.get("shards", ""))
+    if not str(tpath) or not tpath.exists():
+        raise InputError(f"{checkpoint}: training shards {str(tpath)!r} not found; pass "
+                         "--train-shards")
+    tm = read_manifest(tpath)
+    if tm.identity != state["manifest_id"]:
+        raise DataError(f"{tpath}: are not the shards the checkpoint {checkpoint} was trained on")
+    if bank is not None:
+        with open_store(bank, read_only=True) as store:
+            mid = store.meta.manifest_id
+            if (mid is not None and mid != state["manifest_id"]) or store.n_rows != tm.n:
+                raise DataError(f"{bank}: belongs to other shards than the checkpoint "
+                                f"{checkpoint} ({store.n_rows} rows, {tpath} has {tm.n} samples)")
+            if store.dim != model.out_dim:
+                raise DataError(f"{bank}: rows of dimension {store.dim}, the model's are "
+                                f"{model.out_dim}")
+    return TrainingSide(checkpoint, cfg, model, device, tm, bank, recompute, progress)
+
+
+def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: int
+                 ) -> tuple[Tensor, Tensor]:
+    """`knn.topk_streaming` over chunks given as (index (n,), rows (n, D)) in any order:
+    (sims (Q, k'), global index (Q, k')) sorted by decreasing similarity, k' = min(k, rows).
+    Memory: one chunk, the (Q, k) buffers and the (rows,) int64 index map."""
+    seen: list[Tensor] = []
+
+    def positions() -> Iterator[tuple[int, Tensor]]:
+        offset = 0
+        for idx, rows in chunks:
+            seen.append(idx.to(torch.int64).cpu())
+            yield offset, rows
+            offset += rows.shape[0]
+
+    try:
+        sims, pos = topk_streaming(queries, positions(), k)
+    except ValueError:
+        raise DataError("no training features to search (every sample failed to decode?)") from None
+    return sims, torch.cat(seen).to(pos.device)[pos]
+
+
+# ---------------------------------------------------------------------------- queries
+
+
+def query_files(paths: Sequence[Path]) -> list[Path]:
+    """Files as given; folders searched recursively for image files (sorted)."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and f.suffix.lower() in IMAGE_EXTS
+                           and not any(s.startswith(".") for s in f.relative_to(p).parts))
+            if not found:
+                raise InputError(f"{p}: no image files in this folder")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or folder")
+    return files
+
+
+def thumbnail(sample: RawSample, channels: int) -> Image.Image:
+    """A training sample's image for display (grey if it does not decode)."""
+    try:
+        return decode_image(sample.image, channels)
+    except Exception:  # a bad sample was skipped in training; its bank row is still there
+        return Image.new("L" if channels == 1 else "RGB", (32, 32), 128)
+
+
+def load_query(path: Path, channels: int) -> Image.Image:
+    try:
+        return decode_image(path.read_bytes(), channels)
+    except Exception as e:  # PIL raises many kinds for a non-image
+        raise InputError(f"{path}: not a readable image ({type(e).__name__})") from None
+
+
+def query_transform(manifest: Manifest, data: DataConfig, channels: int
+                    ) -> Callable[[Image.Image], Tensor]:
+    """PIL image -> (C, S, S): the test transform `stream.eval_batches` applies to `manifest`
+    (the batched resize-only transform where the set is held in memory, else the per-sample
+    resize + centre crop)."""
+    mean, std = _stats_for(data, channels)
+    if data.in_memory != "no" and fits_in_memory(manifest, channels, data.in_memory_max_mb):
+        tf = batch_eval_transform(data.image_size, mean, std)
+
+        def apply(img: Image.Image) -> Tensor:
+            arr = np.asarray(img).reshape(img.height, img.width, channels)
+            return tf(torch.from_numpy(arr.transpose(2, 0, 1).copy())[None])[0]
+
+        return apply
+    return sample_transform(data.augment, data.image_size, mean, std, data.crop_scale_min,
+                            train=False)
+
+
+@torch.no_grad()
+def embed_images(side: TrainingSide, images: Sequence[Image.Image], batch: int = 256) -> Tensor:
+    """(Q, D) unit features of PIL images (decoded with the model's channels)."""
+    tf = query_transform(side.manifest, side.cfg.data, side.model.in_channels)
+    x = torch.stack([tf(im) for im in images]).to(side.device)  # (Q, C, S, S)
+    if side.cfg.model.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    side.model.eval()
+    return torch.cat([side.model(part).float() for part in x.split(batch)])
+
+
+# ---------------------------------------------------------------------------- neighbours
+
+
+def shard_of(manifest: Manifest, index: int) -> int:
+    """Position in `manifest.shards` of the shard holding global `index` (by its range)."""
+    s = bisect.bisect_right([sh.start for sh in manifest.shards], index) - 1
+    if s < 0 or not manifest.shards[s].start <= index < manifest.shards[s].stop:
+        raise DataError(f"{manifest.root}: no shard holds index {index}")
+    return s
+
+
+def lookup_samples(manifest: Manifest, indices: Iterable[int]) -> dict[int, RawSample]:
+    """The raw samples of global `indices`: each needed shard read once, up to its last one."""
+    wanted: dict[int, set[int]] = {}
+    for i in set(int(i) for i in indices):
+        wanted.setdefault(shard_of(manifest, i), set()).add(i)
+    found: dict[int, RawSample] = {}
+    for s, want in sorted(wanted.items()):
+        path = manifest.root / manifest.shards[s].name
+        left = set(want)
+        for sample in iter_samples(path):
+            if sample.index in left:
+                found[sample.index] = sample
+                left.discard(sample.index)
+                if not left:
+                    break
+        if left:
+            raise DataError(f"{path}: samples {sorted(left)[:5]} not found in the shard")
+    return found
+
+
+def source_path(manifest: Manifest, path: str) -> str:
+    """A sample's source path as the user knows it (npz members keep their `npz:` name)."""
+    return f"{manifest.source} ({path})" if path.startswith("npz:") else str(
+        Path(manifest.source) / path)
+
+
+# ---------------------------------------------------------------------------- contact sheet
+
+PAD, CAPTION = 4, 14  # pixels between cells; caption strip under each tile
+
+
+def sheet_size(rows: int, cols: int, tile: int) -> tuple[int, int]:
+    """(width, height) of a contact sheet of rows x cols tiles of tile x tile pixels."""
+    return cols * (tile + PAD) + PAD, rows * (tile + CAPTION + PAD) + PAD
+
+
+def contact_sheet(rows: Sequence[Sequence[tuple[Image.Image, str]]], tile: int = 96
+                  ) -> Image.Image:
+    """One row per list of (image, caption); images fitted into tile x tile (tiny ones scaled
+    up without smoothing), the first cell of each row framed (the query)."""
+    cols = max((len(r) for r in rows), default=1)
+    sheet = Image.new("RGB", sheet_size(len(rows), cols, tile), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for r, row in enumerate(rows):
+        for c, (img, caption) in enumerate(row):
+            x0, y0 = PAD + c * (tile + PAD), PAD + r * (tile + CAPTION + PAD)
+            scale = tile / max(img.width, img.height)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            resample = Image.Resampling.NEAREST if scale >= 2 else Image.Resampling.LANCZOS
+            im = img.convert("RGB").resize(size, resample)
+            sheet.paste(im, (x0 + (tile - im.width) // 2, y0 + (tile - im.height) // 2))
+            if c == 0:
+                draw.rectangle((x0 - 2, y0 - 2, x0 + tile + 1, y0 + tile + 1), outline=(200, 0, 0))
+            draw.text((x0 + 2, y0 + tile + 1), caption, fill="black", font=font)
+    return sheet
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG via a temporary name; WriteError on failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: could not write: {e.strerror or e}") from None

@@ -1,0 +1,402 @@
+"""Evaluation tools: `oocid knn` (per-class, confusion, several k, --recompute, --query search
+and contact sheet), `oocid embed`, `oocid export`.
+
+One tiny training (96 grayscale 16x16 images, 4 classes, 1 epoch) gives the checkpoint and
+bank. Exact answers come from hand-built inputs: a hand-made top-k for the scores, a bank
+written from the training images' own features for the search. The `oocid` processes (bad
+inputs and one search end to end) start in the background as soon as the checkpoint exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from oocid.checkpoint import load_checkpoint
+from oocid.cli import app
+from oocid.config import config_from_dict
+from oocid.embed import embed_shards
+from oocid.errors import DataError, InputError
+from oocid.evaluate import read_labels
+from oocid.export import export_checkpoint, pre_fc
+from oocid.knn import topk_accuracy, weighted_knn
+from oocid.knn_cli import confusion_matrix, knn_report, per_class_top1, run_knn, run_search, write_sheet
+from oocid.models import ARCHS, SmallConvNet, build_model
+from oocid.retrieval import sheet_size, source_path, topk_indexed
+from oocid.shards import iter_samples, read_manifest, write_shards
+from oocid.store import create_store
+from oocid.stream import eval_batches, extract_features
+from oocid.train import model_from_checkpoint, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import tiny_config, tiny_npz
+
+ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
+ENV["OMP_NUM_THREADS"] = "1"  # the processes run beside the in-process tests
+QUERY_INDEX = 37  # a training sample (in shard-000001.tar) used as a query
+CPU = torch.device("cpu")
+
+
+@dataclass
+class Run:
+    args: list[str]
+    rc: int
+    out: str
+    err: str
+
+
+def oocid(*args: object) -> Run:
+    argv = [str(a) for a in args]
+    p = subprocess.run([sys.executable, "-m", "oocid", *argv], capture_output=True, text=True,
+                       env=ENV, timeout=120, check=False)
+    return Run(argv, p.returncode, p.stdout, p.stderr)
+
+
+@dataclass
+class Trained:
+    d: Path
+    train: Path
+    val: Path
+    bank: Path
+    ckpt: Path
+    query: Path  # training sample QUERY_INDEX, its stored PNG bytes
+    query_dir: Path  # the query again plus an RGB image of another size
+    jobs: dict[str, Future[Run]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread here: the `oocid` processes run beside these tests, and OpenMP
+    threads that outnumber the cores spin (a resnet50 forward took 3x as long)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
+    d = tmp_path_factory.mktemp("eval")
+    tr, va = d / "train", d / "val"
+    write_shards(tiny_npz(d / "tiny.npz"), tr, shard_size=32, seed=0, progress=False)
+    write_shards(tiny_npz(d / "val.npz", n=40, seed=1), va, shard_size=32, progress=False)
+    cfg = tiny_config()
+    cfg.optim.epochs = 1
+    train(cfg, tr, d / "bank.zarr", d / "run", progress=False, log=lambda m: None)
+    sample = next(s for s in iter_samples(tr / "shard-000001.tar") if s.index == QUERY_INDEX)
+    query = d / "q37.png"
+    query.write_bytes(sample.image)
+    qdir = d / "queries"
+    (qdir / "sub").mkdir(parents=True)
+    (qdir / "sub" / "a.png").write_bytes(sample.image)
+    Image.new("RGB", (24, 20), (10, 200, 30)).save(qdir / "b.png")
+    (d / "bad.png").write_text("not an image\n")
+    (d / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(2048))
+    create_store(d / "other.zarr", 96, 128, chunk_rows=32,
+                 manifest_id=read_manifest(va).identity).close()
+    ckpt = d / "run" / "last.pt"
+    pool = ThreadPoolExecutor(max_workers=2)
+    cmds = {
+        "search": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--query", query,
+                   "--query", qdir, "--k", 4, "--sheet", d / "sheet.png", "--tile", 40,
+                   "--out", d / "search.json", "--device", "cpu"],
+        "bad-query": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--query",
+                      d / "bad.png", "--device", "cpu"],
+        "garbage-checkpoint": ["embed", "--checkpoint", d / "garbage.pt", "--shards", va,
+                               "--out", d / "g.npy", "--device", "cpu"],
+        "other-bank": ["knn", "--bank", d / "other.zarr", "--checkpoint", ckpt, "--shards", va,
+                       "--device", "cpu"],
+    }
+    jobs = {name: pool.submit(oocid, *args) for name, args in cmds.items()}
+    yield Trained(d, tr, va, d / "bank.zarr", ckpt, query, qdir, jobs)
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------ pure scoring
+
+
+def test_confusion_and_per_class_exact() -> None:
+    pred, target = torch.tensor([0, 2, 2, 1, 0]), torch.tensor([0, 2, 1, 1, 0])
+    conf = confusion_matrix(pred, target, 4)
+    assert conf.tolist() == [[2, 0, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert per_class_top1(conf) == [1.0, 0.5, 1.0, None]
+
+
+def test_knn_report_hand_built_topk() -> None:
+    """t = 1: query 0 (class 0) has neighbours of classes 1, 0, 0 with sims .9 .8 .7: k=1
+    says 1; k=3 says 0 (e^.8 + e^.7 > e^.9). Query 1 (class 2): 2, 2, 1: right at both."""
+    sims = torch.tensor([[0.9, 0.8, 0.7], [0.9, 0.5, 0.4]])
+    nl = torch.tensor([[1, 0, 0], [2, 2, 1]])
+    y = torch.tensor([0, 2])
+    r1 = knn_report(sims, nl, y, 1, 1.0, ["a", "b", "c"])
+    r3 = knn_report(sims, nl, y, 3, 1.0, ["a", "b", "c"])
+    assert (r1["top1"], r3["top1"]) == (0.5, 1.0)
+    assert r1["confusion"] == [[0, 1, 0], [0, 0, 0], [0, 0, 1]]
+    assert r3["confusion"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
+    assert [p["top1"] for p in r1["per_class"]] == [0.0, None, 1.0]
+    assert [(p["class"], p["n"]) for p in r3["per_class"]] == [("a", 1), ("b", 0), ("c", 1)]
+
+
+def test_topk_indexed_chunks_in_any_order() -> None:
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(50, 8, generator=g), dim=1)
+    q = F.normalize(torch.randn(6, 8, generator=g), dim=1)
+    perm = torch.randperm(50, generator=g)
+    chunks = [(perm[a:a + 7], bank[perm[a:a + 7]]) for a in range(0, 50, 7)]
+    sims, index = topk_indexed(q, chunks, 5)
+    want_s, want_i = (q @ bank.t()).topk(5, dim=1)
+    assert torch.equal(index, want_i)
+    assert torch.allclose(sims, want_s)
+
+
+# ------------------------------------------------------------------------------ knn
+
+
+def test_knn_several_k_in_one_pass(trained: Trained) -> None:
+    both = run_knn(trained.bank, trained.ckpt, trained.val, None, [10, 3], 0.07, "cpu")
+    one = run_knn(trained.bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
+    assert both["ks"] == [3, 10] and both["k"] == 10 and both["features"] == "memory bank"
+    assert both["by_k"]["3"] == one["by_k"]["3"]
+    assert both["top1"] == both["by_k"]["10"]["top1"]
+    for r in both["by_k"].values():
+        conf = np.array(r["confusion"])
+        assert conf.shape == (4, 4) and conf.sum() == 40
+        assert np.trace(conf) / 40 == pytest.approx(r["top1"])
+        assert [p["n"] for p in r["per_class"]] == conf.sum(axis=1).tolist()
+
+
+def test_knn_recompute_scores_fresh_training_features(trained: Trained) -> None:
+    res = run_knn(None, trained.ckpt, trained.val, None, 5, 0.07, "cpu", recompute=True)
+    assert res["features"] == "recomputed" and res["bank"] is None
+    state = load_checkpoint(trained.ckpt)
+    model = model_from_checkpoint(state, CPU, "ckpt")
+    data = config_from_dict(state["config"], "ckpt").data
+    tf, ti, _ = extract_features(model, eval_batches(read_manifest(trained.train), data, CPU))
+    vf, _, vl = extract_features(model, eval_batches(read_manifest(trained.val), data, CPU))
+    labels = torch.from_numpy(read_labels(read_manifest(trained.train)))
+    scores = weighted_knn(vf, tf[ti.argsort()], labels, 5, 0.07, 4)
+    assert res["top1"] == topk_accuracy(scores, vl, (1,))[1]
+
+
+# ------------------------------------------------------------------------------ search
+
+
+def test_query_of_a_training_image_finds_itself_recomputed(trained: Trained) -> None:
+    meta, hits = run_search(None, trained.ckpt, [trained.query], None, 5, "cpu", recompute=True)
+    assert meta["features"] == "recomputed"
+    first = hits[0].neighbours[0]
+    tm = read_manifest(trained.train)
+    raw = next(s for s in iter_samples(tm.root / "shard-000001.tar") if s.index == QUERY_INDEX)
+    assert (first["index"], first["shard"], first["key"]) == (QUERY_INDEX, "shard-000001.tar",
+                                                               f"{QUERY_INDEX:09d}")
+    assert first["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert first["path"] == source_path(tm, raw.path) and first["label"] == raw.label
+    sims = [n["similarity"] for n in hits[0].neighbours]
+    assert sims == sorted(sims, reverse=True) and len(sims) == 5
+
+
+def test_query_against_a_bank_of_own_features(trained: Trained) -> None:
+    """A converged bank, hand-made: each row the training image's own feature (from `embed`),
+    so the search is exact: the query itself first at ~1, then the brute-force order."""
+    res = embed_shards(trained.ckpt, trained.train, trained.d / "own.npy", device_name="cpu")
+    feats = np.load(trained.d / "own.npy")
+    assert np.array_equal(np.load(trained.d / "own.index.npy"), np.arange(96)) and res.rows == 96
+    bank = trained.d / "own.zarr"
+    with create_store(bank, 96, 128, chunk_rows=32,
+                      manifest_id=read_manifest(trained.train).identity) as st:
+        st.write_rows(0, feats)
+    meta, hits = run_search(bank, trained.ckpt, [trained.query, trained.query_dir], None, 6, "cpu")
+    assert meta["features"] == "memory bank" and len(hits) == 3  # file + folder of 2
+    assert [h.query.name for h in hits] == ["q37.png", "b.png", "a.png"]  # folder: sorted paths
+    for h in (hits[0], hits[2]):
+        assert h.neighbours[0]["index"] == QUERY_INDEX
+        assert h.neighbours[0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+        want = np.argsort(-(feats @ feats[QUERY_INDEX]), kind="stable")[:6]
+        assert [n["index"] for n in h.neighbours][1:] == want.tolist()[1:]
+    size = write_sheet(hits, trained.d / "s.png", 32)
+    with Image.open(trained.d / "s.png") as im:
+        assert im.size == size == sheet_size(3, 7, 32) and im.format == "PNG"
+
+
+# ------------------------------------------------------------------------------ embed
+
+
+def test_embed_order_and_formats(trained: Trained) -> None:
+    npy, npz = trained.d / "v.npy", trained.d / "v.npz"
+    embed_shards(trained.ckpt, trained.val, npy, device_name="cpu")
+    embed_shards(trained.ckpt, trained.val, npz, device_name="cpu", pre_fc=True, batch_size=7)
+    f, idx, lab = (np.load(trained.d / f"v{s}.npy") for s in ("", ".index", ".labels"))
+    assert f.shape == (40, 128) and f.dtype == np.float32
+    assert np.array_equal(idx, np.arange(40))
+    assert np.array_equal(lab, read_labels(read_manifest(trained.val)))
+    assert np.allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+    model = model_from_checkpoint(load_checkpoint(trained.ckpt), CPU, "ckpt")
+    ref, ri, _ = extract_features(model, eval_batches(read_manifest(trained.val),
+                                                      tiny_config().data, CPU))
+    assert np.allclose(f[ri.numpy()], ref.numpy(), atol=1e-5)
+    with np.load(npz) as z:
+        assert sorted(z.files) == ["features", "index", "labels"]
+        assert z["features"].shape == (40, 128) and np.array_equal(z["index"], idx)
+        assert not np.allclose(np.linalg.norm(z["features"], axis=1), 1.0)  # pre-fc: raw
+    with pytest.raises(InputError, match="npz"):
+        embed_shards(trained.ckpt, trained.val, trained.d / "v.txt")
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def _documented_model(arch: str, channels: int, head_dim: int | None) -> torch.nn.Module:
+    """Built exactly as `oocid export --help` says, independently of oocid.export."""
+    import torchvision
+
+    if arch == "small":
+        m: torch.nn.Module = SmallConvNet(channels, out_dim=head_dim or 128)
+    else:
+        m = getattr(torchvision.models, "resnet50" if arch == "resnet50" else "resnet18")(
+            **({"num_classes": head_dim} if head_dim else {}))
+        if arch == "cifar_resnet18":
+            m.conv1 = torch.nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+            m.maxpool = torch.nn.Identity()  # type: ignore[assignment]
+        elif channels != 3:
+            m.conv1 = torch.nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    if head_dim is None:
+        m.fc = torch.nn.Identity()
+    return m.eval()
+
+
+@pytest.mark.parametrize(("arch", "channels", "head"),
+                         [("small", 1, False), ("small", 3, True), ("resnet18", 1, False),
+                          ("resnet50", 3, False), ("cifar_resnet18", 1, True)])
+def test_export_loads_strictly_and_matches(tmp_path: Path, arch: str, channels: int,
+                                           head: bool) -> None:
+    assert arch in ARCHS
+    torch.manual_seed(0)
+    model = build_model(arch, channels, 128).eval()
+    for mod in model.modules():  # non-trivial BN statistics, so buffers must travel too
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 2.0)
+    ckpt = tmp_path / "c.pt"
+    torch.save({"format": "oocid-checkpoint", "arch": arch, "in_channels": channels, "dim": 128,
+                "model": model.state_dict()}, ckpt)
+    info = export_checkpoint(ckpt, tmp_path / "b.pt", arch=arch, head=head)
+    sd = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert any(k.startswith("fc.") for k in sd) == head
+    ref = _documented_model(arch, channels, 128 if head else None)
+    ref.load_state_dict(sd, strict=True)
+    x = torch.randn(1, channels, 16, 16)  # small: the forward passes are most of the time
+    pooled: list[torch.Tensor] = []
+    hook = model.backbone.fc.register_forward_hook(lambda m, i, o: pooled.append(i[0]))
+    with torch.no_grad():
+        emb, got = model(x), ref(x)
+    hook.remove()
+    want = model.backbone.fc(pooled[0]) if head else pooled[0]  # (1, F)
+    assert got.shape == (1, info.feature_dim)
+    assert torch.allclose(got, want, atol=1e-5)
+    if head:
+        assert torch.allclose(F.normalize(got, dim=1), emb, atol=1e-5)
+
+
+def test_export_refuses_other_architecture(tmp_path: Path) -> None:
+    ckpt = tmp_path / "c.pt"
+    torch.save({"format": "oocid-checkpoint", "arch": "small", "in_channels": 1, "dim": 128,
+                "model": build_model("small", 1).state_dict()}, ckpt)
+    with pytest.raises(DataError, match=r"'small' checkpoint, not 'resnet50'"):
+        export_checkpoint(ckpt, tmp_path / "b.pt", arch="resnet50")
+    assert not (tmp_path / "b.pt").exists()
+
+
+# ------------------------------------------------------------------------------ the command
+
+
+def test_cli_knn_embed_export(trained: Trained) -> None:
+    runner, d = CliRunner(), trained.d
+    r = runner.invoke(app, ["knn", "--checkpoint", str(trained.ckpt), "--shards",
+                            str(trained.val), "--k", "3", "--k", "10", "--recompute", "--out",
+                            str(d / "knn.json"), "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((d / "knn.json").read_text())
+    assert res["features"] == "recomputed" and sorted(res["by_k"]) == ["10", "3"]
+    assert len(res["confusion"]) == 4 and "per-class top-1 (k=10): c0 " in r.output
+    assert r.output.count("recomputed)") == 2
+    r = runner.invoke(app, ["embed", "--checkpoint", str(trained.ckpt), "--shards",
+                            str(trained.train), "--out", str(d / "t.npz"), "--no-progress"])
+    assert r.exit_code == 0 and "96 x 128" in r.output, r.output
+    r = runner.invoke(app, ["export", "--checkpoint", str(trained.ckpt), "--out",
+                            str(d / "bb.pt"), "--arch", "small"])
+    assert r.exit_code == 0 and "SmallConvNet(1); m.fc = nn.Identity()" in r.output, r.output
+    r = runner.invoke(app, ["linear", "--checkpoint", str(trained.ckpt), "--train-shards",
+                            str(trained.train), "--val-shards", str(trained.val), "--epochs", "2",
+                            "--out", str(d / "lin.json"), "--device", "cpu", "--no-progress"])
+    assert r.exit_code == 0 and "backbone unchanged" in r.output, r.output
+    assert json.loads((d / "lin.json").read_text())["epochs"] == 2
+    r = runner.invoke(app, ["knn", "--checkpoint", str(trained.ckpt), "--bank", str(trained.bank),
+                            "--shards", str(trained.val), "--query", str(trained.query)])
+    assert isinstance(r.exception, InputError)
+
+
+def test_cli_search_end_to_end(trained: Trained) -> None:
+    run = trained.jobs["search"].result()
+    assert run.rc == 0 and "Traceback" not in run.out + run.err, run
+    res = json.loads((trained.d / "search.json").read_text())
+    assert res["features"] == "memory bank" and res["k"] == 4
+    assert [len(q["neighbours"]) for q in res["queries"]] == [4, 4, 4]
+    assert {"similarity", "index", "shard", "key", "path"} <= set(res["queries"][0]["neighbours"][0])
+    assert "query 1/3: " in run.out and "shard-0000" in run.out
+    with Image.open(trained.d / "sheet.png") as im:
+        assert im.size == sheet_size(3, 5, 40)
+
+
+@pytest.mark.parametrize(("name", "code", "pattern"),
+                         [("bad-query", 2, r"bad\.png: not a readable image"),
+                          ("garbage-checkpoint", 3, r"garbage\.pt"),
+                          ("other-bank", 3, r"other\.zarr: belongs to other shards")])
+def test_cli_bad_inputs(trained: Trained, name: str, code: int, pattern: str) -> None:
+    run = trained.jobs[name].result()
+    assert run.rc == code, run
+    assert "Traceback" not in run.out + run.err, run
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 1 and re.search(pattern, lines[0]), run
+
+
+# ------------------------------------------------------------------------------ linear probe
+
+
+def test_linear_probe_and_frozen_backbone(trained: Trained, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    import oocid.linear as lin
+
+    probe = lin.ProbeConfig(epochs=15, lr=0.05, batch_size=32)
+    res = lin.linear_eval(trained.ckpt, trained.train, trained.val, probe=probe, device_name="cpu")
+    model = model_from_checkpoint(load_checkpoint(trained.ckpt), CPU, "ckpt")
+    assert res["backbone_sha256"] == lin.state_hash(pre_fc(model))
+    assert res["features"].startswith("pre-fc backbone (128-d")
+    assert (res["train_samples"], res["val_samples"], res["classes"]) == (96, 40, 4)
+    assert res["loss_last_epoch"] < 0.8 * res["loss_first_epoch"]
+    assert res["top1"] > 0.5 and res["top5"] == 1.0  # 4 classes; chance is 0.25
+
+    real = lin.write_features
+
+    def tampering(net: torch.nn.Module, *args: object, **kw: object) -> object:
+        out = real(net, *args, **kw)  # type: ignore[arg-type]
+        with torch.no_grad():
+            next(net.parameters()).add_(1.0)  # as if the probe had trained the backbone
+        return out
+
+    monkeypatch.setattr(lin, "write_features", tampering)
+    with pytest.raises(DataError, match="backbone changed"):
+        lin.linear_eval(trained.ckpt, trained.train, trained.val, probe=probe, device_name="cpu")
