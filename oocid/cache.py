@@ -42,6 +42,15 @@ def default_cache_rows(n_rows: int, dim: int, device: torch.device) -> int:
     return int(min(n_rows, quarter))
 
 
+def default_pool_chunks(budget_rows: int, chunk_rows: int, workers: int, shuffle_buffer: int
+                        ) -> int:
+    """Pool chunks for the positives: each data worker's reservoir shuffle buffer keeps
+    stragglers from ~5 shards back, so give every worker room for its buffer's chunks plus 5
+    (fewer makes the positives' chunks thrash: measured with tools/bench_bank.py)."""
+    per_worker = -(-shuffle_buffer // chunk_rows) + 5
+    return max(budget_rows // chunk_rows // 4, max(1, workers) * per_worker)
+
+
 def _available_ram() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -156,8 +165,12 @@ class ChunkCache:
                     f"{store.path}: a cache of {budget_rows} rows holds {max_slots} chunks of "
                     f"{self.r} rows; it needs at least 3 (raise --cache-mb)")
             self.n_slots = max_slots
-        self.slots = torch.empty(self.n_slots, self.r, self.dim, dtype=torch.float32,
-                                 device=device)  # (S, R, D)
+        if device.type == "cpu":  # numpy asks for transparent huge pages: random gathers
+            # over a large bank miss the TLB far less (as a numpy-backed in-memory bank does)
+            self.slots = torch.from_numpy(np.empty((self.n_slots, self.r, self.dim), np.float32))
+        else:
+            self.slots = torch.empty(self.n_slots, self.r, self.dim, dtype=torch.float32,
+                                     device=device)  # (S, R, D)
         self.flat = self.slots.view(self.n_slots * self.r, self.dim)  # (S*R, D)
         self.slot_of = torch.full((self.n_chunks,), -1, dtype=torch.int64, device=device)
         self.chunk_of = [-1] * self.n_slots
@@ -335,6 +348,12 @@ class ChunkCache:
             if not bool((slot < 0).any()):
                 return self.flat[slot * self.r + index % self.r]
         chunks, chunk = self._chunk_groups(index)
+        slot_of = self.slot_of[chunks] if chunks else self.slot_of[:0]
+        if not bool((slot_of < 0).any()):  # all resident (e.g. shared negatives in the window)
+            for c in chunks:
+                if c in self.pool:
+                    self.pool.move_to_end(c)
+            return self.flat[self.slot_of[chunk] * self.r + index % self.r]
         if self._fits_pool(chunks):
             self.ensure(chunks)
             return self.flat[self._slot_rows(index)]
@@ -359,7 +378,8 @@ class ChunkCache:
         """Write rows (B, D) at global indices (B,) (unique) and mark their chunks dirty."""
         if self.full:
             self.rows[index] = rows.to(self.rows.dtype)
-            self.dirty = [True] * self.n_slots
+            for c in torch.unique(index // self.r).tolist():  # slot c holds chunk c here
+                self.dirty[c] = True
             return
         chunks, chunk = self._chunk_groups(index)
         rows = rows.to(self.flat.dtype)

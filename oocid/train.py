@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .cache import ChunkCache, default_cache_rows
+from .cache import ChunkCache, default_cache_rows, default_pool_chunks
 from .checkpoint import (
     checkpoint_for_step,
     finish_checkpoint,
@@ -206,7 +206,8 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
         budget = default_cache_rows(store.n_rows, store.dim, device)
     pool = cfg.bank.pool_chunks or None
     if pool is None and budget < store.n_rows:
-        pool = max(budget // store.chunk_rows // 4, 2 * max(1, cfg.data.workers) + 2)
+        pool = default_pool_chunks(budget, store.chunk_rows, cfg.data.workers,
+                                   cfg.data.shuffle_buffer)
     return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from oocid.knn import knn_scores_from_topk, topk_accuracy, topk_streaming, weighted_knn
@@ -48,6 +48,7 @@ def test_weighted_knn_matches_official_code() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 60), st.integers(1, 17), st.integers(1, 25), st.integers(0, 10**6))
+@example(n=34, chunk=1, k=15, seed=4)  # a similarity near 0 differed by 6e-8
 def test_topk_streaming_equals_in_memory(n: int, chunk: int, k: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     bank = F.normalize(torch.randn(n, 8, generator=g), dim=1)
@@ -55,7 +56,8 @@ def test_topk_streaming_equals_in_memory(n: int, chunk: int, k: int, seed: int) 
     chunks = [(s, bank[s:s + chunk]) for s in range(0, n, chunk)]
     s, i = topk_streaming(q, iter(chunks), k)
     rs, ri = (q @ bank.t()).topk(min(k, n), dim=1)
-    assert torch.allclose(s, rs)
+    # a (Q, n) GEMM per chunk and one over the whole bank may round the last bit differently
+    assert torch.allclose(s, rs, rtol=1e-6, atol=1e-6)
     assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
 
 
