@@ -89,8 +89,10 @@ class NPIDStep:
             scores = shared_scores(f, pos, neg)  # (B, K+1)
         else:
             neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)
-            weights = torch.cat([pos.unsqueeze(1), self.bank.gather(neg_idx)], dim=1)  # (B, K+1, D)
-            scores = torch.bmm(weights.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K+1)
+            neg = self.bank.gather(neg_idx)  # (B, K, D): the step's largest tensor, made once
+            pos_s = (f.float() * pos.float()).sum(1, keepdim=True)  # (B, 1)
+            neg_s = torch.bmm(neg.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K)
+            scores = torch.cat([pos_s, neg_s], dim=1)  # (B, K+1)
         if lc.kind == "infonce":
             return infonce_from_scores(scores, lc.temperature), None
         assert self.zest is not None
