@@ -54,7 +54,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,20 +83,7 @@ def sync(device: torch.device) -> None:
 
 # ---- inputs ------------------------------------------------------------------------------------
 
-def _worker_stream(shards: np.ndarray, n: int, buffer: int, rng: np.random.Generator
-                   ) -> Iterator[int]:
-    """One ShardStream worker: its shards in order through a reservoir shuffle buffer."""
-    buf: list[int] = []
-    for s in shards:
-        for i in range(int(s) * CHUNK_ROWS, min((int(s) + 1) * CHUNK_ROWS, n)):
-            if len(buf) < buffer:
-                buf.append(i)
-                continue
-            j = int(rng.integers(len(buf)))
-            buf[j], i = i, buf[j]
-            yield i
-    rng.shuffle(buf)
-    yield from buf
+from bench_bank import _worker_stream  # noqa: E402 - one definition of the stream order
 
 
 def stream_index_batches(n: int, batch: int, workers: int, count: int, seed: int = 0
