@@ -116,8 +116,11 @@ class NPIDStep:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(self.precision, device):
                 f = self.model(x)  # (B, D) unit, float32 (Embedder casts before normalising)
-            loss, z = self.loss(f, b.index, step * len(micro) + i)  # float32
-            if not bool(torch.isfinite(loss)) or not bool(torch.isfinite(f).all()):
+            # non-finite features are caught before the loss so they never reach Z's estimate
+            finite = bool(torch.isfinite(f).all())
+            loss, z = self.loss(f, b.index, step * self.cfg.optim.accumulate + i) if finite \
+                else (torch.tensor(float("nan")), None)  # float32
+            if not finite or not bool(torch.isfinite(loss)):
                 # never write a non-finite feature into the bank: skip, count, carry on
                 self.skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)

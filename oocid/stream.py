@@ -250,9 +250,11 @@ class StreamData:
         for step, b in enumerate(loader):
             if b["fatal"]:
                 raise DataError(b["fatal"][0], exit_code=3)
+            if step < start_step:  # seen before a mid-epoch resume (and counted then)
+                continue
             for where in b["bad"]:
                 self.skips.add(where.split(": ")[0], where.split(": ", 1)[-1])
-            if step < start_step or b["index"].numel() == 0:
+            if b["index"].numel() == 0:
                 continue
             yield Batch(b["x"].to(self.device, non_blocking=True),
                         b["index"].to(self.device), b["label"].to(self.device))

@@ -158,7 +158,8 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     epoch, step = 0, 0
     bank_state = None
     partial: dict[str, Any] | None = None
-    if resume and store.meta.committed_step < 0 and not list_checkpoints(run_dir):
+    if resume and store.meta.committed_step < 0:
+        # killed before the first bank commit: any checkpoint here was never paired with the bank
         say(f"oocid: {store.path} has no committed step yet; starting {run_dir} from the beginning")
         resume = False
     if resume:
@@ -186,7 +187,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
 
     data = make_train_data(manifest, cfg.data, cfg.train.seed, device, progress)
-    spe = data.steps_per_epoch()
+    spe = -(-data.steps_per_epoch() // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, store, device, spe)
     if resume and bank_state is not None:
         bank.load_state_dict(bank_state)
@@ -292,6 +293,8 @@ def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_di
             fh.write(json.dumps(rec) + "\n")
         result.metrics.append(rec)
         say("oocid: " + " ".join(f"{k}={_fmt(v)}" for k, v in rec.items()))
+        if stop_step is not None and step >= stop_step:
+            break
     result.epochs, result.step = epoch, step
     return result
 

@@ -179,3 +179,21 @@ def test_non_finite_features_are_skipped_and_counted(tmp_path: Path,
                 log=lambda m: None)
     assert sum(m["skipped_steps"] for m in res.metrics) == 2
     assert verify_store(tmp_path / "b.npy").ok
+
+
+def test_non_finite_batch_does_not_poison_z(tmp_path: Path) -> None:
+    """A NaN batch is skipped before it reaches the NCE normaliser's estimate."""
+    n = 512
+    cfg = tiny_config(kind="nce", nce_k=32, z="oneshot")
+    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=128)
+    bank = InCoreBank(store, torch.device("cpu"))
+    model = build_model("small", 1, 128)
+    zest = ZEstimator("oneshot")
+    step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, zest, 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 16, 16, generator=g)
+    bad = step(Batch(x * float("nan"), torch.arange(16), torch.zeros(16)), 0, 0.03)
+    assert bad.skipped and zest.value is None
+    good = step(Batch(x, torch.arange(16), torch.zeros(16)), 1, 0.03)
+    assert not good.skipped and zest.value is not None and np.isfinite(zest.value)
+    store.close()
