@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,6 +95,16 @@ def test_train_writes_run_and_bank(tmp_path: Path, shards: tuple[Path, Path]) ->
         assert st.meta.committed_step == 9
 
 
+def assert_same_run(tmp_path: Path, full: Any, pieces: list[Any]) -> None:
+    """Run a/ (uninterrupted) and run b/ (stopped and resumed): same losses, bank and weights."""
+    assert [m["loss"] for m in full.metrics] == [m["loss"] for p in pieces for m in p.metrics]
+    with open_store(tmp_path / "a.npy") as a, open_store(tmp_path / "b.npy") as b:
+        assert np.array_equal(a.read_rows(0, a.n_rows), b.read_rows(0, b.n_rows))
+    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_resume_equals_uninterrupted(tmp_path: Path, shards: tuple[Path, Path]) -> None:
     tr, _ = shards
     cfg = tiny_config(kind="nce", nce_k=8, z="ema")
@@ -104,12 +115,7 @@ def test_resume_equals_uninterrupted(tmp_path: Path, shards: tuple[Path, Path]) 
     rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
                  log=lambda m: None)
     assert rest.epochs == 3
-    assert [m["loss"] for m in full.metrics] == [m["loss"] for m in part.metrics + rest.metrics]
-    with open_store(tmp_path / "a.npy") as a, open_store(tmp_path / "b.npy") as b:
-        assert np.array_equal(a.read_rows(0, a.n_rows), b.read_rows(0, b.n_rows))
-    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_same_run(tmp_path, full, [part, rest])
 
 
 def test_bad_inputs(tmp_path: Path, shards: tuple[Path, Path]) -> None:
@@ -140,12 +146,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, shards: tuple[Pat
     rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
                  log=lambda m: None)
     assert rest.step == full.step == 9
-    assert [m["loss"] for m in full.metrics] == [m["loss"] for m in part.metrics + rest.metrics]
-    with open_store(tmp_path / "a.npy") as a, open_store(tmp_path / "b.npy") as b:
-        assert np.array_equal(a.read_rows(0, a.n_rows), b.read_rows(0, b.n_rows))
-    sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
-    sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert_same_run(tmp_path, full, [part, rest])
 
 
 def test_gradient_accumulation_runs_and_counts_steps(tmp_path: Path,
