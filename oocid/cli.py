@@ -314,6 +314,8 @@ def bank_verify(
         raise VerifyError(f"{path}: {rep.n_bad} bad rows (first: {rows}); {detail}")
     print(f"{path}: ok ({rep.n_rows} rows x {rep.dim}, {rep.dtype}, max | |v|-1 | = "
           f"{rep.max_norm_error:.2e})")
+    for note in rep.notes:
+        print(f"note: {note}")
 
 
 @bank_app.command("init")
