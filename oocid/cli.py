@@ -80,6 +80,10 @@ def train(
     cache_mb: Annotated[float | None, typer.Option(help="Override bank.cache_mb: device cache "
                                                   "budget in MB (0: whole bank if it fits in a "
                                                   "quarter of free memory).")] = None,
+    tensorboard: Annotated[bool | None, typer.Option("--tensorboard/--no-tensorboard",
+                                                     help="Override train.tensorboard: per-epoch "
+                                                     "metrics to RUN/tb (needs `pip install "
+                                                     "tensorboard`).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, e.g. --set "
                                                    "loss.z=ema (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -93,6 +97,8 @@ def train(
                        ("train.checkpoint_every", checkpoint_every)):
         if value is not None:
             overrides.append(f"{key}={value}")
+    if tensorboard is not None:
+        overrides.append(f"train.tensorboard={json.dumps(tensorboard)}")
     for key, svalue in (("loss.kind", loss), ("model.arch", arch), ("train.device", device),
                         ("train.precision", precision), ("loss.negatives", negatives)):
         if svalue is not None:

@@ -85,6 +85,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA where supported, else 16; 32 on CPU) | 32 | 16 | bf16
     compile: bool = False  # torch.compile the model
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epochs only)
+    tensorboard: bool = False  # per-epoch metrics as TensorBoard scalars in RUN/tb (needs tensorboard)
 
 
 @dataclass

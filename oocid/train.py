@@ -46,6 +46,7 @@ from .shards import Manifest, read_manifest
 from .step import NPIDStep, StepOut, resolve_precision
 from .store import BankStore, check_matches, create_store, open_store
 from .stream import Batch, eval_batches, extract_features, image_channels, make_train_data
+from .tblog import TensorBoardLog, require_tensorboard
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,6 +129,8 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {manifest.n} samples "
                          f"({shards}); lower it or use loss.kind = \"softmax\" for small sets")
     device = resolve_device(cfg.train.device)
+    if cfg.train.tensorboard:
+        require_tensorboard()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if not resume and list_checkpoints(run_dir):
@@ -166,7 +169,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         path = checkpoint_for_step(run_dir, store.meta.committed_step)
         state = load_checkpoint(path)
         saved = config_from_dict(state["config"], str(path))
-        diff = config_diff(saved, cfg, ignore=("optim.epochs",))
+        diff = config_diff(saved, cfg, ignore=("optim.epochs", "train.tensorboard"))
         if diff:
             raise InputError(f"{path}: was written with a different config ({', '.join(diff)}); "
                              f"resume with the config saved in {run_dir / 'config.json'}")
@@ -191,11 +194,14 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     bank = make_cache(cfg, store, device, spe)
     if resume and bank_state is not None:
         bank.load_state_dict(bank_state)
+    tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard else None
     try:
         return _loop(cfg, manifest, val_manifest, run_dir, device, progress, max_epochs,
-                     max_steps, say, model, optimizer, zest, bank, data, epoch, step, partial)
+                     max_steps, say, model, optimizer, zest, bank, data, epoch, step, partial, tb)
     finally:
         bank.close()
+        if tb is not None:
+            tb.close()
 
 
 def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_epoch: int
@@ -215,8 +221,8 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
 def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_dir: Path,
           device: torch.device, progress: bool, max_epochs: int | None, max_steps: int | None,
           say: Any, model: Embedder, optimizer: torch.optim.Optimizer, zest: ZEstimator | None,
-          bank: ChunkCache, data: Any, epoch: int, step: int, partial: dict[str, Any] | None
-          ) -> RunResult:
+          bank: ChunkCache, data: Any, epoch: int, step: int, partial: dict[str, Any] | None,
+          tb: TensorBoardLog | None = None) -> RunResult:
     from tqdm import tqdm
 
     precision = resolve_precision(cfg.train.precision, device)
@@ -291,6 +297,8 @@ def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_di
         _checkpoint(cfg, run_dir, model, optimizer, zest, bank, manifest, epoch, step, None)
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
+        if tb is not None:
+            tb.write(rec)
         result.metrics.append(rec)
         say("oocid: " + " ".join(f"{k}={_fmt(v)}" for k, v in rec.items()))
         if stop_step is not None and step >= stop_step:
