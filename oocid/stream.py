@@ -122,11 +122,33 @@ def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips:
     return images, labels, valid
 
 
+def local_order(valid_index: Tensor, chunk_rows: int, group_chunks: int, g: torch.Generator
+                ) -> Tensor:
+    """A permutation of `valid_index` that visits the bank chunk by chunk: chunks in random
+    order, taken `group_chunks` at a time, samples shuffled within each group.
+
+    With a partial bank cache, a batch then touches at most two groups' chunks, so the cache's
+    pool of positives does not thrash (a global permutation touches every chunk every step).
+    The shards were written in a seeded random order, so a group is still a random sample of the
+    data set; the grouping changes every epoch."""
+    chunk = valid_index // chunk_rows  # (M,) chunk of each valid row
+    n_chunks = int(chunk.max().item()) + 1 if len(chunk) else 0
+    rank = torch.empty(n_chunks, dtype=torch.int64)
+    rank[torch.randperm(n_chunks, generator=g)] = torch.arange(n_chunks)
+    group = rank[chunk] // group_chunks  # (M,) which group each row falls in
+    key = group.double() + torch.rand(len(valid_index), generator=g, dtype=torch.float64) * 0.5
+    return valid_index[torch.argsort(key)]
+
+
 class InMemoryData:
-    """The whole set as a uint8 tensor on the device, batched augmentation there."""
+    """The whole set as a uint8 tensor on the device, batched augmentation there.
+
+    `chunk_rows` > 0 (a partial bank cache) orders each epoch chunk-locally (`local_order`);
+    0 draws a global random permutation."""
 
     def __init__(self, manifest: Manifest, channels: int, batch_size: int, augment: BatchAugment,
-                 seed: int, device: torch.device, progress: bool = False) -> None:
+                 seed: int, device: torch.device, progress: bool = False, chunk_rows: int = 0,
+                 group_chunks: int = 1) -> None:
         self.skips = SkipLog()
         imgs, labels, valid = decode_all(manifest, channels, progress, self.skips)
         self.n = manifest.n
@@ -137,13 +159,17 @@ class InMemoryData:
         self.augment = augment
         self.seed = seed
         self.device = device
+        self.chunk_rows, self.group_chunks = chunk_rows, group_chunks
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.valid_index) // self.batch_size)
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(mix_seed(self.seed, 1, epoch))
-        order = self.valid_index[torch.randperm(len(self.valid_index), generator=g)]
+        if self.chunk_rows > 0:
+            order = local_order(self.valid_index, self.chunk_rows, self.group_chunks, g)
+        else:
+            order = self.valid_index[torch.randperm(len(self.valid_index), generator=g)]
         for step in range(start_step, self.steps_per_epoch()):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.device)
             ga = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, 2, epoch, step))
@@ -261,8 +287,11 @@ class StreamData:
 
 
 def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.device,
-                    progress: bool = False) -> InMemoryData | StreamData:
-    """The training data path chosen by `data.in_memory` (auto: in memory when it fits)."""
+                    progress: bool = False, chunk_rows: int = 0) -> InMemoryData | StreamData:
+    """The training data path chosen by `data.in_memory` (auto: in memory when it fits).
+
+    `chunk_rows` > 0 when the bank cache is partial: in-memory batches then go chunk-locally
+    (the stream is chunk-local by construction: shard order, a bounded shuffle buffer)."""
     channels = image_channels(manifest)
     mean, std = _stats_for(data_cfg, channels)
     use_mem = data_cfg.in_memory == "yes" or (
@@ -272,7 +301,9 @@ def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.
 
         aug = batch_augment_for(data_cfg.augment, data_cfg.image_size, mean, std,
                                 data_cfg.crop_scale_min)
-        return InMemoryData(manifest, channels, data_cfg.batch_size, aug, seed, device, progress)
+        group = -(-data_cfg.batch_size // chunk_rows) if chunk_rows > 0 else 1
+        return InMemoryData(manifest, channels, data_cfg.batch_size, aug, seed, device, progress,
+                            chunk_rows, group)
     tf = sample_transform(data_cfg.augment, data_cfg.image_size, mean, std,
                           data_cfg.crop_scale_min, train=True)
     return StreamData(manifest, channels, data_cfg.batch_size, tf, seed, device, data_cfg.workers,

@@ -45,7 +45,14 @@ from .models import Embedder, build_model
 from .shards import Manifest, read_manifest
 from .step import NPIDStep, StepOut, resolve_precision
 from .store import BankStore, check_matches, create_store, open_store
-from .stream import Batch, eval_batches, extract_features, image_channels, make_train_data
+from .stream import (
+    Batch,
+    InMemoryData,
+    eval_batches,
+    extract_features,
+    image_channels,
+    make_train_data,
+)
 from .tblog import TensorBoardLog, require_tensorboard
 
 
@@ -189,9 +196,11 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
 
-    data = make_train_data(manifest, cfg.data, cfg.train.seed, device, progress)
+    cache_partial = cache_budget_rows(cfg, store, device) < store.n_rows
+    data = make_train_data(manifest, cfg.data, cfg.train.seed, device, progress,
+                           chunk_rows=store.chunk_rows if cache_partial else 0)
     spe = -(-data.steps_per_epoch() // cfg.optim.accumulate)  # optimiser steps (end_step calls)
-    bank = make_cache(cfg, store, device, spe)
+    bank = make_cache(cfg, store, device, spe, in_memory=isinstance(data, InMemoryData))
     if resume and bank_state is not None:
         bank.load_state_dict(bank_state)
     tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard else None
@@ -204,17 +213,27 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
             tb.close()
 
 
-def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_epoch: int
-               ) -> ChunkCache:
-    """The device cache with the configured budget (rows = MB / (4 D))."""
+def cache_budget_rows(cfg: Config, store: BankStore, device: torch.device) -> int:
+    """Rows the device cache may hold: --cache-mb / (4 D), or the default budget."""
     if cfg.bank.cache_mb > 0:
-        budget = int(cfg.bank.cache_mb * 2**20) // (store.dim * 4)
-    else:
-        budget = default_cache_rows(store.n_rows, store.dim, device)
+        return int(cfg.bank.cache_mb * 2**20) // (store.dim * 4)
+    return default_cache_rows(store.n_rows, store.dim, device)
+
+
+def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_epoch: int,
+               in_memory: bool = False) -> ChunkCache:
+    """The device cache with the configured budget (rows = MB / (4 D)).
+
+    The pool for the positives is sized for the data order: a stream's shuffle buffers, or the
+    two groups of chunks that a chunk-local in-memory batch can span (`stream.local_order`)."""
+    budget = cache_budget_rows(cfg, store, device)
     pool = cfg.bank.pool_chunks or None
     if pool is None and budget < store.n_rows:
-        pool = default_pool_chunks(budget, store.chunk_rows, cfg.data.workers,
-                                   cfg.data.shuffle_buffer)
+        if in_memory:
+            pool = 2 * -(-cfg.data.batch_size // store.chunk_rows) + 2  # + a short group, a short chunk
+        else:
+            pool = default_pool_chunks(budget, store.chunk_rows, cfg.data.workers,
+                                       cfg.data.shuffle_buffer)
     return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)
 
 

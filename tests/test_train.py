@@ -198,3 +198,39 @@ def test_non_finite_batch_does_not_poison_z(tmp_path: Path) -> None:
     good = step(Batch(x, torch.arange(16), torch.zeros(16)), 1, 0.03)
     assert not good.skipped and zest.value is not None and np.isfinite(zest.value)
     store.close()
+
+
+def test_local_order_is_a_permutation_that_keeps_batches_on_few_chunks() -> None:
+    from oocid.stream import local_order
+
+    valid = torch.tensor([i for i in range(1000) if i % 37 != 5])  # some rows skipped as bad
+    g = torch.Generator().manual_seed(0)
+    order = local_order(valid, chunk_rows=50, group_chunks=2, g=g)
+    assert sorted(order.tolist()) == valid.tolist()
+    for s in range(0, len(order), 64):  # batch 64 <= a group's rows: at most 2 groups + 1
+        assert len(torch.unique(order[s:s + 64] // 50)) <= 2 * 2 + 1
+    again = local_order(valid, 50, 2, torch.Generator().manual_seed(0))
+    other = local_order(valid, 50, 2, torch.Generator().manual_seed(1))
+    assert torch.equal(order, again) and not torch.equal(order, other)
+
+
+def test_in_memory_data_with_a_partial_cache_reads_each_chunk_few_times(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A global permutation touches every chunk every step and thrashes the positives' pool;
+    the chunk-local order keeps loads per epoch near the number of chunks."""
+    import oocid.train as tr_mod
+
+    npz = tiny_npz(tmp_path / "t.npz", n=640)
+    shards = tmp_path / "s"
+    write_shards(npz, shards, shard_size=16, seed=0, progress=False)  # 40 chunks
+    cfg = tiny_config(kind="infonce", nce_k=64, negatives="shared")
+    cfg.optim.epochs = 2
+    cfg.bank.cache_mb = 16 * 12 * 128 * 4 / 2**20  # 12 chunks of 16 rows: 30 % of the bank
+    caches: list[Any] = []
+    make = tr_mod.make_cache
+    monkeypatch.setattr(tr_mod, "make_cache", lambda *a, **k: caches.append(make(*a, **k)) or caches[-1])
+    res = train(cfg, shards, tmp_path / "b.npy", tmp_path / "run", progress=False, log=lambda m: None)
+    (cache,) = caches
+    assert not cache.full and res.step == 2 * 20
+    assert cache.chunk_loads <= 2 * 40 * 2, cache.chunk_loads  # window once + positives once, per epoch
+    assert verify_store(tmp_path / "b.npy").ok
