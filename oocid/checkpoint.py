@@ -10,11 +10,15 @@ Commit order at a checkpoint (what makes a kill at any moment safe):
   3. point `last.pt` at the new file and delete older checkpoints.
 On resume the bank's committed step names the checkpoint to load: a kill before 2 leaves the
 bank at the previous step, whose checkpoint still exists; a kill after 2 leaves both new.
+An epoch's line in `metrics.jsonl` is appended after its checkpoint; the epoch-end checkpoint
+holds that line too, so `repair_metrics` restores it on resume if a kill came in between.
 """
 
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
 import re
 from pathlib import Path
@@ -42,11 +46,17 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """torch.save to `path` via a temporary file, fsync and rename; WriteError on failure
-    (the file previously at `path`, if any, is untouched)."""
+    (the file previously at `path`, if any, is untouched).
+
+    The object is serialised in memory first: torch.save writing to a file that hits a full
+    disk or the file size limit raises a RuntimeError that hides the errno ("unexpected pos"),
+    while a plain write raises the OSError that says what happened."""
     tmp = path.with_name(path.name + ".tmp")
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(buf.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,7 +66,9 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        reason = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
+        reason = e.strerror or str(e)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            reason = f"disk full ({reason})"
         raise WriteError(f"{path}: could not write checkpoint: {reason}") from None
 
 
@@ -96,7 +108,10 @@ def finish_checkpoint(run_dir: Path, step: int) -> None:
         raise WriteError(f"{last}: could not update: {e.strerror}") from None
     for s, p in list_checkpoints(run_dir).items():
         if s != step:
-            p.unlink(missing_ok=True)
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass  # an older checkpoint left behind is harmless: the bank names the one to load
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -121,3 +136,35 @@ def checkpoint_for_step(run_dir: Path, step: int) -> Path:
     have = ", ".join(str(s) for s in sorted(found)) or "none"
     raise DataError(f"{run_dir}: no checkpoint for the bank's committed step {step} "
                     f"(checkpoints at steps: {have})")
+
+
+def repair_metrics(path: Path, epoch: int, record: dict[str, Any] | None) -> None:
+    """Make the run's metrics log agree with a checkpoint after `epoch` whole epochs (resume).
+
+    An epoch's line is appended after its checkpoint commits, so a kill in between loses it and
+    a kill during the append cuts it: keep one parseable line per epoch up to `epoch`, and add
+    the checkpoint's own `record` of epoch `epoch` when the line is missing. Rewritten
+    atomically, only when something changes."""
+    try:
+        lines = path.read_text().splitlines() if path.exists() else []
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable metrics log ({e})") from None
+    keep: dict[int, str] = {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            continue  # cut by a kill
+        if isinstance(rec, dict) and type(rec.get("epoch")) is int and 1 <= rec["epoch"] <= epoch:
+            keep.setdefault(rec["epoch"], line)
+    if record is not None and record.get("epoch") == epoch and epoch not in keep:
+        keep[epoch] = json.dumps(record)
+    out = [keep[e] for e in sorted(keep)]
+    if out == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text("".join(x + "\n" for x in out))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"{path}: could not repair the metrics log: {e.strerror or e}") from None

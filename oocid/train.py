@@ -27,6 +27,7 @@ from .checkpoint import (
     finish_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    repair_metrics,
     save_checkpoint,
 )
 from .config import Config, config_from_dict
@@ -192,6 +193,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         epoch, step = int(state["epoch"]), int(state["step"])
         bank_state = state.get("bank_cache")
         partial = state.get("partial_epoch")
+        repair_metrics(run_dir / "metrics.jsonl", epoch, state.get("epoch_metrics"))
         torch.set_rng_state(state["rng"]["torch"])
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
@@ -313,7 +315,7 @@ def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_di
                               cfg.train.knn_k, cfg.train.knn_temperature,
                               num_classes_of(manifest, train_labels.numpy()))
             rec["knn_top1"], rec["knn_top5"] = acc["top1"], acc["top5"]
-        _checkpoint(cfg, run_dir, model, optimizer, zest, bank, manifest, epoch, step, None)
+        _checkpoint(cfg, run_dir, model, optimizer, zest, bank, manifest, epoch, step, None, rec)
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         if tb is not None:
@@ -412,9 +414,11 @@ def _fmt(v: Any) -> str:
 
 def _checkpoint(cfg: Config, run_dir: Path, model: Embedder, optimizer: torch.optim.Optimizer,
                 zest: ZEstimator | None, bank: ChunkCache, manifest: Manifest, epoch: int,
-                step: int, partial: EpochTotals | None) -> None:
+                step: int, partial: EpochTotals | None, record: dict[str, Any] | None = None
+                ) -> None:
     """Checkpoint after `epoch` whole epochs and `step` optimiser steps; `partial` holds the
-    running totals when it is written inside an epoch."""
+    running totals when it is written inside an epoch, `record` the epoch's metrics line at its
+    end (restored by `repair_metrics` if a kill lands before the line is appended)."""
     state = {
         "format": "oocid-checkpoint",
         "version": __version__,
@@ -433,6 +437,7 @@ def _checkpoint(cfg: Config, run_dir: Path, model: Embedder, optimizer: torch.op
         "rng": {"torch": torch.get_rng_state()},
         "bank_cache": bank.state_dict(),
         "partial_epoch": dataclasses.asdict(partial) if partial is not None else None,
+        "epoch_metrics": record,
     }
     save_checkpoint(run_dir, step, state)
     bank.commit(step)
