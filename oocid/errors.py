@@ -8,7 +8,9 @@ traceback reaches the user. Exit codes (documented in the README):
     2  bad input: missing or malformed path, file, config or option
     3  data error: unreadable shard, manifest/bank mismatch
     4  I/O error while writing (disk full, permission)
-    5  training diverged (non-finite loss that cannot be skipped)
+    5  training diverged (every step of a long run of steps gave non-finite values)
+   70  internal error (a bug), printed by the CLI for any other exception
+  130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
@@ -47,3 +49,9 @@ class VerifyError(OocidError):
     """A verification found problems."""
 
     exit_code = 1
+
+
+class DivergedError(OocidError):
+    """Training diverged: steps keep giving non-finite features or loss (each one skipped)."""
+
+    exit_code = 5

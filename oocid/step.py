@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .bank import momentum_update
 from .config import Config
+from .errors import DivergedError
 from .losses import (
     ZEstimator,
     infonce_from_scores,
@@ -29,6 +30,8 @@ from .losses import (
 )
 from .models import Embedder
 from .stream import Batch, mix_seed
+
+MAX_SKIPS_IN_A_ROW = 20  # then training has diverged (NaN weights): stop instead of spinning
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -69,6 +72,7 @@ class NPIDStep:
     seed: int
     precision: str = "32"
     skipped: int = 0
+    skipped_in_a_row: int = 0
     scaler: Any = field(default=None, init=False)
     last_features: Tensor | None = field(default=None, init=False)
 
@@ -123,6 +127,12 @@ class NPIDStep:
             if not finite or not bool(torch.isfinite(loss)):
                 # never write a non-finite feature into the bank: skip, count, carry on
                 self.skipped += 1
+                self.skipped_in_a_row += 1
+                if self.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise DivergedError(
+                        f"training diverged: {self.skipped_in_a_row} steps in a row (up to step "
+                        f"{step}) gave non-finite features or loss; none reached the bank and the "
+                        "last checkpoint is intact; lower optim.lr (or use train.precision = 32)")
                 self.optimizer.zero_grad(set_to_none=True)
                 self._end_step()
                 return StepOut(float("nan"), True, z)
@@ -144,6 +154,7 @@ class NPIDStep:
                 new = momentum_update(self.bank.gather(b.index), f, self.cfg.bank.momentum)
                 self.bank.update(b.index, new)
         self._end_step()
+        self.skipped_in_a_row = 0
         return StepOut(total / max(n_all, 1), False, z)
 
     def _end_step(self) -> None:
