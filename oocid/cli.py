@@ -59,7 +59,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Override optim.epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Override data.batch_size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Override optim.lr.")] = None,
-    loss: Annotated[str | None, typer.Option(help="Override loss.kind: nce | softmax | infonce.")
+    loss: Annotated[str | None, typer.Option(help="Override loss.kind: auto | softmax | nce | "
+                                             "infonce (auto: softmax when the bank fits the "
+                                             "device cache, else infonce).")
                     ] = None,
     nce_k: Annotated[int | None, typer.Option(help="Override loss.nce_k (negatives).")] = None,
     arch: Annotated[str | None, typer.Option(help="Override model.arch: small | resnet18 | "

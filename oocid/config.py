@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "nce"  # nce | softmax | infonce
+    kind: str = "auto"  # auto (measured default per regime, auto_loss) | softmax | nce | infonce
     nce_k: int = 4096  # negatives per sample (K, the paper's m)
     temperature: float = 0.07
     z: str = "oneshot"  # oneshot (official) | ema (moving average)
@@ -108,7 +108,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("small", "resnet18", "resnet50", "cifar_resnet18"),
     "data.augment": ("imagenet", "cifar", "gray"),
     "data.in_memory": ("auto", "yes", "no"),
-    "loss.kind": ("nce", "softmax", "infonce"),
+    "loss.kind": ("auto", "nce", "softmax", "infonce"),
     "loss.z": ("oneshot", "ema"),
     "loss.negatives": ("per-sample", "shared"),
     "optim.schedule": ("step", "cosine"),
@@ -255,3 +255,9 @@ def demo_config() -> Config:
     cfg.train.knn_temperature = 0.07
     cfg.train.eval_every = 0
     return cfg
+
+
+def auto_loss(fits: bool) -> str:
+    """The default loss.kind of a size regime, chosen by measurement (tools/bench_accuracy.py,
+    README "Which loss"): `fits` when the whole bank fits the device cache."""
+    return "softmax" if fits else "infonce"

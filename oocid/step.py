@@ -82,6 +82,8 @@ class NPIDStep:
 
     def loss(self, f: Tensor, index: Tensor, step: int) -> tuple[Tensor, float | None]:
         lc = self.cfg.loss
+        if lc.kind == "auto":
+            raise ValueError('loss.kind "auto" must be resolved first (oocid.train.resolve_loss)')
         if lc.kind == "softmax":
             return softmax_loss(f, self.bank.all_rows(), index, lc.temperature), None
         b = f.shape[0]

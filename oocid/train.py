@@ -9,6 +9,7 @@ B batch, K negatives, D dims, N bank rows.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -30,7 +31,7 @@ from .checkpoint import (
     repair_metrics,
     save_checkpoint,
 )
-from .config import Config, config_from_dict
+from .config import Config, auto_loss, config_from_dict
 from .errors import DataError, InputError
 from .evaluate import (
     check_same_classes,
@@ -132,11 +133,12 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     val_manifest = read_manifest(val) if val is not None else None
     if val_manifest is not None:
         check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
+    device = resolve_device(cfg.train.device)
+    cfg = resolve_loss(cfg, manifest.n, device, say)
     lc = cfg.loss
     if lc.kind in ("nce", "infonce") and lc.nce_k >= manifest.n:
         raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {manifest.n} samples "
                          f"({shards}); lower it or use loss.kind = \"softmax\" for small sets")
-    device = resolve_device(cfg.train.device)
     if cfg.train.tensorboard:
         require_tensorboard()
     if cfg.train.threads > 0:
@@ -215,11 +217,28 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
             tb.close()
 
 
-def cache_budget_rows(cfg: Config, store: BankStore, device: torch.device) -> int:
+def cache_budget_rows(cfg: Config, store: BankStore | None, device: torch.device,
+                      n_rows: int = 0) -> int:
     """Rows the device cache may hold: --cache-mb / (4 D), or the default budget."""
+    n, dim = (store.n_rows, store.dim) if store is not None else (n_rows, cfg.model.dim)
     if cfg.bank.cache_mb > 0:
-        return int(cfg.bank.cache_mb * 2**20) // (store.dim * 4)
-    return default_cache_rows(store.n_rows, store.dim, device)
+        return int(cfg.bank.cache_mb * 2**20) // (dim * 4)
+    return default_cache_rows(n, dim, device)
+
+
+def resolve_loss(cfg: Config, n_rows: int, device: torch.device, say: Any = None) -> Config:
+    """`loss.kind = "auto"` -> the measured default of the size regime (`config.auto_loss`):
+    the exact softmax when the whole bank fits the device cache, sampled negatives otherwise.
+    Returns a copy with the kind set (what config.json and the checkpoints record)."""
+    if cfg.loss.kind != "auto":
+        return cfg
+    fits = cache_budget_rows(cfg, None, device, n_rows) >= n_rows
+    out = copy.deepcopy(cfg)
+    out.loss.kind = auto_loss(fits)
+    if say is not None:
+        say(f"oocid: loss.kind = auto -> {out.loss.kind} (the bank of {n_rows} rows "
+            + ("fits" if fits else "does not fit") + " the device cache)")
+    return out
 
 
 def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_epoch: int,

@@ -234,3 +234,27 @@ def test_in_memory_data_with_a_partial_cache_reads_each_chunk_few_times(
     assert not cache.full and res.step == 2 * 20
     assert cache.chunk_loads <= 2 * 40 * 2, cache.chunk_loads  # window once + positives once, per epoch
     assert verify_store(tmp_path / "b.npy").ok
+
+
+def test_auto_loss_is_softmax_when_the_bank_fits_and_infonce_when_not(
+        tmp_path: Path, shards: tuple[Path, Path]) -> None:
+    from oocid.config import LossConfig
+    from oocid.train import resolve_loss
+
+    assert LossConfig().kind == "auto"
+    cfg = tiny_config(kind="auto")
+    cpu = torch.device("cpu")
+    assert resolve_loss(cfg, 96, cpu).loss.kind == "softmax"
+    cfg.bank.cache_mb = 16 * 5 * 128 * 4 / 2**20  # 5 chunks of 16 rows out of 96: does not fit
+    said: list[str] = []
+    out = resolve_loss(cfg, 96, cpu, said.append)
+    assert out.loss.kind == "infonce" and cfg.loss.kind == "auto" and "does not fit" in said[0]
+    # a run records the resolved kind and resumes with "auto" again
+    tr = tmp_path / "s16"
+    write_shards(shards[0].parent / "tiny.npz", tr, shard_size=16, seed=0, progress=False)
+    cfg.loss.nce_k, cfg.optim.epochs = 16, 2
+    train(cfg, tr, tmp_path / "b.npy", tmp_path / "run", progress=False, max_epochs=1, log=lambda m: None)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["loss"]["kind"] == "infonce"
+    res = train(cfg, tr, tmp_path / "b.npy", tmp_path / "run", progress=False, resume=True,
+                log=lambda m: None)
+    assert res.epochs == 2
