@@ -6,7 +6,9 @@ Its samples are shuffled once with `numpy.random.default_rng(seed)` and numbered
 that order; shard s holds the contiguous indices [s*S, min((s+1)*S, N)). Per sample, with
 key = f"{index:09d}":
 
-    {key}.{png|jpg|webp}  image bytes (JPEG/PNG/WEBP as given, other formats re-encoded to PNG)
+    {key}.{png|jpg|webp}  image bytes (JPEG/PNG/WEBP as given, other formats re-encoded to PNG;
+                          with `short_side` N > 0 (default 256), an image whose shorter side
+                          exceeds N is stored resized to N on that side, aspect kept, as JPEG)
     {key}.json            {"index": i, "label": y or null, "path": source path}
     {key}.cls             label as ASCII digits (labeled sources only)
 
@@ -14,6 +16,11 @@ Tars are byte-deterministic (mtime 0, uid/gid 0, mode 0o644): the same source an
 the same shards and the same manifest identity. Each shard is written to a temp name and
 renamed; manifest.json is written last, atomically. Unreadable inputs are skipped, reported
 on stderr and listed in the manifest; they take no index.
+
+Storing images at a training size is the usual practice (FFCV and others write resized
+ImageNet): RandomResizedCrop(224) and Resize(256) + CenterCrop(224) need no more than a 256 px
+shorter side, and decoding a 500x375 JPEG costs ~2.5x a 341x256 one. The manifest's
+image_stats record the option ("resize") and the original sizes ("original").
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from oocid.errors import DataError, InputError, OocidError, WriteError
 
 MANIFEST_NAME = "manifest.json"
 DEFAULT_SHARD_SIZE = 4096
+DEFAULT_SHORT_SIDE = 256  # store images with a shorter side above this resized to it (0: never)
+DEFAULT_QUALITY = 90  # JPEG quality of resized images
 FORMAT = "oocid-shards"
 VERSION = 1
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -84,6 +93,11 @@ class Manifest:
     def shard_paths(self) -> list[Path]:
         return [self.root / s.name for s in self.shards]
 
+    @property
+    def spans(self) -> dict[str, tuple[int, int]]:
+        """Shard file name -> its [start, stop) indices (the `span` of `iter_samples`)."""
+        return {s.name: (s.start, s.stop) for s in self.shards}
+
 
 @dataclass(frozen=True)
 class RawSample:
@@ -115,6 +129,8 @@ class _Encoded:
     height: int
     width: int
     channels: int
+    orig_height: int = 0  # the source's size where it was resized, else 0
+    orig_width: int = 0
 
 
 @dataclass
@@ -123,12 +139,37 @@ class _Source:
     labels: list[int] | None  # (M,) or None if unlabeled
     classes: tuple[str, ...] | None
     skipped: list[dict]  # non-image files met while listing
-    encode: Callable[[int], _Encoded]  # candidate position -> checked image bytes
+    encode: Callable[[int, int, int], _Encoded]  # (position, short side, quality) -> checked bytes
 
 
-def _encode_bytes(data: bytes) -> _Encoded:
-    """Fully decode `data`; keep JPEG/PNG/WEBP bytes as is, re-encode others to PNG."""
+def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """(w, h) with the shorter side `short`, the longer int(short * long / short_side), as
+    torchvision's Resize(short) computes it."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def _shrink(img: Image.Image, short: int, quality: int) -> _Encoded:
+    """Decode (a JPEG at reduced size down to 2x the target, like Image.thumbnail), resize with
+    bicubic antialiasing to the shorter side `short`, encode as JPEG (mode L or RGB)."""
+    width, height = img.size
+    nw, nh = _resized_size(width, height, short)
+    img.draft(img.mode, (2 * nw, 2 * nh))
+    img.load()
+    mode = "L" if img.mode in _GRAY_MODES or img.mode == "LA" else "RGB"
+    small = img.convert(mode).resize((nw, nh), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=quality)
+    return _Encoded(buf.getvalue(), "jpg", nh, nw, 1 if mode == "L" else 3, height, width)
+
+
+def _encode_bytes(data: bytes, short: int = 0, quality: int = DEFAULT_QUALITY) -> _Encoded:
+    """Fully decode `data`; keep JPEG/PNG/WEBP bytes as is, re-encode others to PNG; an image
+    whose shorter side exceeds `short` > 0 is resized (`_shrink`)."""
     with Image.open(io.BytesIO(data)) as img:
+        if short > 0 and min(img.size) > short:
+            return _shrink(img, short, quality)
         img.load()
         width, height = img.size
         if img.format in _KEEP:
@@ -204,8 +245,8 @@ def _folder_source(src: Path) -> _Source:
     if not rel:
         raise InputError(f"{src}: no image files found ({', '.join(sorted(IMAGE_EXTS))})")
 
-    def encode(i: int) -> _Encoded:
-        return _encode_bytes((src / rel[i]).read_bytes())
+    def encode(i: int, short: int, quality: int) -> _Encoded:
+        return _encode_bytes((src / rel[i]).read_bytes(), short, quality)
 
     return _Source([p.as_posix() for p in rel], labels, classes, skipped, encode)
 
@@ -254,12 +295,15 @@ def _npz_source(src: Path, split: str) -> _Source:
         label_list = [int(y) for y in labels]
     tag = split if prefix else "images"
 
-    def encode(i: int) -> _Encoded:
+    def encode(i: int, short: int, quality: int) -> _Encoded:
         a = images[i]
         if a.ndim == 3 and a.shape[2] == 1:
             a = a[:, :, 0]
         h, w = a.shape[:2]
-        data = _png(Image.fromarray(np.ascontiguousarray(a)))  # (H, W) -> L, (H, W, 3) -> RGB
+        img = Image.fromarray(np.ascontiguousarray(a))  # (H, W) -> L, (H, W, 3) -> RGB
+        if short > 0 and min(h, w) > short:
+            return _shrink(img, short, quality)
+        data = _png(img)
         return _Encoded(data, "png", h, w, 1 if a.ndim == 2 else 3)
 
     return _Source([f"npz:{tag}:{i}" for i in range(n)], label_list, classes, [], encode)
@@ -376,21 +420,25 @@ def _prepare_out(out: Path, src: Path) -> None:
         raise WriteError(f"{out}: cannot prepare output folder: {e}") from None
 
 
-def _stats(encs: list[tuple[int, int, int, str]]) -> dict:
-    """{"height"/"width": {min, max, mean}, "channels"/"formats": {value: count}}."""
-    hs = np.array([e[0] for e in encs])
-    ws = np.array([e[1] for e in encs])
+def _stats(encs: list[_Encoded], short: int, quality: int) -> dict:
+    """{"height"/"width": {min, max, mean} as stored, "channels"/"formats": {value: count},
+    "original": the sources' "height"/"width", "resize": {short_side, quality, resized}}."""
 
-    def mmm(a: np.ndarray) -> dict:
+    def mmm(values: list[int]) -> dict:
+        a = np.array(values)
         return {"min": int(a.min()), "max": int(a.max()), "mean": float(a.mean())}
 
-    channels = Counter(str(e[2]) for e in encs)
-    formats = Counter(e[3] for e in encs)
+    channels = Counter(str(e.channels) for e in encs)
+    formats = Counter(e.ext for e in encs)
+    resized = sum(1 for e in encs if e.orig_height)
     return {
-        "height": mmm(hs),
-        "width": mmm(ws),
+        "height": mmm([e.height for e in encs]),
+        "width": mmm([e.width for e in encs]),
         "channels": dict(sorted(channels.items())),
         "formats": dict(sorted(formats.items())),
+        "original": {"height": mmm([e.orig_height or e.height for e in encs]),
+                     "width": mmm([e.orig_width or e.width for e in encs])},
+        "resize": {"short_side": short, "quality": quality, "resized": resized},
     }
 
 
@@ -411,16 +459,24 @@ def write_shards(
     seed: int = 0,
     split: str = "train",
     progress: bool = True,
+    short_side: int = DEFAULT_SHORT_SIDE,
+    quality: int = DEFAULT_QUALITY,
 ) -> Manifest:
     """Shard `src` (folder or .npz) into `out`; return the manifest written last.
 
     `split` picks `{split}_images`/`{split}_labels` of an npz that has no `images` array.
+    Images whose shorter side exceeds `short_side` are stored resized to it (JPEG `quality`);
+    the others byte for byte; `short_side` 0 stores every image as given.
     """
     src, out = Path(src), Path(out)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard size must be a positive integer, got {shard_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 0:
+        raise InputError(f"short side must be a non-negative integer (0: keep sizes), got {short_side!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InputError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise InputError(f"{out}: output folder must not be inside the source folder {src}")
     source = _open_source(src, split)
@@ -430,7 +486,7 @@ def write_shards(
     _prepare_out(out, src)
 
     writer = _ShardWriter(out, shard_size)
-    sizes: list[tuple[int, int, int, str]] = []
+    sizes: list[_Encoded] = []
     order = np.random.default_rng(seed).permutation(len(source.paths))
     try:
         for j in tqdm(
@@ -438,14 +494,15 @@ def write_shards(
         ):
             path = source.paths[j]
             try:
-                enc = source.encode(j)
+                enc = source.encode(j, short_side, quality)
             except Exception as e:  # any decode failure: record, warn, go on
                 reason = " ".join(str(e).split()) or type(e).__name__
                 skipped.append({"path": path, "error": reason})
                 _warn(f"skipped {_shown(src, path)}: {reason}")
                 continue
             writer.add(enc, None if source.labels is None else source.labels[j], path)
-            sizes.append((enc.height, enc.width, enc.channels, enc.ext))
+            enc.data = b""  # written; keep only the sizes
+            sizes.append(enc)
         writer.finish()
     except OSError as e:
         writer.abort()
@@ -465,7 +522,7 @@ def write_shards(
         shard_size=shard_size,
         shards=shards,
         classes=source.classes,
-        image_stats=_stats(sizes),
+        image_stats=_stats(sizes, short_side, quality),
         source=str(src),
         seed=seed,
         skipped=tuple(skipped),
@@ -518,6 +575,26 @@ def _get(obj: dict, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     return v
 
 
+def _check_stats(stats: Any, where: str) -> dict:
+    """The manifest's image statistics, as `_stats` writes them; DataError otherwise."""
+    def count(v: Any) -> bool:
+        return type(v) is int and v >= 0
+
+    def mmm(d: Any) -> bool:
+        return (isinstance(d, dict) and set(d) == {"min", "max", "mean"}
+                and type(d["min"]) is int and type(d["max"]) is int and 1 <= d["min"] <= d["max"]
+                and type(d["mean"]) in (int, float) and d["min"] <= d["mean"] <= d["max"])
+
+    ok = (isinstance(stats, dict) and set(stats) == {"height", "width", "channels", "formats"}
+          and mmm(stats["height"]) and mmm(stats["width"])
+          and all(isinstance(stats[k], dict) and all(map(count, stats[k].values()))
+                  for k in ("channels", "formats")))
+    if not ok:
+        raise DataError(f"{where}: 'image_stats' must hold height and width {{min, max, mean}} "
+                        "and channels and formats counts")
+    return stats
+
+
 def _parse(obj: Any, root: Path, where: str) -> Manifest:
     """Validate the decoded JSON of a manifest; raises DataError on any bad content."""
     if not isinstance(obj, dict):
@@ -560,7 +637,7 @@ def _parse(obj: Any, root: Path, where: str) -> Manifest:
         shard_size=size,
         shards=tuple(shards),
         classes=None if classes is None else tuple(classes),
-        image_stats=_get(obj, "image_stats", dict, where),
+        image_stats=_check_stats(_get(obj, "image_stats", dict, where), where),
         source=_get(obj, "source", str, where),
         seed=_get(obj, "seed", int, where),
         skipped=tuple(skipped),
@@ -615,8 +692,9 @@ def _sample(shard: Path, key: str, members: dict[str, bytes]) -> RawSample:
     try:
         meta = json.loads(members["json"])
         index, label, path = meta["index"], meta["label"], meta["path"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{where}: bad json member: {e}") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__} {e}"
+        raise DataError(f"{where}: bad json member: {why}") from None
     ok = isinstance(index, int) and isinstance(path, str)
     if not ok or isinstance(index, bool) or not (label is None or type(label) is int):
         raise DataError(f"{where}: bad json member types")
@@ -625,9 +703,24 @@ def _sample(shard: Path, key: str, members: dict[str, bytes]) -> RawSample:
     return RawSample(key, index, label, members[images[0]], images[0], path)
 
 
-def iter_samples(path: Path) -> Iterator[RawSample]:
-    """Stream the raw samples of one tar shard, in order; DataError if it is corrupt."""
-    path = Path(path)
+def iter_samples(path: Path, span: tuple[int, int] | None = None) -> Iterator[RawSample]:
+    """Stream the raw samples of one tar shard, in order; DataError if it is corrupt.
+
+    With `span`, the manifest's [start, stop) of this shard, the samples must carry exactly the
+    indices start, start+1, ..., stop-1 (as `write_shards` writes them): a DataError otherwise,
+    so an index that does not match the manifest never reaches the bank."""
+    n = 0
+    for s in _iter_raw(Path(path)):
+        if span is not None and s.index != span[0] + n:
+            raise DataError(f"{path}: sample {s.key} has index {s.index} where the manifest's "
+                            f"range [{span[0]}, {span[1]}) expects {span[0] + n}")
+        n += 1
+        yield s
+    if span is not None and n != span[1] - span[0]:
+        raise DataError(f"{path}: holds {n} samples, the manifest lists {span[1] - span[0]}")
+
+
+def _iter_raw(path: Path) -> Iterator[RawSample]:
     try:
         with open(path, "rb") as f:
             tar = tarfile.open(fileobj=f, mode="r|")

@@ -103,7 +103,7 @@ def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips:
 
     bar = tqdm(total=manifest.n, desc="decode", unit="img", disable=not progress, leave=False)
     for path in manifest.shard_paths():
-        for s in iter_samples(path):
+        for s in iter_samples(path, manifest.spans[path.name]):
             try:
                 img = decode_image(s.image, channels)
                 arr = np.asarray(img)
@@ -187,6 +187,7 @@ class ShardStream(IterableDataset):
                  shuffle: bool, shuffle_buffer: int, size: int) -> None:
         super().__init__()
         self.paths = manifest.shard_paths()
+        self.spans = manifest.spans
         self.channels = channels
         self.transform = transform
         self.seed = seed
@@ -202,7 +203,7 @@ class ShardStream(IterableDataset):
         blank = torch.zeros(self.channels, self.size, self.size)
         for path in paths:
             try:
-                for s in iter_samples(path):
+                for s in iter_samples(path, self.spans[path.name]):
                     label = -1 if s.label is None else int(s.label)
                     try:
                         img = decode_image(s.image, self.channels)
