@@ -133,10 +133,15 @@ def _check_value(where: str, name: str, ftype: Any, value: Any) -> Any:
     if ftype is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise InputError(f"{where}: {name} must be an integer, got {value!r}")
+        if not -2**63 <= value < 2**63:
+            raise InputError(f"{where}: {name} is out of range (a 64-bit integer)")
         return value
     if ftype is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{where}: {name} must be a number, got {value!r}")
+        if not (-1e300 < value < 1e300):  # also NaN; and no OverflowError from a huge int
+            shown = f"{value!r}" if isinstance(value, float) else "a huge integer"
+            raise InputError(f"{where}: {name} must be a finite number, got {shown}")
         return float(value)
     if ftype is str:
         if not isinstance(value, str):
@@ -203,7 +208,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None,
             raise InputError(f"{path}: config file not found")
         try:
             data = tomllib.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, an int of > 4300 digits
             raise InputError(f"{path}: not valid TOML: {e}") from None
         apply_mapping(cfg, data, str(path))
     for item in overrides or []:
@@ -222,7 +227,7 @@ def parse_override(item: str) -> dict[str, Any]:
         raise InputError(f"override {item!r}: expected SECTION.KEY=VALUE")
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
+    except ValueError:  # TOMLDecodeError, or an int of > 4300 digits
         value = raw.strip()
     return {parts[0]: {parts[1]: value}}
 

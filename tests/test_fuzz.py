@@ -1,0 +1,300 @@
+"""Fuzzing the readers: generated manifests, configs and tar shards give a result or an
+OocidError (a one-line message for the user), never another exception (a traceback).
+
+Readers covered: `shards.read_manifest` (+ the stream's use of the manifest's image statistics),
+`config.load_config` / `parse_override` / `config_from_dict`, `shards.iter_samples` and the
+training stream's decode of a shard (`stream.StreamData`, `stream.decode_all`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from oocid.config import Config, config_from_dict, load_config, parse_override
+from oocid.errors import OocidError
+from oocid.shards import MANIFEST_NAME, Manifest, iter_samples, read_manifest, write_shards
+from oocid.stream import StreamData, decode_all, fits_in_memory, image_channels, same_size
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+
+SCALARS = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats()
+           | st.text(max_size=12))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+
+
+def must_not_leak(fn: Any, *args: Any) -> Any:
+    """fn(*args), or None when it raised an OocidError; any other exception fails the test."""
+    try:
+        return fn(*args)
+    except OocidError as e:
+        assert "\n" not in str(e), str(e)
+        return None
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    root = tmp_path_factory.mktemp("fuzz")
+    rng = np.random.default_rng(0)
+    np.savez(root / "d.npz", images=rng.integers(0, 256, (7, 6, 5), dtype=np.uint8),
+             labels=np.arange(7) % 2)
+    return write_shards(root / "d.npz", root / "s", shard_size=3, progress=False)
+
+
+# ---- manifests --------------------------------------------------------------------------------
+
+
+def set_at(obj: Any, path: list[Any], value: Any, delete: bool) -> Any:
+    """A copy of JSON `obj` with the item at `path` (keys / indices, as far as they exist)
+    replaced by `value`, or deleted."""
+    if not path or not isinstance(obj, (dict, list)) or not obj:
+        return value
+    out: Any = dict(obj) if isinstance(obj, dict) else list(obj)
+    key = path[0]
+    key = sorted(out)[key % len(out)] if isinstance(out, dict) else key % len(out)
+    if delete and len(path) == 1:
+        del out[key]
+        return out
+    out[key] = set_at(out[key], path[1:], value, delete)
+    return out
+
+
+def use_manifest(m: Manifest) -> None:
+    """What the trainer reads from a manifest beyond read_manifest itself."""
+    channels = image_channels(m)
+    same_size(m)
+    fits_in_memory(m, channels, 64)
+
+
+@SETTINGS
+@given(path=st.lists(st.integers(0, 50), min_size=1, max_size=4), value=JSON,
+       delete=st.booleans())
+def test_mutated_manifest(shard_dir: Manifest, path: list[int], value: Any, delete: bool) -> None:
+    """A valid manifest with one nested item replaced (or deleted) by arbitrary JSON."""
+    file = shard_dir.root / MANIFEST_NAME
+    good = file.read_text()
+    try:
+        file.write_text(json.dumps(set_at(json.loads(good), path, value, delete)))
+        m = must_not_leak(read_manifest, shard_dir.root)
+        if m is not None:
+            must_not_leak(use_manifest, m)
+    finally:
+        file.write_text(good)
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=200) | JSON.map(lambda v: json.dumps(v).encode())
+       | st.integers(1, 100_000).map(lambda d: b"[" * d + b"]" * d))
+def test_arbitrary_manifest_bytes(shard_dir: Manifest, raw: bytes) -> None:
+    file = shard_dir.root / MANIFEST_NAME
+    good = file.read_text()
+    try:
+        file.write_bytes(raw)
+        assert must_not_leak(read_manifest, shard_dir.root) is None
+    finally:
+        file.write_text(good)
+
+
+# ---- configs ----------------------------------------------------------------------------------
+
+VALID = Config().to_dict()
+KNOWN_KEYS = [(sec, key) for sec, keys in VALID.items() for key in keys]
+TOML_SCALARS = (st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=10))
+TOML_VALUES = st.recursive(TOML_SCALARS, lambda inner: st.lists(inner, max_size=3), max_leaves=6)
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")) if not math.isfinite(v) \
+            else repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)  # int or str (JSON string escapes are TOML basic-string escapes)
+
+
+def toml_text(sections: dict[str, dict[str, Any]]) -> str:
+    return "".join(f"[{json.dumps(sec)}]\n" + "".join(f"{json.dumps(k)} = {toml_value(v)}\n"
+                                                       for k, v in keys.items())
+                   for sec, keys in sections.items())
+
+
+@SETTINGS
+@given(changes=st.lists(st.tuples(st.sampled_from(KNOWN_KEYS) | st.tuples(
+    st.text(max_size=6), st.text(max_size=6)), TOML_VALUES), max_size=4))
+def test_mutated_config(tmp_path: Path, changes: list[tuple[tuple[str, str], Any]]) -> None:
+    """The valid default config with some keys (known or not) set to values of any type."""
+    sections: dict[str, dict[str, Any]] = {sec: dict(keys) for sec, keys in VALID.items()}
+    for (sec, key), value in changes:
+        sections.setdefault(sec, {})[key] = value
+    path = tmp_path / "c.toml"
+    path.write_text(toml_text(sections))
+    cfg = must_not_leak(load_config, path)
+    if cfg is not None:  # what loaded is in range: numbers finite, choices known
+        for sec in cfg.to_dict().values():
+            for v in sec.values():
+                assert not isinstance(v, float) or math.isfinite(v), cfg
+    must_not_leak(config_from_dict, sections)
+
+
+def test_numbers_out_of_range(tmp_path: Path) -> None:
+    """NaN, inf, 2**64 and an integer of more digits than Python converts (ValueError)."""
+    path = tmp_path / "c.toml"
+    for text, problem in (("lr = nan", "optim.lr must be a finite number, got nan"),
+                          ("lr = -inf", "optim.lr must be a finite number, got -inf"),
+                          (f"lr = {10**400}", "optim.lr must be a finite number, got a huge"),
+                          (f"epochs = {2**64}", "optim.epochs is out of range"),
+                          ("lr = " + "1" * 5000, "not valid TOML")):
+        path.write_text(f"[optim]\n{text}\n")
+        with pytest.raises(OocidError, match=re.escape(f"{path}: {problem}")):
+            load_config(path)
+    with pytest.raises(OocidError, match="optim.lr must be a number"):
+        load_config(None, ["optim.lr=" + "1" * 5000])
+
+
+@SETTINGS
+@given(text=st.text(max_size=200) | st.binary(max_size=100).map(
+    lambda b: b.decode("latin-1")))
+def test_arbitrary_config_text(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    must_not_leak(load_config, path)
+
+
+@SETTINGS
+@given(item=st.text(max_size=40) | st.tuples(st.sampled_from(KNOWN_KEYS), st.text(max_size=12))
+       .map(lambda t: f"{t[0][0]}.{t[0][1]}={t[1]}"))
+def test_arbitrary_override(item: str) -> None:
+    must_not_leak(load_config, None, [item])
+    must_not_leak(parse_override, item)
+
+
+# ---- tar shards -------------------------------------------------------------------------------
+
+
+def png(rng: np.random.Generator) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (6, 5), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name[:99] or "x")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+KEYS = st.sampled_from(["000000000", "000000001", "000000002", "x", "a/b", "../up", ""])
+EXTS = st.sampled_from(["png", "jpg", "json", "cls", "PNG", "txt", "", "png.json"])
+
+
+@st.composite
+def member_data(draw: st.DrawFn, ext: str) -> bytes:
+    if ext == "json" and draw(st.booleans()):
+        meta = {"index": draw(st.integers(-5, 10) | st.booleans() | st.none() | st.text(max_size=3)
+                              | st.floats()),
+                "label": draw(st.none() | st.integers(-2, 3) | st.text(max_size=2)),
+                "path": draw(st.text(max_size=4) | st.integers())}
+        meta = {k: v for k, v in meta.items() if draw(st.booleans()) or k == "index"}
+        return json.dumps(meta).encode()
+    if ext == "json":
+        return draw(JSON.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=30)
+                    | st.integers(1, 5000).map(lambda d: b"[" * d + b"]" * d))
+    if ext.lower() in ("png", "jpg") and draw(st.booleans()):
+        return png(np.random.default_rng(draw(st.integers(0, 9))))
+    return draw(st.binary(max_size=60))
+
+
+@st.composite
+def shard_bytes(draw: st.DrawFn) -> bytes:
+    kind = draw(st.sampled_from(["members", "truncated", "garbage"]))
+    if kind == "garbage":
+        return draw(st.binary(max_size=2000))
+    members = []
+    for _ in range(draw(st.integers(0, 7))):
+        key, ext = draw(KEYS), draw(EXTS)
+        members.append((f"{key}.{ext}" if ext else key, draw(member_data(ext))))
+    data = tar_bytes(members)
+    if kind == "truncated":
+        data = data[:draw(st.integers(0, len(data)))]
+    return data
+
+
+def stream_once(m: Manifest) -> None:
+    """One epoch of the training stream (workers 0) and the in-memory decode."""
+    from oocid.augment import sample_transform
+
+    tf = sample_transform("gray", 6, [0.5], [0.25], 0.5, train=True)
+    data = StreamData(m, 1, 4, tf, 0, torch.device("cpu"), workers=0, shuffle_buffer=4, size=6)
+    for b in data.epoch_batches(0):  # an index outside the manifest's range would hit the bank
+        assert ((b.index >= 0) & (b.index < m.n)).all(), b.index
+    _, _, valid = decode_all(m, 1)
+    assert valid.shape == (m.n,)
+
+
+@SETTINGS
+@given(data=shard_bytes())
+def test_arbitrary_tar_shard(tmp_path: Path, shard_dir: Manifest, data: bytes) -> None:
+    """A shard of arbitrary members, truncated, or not a tar at all: iter_samples and the
+    training stream's decode of it either work or raise an OocidError naming the shard."""
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(data)
+    samples = must_not_leak(lambda: list(iter_samples(shard)))
+    if samples is None:
+        return
+    info = replace(shard_dir.shards[0], nbytes=len(data))
+    m = replace(shard_dir, root=tmp_path, n=3, shards=(info,),
+                image_stats={**shard_dir.image_stats, "height": {"min": 6, "max": 6, "mean": 6.0},
+                             "width": {"min": 5, "max": 5, "mean": 5.0}})
+    must_not_leak(stream_once, m)
+
+
+def one_sample_tar(meta: bytes, key: str = "000000000") -> bytes:
+    return tar_bytes([(f"{key}.png", png(np.random.default_rng(0))), (f"{key}.json", meta)])
+
+
+@pytest.mark.parametrize(("meta", "problem"), [
+    (b"[" * 100_000 + b"]" * 100_000, "bad json member: nested too deeply"),
+    (b'{"index": 7, "label": 0, "path": "x"}', "has index 7 where the manifest's range"),
+    (b'{"index": -1, "label": 0, "path": "x"}', "has index -1 where"),
+    (b'{"index": true, "label": 0, "path": "x"}', "bad json member types"),
+    (b'{"index": 0, "label": 0}', "bad json member: KeyError"),
+])
+def test_bad_json_members_name_the_shard_and_sample(tmp_path: Path, meta: bytes,
+                                                    problem: str) -> None:
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(one_sample_tar(meta))
+    with pytest.raises(OocidError, match=re.escape("shard-000000.tar: sample 000000000")
+                       + ".* " + re.escape(problem)):
+        list(iter_samples(shard, (0, 3)))
+
+
+def test_a_shard_with_fewer_samples_than_the_manifest_lists(tmp_path: Path) -> None:
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(one_sample_tar(b'{"index": 3, "label": null, "path": "x"}'))
+    assert [s.index for s in iter_samples(shard, (3, 4))] == [3]
+    with pytest.raises(OocidError, match=r"shard-000000\.tar: holds 1 samples, the manifest "
+                                         r"lists 2"):
+        list(iter_samples(shard, (3, 5)))
