@@ -4,8 +4,13 @@
   resized crop (area scale, aspect 3/4-4/3) and flip as one affine `grid_sample`, brightness /
   contrast (and for colour images saturation and random grayscale) per sample. Fast on CPU and
   GPU; hue jitter is omitted in this path.
-- `sample_transform`: torchvision transforms on PIL images, per sample, in DataLoader workers:
-  the paper's ImageNet and CIFAR recipes, and a grayscale recipe.
+- `sample_transform`: torchvision transforms on PIL images, per sample: the paper's ImageNet and
+  CIFAR recipes, and a grayscale recipe, as a plain `torchvision.transforms.Compose` (the
+  reference; used for single query images).
+- `StreamTrain` / `StreamEval`: the same recipes for the streaming path (`oocid/stream_aug.py`):
+  the same random draws in the same order and, where the JPEG is not decoded at reduced size,
+  the same uint8 pixels, several times faster; normalisation is left to `normalize_batch`, once
+  per batch on the device.
 
 Dimension letters: B batch, C channels, H, W input size, S output size.
 """
@@ -130,3 +135,10 @@ def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequenc
         return T.Compose([crop, T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(0.2),
                           T.RandomHorizontalFlip(), *norm])
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4), *norm])
+
+
+def normalize_batch(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 (B, C, S, S) -> float (x / 255 - mean) / std, in two passes over the batch."""
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return x.float().sub_(m * 255.0).mul_(1.0 / (255.0 * s))

@@ -33,12 +33,18 @@ def shard(
     shard_size: Annotated[int, typer.Option(help="Samples per shard (= bank chunk rows).")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle that assigns instance ids.")] = 0,
     split: Annotated[str, typer.Option(help="For an .npz with `<split>_images` keys.")] = "train",
+    short_side: Annotated[int, typer.Option(help="Store an image whose shorter side exceeds N "
+                                            "resized to N on that side (aspect kept, JPEG); "
+                                            "smaller images byte for byte. 0: every image as "
+                                            "given.")] = 256,
+    quality: Annotated[int, typer.Option(help="JPEG quality of the resized images.")] = 90,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write images as shuffled WebDataset tar shards plus manifest.json."""
     from .shards import write_shards
 
-    m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress)
+    m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress,
+                     short_side=short_side, quality=quality)
     cls = f", {len(m.classes)} classes" if m.classes else ", unlabeled"
     print(f"wrote {m.n} samples in {len(m.shards)} shards to {out}{cls}; "
           f"skipped {len(m.skipped)} unreadable")

@@ -585,13 +585,23 @@ def _check_stats(stats: Any, where: str) -> dict:
                 and type(d["min"]) is int and type(d["max"]) is int and 1 <= d["min"] <= d["max"]
                 and type(d["mean"]) in (int, float) and d["min"] <= d["mean"] <= d["max"])
 
-    ok = (isinstance(stats, dict) and set(stats) == {"height", "width", "channels", "formats"}
+    def resize(d: Any) -> bool:  # written since the resize option; absent from older manifests
+        return (isinstance(d, dict) and set(d) == {"short_side", "quality", "resized"}
+                and all(map(count, d.values())))
+
+    def original(d: Any) -> bool:
+        return isinstance(d, dict) and set(d) == {"height", "width"} and all(map(mmm, d.values()))
+
+    base = {"height", "width", "channels", "formats"}
+    ok = (isinstance(stats, dict) and set(stats) in (base, base | {"original", "resize"})
           and mmm(stats["height"]) and mmm(stats["width"])
           and all(isinstance(stats[k], dict) and all(map(count, stats[k].values()))
-                  for k in ("channels", "formats")))
+                  for k in ("channels", "formats"))
+          and (len(stats) == 4 or (original(stats["original"]) and resize(stats["resize"]))))
     if not ok:
         raise DataError(f"{where}: 'image_stats' must hold height and width {{min, max, mean}} "
-                        "and channels and formats counts")
+                        "and channels and formats counts (and optionally original sizes and "
+                        "the resize option)")
     return stats
 
 

@@ -4,7 +4,8 @@ Two paths with one interface (`epoch_batches`):
 - `InMemoryData`: small sets (the demo, CIFAR, Fashion-MNIST) are decoded from the shards once
   into a uint8 tensor (N, C, H, W) on the device and augmented in batches there (`BatchAugment`).
 - `StreamData`: large sets stream from the tar shards through DataLoader workers: shard order
-  shuffled per epoch, a sample shuffle buffer, per-sample torchvision augmentation.
+  shuffled per epoch, a sample shuffle buffer, per-sample augmentation to uint8 in the workers
+  (`stream_aug`: the torchvision recipes, faster), normalised once per batch on the device.
 Bad samples (an image that does not decode) are reported with shard and key, skipped and
 counted; a shard that cannot be read at all stops the run with its name.
 Randomness is derived from (seed, epoch, step) so that a run resumed at an epoch boundary sees
@@ -13,21 +14,21 @@ exactly the same batches.
 
 from __future__ import annotations
 
-import io
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from .augment import BatchAugment, batch_eval_transform, sample_transform
+from .augment import BatchAugment, batch_eval_transform, normalize_batch
+from .decode import decode_image, open_image
 from .errors import DataError, OocidError
 from .shards import Manifest, iter_samples
+from .stream_aug import stream_transform
 
 
 @dataclass
@@ -62,12 +63,6 @@ def image_channels(manifest: Manifest) -> int:
     chans = manifest.image_stats.get("channels", {}) if manifest.image_stats else {}
     keys = {str(k) for k, v in chans.items() if v}
     return 1 if keys == {"1"} else 3
-
-
-def decode_image(data: bytes, channels: int) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return img.convert("L" if channels == 1 else "RGB")
 
 
 def same_size(manifest: Manifest) -> tuple[int, int] | None:
@@ -180,8 +175,10 @@ class InMemoryData:
 class ShardStream(IterableDataset):
     """Per-sample stream over the shards: shard shuffle per epoch, shuffle buffer, transform.
 
-    Yields (image (C,S,S) float, index, label, bad) where bad is "" or "shard:key: reason";
-    a fatal shard error is yielded as a 5th element so the main process can stop with it."""
+    The transform takes the decoded PIL image, or, if it has `decodes = True` (`stream_aug`),
+    the image from `decode.open_image` (header read, pixels not yet decoded).
+    Yields (image (C,S,S), index, label, bad, fatal) where bad is "" or "shard:key: reason";
+    a fatal shard error is yielded in the 5th element so the main process can stop with it."""
 
     def __init__(self, manifest: Manifest, channels: int, transform: Callable, seed: int,
                  shuffle: bool, shuffle_buffer: int, size: int) -> None:
@@ -190,6 +187,7 @@ class ShardStream(IterableDataset):
         self.spans = manifest.spans
         self.channels = channels
         self.transform = transform
+        self.lazy = bool(getattr(transform, "decodes", False))
         self.seed = seed
         self.shuffle = shuffle
         self.buffer = shuffle_buffer if shuffle else 1
@@ -206,10 +204,12 @@ class ShardStream(IterableDataset):
                 for s in iter_samples(path, self.spans[path.name]):
                     label = -1 if s.label is None else int(s.label)
                     try:
-                        img = decode_image(s.image, self.channels)
                         # the CPU generator only: torch.manual_seed also reseeds CUDA (~100x slower)
                         torch.default_generator.manual_seed(mix_seed(self.seed, 3, self.epoch, s.index))
-                        x = self.transform(img)
+                        if self.lazy:
+                            x = self.transform(open_image(s.image))
+                        else:
+                            x = self.transform(decode_image(s.image, self.channels))
                     except Exception as e:
                         yield (blank, s.index, label, f"{path.name}:{s.key}: {e}", "")
                         continue
@@ -245,7 +245,7 @@ def _collate(items: list[tuple]) -> dict[str, Any]:
     bad = [it[3] for it in items if it[3]]
     good = [it for it in items if not it[3] and not it[4]]
     if good:
-        x = torch.stack([it[0] for it in good])
+        x = default_collate([it[0] for it in good])  # in a worker: straight into shared memory
         idx = torch.tensor([it[1] for it in good], dtype=torch.int64)
         lab = torch.tensor([it[2] for it in good], dtype=torch.int64)
     else:
@@ -254,14 +254,20 @@ def _collate(items: list[tuple]) -> dict[str, Any]:
 
 
 class StreamData:
-    """Batches streamed from the shards by DataLoader workers."""
+    """Batches streamed from the shards by DataLoader workers.
+
+    A transform that returns uint8 is normalised here, per batch on the device, with
+    `normalize` = (mean, std); a float transform's output is used as it is."""
 
     def __init__(self, manifest: Manifest, channels: int, batch_size: int, transform: Callable,
                  seed: int, device: torch.device, workers: int, shuffle: bool = True,
-                 shuffle_buffer: int = 2048, size: int = 224) -> None:
+                 shuffle_buffer: int = 2048, size: int = 224,
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
         self.n = manifest.n
         self.batch_size = batch_size
         self.device = device
+        self.normalize = normalize
+        self.transform = transform
         self.skips = SkipLog()
         self.dataset = ShardStream(manifest, channels, transform, seed, shuffle, shuffle_buffer, size)
         self.workers = workers
@@ -271,6 +277,10 @@ class StreamData:
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self.dataset.set_epoch(epoch)
+        if getattr(self.transform, "needs_hue_tables", False):
+            from .stream_aug import hue_tables
+
+            hue_tables()  # built once here; forked workers share the pages
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
                             collate_fn=_collate, pin_memory=self.device.type == "cuda",
                             persistent_workers=False)
@@ -283,8 +293,12 @@ class StreamData:
                 self.skips.add(where.split(": ")[0], where.split(": ", 1)[-1])
             if b["index"].numel() == 0:
                 continue
-            yield Batch(b["x"].to(self.device, non_blocking=True),
-                        b["index"].to(self.device), b["label"].to(self.device))
+            x = b["x"].to(self.device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                if self.normalize is None:
+                    raise ValueError("StreamData: a uint8 transform needs normalize=(mean, std)")
+                x = normalize_batch(x, *self.normalize)
+            yield Batch(x, b["index"].to(self.device), b["label"].to(self.device))
 
 
 def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.device,
@@ -305,10 +319,10 @@ def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.
         group = -(-data_cfg.batch_size // chunk_rows) if chunk_rows > 0 else 1
         return InMemoryData(manifest, channels, data_cfg.batch_size, aug, seed, device, progress,
                             chunk_rows, group)
-    tf = sample_transform(data_cfg.augment, data_cfg.image_size, mean, std,
-                          data_cfg.crop_scale_min, train=True)
+    tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min, channels,
+                          train=True)
     return StreamData(manifest, channels, data_cfg.batch_size, tf, seed, device, data_cfg.workers,
-                      True, data_cfg.shuffle_buffer, data_cfg.image_size)
+                      True, data_cfg.shuffle_buffer, data_cfg.image_size, normalize=(mean, std))
 
 
 def _stats_for(data_cfg: Any, channels: int) -> tuple[list[float], list[float]]:
@@ -335,10 +349,10 @@ def eval_batches(manifest: Manifest, data_cfg: Any, device: torch.device, batch_
         for part in keep.split(batch_size):
             yield Batch(tf(images[part].to(device)), part.to(device), lab[part].to(device))
         return
-    tf = sample_transform(data_cfg.augment, data_cfg.image_size, mean, std,
-                          data_cfg.crop_scale_min, train=False)
+    tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min, channels,
+                          train=False)
     sd = StreamData(manifest, channels, batch_size, tf, 0, device, data_cfg.workers,
-                    shuffle=False, size=data_cfg.image_size)
+                    shuffle=False, size=data_cfg.image_size, normalize=(mean, std))
     yield from sd.epoch_batches(0)
 
 

@@ -86,6 +86,9 @@ def test_npz_round_trip(npz_shards: tuple[Path, Manifest]) -> None:
         "width": {"min": 5, "max": 5, "mean": 5.0},
         "channels": {"1": 37},
         "formats": {"png": 37},
+        "original": {"height": {"min": 6, "max": 6, "mean": 6.0},
+                     "width": {"min": 5, "max": 5, "mean": 5.0}},
+        "resize": {"short_side": 256, "quality": 90, "resized": 0},
     }
     positions = []
     for shard, p in zip(m.shards, m.shard_paths(), strict=True):
@@ -360,3 +363,99 @@ def test_demo_npz_bundled() -> None:
         assert np.bincount(z["test_labels"]).tolist() == [200] * 10
         assert z["class_names"].tolist()[::9] == ["T-shirt/top", "Ankle boot"]
     assert DEMO.stat().st_size < 8_000_000
+
+
+# ------------------------------------------------------------------------- resize option
+
+
+def photo(size: tuple[int, int], seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth gradient with a block and noise (w, h) = size."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    rng = np.random.default_rng(seed)
+    a = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1) + rng.normal(0, 6, (h, w, 3))
+    a[h // 3:h // 2, w // 4:w // 2] = (250, 20, 40)
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert(mode)
+
+
+def test_large_images_are_stored_resized(tmp_path: Path) -> None:
+    src = tmp_path / "photos"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    photo((600, 400)).save(src / "a" / "wide.jpg", quality=95)
+    photo((300, 700), 1).save(src / "b" / "tall.png")  # lossless source, large: JPEG too
+    photo((520, 260), 2, "L").save(src / "b" / "gray.jpg", quality=95)
+    photo((200, 150), 3).save(src / "a" / "small.jpg", quality=95)
+    photo((32, 32), 4).save(src / "a" / "tiny.png")
+    photo((256, 900), 5).save(src / "a" / "edge.jpg", quality=95)  # shorter side = 256: kept
+    m = write_shards(src, tmp_path / "out", shard_size=4, progress=False)
+    got = {s.path: s for s in all_samples(m)}
+    assert sorted(s.index for s in got.values()) == list(range(6))
+    assert {p: s.label for p, s in got.items()} == {
+        "a/edge.jpg": 0, "a/small.jpg": 0, "a/tiny.png": 0, "a/wide.jpg": 0,
+        "b/gray.jpg": 1, "b/tall.png": 1}
+    sizes = {p: Image.open(io.BytesIO(s.image)).size for p, s in got.items()}
+    assert sizes["a/wide.jpg"] == (384, 256)  # aspect kept: int(256 * 600 / 400)
+    assert sizes["b/tall.png"] == (256, 597)  # int(256 * 700 / 300)
+    assert sizes["b/gray.jpg"] == (512, 256)
+    assert {p: (s.ext, Image.open(io.BytesIO(s.image)).mode) for p, s in got.items()
+            if p in ("a/wide.jpg", "b/tall.png", "b/gray.jpg")} == {
+        "a/wide.jpg": ("jpg", "RGB"), "b/tall.png": ("jpg", "RGB"), "b/gray.jpg": ("jpg", "L")}
+    for p in ("a/small.jpg", "a/tiny.png", "a/edge.jpg"):  # not larger: byte for byte
+        assert got[p].image == (src / p).read_bytes()
+    # the same picture, scaled: compare with a plain resize of the source
+    want = np.asarray(Image.open(src / "a" / "wide.jpg").convert("RGB").resize((384, 256)), float)
+    assert np.abs(decode(got["a/wide.jpg"]).astype(float) - want).mean() < 3
+    st = m.image_stats
+    assert st["resize"] == {"short_side": 256, "quality": 90, "resized": 3}
+    assert st["original"]["height"] == {"min": 32, "max": 900, "mean": (400 + 700 + 260 + 150 + 32 + 900) / 6}
+    assert st["original"]["width"]["max"] == 600
+    assert st["height"]["max"] == 900 and st["width"]["max"] == 512 and st["channels"] == {"1": 1, "3": 5}
+    assert read_manifest(m.root).image_stats == st
+    assert json.loads((m.root / MANIFEST_NAME).read_text())["image_stats"]["resize"]["resized"] == 3
+
+
+def test_resize_disabled_keeps_every_byte(tmp_path: Path) -> None:
+    src = tmp_path / "flat"
+    src.mkdir()
+    photo((640, 480)).save(src / "big.jpg", quality=92)
+    photo((300, 280), 1).save(src / "big.png")
+    m = write_shards(src, tmp_path / "out", short_side=0, progress=False)
+    for s in all_samples(m):
+        assert s.image == (src / s.path).read_bytes()
+    assert m.image_stats["resize"] == {"short_side": 0, "quality": 90, "resized": 0}
+    assert m.image_stats["original"] == {k: m.image_stats[k] for k in ("height", "width")}
+
+
+def test_resize_options_checked_and_npz_resized(tmp_path: Path) -> None:
+    src = tmp_path / "big.npz"
+    np.savez(src, images=np.stack([np.asarray(photo((80, 60), k)) for k in range(3)]))
+    with pytest.raises(InputError, match="short side"):
+        write_shards(src, tmp_path / "x", short_side=-1, progress=False)
+    with pytest.raises(InputError, match="quality"):
+        write_shards(src, tmp_path / "x", quality=0, progress=False)
+    m = write_shards(src, tmp_path / "out", short_side=30, quality=80, progress=False)
+    assert {Image.open(io.BytesIO(s.image)).size for s in all_samples(m)} == {(40, 30)}
+    assert m.image_stats["resize"] == {"short_side": 30, "quality": 80, "resized": 3}
+    assert m.image_stats["original"]["width"] == {"min": 80, "max": 80, "mean": 80.0}
+
+
+def test_cli_short_side_option(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from oocid.cli import app
+    from oocid.shards import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE
+
+    src = tmp_path / "flat"
+    src.mkdir()
+    photo((400, 300)).save(src / "a.jpg", quality=95)
+    runner = CliRunner()
+    res = runner.invoke(app, ["shard", str(src), str(tmp_path / "d"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "d").image_stats["resize"] == {
+        "short_side": DEFAULT_SHORT_SIDE, "quality": DEFAULT_QUALITY, "resized": 1}
+    res = runner.invoke(app, ["shard", str(src), str(tmp_path / "k"), "--short-side", "0",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    (s,) = all_samples(read_manifest(tmp_path / "k"))
+    assert s.image == (src / "a.jpg").read_bytes()

@@ -1,0 +1,171 @@
+"""The streaming augmentation equals the torchvision reference (augment.sample_transform) draw
+for draw and pixel for pixel, except where a large JPEG is decoded at reduced size."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as TF
+
+from oocid.augment import normalize_batch, sample_transform
+from oocid.decode import decode_image, load_image, open_image
+from oocid.stream_aug import adjust_hue, hue_tables, stream_transform
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def photo(seed: int, w: int, h: int, fmt: str = "JPEG", gray: bool = False) -> bytes:
+    """A smooth colour field with blocks and noise, encoded as `fmt`."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([128 + 100 * np.sin(xx / rng.uniform(5, 40) + c) * np.cos(yy / rng.uniform(5, 40))
+                  for c in range(3)], -1)
+    a += rng.normal(0, 12, a.shape)
+    y0, x0 = h // 4, w // 4
+    a[y0:y0 * 2, x0:x0 * 3] = rng.integers(0, 256, 3)
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if gray:
+        img = img.convert("L")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def reference_uint8(recipe: str, size: int, scale_min: float, train: bool) -> T.Compose:
+    """sample_transform's own steps, with PILToTensor in place of ToTensor + Normalize."""
+    tf = sample_transform(recipe, size, MEAN, STD, scale_min, train=train)
+    assert isinstance(tf.transforms[-1], T.Normalize) and isinstance(tf.transforms[-2], T.ToTensor)
+    return T.Compose([*tf.transforms[:-2], T.PILToTensor()])
+
+
+def test_hue_tables_are_pillows_conversions() -> None:
+    hs, rgbx = hue_tables()
+    rng = np.random.default_rng(0)
+    trip = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    hsv = np.asarray(Image.fromarray(trip).convert("HSV"))
+    key = (trip[..., 0].astype(np.uint32) << 16) | (trip[..., 1].astype(np.uint32) << 8) | trip[..., 2]
+    assert np.array_equal(hs[key] >> 8, hsv[..., 0]) and np.array_equal(hs[key] & 255, hsv[..., 1])
+    back = np.asarray(Image.frombytes("HSV", (64, 64), trip.tobytes()).convert("RGB"))
+    got = rgbx[key].view(np.uint8).reshape(64, 64, 4)[..., :3]
+    assert np.array_equal(got, back)
+
+
+@pytest.mark.parametrize("factor", [-0.5, -0.4, -0.13, -0.001, 0.0, 0.07, 0.25, 0.4, 0.5])
+def test_adjust_hue_equals_torchvision(factor: float) -> None:
+    img = Image.open(io.BytesIO(photo(1, 97, 61))).convert("RGB")
+    assert np.array_equal(np.asarray(adjust_hue(img, factor)), np.asarray(TF.adjust_hue(img, factor)))
+    gray = img.convert("L")
+    assert adjust_hue(gray, factor) is gray
+
+
+@pytest.mark.parametrize("recipe", ["imagenet", "cifar", "gray"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_train_transform_equals_reference(recipe: str, fmt: str) -> None:
+    channels = 1 if recipe == "gray" else 3
+    ref = reference_uint8(recipe, 32, 0.2, train=True)
+    ours = stream_transform(recipe, 32, 0.2, channels, train=True)
+    grays = 0
+    for k in range(40):
+        data = photo(k, 40 + k % 20, 30 + k % 25, fmt)  # under 2x the output: full decode
+        torch.manual_seed(k)
+        want = ref(decode_image(data, channels))
+        next_ref = torch.rand(1)
+        torch.manual_seed(k)
+        got = ours(open_image(data))
+        assert torch.equal(torch.rand(1), next_ref)  # the same number of random draws
+        assert got.dtype == torch.uint8 and got.shape == want.shape == (channels, 32, 32)
+        assert torch.equal(got, want), (recipe, fmt, k)
+        grays += int(channels == 3 and torch.equal(got[0], got[1]) and torch.equal(got[1], got[2]))
+    if recipe != "gray":
+        assert 2 <= grays <= 20  # RandomGrayscale(0.2) did fire, not always
+
+
+def test_normalised_batch_matches_to_tensor_normalize() -> None:
+    ref = sample_transform("imagenet", 24, MEAN, STD, 0.2, train=True)
+    ours = stream_transform("imagenet", 24, 0.2, 3, train=True)
+    xs, want = [], []
+    for k in range(6):
+        data = photo(k, 50, 40)
+        torch.manual_seed(k)
+        want.append(ref(decode_image(data, 3)))
+        torch.manual_seed(k)
+        xs.append(ours(open_image(data)))
+    got = normalize_batch(torch.stack(xs), MEAN, STD)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.stack(want), atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("recipe", ["imagenet", "cifar"])
+def test_eval_transform_equals_reference(recipe: str) -> None:
+    ref = reference_uint8(recipe, 32, 0.2, train=False)
+    ours = stream_transform(recipe, 32, 0.2, 3, train=False)
+    for k in range(5):
+        data = photo(k, 50 + 3 * k, 44, "PNG")
+        assert torch.equal(ours(open_image(data)), ref(decode_image(data, 3)))
+
+
+def test_large_jpeg_is_decoded_reduced_and_stays_the_same_picture() -> None:
+    data = photo(7, 1024, 768)
+    img, scale = load_image(open_image(data), 3, (224, 224))
+    assert scale == 2.0 and img.size == (512, 384)
+    full = decode_image(data, 3)
+    # eval: resize to 256 + centre crop 224, from a 1/2-size decode vs from the full image
+    got = stream_transform("imagenet", 224, 0.2, 3, train=False)(open_image(data))
+    want = reference_uint8("imagenet", 224, 0.2, train=False)(full)
+    diff = (got.float() - want.float()).abs()
+    assert diff.mean() < 2.0 and diff.max() < 60, (diff.mean(), diff.max())
+    # train: a crop at least twice the output is cut from the reduced decode, same window
+    ours = stream_transform("imagenet", 64, 0.9, 3, train=True)
+    ref = reference_uint8("imagenet", 64, 0.9, train=True)
+    torch.manual_seed(3)
+    got = ours(open_image(data))
+    torch.manual_seed(3)
+    want = ref(full)
+    diff = (got.float() - want.float()).abs()
+    assert diff.mean() < 2.0, diff.mean()
+
+
+def test_grayscale_source_in_a_colour_set() -> None:
+    data = photo(2, 40, 40, "PNG", gray=True)
+    ref = reference_uint8("imagenet", 16, 0.2, train=True)
+    ours = stream_transform("imagenet", 16, 0.2, 3, train=True)
+    for k in range(8):
+        torch.manual_seed(k)
+        want = ref(decode_image(data, 3))
+        torch.manual_seed(k)
+        assert torch.equal(ours(open_image(data)), want)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_data_batches_equal_the_reference_per_sample(tmp_path: Path, workers: int) -> None:
+    """StreamData as `oocid train` builds it (data.in_memory = no): every streamed image equals
+    the torchvision reference seeded as the stream seeds that sample."""
+    from oocid.config import DataConfig
+    from oocid.shards import iter_samples, read_manifest, write_shards
+    from oocid.stream import StreamData, make_train_data, mix_seed
+
+    src = tmp_path / "src"
+    for k in range(23):
+        (src / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        (src / f"c{k % 2}" / f"{k}.jpg").write_bytes(photo(k, 40 + k, 36, "JPEG", gray=k == 5))
+    write_shards(src, tmp_path / "shards", shard_size=8, progress=False)
+    m = read_manifest(tmp_path / "shards")
+    cfg = DataConfig(image_size=24, in_memory="no", batch_size=5, workers=workers, shuffle_buffer=4)
+    data = make_train_data(m, cfg, seed=11, device=torch.device("cpu"))
+    assert isinstance(data, StreamData)
+    ref = sample_transform("imagenet", 24, cfg.mean, cfg.std, cfg.crop_scale_min, train=True)
+    by_index = {s.index: s.image for p in m.shard_paths() for s in iter_samples(p)}
+    seen = []
+    for b in data.epoch_batches(epoch=1):
+        assert b.images.dtype == torch.float32 and b.images.shape[1:] == (3, 24, 24)
+        for x, i in zip(b.images, b.index.tolist(), strict=True):
+            torch.manual_seed(mix_seed(11, 3, 1, i))
+            torch.testing.assert_close(x, ref(decode_image(by_index[i], 3)), atol=2e-6, rtol=0)
+            seen.append(i)
+    assert sorted(seen) == list(range(23)) and seen != list(range(23))
