@@ -120,6 +120,9 @@ def train(
             raise InputError(f"{out / 'config.json'}: not a readable config ({e})") from None
         saved = config_from_dict(saved_dict, str(out / "config.json"))
         cfg = load_config(None, overrides, base=saved)
+    elif resume and config is None:  # killed before config.json: the defaults may be wrong
+        raise InputError(f"{out / 'config.json'}: missing, so --resume cannot tell the run's "
+                         "config; pass its --config, or start the run again without --resume")
     else:
         cfg = load_config(config, overrides)
     from .train import train as run_train  # torch: imported once the config is known good
@@ -324,8 +327,9 @@ def bank_verify(
     rep = verify_store(path, tol=tol)
     if not rep.ok:
         rows = ", ".join(str(r) for r in rep.bad_rows)
-        detail = "; ".join(rep.problems)
-        raise VerifyError(f"{path}: {rep.n_bad} bad rows (first: {rows}); {detail}")
+        detail = "; ".join(rep.problems)  # each names the file
+        raise VerifyError(f"{path}: {rep.n_bad} bad rows (first: {rows}); {detail}" if rep.n_bad
+                          else detail)
     print(f"{path}: ok ({rep.n_rows} rows x {rep.dim}, {rep.dtype}, max | |v|-1 | = "
           f"{rep.max_norm_error:.2e})")
     for note in rep.notes:

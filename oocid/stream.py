@@ -160,6 +160,8 @@ class InMemoryData:
         return -(-len(self.valid_index) // self.batch_size)
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        if start_step == 0:  # the bad samples, decoded once, count in every epoch (as streamed)
+            self.skips.count += self.n - len(self.valid_index)
         g = torch.Generator().manual_seed(mix_seed(self.seed, 1, epoch))
         if self.chunk_rows > 0:
             order = local_order(self.valid_index, self.chunk_rows, self.group_chunks, g)

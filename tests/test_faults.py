@@ -1,0 +1,523 @@
+"""Faults and bad input through the `oocid` command, as a user meets them (README "When things go
+wrong"): each case exits with its documented code and one line `oocid: error: <file>: <problem>`
+and no traceback, or is skipped and counted where skipping is the policy; after a failed write
+the previous checkpoint loads, the bank verifies and `--resume` completes.
+
+Cases: a disk full (RLIMIT_FSIZE) during a checkpoint write and during a bank commit; a
+truncated shard (the manifest's size check, and the tar reader's); a garbage image member
+(skipped, counted); a garbage json member; a non-image file and a broken image in the source
+folder (skipped, listed); a manifest whose identity does not match its shard list; shards whose
+sample indices do not match the manifest; a bank of other shards, of the wrong dtype, without
+metadata; a checkpoint from another config; a config that is not TOML, an override with an
+unknown key or a NaN; NaN and Inf from the model (injected: skipped and counted; 20 in a row:
+diverged, exit 5); a second trainer on a bank in use; a dead trainer's stale lock. Trainings
+are tiny (48 gray 16x16 images); the time is Python and torch starting in each process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from oocid.checkpoint import load_checkpoint
+from oocid.shards import MANIFEST_NAME, manifest_identity, write_shards
+from oocid.store import open_store, verify_store
+
+ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
+N, SHARD = 48, 16
+
+CONFIG = """
+[model]
+arch = "small"
+channels_last = false
+[data]
+image_size = 16
+augment = "gray"
+in_memory = "{in_memory}"
+batch_size = 16
+workers = 0
+shuffle_buffer = 16
+mean = [0.5]
+std = [0.25]
+[loss]
+kind = "softmax"
+temperature = 0.1
+[optim]
+epochs = {epochs}
+lr = 0.03
+momentum = {momentum}
+schedule = "cosine"
+[train]
+eval_every = 0
+threads = 1
+"""
+
+# The real entry point with the model's features poisoned: FAULT_CALLS lists forward calls
+# ("2,5") or gives the first of an endless run ("7-"); FAULT_VALUE is nan or inf.
+POISON = r"""
+import os, sys
+from oocid import models
+real, calls = models.Embedder.forward, {"n": 0}
+spec, value = os.environ["FAULT_CALLS"], float(os.environ["FAULT_VALUE"])
+def poisoned(self, x):
+    calls["n"] += 1
+    hit = calls["n"] >= int(spec[:-1]) if spec.endswith("-") else str(calls["n"]) in spec.split(",")
+    f = real(self, x)
+    return f * value if hit else f
+models.Embedder.forward = poisoned
+sys.argv = ["oocid", *sys.argv[1:]]
+from oocid.cli import main
+main()
+"""
+
+
+@dataclass(repr=False)
+class Run:
+    args: list[str]
+    rc: int
+    out: str
+    err: str
+
+    def __repr__(self) -> str:
+        return (f"oocid {' '.join(self.args)}\n-> exit {self.rc}\n--- stdout\n{self.out}\n"
+                f"--- stderr\n{self.err}")
+
+
+def oocid(*args: object, fsize: int | None = None, poison: tuple[str, str] | None = None) -> Run:
+    """`python -m oocid ARGS`; `fsize`: RLIMIT_FSIZE in bytes (Python ignores SIGXFSZ, so an
+    oversize write fails with EFBIG, as on a full disk); `poison`: (FAULT_CALLS, FAULT_VALUE)."""
+    argv = [str(a) for a in args]
+    env = dict(ENV)
+    cmd = [sys.executable, "-m", "oocid", *argv]
+    if poison is not None:
+        env.update(FAULT_CALLS=poison[0], FAULT_VALUE=poison[1])
+        cmd = [sys.executable, "-c", POISON, *argv]
+
+    def limit() -> None:
+        if fsize is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False,
+                       preexec_fn=limit if fsize is not None else None)
+    return Run(argv, p.returncode, p.stdout, p.stderr)
+
+
+def ok(run: Run) -> Run:
+    assert run.rc == 0, run
+    assert "Traceback" not in run.out + run.err, run
+    return run
+
+
+def assert_error(run: Run, code: int, names: Sequence[str]) -> str:
+    """Exit `code`, one stderr line `oocid: error: ...` matching every pattern of `names`."""
+    assert "Traceback" not in run.out + run.err, run
+    assert run.rc == code, run
+    errors = [ln for ln in run.err.splitlines() if ln.startswith("oocid: error: ")]
+    assert len(errors) == 1 and run.err.strip().splitlines()[-1] == errors[0], run
+    for name in names:
+        assert re.search(name, errors[0]), f"{name!r} not in: {errors[0]}"
+    return errors[0]
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_args(shards: Path, bank: Path, out: Path, cfg: Path | None, *extra: object) -> list[object]:
+    return ["train", "--shards", shards, "--bank", bank, "--out", out, "--no-progress",
+            *(["--config", cfg] if cfg is not None else []), *extra]
+
+
+# ---- data and its corruptions ----------------------------------------------------------------
+
+
+def make_shards(root: Path, n: int = N, shard: int = SHARD, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    np.savez(root / "d.npz", images=rng.integers(0, 256, (n, 16, 16), dtype=np.uint8),
+             labels=np.arange(n) % 3)
+    write_shards(root / "d.npz", root / "shards", shard_size=shard, progress=False)
+    return root / "shards"
+
+
+def copy_shards(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def members(shard: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(shard) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+
+
+def write_members(shard: Path, items: list[tuple[str, bytes]]) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in items:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shard.write_bytes(buf.getvalue())
+
+
+def reseal_manifest(shards: Path) -> None:
+    """Make manifest.json describe the shard files as they are now (sizes, sha256, identity),
+    as if the damage had been there when `oocid shard` wrote them."""
+    path = shards / MANIFEST_NAME
+    m = json.loads(path.read_text())
+    for s in m["shards"]:
+        data = (shards / s["name"]).read_bytes()
+        s["nbytes"], s["sha256"] = len(data), hashlib.sha256(data).hexdigest()
+    from oocid.shards import ShardInfo
+
+    infos = tuple(ShardInfo(**s) for s in m["shards"])
+    m["identity"] = manifest_identity(m["n"], m["shard_size"], infos)
+    path.write_text(json.dumps(m))
+
+
+def edit_shard(shards: Path, name: str, change: Callable[[list[tuple[str, bytes]]], None]) -> None:
+    items = members(shards / name)
+    change(items)
+    write_members(shards / name, items)
+    reseal_manifest(shards)
+
+
+@dataclass
+class Setup:
+    work: Path
+    shards: Path
+    cfg: Path  # in memory, 2 epochs
+    stream_cfg: Path  # streamed, 2 epochs
+    base_bank: Path  # trained 1 epoch with cfg (no momentum: small checkpoints)
+    base_run: Path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+    work = tmp_path_factory.mktemp("faults")
+    shards = make_shards(work)
+    cfg = work / "cfg.toml"
+    cfg.write_text(CONFIG.format(in_memory="yes", epochs=2, momentum=0.9))
+    stream_cfg = work / "stream.toml"
+    stream_cfg.write_text(CONFIG.format(in_memory="no", epochs=2, momentum=0.9))
+    bank, run = work / "base.npy", work / "base-run"
+    ok(oocid(*train_args(shards, bank, run, cfg, "--epochs", 1)))
+    return Setup(work, shards, cfg, stream_cfg, bank, run)
+
+
+def private_copy(s: Setup, name: str) -> tuple[Path, Path]:
+    """A copy of the base run (bank with its sidecar files, run folder) to damage."""
+    dst = s.work / name
+    dst.mkdir()
+    for p in s.base_bank.parent.glob(s.base_bank.name + "*"):
+        if not p.name.endswith(".lock"):
+            (shutil.copytree if p.is_dir() else shutil.copy2)(p, dst / p.name)
+    shutil.copytree(s.base_run, dst / "run")
+    return dst / s.base_bank.name, dst / "run"
+
+
+def assert_intact(bank: Path, run: Path, step: int) -> None:
+    """The bank verifies at committed step `step` and last.pt (that step's) loads."""
+    rep = verify_store(bank)
+    assert rep.ok, rep.problems
+    with open_store(bank, read_only=True) as st:
+        assert st.meta.committed_step == step and not st.pending_journal
+    assert load_checkpoint(run / "last.pt")["step"] == step
+    assert not list(run.glob("*.tmp")), list(run.glob("*"))
+
+
+# ---- disk full -------------------------------------------------------------------------------
+
+
+def test_disk_full_during_the_checkpoint_write(setup: Setup) -> None:
+    """A limit below the checkpoint's size but above everything else (the bank's journal of
+    48 x 128 rows is 25 KB): the epoch's checkpoint write fails, exit 4, naming the file."""
+    bank, run = private_copy(setup, "full-ckpt")
+    step = load_checkpoint(run / "last.pt")["step"]
+    size = (run / "last.pt").stat().st_size
+    limit = size // 2
+    assert limit > 4 * N * 128 * 4, "the journal must fit under the limit"
+    res = oocid(*train_args(setup.shards, bank, run, None, "--resume", "--epochs", 2), fsize=limit)
+    assert_error(res, 4, (re.escape(str(run / f"ckpt-{2 * step:09d}.pt")),
+                          "could not write checkpoint: disk full"))
+    assert_intact(bank, run, step)
+    ok(oocid(*train_args(setup.shards, bank, run, None, "--resume", "--epochs", 2)))
+    assert [m["epoch"] for m in metrics(run)] == [1, 2]
+    assert verify_store(bank).ok
+
+
+@pytest.mark.parametrize("kind", ["zarr"])  # npy: the checkpoint test above; tests/test_store.py
+def test_disk_full_during_the_bank_commit(tmp_path: Path, kind: str) -> None:
+    """2048 rows: the epoch's journal (1 MB) exceeds the limit, the checkpoint (SGD without
+    momentum, 0.47 MB) does not: the bank commit fails, exit 4, naming the bank; the new
+    checkpoint file is there but unpaired, so --resume takes the previous one."""
+    shards = make_shards(tmp_path, n=2048, shard=256)
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(CONFIG.format(in_memory="yes", epochs=2, momentum=0.0)
+                   .replace("batch_size = 16", "batch_size = 256"))
+    bank, run = tmp_path / f"bank.{kind}", tmp_path / "run"
+    ok(oocid(*train_args(shards, bank, run, cfg, "--epochs", 1)))
+    ckpt = (run / "last.pt").stat().st_size
+    limit = 768 * 1024
+    assert ckpt < limit < 2048 * 128 * 4, ckpt
+    res = oocid(*train_args(shards, bank, run, None, "--resume", "--epochs", 2), fsize=limit)
+    assert_error(res, 4, (re.escape(str(bank)), "could not write bank journal: File too large"))
+    assert_intact(bank, run, 8)
+    ok(oocid(*train_args(shards, bank, run, None, "--resume", "--epochs", 2)))
+    assert [m["epoch"] for m in metrics(run)] == [1, 2]
+    with open_store(bank, read_only=True) as st:
+        assert st.meta.committed_step == 16
+    assert verify_store(bank).ok
+
+
+# ---- corrupt shards and source folders ---------------------------------------------------------
+
+
+def test_truncated_shard_fails_the_manifests_size_check(setup: Setup) -> None:
+    shards = copy_shards(setup.shards, setup.work / "trunc-size")
+    p = shards / "shard-000001.tar"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    res = oocid(*train_args(shards, setup.work / "ts.npy", setup.work / "ts", setup.cfg))
+    assert_error(res, 3, (r"shard-000001\.tar", r"size \d+ B, manifest says \d+ B"))
+
+
+@pytest.mark.parametrize("cfg", ["cfg", "stream_cfg"])
+def test_truncated_tar_stops_training_with_its_name(setup: Setup, cfg: str) -> None:
+    """The manifest resealed to the truncated file: the tar reader itself finds the damage,
+    in the in-memory decode and in the stream."""
+    shards = copy_shards(setup.shards, setup.work / f"trunc-tar-{cfg}")
+    p = shards / "shard-000002.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) * 2 // 3])
+    reseal_manifest(shards)
+    res = oocid(*train_args(shards, setup.work / f"tt-{cfg}.npy", setup.work / f"tt-{cfg}",
+                            getattr(setup, cfg)))
+    assert_error(res, 3, (re.escape(str(p)), "truncated"))
+
+
+@pytest.mark.parametrize("cfg", ["cfg", "stream_cfg"])
+def test_garbage_image_member_is_skipped_and_counted(setup: Setup, cfg: str) -> None:
+    shards = copy_shards(setup.shards, setup.work / f"garbage-img-{cfg}")
+
+    def garbage(items: list[tuple[str, bytes]]) -> None:
+        i = next(i for i, (name, _) in enumerate(items) if name.startswith("000000020."))
+        items[i] = (items[i][0], b"\x89PNG but not really" * 10)
+
+    edit_shard(shards, "shard-000001.tar", garbage)
+    run = setup.work / f"gi-{cfg}"
+    res = ok(oocid(*train_args(shards, setup.work / f"gi-{cfg}.npy", run, getattr(setup, cfg))))
+    assert re.search(r"oocid: warning: skipped bad sample shard-000001\.tar:000000020", res.err), res
+    recs = metrics(run)
+    assert [(m["bad_samples"], m["images"]) for m in recs] == [(1, N - 1)] * 2, recs
+
+
+def test_garbage_json_member_stops_training_with_shard_and_sample(setup: Setup) -> None:
+    shards = copy_shards(setup.shards, setup.work / "garbage-json")
+
+    def garbage(items: list[tuple[str, bytes]]) -> None:
+        i = next(i for i, (name, _) in enumerate(items) if name == "000000035.json")
+        items[i] = (items[i][0], b"\x00{not json")
+
+    edit_shard(shards, "shard-000002.tar", garbage)
+    res = oocid(*train_args(shards, setup.work / "gj.npy", setup.work / "gj", setup.stream_cfg))
+    assert_error(res, 3, (r"shard-000002\.tar: sample 000000035: bad json member",))
+
+
+def test_sample_indices_that_do_not_match_the_manifest(setup: Setup) -> None:
+    """Two shards' contents swapped (and the manifest resealed to their bytes): the indices in
+    shard-000000.tar are 16..31, where the manifest's range is [0, 16)."""
+    shards = copy_shards(setup.shards, setup.work / "swapped")
+    a, b = shards / "shard-000000.tar", shards / "shard-000001.tar"
+    da, db = a.read_bytes(), b.read_bytes()
+    a.write_bytes(db)
+    b.write_bytes(da)
+    reseal_manifest(shards)
+    res = oocid(*train_args(shards, setup.work / "sw.npy", setup.work / "sw", setup.cfg))
+    assert_error(res, 3, (re.escape(str(a)), r"index 16 where the manifest's range \[0, 16\)"))
+
+
+def test_manifest_edited_after_sharding(setup: Setup) -> None:
+    shards = copy_shards(setup.shards, setup.work / "edited")
+    m = json.loads((shards / MANIFEST_NAME).read_text())
+    m["shards"][1]["sha256"] = "0" * 64
+    (shards / MANIFEST_NAME).write_text(json.dumps(m))
+    res = oocid(*train_args(shards, setup.work / "ed.npy", setup.work / "ed", setup.cfg))
+    assert_error(res, 3, (r"manifest\.json", "identity does not match the shard list"))
+
+
+def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: Path) -> None:
+    from PIL import Image
+
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(src / c / f"{i}.png")
+    (src / "a" / "notes.txt").write_text("not an image")
+    (src / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    res = ok(oocid("shard", src, tmp_path / "out", "--shard-size", 4, "--no-progress"))
+    assert "wrote 6 samples in 2 shards" in res.out and "skipped 2 unreadable" in res.out, res
+    assert re.search(r"skipped .*a/notes\.txt: non-image file", res.err), res
+    assert re.search(r"skipped .*b/broken\.jpg: ", res.err), res
+    listed = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["skipped"]
+    assert sorted(s["path"] for s in listed) == ["a/notes.txt", "b/broken.jpg"]
+
+
+# ---- banks and checkpoints that do not fit -----------------------------------------------------
+
+
+def test_bank_of_other_shards(setup: Setup, tmp_path: Path) -> None:
+    other = make_shards(tmp_path / "other", seed=1)  # same N, D and chunking, other images
+    m = json.loads((other / MANIFEST_NAME).read_text())
+    assert m["identity"] != json.loads((setup.shards / MANIFEST_NAME).read_text())["identity"]
+    bank, run = private_copy(setup, "other-shards")
+    res = oocid(*train_args(tmp_path / "other" / "shards", bank, run, None, "--resume"))
+    assert_error(res, 3, (r"base\.npy belongs to manifest [0-9a-f]{64} but the shards are",))
+
+
+def test_bank_of_the_wrong_dtype(setup: Setup) -> None:
+    """bank.npy replaced by float64 rows of the right shape: train refuses (exit 3) and bank
+    verify reports it (exit 1), both naming the file."""
+    bank, run = private_copy(setup, "wrong-dtype")
+    rows = np.load(bank).astype(np.float64)
+    np.save(bank, rows)
+    res = oocid(*train_args(setup.shards, bank, run, None, "--resume"))
+    assert_error(res, 3, (re.escape(str(bank)), r"rows \(48, 128\) float64", "float32"))
+    assert_error(oocid("bank", "verify", bank), 1, (re.escape(str(bank)), "float64"))
+
+
+def test_npy_without_bank_metadata(setup: Setup) -> None:
+    bank = setup.work / "plain.npy"
+    np.save(bank, np.ones((N, 128), np.float32))
+    res = oocid(*train_args(setup.shards, bank, setup.work / "plain", setup.cfg))
+    assert_error(res, 3, (re.escape(str(bank)), r"not an oocid bank \(no plain\.npy\.meta\.json\)"))
+
+
+def test_checkpoint_from_another_config(setup: Setup) -> None:
+    """The run's checkpoint replaced by one written with another learning rate: --resume
+    refuses (exit 2) naming the checkpoint and the difference; nothing is changed."""
+    bank, run = private_copy(setup, "other-config")
+    step = load_checkpoint(run / "last.pt")["step"]
+    ckpt = run / f"ckpt-{step:09d}.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["optim"]["lr"] = 0.5
+    torch.save(state, ckpt)
+    before = bank.read_bytes()
+    res = oocid(*train_args(setup.shards, bank, run, None, "--resume"))
+    assert_error(res, 2, (re.escape(str(ckpt)), r"different config \(optim\.lr 0\.5 -> 0\.03\)"))
+    assert bank.read_bytes() == before
+
+
+def test_resume_without_config_json_asks_for_the_config(setup: Setup) -> None:
+    bank, run = private_copy(setup, "no-config-json")
+    (run / "config.json").unlink()
+    res = oocid(*train_args(setup.shards, bank, run, None, "--resume"))
+    assert_error(res, 2, (re.escape(str(run / "config.json")), "missing", "--config"))
+
+
+# ---- configs ---------------------------------------------------------------------------------
+
+CONFIG_CASES = {
+    "not-toml": ("[optim\nlr = 0.1\n", (), ("not valid TOML",)),
+    "unknown-override": (None, ("--set", "loss.bogus=1"), ("unknown config key loss.bogus",)),
+    "nan-override": (None, ("--set", "optim.lr=nan"), ("optim.lr must be a finite number",)),
+    "wrong-type-override": (None, ("--set", "data.batch_size=many"),
+                            ("data.batch_size must be an integer",)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config(setup: Setup, case: str) -> None:
+    text, extra, problems = CONFIG_CASES[case]
+    cfg = setup.cfg
+    if text is not None:
+        cfg = setup.work / f"{case}.toml"
+        cfg.write_text(text)
+    res = oocid(*train_args(setup.shards, setup.work / f"{case}.npy", setup.work / case, cfg,
+                            *extra))
+    names = (re.escape(str(cfg)),) if text is not None else ("override",)
+    assert_error(res, 2, (*names, *problems))
+    assert not (setup.work / f"{case}.npy").exists()
+
+
+# ---- NaN and Inf from the model ----------------------------------------------------------------
+
+
+def test_nan_and_inf_features_are_skipped_and_counted(setup: Setup) -> None:
+    bank, run = setup.work / "poison.npy", setup.work / "poison"
+    res = ok(oocid(*train_args(setup.shards, bank, run, setup.cfg), poison=("2,5", "nan")))
+    assert [m["skipped_steps"] for m in metrics(run)] == [1, 1], res
+    bank2, run2 = setup.work / "poison-inf.npy", setup.work / "poison-inf"
+    ok(oocid(*train_args(setup.shards, bank2, run2, setup.cfg), poison=("3", "inf")))
+    assert [m["skipped_steps"] for m in metrics(run2)] == [1, 0]
+    assert verify_store(bank).ok and verify_store(bank2).ok
+
+
+def test_endless_nan_is_divergence_exit_5_and_resume_recovers(setup: Setup) -> None:
+    """Every forward from the 4th on gives NaN (as NaN weights would): after 20 skipped steps
+    in a row the run stops, exit 5; the bank verifies; resumed without the fault it completes."""
+    bank, run = setup.work / "diverge.npy", setup.work / "diverge"
+    cfg = setup.work / "diverge.toml"
+    cfg.write_text(CONFIG.format(in_memory="yes", epochs=9, momentum=0.9))
+    res = oocid(*train_args(setup.shards, bank, run, cfg), poison=("4-", "nan"))
+    assert_error(res, 5, ("training diverged: 20 steps in a row", "non-finite"))
+    with open_store(bank, read_only=True) as st:
+        step = st.meta.committed_step
+    assert step == 21 and verify_store(bank).ok  # epochs 1-7 committed (3 steps each)
+    assert load_checkpoint(run / "last.pt")["step"] == step
+    ok(oocid(*train_args(setup.shards, bank, run, None, "--resume")))
+    assert [m["epoch"] for m in metrics(run)] == list(range(1, 10))
+
+
+# ---- two trainers on one bank ------------------------------------------------------------------
+
+
+def test_second_trainer_is_refused_and_a_dead_trainers_lock_is_taken_over(setup: Setup) -> None:
+    bank, run = setup.work / "locked.npy", setup.work / "locked"
+    cfg = setup.work / "long.toml"
+    cfg.write_text(CONFIG.format(in_memory="no", epochs=1000, momentum=0.9))
+    first = subprocess.Popen([sys.executable, "-m", "oocid",
+                              *map(str, train_args(setup.shards, bank, run, cfg))],
+                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lock = setup.work / "locked.npy.lock"
+    try:
+        deadline = time.time() + 120
+        while not (bank.exists() and lock.stat().st_size) and time.time() < deadline:
+            assert first.poll() is None, first.stderr.read() if first.stderr else ""
+            time.sleep(0.05)
+        second = oocid(*train_args(setup.shards, bank, setup.work / "locked-2", cfg, "--resume"))
+        assert_error(second, 2, (re.escape(str(bank)), rf"in use by a running trainer \(pid "
+                                 rf"{first.pid}\b"))
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert lock.stat().st_size > 0  # the dead trainer's text is left behind: a stale lock
+    third = ok(oocid(*train_args(setup.shards, bank, run, cfg, "--resume", "--max-steps", 1)))
+    assert "took over the stale lock of a trainer that died" in third.err, third
+    assert verify_store(bank).ok
+
+
+def test_reseal_keeps_the_manifest_of_intact_shards(tmp_path: Path) -> None:
+    """The helper that reseals damaged shards' manifests changes nothing on intact ones."""
+    shards = make_shards(tmp_path)
+    before = (shards / MANIFEST_NAME).read_text()
+    reseal_manifest(shards)
+    assert json.loads((shards / MANIFEST_NAME).read_text()) == json.loads(before)
