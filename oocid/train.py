@@ -205,6 +205,11 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
                            chunk_rows=store.chunk_rows if cache_partial else 0)
     spe = -(-data.steps_per_epoch() // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, store, device, spe, in_memory=isinstance(data, InMemoryData))
+    window_rows = bank.w * bank.r
+    if not bank.full and cfg.loss.kind != "softmax" and window_rows < cfg.loss.nce_k:
+        say(f"oocid: warning: the cache's window of negatives holds {window_rows} rows, fewer than "
+            f"loss.nce_k = {cfg.loss.nce_k}: negatives repeat within a step and the positive's own "
+            "row is often among them (raise --cache-mb)")
     if resume and bank_state is not None:
         bank.load_state_dict(bank_state)
     tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard else None
@@ -251,7 +256,7 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
     pool = cfg.bank.pool_chunks or None
     if pool is None and budget < store.n_rows:
         if in_memory:
-            pool = 2 * -(-cfg.data.batch_size // store.chunk_rows) + 2  # + a short group, a short chunk
+            pool = 2 * -(-cfg.data.batch_size // store.chunk_rows) + 1  # + a short group
         else:
             pool = default_pool_chunks(budget, store.chunk_rows, cfg.data.workers,
                                        cfg.data.shuffle_buffer)

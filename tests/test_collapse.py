@@ -42,10 +42,13 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("setting", ["paper-nce", "default"])
+@pytest.mark.parametrize("setting", ["paper-nce", "default", "out-of-core-default"])
 def test_collapse_on_known_setting_only(tmp_path: Path, demo_shards: Path, setting: str) -> None:
     cfg = demo_config()
     cfg.optim.epochs = 4
+    if setting == "out-of-core-default":  # auto with a bank that does not fit: 8 of 10 chunks
+        cfg.loss.kind = "auto"
+        cfg.bank.cache_mb = 8 * 1000 * 128 * 4 / 2**20
     if setting == "paper-nce":
         cfg.loss.kind, cfg.loss.nce_k, cfg.loss.z, cfg.loss.temperature = "nce", 4096, "oneshot", 0.07
         cfg.loss.negatives = "shared"  # same collapse, a fraction of the CPU time
@@ -56,5 +59,8 @@ def test_collapse_on_known_setting_only(tmp_path: Path, demo_shards: Path, setti
     warnings = [s for s in said if "warning" in s]
     if setting == "paper-nce":
         assert "features" in fired and any("one-shot Z" in s for s in warnings)
+    elif setting == "out-of-core-default":
+        assert any("auto -> infonce" in s for s in said)
+        assert not fired and not warnings, warnings
     else:
         assert not fired and not warnings
