@@ -364,6 +364,16 @@ class ChunkCache:
             out[m] = self.flat[int(self.slot_of[c]) * self.r + index[m] % self.r]
         return out
 
+    def locate(self, index: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(table, positions) with table[positions] == gather(index) when every row is resident
+        (per-sample negatives from the window), else None (use `gather`)."""
+        if self.full:
+            return self.rows, index
+        slot = self.slot_of[index // self.r]
+        if bool((slot < 0).any()):
+            return None
+        return self.flat, slot * self.r + index % self.r
+
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         """Negative indices drawn uniformly, with replacement, from the window's rows."""
         if self.full:

@@ -31,6 +31,10 @@ class InCoreBank:
         """Rows (len(index), D) for any index tensor shape (..., ) -> (..., D)."""
         return self.rows[index]
 
+    def locate(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """(table, positions) with table[positions] == gather(index), without copying rows."""
+        return self.rows, index
+
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         """Negative indices, uniform over [0, N) with replacement, of the given shape."""
         return torch.randint(0, self.n, shape, generator=generator, device=generator.device

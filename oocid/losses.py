@@ -16,6 +16,7 @@ The bank rows (`weights`, `bank`) are treated as constants: no gradient flows in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +86,58 @@ def shared_scores(x: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
     pos = (xf * positives.detach().float()).sum(1, keepdim=True)  # (B, 1)
     neg = xf @ negatives.detach().float().t()  # (B, K)
     return torch.cat([pos, neg], dim=1)
+
+
+GATHER_BLOCK_BYTES = 4 * 2**20  # rows gathered at once by `gathered_scores` (cache-sized)
+
+
+def _take(table: Tensor, pos: Tensor, buf: Tensor) -> Tensor:
+    """table[pos] for pos (b, K) into the front of buf (>= b, K, D); returns (b*K, D)."""
+    return torch.index_select(table, 0, pos.reshape(-1), out=buf[: pos.shape[0]].view(-1, table.shape[1]))
+
+
+class _GatheredScores(torch.autograd.Function):
+    """s[b, k] = <x[b], table[pos[b, k]]>, gathered and scored a few samples at a time.
+
+    The official code gathers all B*K rows into one (B, K, D) tensor (512 MB at B 256, K 4096,
+    D 128) and keeps it for the backward pass. Here each block of samples gathers its rows into
+    a small buffer, scores them and lets them go; the backward pass gathers them again. Same
+    numbers up to float rounding, no large allocation, and the gathered rows stay in cache."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
+        b, k = pos.shape
+        block = max(1, GATHER_BLOCK_BYTES // max(1, k * table.shape[1] * 4))
+        out = torch.empty(b, k, dtype=torch.float32, device=x.device)
+        buf = torch.empty(min(block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
+        for s in range(0, b, block):
+            e = min(b, s + block)
+            rows = _take(table, pos[s:e], buf)
+            out[s:e] = torch.bmm(rows.view(e - s, k, -1).float(), x[s:e].unsqueeze(2)).squeeze(2)
+        ctx.save_for_backward(pos)
+        ctx.table, ctx.block, ctx.version = table, block, table._version
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        (pos,) = ctx.saved_tensors
+        table = ctx.table
+        if table._version != ctx.version:
+            raise RuntimeError("bank rows changed between the forward and backward pass")
+        b, k = pos.shape
+        gx = torch.empty(b, table.shape[1], dtype=torch.float32, device=grad.device)
+        buf = torch.empty(min(ctx.block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
+        for s in range(0, b, ctx.block):
+            e = min(b, s + ctx.block)
+            rows = _take(table, pos[s:e], buf)
+            gx[s:e] = torch.bmm(grad[s:e].unsqueeze(1).float(), rows.view(e - s, k, -1).float()).squeeze(1)
+        return gx, None, None
+
+
+def gathered_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
+    """Scores (B, K) of x (B, D) against rows `table[pos]` (pos (B, K)), without materialising
+    the (B, K, D) gather; the gradient flows to x only (the bank is a constant)."""
+    return _GatheredScores.apply(x.float(), table.detach(), pos)
 
 
 def softmax_loss(x: Tensor, bank: Tensor, index: Tensor, temperature: float) -> Tensor:

@@ -22,6 +22,7 @@ from .config import Config
 from .errors import DivergedError
 from .losses import (
     ZEstimator,
+    gathered_scores,
     infonce_from_scores,
     nce_criterion,
     nce_probs,
@@ -95,9 +96,13 @@ class NPIDStep:
             scores = shared_scores(f, pos, neg)  # (B, K+1)
         else:
             neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)
-            neg = self.bank.gather(neg_idx)  # (B, K, D): the step's largest tensor, made once
+            located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
             pos_s = (f.float() * pos.float()).sum(1, keepdim=True)  # (B, 1)
-            neg_s = torch.bmm(neg.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K)
+            if located is not None:  # gathered block by block, never (B, K, D) at once
+                neg_s = gathered_scores(f, *located)  # (B, K)
+            else:
+                neg = self.bank.gather(neg_idx)  # (B, K, D)
+                neg_s = torch.bmm(neg.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K)
             scores = torch.cat([pos_s, neg_s], dim=1)  # (B, K+1)
         if lc.kind == "infonce":
             return infonce_from_scores(scores, lc.temperature), None

@@ -159,3 +159,29 @@ def test_nce_probs_and_criterion_compose_to_nce_loss() -> None:
     loss, z2 = nce_loss(x, w, 50, 0.07)
     assert z.item() == pytest.approx(z2.item())
     assert nce_criterion(p, 50).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_gathered_scores_match_the_materialised_gather_and_its_gradient() -> None:
+    import oocid.losses as L
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
+    pos = torch.randint(0, 50, (7, 13), generator=g)
+    x1 = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    w = torch.randn(7, 13, generator=g)
+    old = L.GATHER_BLOCK_BYTES
+    try:
+        L.GATHER_BLOCK_BYTES = 3 * 13 * 8 * 4  # blocks of 3 samples: 7 = 3 + 3 + 1
+        s1 = L.gathered_scores(x1, table, pos)
+        (s1 * w).sum().backward()
+    finally:
+        L.GATHER_BLOCK_BYTES = old
+    s2 = torch.bmm(table[pos], x2.unsqueeze(2)).squeeze(2)
+    (s2 * w).sum().backward()
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    s3 = L.gathered_scores(x1, table, pos)
+    table.mul_(2.0)  # the bank changing before backward is caught, not silently wrong
+    with pytest.raises(RuntimeError, match="changed between"):
+        s3.sum().backward()
