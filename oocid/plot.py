@@ -97,3 +97,66 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     out = out if out is not None else run_dir / "metrics.png"
     img.save(out)
     return out
+
+
+PALETTE = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14),
+           (140, 86, 75), (227, 119, 194), (23, 190, 207)]
+
+
+def line_chart(out: Path, series: dict[str, list[tuple[float, float]]], flat: dict[str, float], *,
+               title: str, xlabel: str, ylabel: str, width: int = 760, height: int = 440) -> Path:
+    """Lines of (x, y) points per label, plus labelled horizontal reference lines; a legend."""
+    pts = [p for s in series.values() for p in s]
+    if not pts and not flat:
+        raise DataError(f"{out}: nothing to plot")
+    xs = [x for x, _ in pts] or [0.0, 1.0]
+    ys = [y for _, y in pts] + list(flat.values())
+    xlo, xhi = min(xs), max(xs)
+    if xhi - xlo < 1e-12:
+        xlo, xhi = xlo - 0.5, xhi + 0.5
+    ylo, yhi = min(ys), max(ys)
+    pad = 0.05 * max(yhi - ylo, 1e-6)
+    ylo, yhi = ylo - pad, yhi + pad
+    legend_w = 230
+    img = Image.new("RGB", (width + legend_w, height), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    x0, x1, y0, y1 = PAD_L, width - PAD_R, PAD_T, height - PAD_B
+
+    def px(x: float) -> float:
+        return x0 + (x - xlo) / (xhi - xlo) * (x1 - x0)
+
+    def py(y: float) -> float:
+        return y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
+
+    d.text((PAD_L, 8), title, fill="black", font=font)
+    d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
+    for t in _ticks(ylo, yhi, 6):
+        d.line([x0 - 4, py(t), x0, py(t)], fill="black")
+        d.line([x0, py(t), x1, py(t)], fill=(235, 235, 235))
+        d.text((4, py(t) - 6), f"{t:.3f}", fill="black", font=font)
+    for t in sorted(set(xs)):
+        d.line([px(t), y1, px(t), y1 + 4], fill="black")
+        d.text((px(t) - 8, y1 + 8), f"{t:.3g}", fill="black", font=font)
+    d.text(((x0 + x1) // 2 - 40, height - 18), xlabel, fill="black", font=font)
+    d.text((4, y0 - 16), ylabel, fill="black", font=font)
+    ly = y0
+    for i, (label, s) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        line = [(px(x), py(y)) for x, y in sorted(s)]
+        if len(line) > 1:
+            d.line(line, fill=color, width=2)
+        for p in line:
+            d.ellipse([p[0] - 3, p[1] - 3, p[0] + 3, p[1] + 3], fill=color)
+        d.line([width + 5, ly + 6, width + 25, ly + 6], fill=color, width=2)
+        d.text((width + 30, ly), label, fill="black", font=font)
+        ly += 16
+    for j, (label, y) in enumerate(flat.items()):
+        color = (90 + 40 * (j % 3), 90 + 40 * (j % 3), 90 + 40 * (j % 3))
+        for xa in range(int(x0), int(x1), 12):  # dashed
+            d.line([xa, py(y), min(xa + 6, x1), py(y)], fill=color, width=1)
+        d.line([width + 5, ly + 6, width + 25, ly + 6], fill=color, width=1)
+        d.text((width + 30, ly), f"{label} ({y:.3f})", fill="black", font=font)
+        ly += 16
+    img.save(out)
+    return out
