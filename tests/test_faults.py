@@ -11,7 +11,9 @@ sample indices do not match the manifest; a bank of other shards, of the wrong d
 metadata; a checkpoint from another config; a config that is not TOML, an override with an
 unknown key or a NaN; NaN and Inf from the model (injected: skipped and counted; 20 in a row:
 diverged, exit 5); a second trainer on a bank in use; a dead trainer's stale lock. Trainings
-are tiny (48 gray 16x16 images); the time is Python and torch starting in each process.
+are tiny (48 gray 16x16 images); the time is Python and torch starting in each process, so
+the cases that take one command are prepared and started in the background (as many at a time
+as there are CPUs) by the module fixture, and each test waits for its own.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,8 @@ from oocid.shards import MANIFEST_NAME, manifest_identity, write_shards
 from oocid.store import open_store, verify_store
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+SLOTS = threading.BoundedSemaphore(max(2, CPUS))  # `oocid` processes running at once
 N, SHARD = 48, 16
 
 CONFIG = """
@@ -115,8 +121,9 @@ def oocid(*args: object, fsize: int | None = None, poison: tuple[str, str] | Non
         if fsize is not None:
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False,
-                       preexec_fn=limit if fsize is not None else None)
+    with SLOTS:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
+                           check=False, preexec_fn=limit if fsize is not None else None)
     return Run(argv, p.returncode, p.stdout, p.stderr)
 
 
@@ -206,12 +213,29 @@ class Setup:
     shards: Path
     cfg: Path  # in memory, 2 epochs
     stream_cfg: Path  # streamed, 2 epochs
-    base_bank: Path  # trained 1 epoch with cfg (no momentum: small checkpoints)
+    base_bank: Path  # trained 1 epoch with cfg
     base_run: Path
+    runs: dict[str, Future[Run]] = field(default_factory=dict)  # the one-command cases
+
+    def run(self, case: str) -> Run:
+        return self.runs[case].result()
+
+
+# case name -> prepares its inputs, returns its command line (registered by `@one_command`)
+ONE_COMMAND: dict[str, Callable[[Setup], list[object]]] = {}
+
+
+def one_command(*names: str) -> Callable[[Callable[..., list[object]]], Callable[..., list[object]]]:
+    """Register a case's preparation; with several names, it is called as fn(setup, name)."""
+    def register(fn: Callable[..., list[object]]) -> Callable[..., list[object]]:
+        for name in names:
+            ONE_COMMAND[name] = (lambda s, n=name: fn(s, n)) if len(names) > 1 else fn
+        return fn
+    return register
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     work = tmp_path_factory.mktemp("faults")
     shards = make_shards(work)
     cfg = work / "cfg.toml"
@@ -220,7 +244,12 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
     stream_cfg.write_text(CONFIG.format(in_memory="no", epochs=2, momentum=0.9))
     bank, run = work / "base.npy", work / "base-run"
     ok(oocid(*train_args(shards, bank, run, cfg, "--epochs", 1)))
-    return Setup(work, shards, cfg, stream_cfg, bank, run)
+    s = Setup(work, shards, cfg, stream_cfg, bank, run)
+    pool = ThreadPoolExecutor(max_workers=32)  # threads wait; SLOTS bounds the processes
+    for name, prepare in ONE_COMMAND.items():
+        s.runs[name] = pool.submit(oocid, *prepare(s))
+    yield s
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def private_copy(s: Setup, name: str) -> tuple[Path, Path]:
@@ -291,30 +320,42 @@ def test_disk_full_during_the_bank_commit(tmp_path: Path, kind: str) -> None:
 # ---- corrupt shards and source folders ---------------------------------------------------------
 
 
-def test_truncated_shard_fails_the_manifests_size_check(setup: Setup) -> None:
+@one_command("truncated-size")
+def truncated_size(setup: Setup) -> list[object]:
     shards = copy_shards(setup.shards, setup.work / "trunc-size")
     p = shards / "shard-000001.tar"
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    res = oocid(*train_args(shards, setup.work / "ts.npy", setup.work / "ts", setup.cfg))
-    assert_error(res, 3, (r"shard-000001\.tar", r"size \d+ B, manifest says \d+ B"))
+    return train_args(shards, setup.work / "ts.npy", setup.work / "ts", setup.cfg)
+
+
+def test_truncated_shard_fails_the_manifests_size_check(setup: Setup) -> None:
+    assert_error(setup.run("truncated-size"), 3, (r"shard-000001\.tar",
+                                                  r"size \d+ B, manifest says \d+ B"))
+
+
+@one_command("truncated-tar:cfg", "truncated-tar:stream_cfg")
+def truncated_tar(setup: Setup, name: str) -> list[object]:
+    cfg = name.split(":")[1]
+    shards = copy_shards(setup.shards, setup.work / f"trunc-tar-{cfg}")
+    p = shards / "shard-000002.tar"
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) * 2 // 3])
+    reseal_manifest(shards)
+    return train_args(shards, setup.work / f"tt-{cfg}.npy", setup.work / f"tt-{cfg}",
+                      getattr(setup, cfg))
 
 
 @pytest.mark.parametrize("cfg", ["cfg", "stream_cfg"])
 def test_truncated_tar_stops_training_with_its_name(setup: Setup, cfg: str) -> None:
     """The manifest resealed to the truncated file: the tar reader itself finds the damage,
     in the in-memory decode and in the stream."""
-    shards = copy_shards(setup.shards, setup.work / f"trunc-tar-{cfg}")
-    p = shards / "shard-000002.tar"
-    data = p.read_bytes()
-    p.write_bytes(data[: len(data) * 2 // 3])
-    reseal_manifest(shards)
-    res = oocid(*train_args(shards, setup.work / f"tt-{cfg}.npy", setup.work / f"tt-{cfg}",
-                            getattr(setup, cfg)))
-    assert_error(res, 3, (re.escape(str(p)), "truncated"))
+    p = setup.work / f"trunc-tar-{cfg}" / "shard-000002.tar"
+    assert_error(setup.run(f"truncated-tar:{cfg}"), 3, (re.escape(str(p)), "truncated"))
 
 
-@pytest.mark.parametrize("cfg", ["cfg", "stream_cfg"])
-def test_garbage_image_member_is_skipped_and_counted(setup: Setup, cfg: str) -> None:
+@one_command("garbage-image:cfg", "garbage-image:stream_cfg")
+def garbage_image(setup: Setup, name: str) -> list[object]:
+    cfg = name.split(":")[1]
     shards = copy_shards(setup.shards, setup.work / f"garbage-img-{cfg}")
 
     def garbage(items: list[tuple[str, bytes]]) -> None:
@@ -322,14 +363,20 @@ def test_garbage_image_member_is_skipped_and_counted(setup: Setup, cfg: str) -> 
         items[i] = (items[i][0], b"\x89PNG but not really" * 10)
 
     edit_shard(shards, "shard-000001.tar", garbage)
-    run = setup.work / f"gi-{cfg}"
-    res = ok(oocid(*train_args(shards, setup.work / f"gi-{cfg}.npy", run, getattr(setup, cfg))))
+    return train_args(shards, setup.work / f"gi-{cfg}.npy", setup.work / f"gi-{cfg}",
+                      getattr(setup, cfg))
+
+
+@pytest.mark.parametrize("cfg", ["cfg", "stream_cfg"])
+def test_garbage_image_member_is_skipped_and_counted(setup: Setup, cfg: str) -> None:
+    res, run = ok(setup.run(f"garbage-image:{cfg}")), setup.work / f"gi-{cfg}"
     assert re.search(r"oocid: warning: skipped bad sample shard-000001\.tar:000000020", res.err), res
     recs = metrics(run)
     assert [(m["bad_samples"], m["images"]) for m in recs] == [(1, N - 1)] * 2, recs
 
 
-def test_garbage_json_member_stops_training_with_shard_and_sample(setup: Setup) -> None:
+@one_command("garbage-json")
+def garbage_json(setup: Setup) -> list[object]:
     shards = copy_shards(setup.shards, setup.work / "garbage-json")
 
     def garbage(items: list[tuple[str, bytes]]) -> None:
@@ -337,30 +384,44 @@ def test_garbage_json_member_stops_training_with_shard_and_sample(setup: Setup) 
         items[i] = (items[i][0], b"\x00{not json")
 
     edit_shard(shards, "shard-000002.tar", garbage)
-    res = oocid(*train_args(shards, setup.work / "gj.npy", setup.work / "gj", setup.stream_cfg))
-    assert_error(res, 3, (r"shard-000002\.tar: sample 000000035: bad json member",))
+    return train_args(shards, setup.work / "gj.npy", setup.work / "gj", setup.stream_cfg)
 
 
-def test_sample_indices_that_do_not_match_the_manifest(setup: Setup) -> None:
-    """Two shards' contents swapped (and the manifest resealed to their bytes): the indices in
-    shard-000000.tar are 16..31, where the manifest's range is [0, 16)."""
+def test_garbage_json_member_stops_training_with_shard_and_sample(setup: Setup) -> None:
+    assert_error(setup.run("garbage-json"), 3, (r"shard-000002\.tar: sample 000000035: bad json member",))
+
+
+@one_command("swapped")
+def swapped(setup: Setup) -> list[object]:
     shards = copy_shards(setup.shards, setup.work / "swapped")
     a, b = shards / "shard-000000.tar", shards / "shard-000001.tar"
     da, db = a.read_bytes(), b.read_bytes()
     a.write_bytes(db)
     b.write_bytes(da)
     reseal_manifest(shards)
-    res = oocid(*train_args(shards, setup.work / "sw.npy", setup.work / "sw", setup.cfg))
-    assert_error(res, 3, (re.escape(str(a)), r"index 16 where the manifest's range \[0, 16\)"))
+    return train_args(shards, setup.work / "sw.npy", setup.work / "sw", setup.cfg)
 
 
-def test_manifest_edited_after_sharding(setup: Setup) -> None:
+def test_sample_indices_that_do_not_match_the_manifest(setup: Setup) -> None:
+    """Two shards' contents swapped (and the manifest resealed to their bytes): the indices in
+    shard-000000.tar are 16..31, where the manifest's range is [0, 16)."""
+    a = setup.work / "swapped" / "shard-000000.tar"
+    assert_error(setup.run("swapped"), 3,
+                 (re.escape(str(a)), r"index 16 where the manifest's range \[0, 16\)"))
+
+
+@one_command("edited-manifest")
+def edited_manifest(setup: Setup) -> list[object]:
     shards = copy_shards(setup.shards, setup.work / "edited")
     m = json.loads((shards / MANIFEST_NAME).read_text())
     m["shards"][1]["sha256"] = "0" * 64
     (shards / MANIFEST_NAME).write_text(json.dumps(m))
-    res = oocid(*train_args(shards, setup.work / "ed.npy", setup.work / "ed", setup.cfg))
-    assert_error(res, 3, (r"manifest\.json", "identity does not match the shard list"))
+    return train_args(shards, setup.work / "ed.npy", setup.work / "ed", setup.cfg)
+
+
+def test_manifest_edited_after_sharding(setup: Setup) -> None:
+    assert_error(setup.run("edited-manifest"), 3,
+                 (r"manifest\.json", "identity does not match the shard list"))
 
 
 def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: Path) -> None:
@@ -384,53 +445,77 @@ def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: P
 # ---- banks and checkpoints that do not fit -----------------------------------------------------
 
 
-def test_bank_of_other_shards(setup: Setup, tmp_path: Path) -> None:
-    other = make_shards(tmp_path / "other", seed=1)  # same N, D and chunking, other images
+@one_command("other-shards")
+def other_shards(setup: Setup) -> list[object]:
+    other = make_shards(setup.work / "other", seed=1)  # same N, D and chunking, other images
     m = json.loads((other / MANIFEST_NAME).read_text())
     assert m["identity"] != json.loads((setup.shards / MANIFEST_NAME).read_text())["identity"]
     bank, run = private_copy(setup, "other-shards")
-    res = oocid(*train_args(tmp_path / "other" / "shards", bank, run, None, "--resume"))
-    assert_error(res, 3, (r"base\.npy belongs to manifest [0-9a-f]{64} but the shards are",))
+    return train_args(other, bank, run, None, "--resume")
+
+
+def test_bank_of_other_shards(setup: Setup) -> None:
+    assert_error(setup.run("other-shards"), 3,
+                 (r"base\.npy belongs to manifest [0-9a-f]{64} but the shards are",))
+
+
+@one_command("wrong-dtype")
+def wrong_dtype(setup: Setup) -> list[object]:
+    bank, run = private_copy(setup, "wrong-dtype")
+    np.save(bank, np.load(bank).astype(np.float64))
+    return train_args(setup.shards, bank, run, None, "--resume")
 
 
 def test_bank_of_the_wrong_dtype(setup: Setup) -> None:
     """bank.npy replaced by float64 rows of the right shape: train refuses (exit 3) and bank
     verify reports it (exit 1), both naming the file."""
-    bank, run = private_copy(setup, "wrong-dtype")
-    rows = np.load(bank).astype(np.float64)
-    np.save(bank, rows)
-    res = oocid(*train_args(setup.shards, bank, run, None, "--resume"))
-    assert_error(res, 3, (re.escape(str(bank)), r"rows \(48, 128\) float64", "float32"))
+    bank = setup.work / "wrong-dtype" / "base.npy"
+    assert_error(setup.run("wrong-dtype"), 3, (re.escape(str(bank)), r"rows \(48, 128\) float64", "float32"))
     assert_error(oocid("bank", "verify", bank), 1, (re.escape(str(bank)), "float64"))
+
+
+@one_command("no-metadata")
+def no_metadata(setup: Setup) -> list[object]:
+    np.save(setup.work / "plain.npy", np.ones((N, 128), np.float32))
+    return train_args(setup.shards, setup.work / "plain.npy", setup.work / "plain", setup.cfg)
 
 
 def test_npy_without_bank_metadata(setup: Setup) -> None:
     bank = setup.work / "plain.npy"
-    np.save(bank, np.ones((N, 128), np.float32))
-    res = oocid(*train_args(setup.shards, bank, setup.work / "plain", setup.cfg))
-    assert_error(res, 3, (re.escape(str(bank)), r"not an oocid bank \(no plain\.npy\.meta\.json\)"))
+    assert_error(setup.run("no-metadata"), 3,
+                 (re.escape(str(bank)), r"not an oocid bank \(no plain\.npy\.meta\.json\)"))
+
+
+@one_command("other-config")
+def other_config(setup: Setup) -> list[object]:
+    bank, run = private_copy(setup, "other-config")
+    ckpt = run / f"ckpt-{load_checkpoint(run / 'last.pt')['step']:09d}.pt"
+    state = torch.load(ckpt, weights_only=False)
+    state["config"]["optim"]["lr"] = 0.5
+    torch.save(state, ckpt)
+    return train_args(setup.shards, bank, run, None, "--resume")
 
 
 def test_checkpoint_from_another_config(setup: Setup) -> None:
     """The run's checkpoint replaced by one written with another learning rate: --resume
-    refuses (exit 2) naming the checkpoint and the difference; nothing is changed."""
-    bank, run = private_copy(setup, "other-config")
-    step = load_checkpoint(run / "last.pt")["step"]
-    ckpt = run / f"ckpt-{step:09d}.pt"
-    state = torch.load(ckpt, weights_only=False)
-    state["config"]["optim"]["lr"] = 0.5
-    torch.save(state, ckpt)
-    before = bank.read_bytes()
-    res = oocid(*train_args(setup.shards, bank, run, None, "--resume"))
-    assert_error(res, 2, (re.escape(str(ckpt)), r"different config \(optim\.lr 0\.5 -> 0\.03\)"))
-    assert bank.read_bytes() == before
+    refuses (exit 2) naming the checkpoint and the difference; the bank is unchanged."""
+    run = setup.work / "other-config" / "run"
+    (ckpt,) = run.glob("ckpt-*.pt")
+    assert_error(setup.run("other-config"), 2, (re.escape(str(ckpt)),
+                                                r"different config \(optim\.lr 0\.5 -> 0\.03\)"))
+    assert (run.parent / "base.npy").read_bytes() == setup.base_bank.read_bytes()
+
+
+@one_command("no-config-json")
+def no_config_json(setup: Setup) -> list[object]:
+    bank, run = private_copy(setup, "no-config-json")
+    (run / "config.json").unlink()
+    return train_args(setup.shards, bank, run, None, "--resume")
 
 
 def test_resume_without_config_json_asks_for_the_config(setup: Setup) -> None:
-    bank, run = private_copy(setup, "no-config-json")
-    (run / "config.json").unlink()
-    res = oocid(*train_args(setup.shards, bank, run, None, "--resume"))
-    assert_error(res, 2, (re.escape(str(run / "config.json")), "missing", "--config"))
+    run = setup.work / "no-config-json" / "run"
+    assert_error(setup.run("no-config-json"), 2, (re.escape(str(run / "config.json")), "missing", "--config"))
 
 
 # ---- configs ---------------------------------------------------------------------------------
@@ -444,31 +529,38 @@ CONFIG_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CONFIG_CASES))
-def test_bad_config(setup: Setup, case: str) -> None:
-    text, extra, problems = CONFIG_CASES[case]
+@one_command(*(f"config:{c}" for c in CONFIG_CASES))
+def bad_config(setup: Setup, name: str) -> list[object]:
+    case = name.split(":")[1]
+    text, extra, _ = CONFIG_CASES[case]
     cfg = setup.cfg
     if text is not None:
         cfg = setup.work / f"{case}.toml"
         cfg.write_text(text)
-    res = oocid(*train_args(setup.shards, setup.work / f"{case}.npy", setup.work / case, cfg,
-                            *extra))
-    names = (re.escape(str(cfg)),) if text is not None else ("override",)
-    assert_error(res, 2, (*names, *problems))
+    return train_args(setup.shards, setup.work / f"{case}.npy", setup.work / case, cfg, *extra)
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config(setup: Setup, case: str) -> None:
+    text, _, problems = CONFIG_CASES[case]
+    names = (re.escape(str(setup.work / f"{case}.toml")),) if text is not None else ("override",)
+    assert_error(setup.run(f"config:{case}"), 2, (*names, *problems))
     assert not (setup.work / f"{case}.npy").exists()
 
 
 # ---- NaN and Inf from the model ----------------------------------------------------------------
 
 
-def test_nan_and_inf_features_are_skipped_and_counted(setup: Setup) -> None:
-    bank, run = setup.work / "poison.npy", setup.work / "poison"
-    res = ok(oocid(*train_args(setup.shards, bank, run, setup.cfg), poison=("2,5", "nan")))
-    assert [m["skipped_steps"] for m in metrics(run)] == [1, 1], res
-    bank2, run2 = setup.work / "poison-inf.npy", setup.work / "poison-inf"
-    ok(oocid(*train_args(setup.shards, bank2, run2, setup.cfg), poison=("3", "inf")))
-    assert [m["skipped_steps"] for m in metrics(run2)] == [1, 0]
-    assert verify_store(bank).ok and verify_store(bank2).ok
+@pytest.mark.parametrize(("value", "calls", "skipped"), [("nan", "2,5", [1, 1]),
+                                                         ("inf", "3", [1, 0])])
+def test_nan_and_inf_features_are_skipped_and_counted(setup: Setup, value: str, calls: str,
+                                                      skipped: list[int]) -> None:
+    """Forward calls `calls` give non-finite features (3 steps an epoch): those steps are
+    skipped and counted in metrics.jsonl, and nothing non-finite reaches the bank."""
+    bank, run = setup.work / f"poison-{value}.npy", setup.work / f"poison-{value}"
+    res = ok(oocid(*train_args(setup.shards, bank, run, setup.cfg), poison=(calls, value)))
+    assert [m["skipped_steps"] for m in metrics(run)] == skipped, res
+    assert verify_store(bank).ok
 
 
 def test_endless_nan_is_divergence_exit_5_and_resume_recovers(setup: Setup) -> None:
