@@ -23,7 +23,6 @@ import io
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import subprocess
@@ -76,19 +75,24 @@ eval_every = 0
 threads = 1
 """
 
-# The real entry point with the model's features poisoned: FAULT_CALLS lists forward calls
-# ("2,5") or gives the first of an endless run ("7-"); FAULT_VALUE is nan or inf.
-POISON = r"""
-import os, sys
-from oocid import models
-real, calls = models.Embedder.forward, {"n": 0}
-spec, value = os.environ["FAULT_CALLS"], float(os.environ["FAULT_VALUE"])
-def poisoned(self, x):
-    calls["n"] += 1
-    hit = calls["n"] >= int(spec[:-1]) if spec.endswith("-") else str(calls["n"]) in spec.split(",")
-    f = real(self, x)
-    return f * value if hit else f
-models.Embedder.forward = poisoned
+# The real entry point, with faults: FAULT_FSIZE sets RLIMIT_FSIZE (Python ignores SIGXFSZ,
+# so a write past it fails with EFBIG, as on a full disk); FAULT_CALLS poisons the model's
+# features at the listed forward calls ("2,5") or from one on ("7-") with FAULT_VALUE (nan, inf).
+FAULTS = r"""
+import os, resource, sys
+if "FAULT_FSIZE" in os.environ:
+    size = int(os.environ["FAULT_FSIZE"])
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+if "FAULT_CALLS" in os.environ:
+    from oocid import models
+    real, calls = models.Embedder.forward, {"n": 0}
+    spec, value = os.environ["FAULT_CALLS"], float(os.environ["FAULT_VALUE"])
+    def poisoned(self, x):
+        calls["n"] += 1
+        hit = calls["n"] >= int(spec[:-1]) if spec.endswith("-") else str(calls["n"]) in spec.split(",")
+        f = real(self, x)
+        return f * value if hit else f
+    models.Embedder.forward = poisoned
 sys.argv = ["oocid", *sys.argv[1:]]
 from oocid.cli import main
 main()
@@ -108,22 +112,20 @@ class Run:
 
 
 def oocid(*args: object, fsize: int | None = None, poison: tuple[str, str] | None = None) -> Run:
-    """`python -m oocid ARGS`; `fsize`: RLIMIT_FSIZE in bytes (Python ignores SIGXFSZ, so an
-    oversize write fails with EFBIG, as on a full disk); `poison`: (FAULT_CALLS, FAULT_VALUE)."""
+    """`python -m oocid ARGS`, or with `fsize` (RLIMIT_FSIZE in bytes) or `poison`
+    ((FAULT_CALLS, FAULT_VALUE)) the same through FAULTS (no preexec_fn: threads run here)."""
     argv = [str(a) for a in args]
     env = dict(ENV)
     cmd = [sys.executable, "-m", "oocid", *argv]
+    if fsize is not None:
+        env["FAULT_FSIZE"] = str(fsize)
     if poison is not None:
         env.update(FAULT_CALLS=poison[0], FAULT_VALUE=poison[1])
-        cmd = [sys.executable, "-c", POISON, *argv]
-
-    def limit() -> None:
-        if fsize is not None:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-
+    if fsize is not None or poison is not None:
+        cmd = [sys.executable, "-c", FAULTS, *argv]
     with SLOTS:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
-                           check=False, preexec_fn=limit if fsize is not None else None)
+                           check=False)
     return Run(argv, p.returncode, p.stdout, p.stderr)
 
 
