@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from .decode import decode_image, open_image
 from .errors import DataError, OocidError
 from .shards import Manifest, iter_samples
 from .stream_aug import stream_transform
+
+SHUFFLE_START = 128  # samples in a worker's shuffle buffer before it starts yielding
 
 
 @dataclass
@@ -199,11 +202,14 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _samples(self, paths: list) -> Iterator[tuple]:
+    def _samples(self, parts: list[tuple[Path, int, int]]) -> Iterator[tuple]:
+        """The samples of each (shard, offset, stride): the k-th sample when k % stride == offset."""
         blank = torch.zeros(self.channels, self.size, self.size)
-        for path in paths:
+        for path, offset, stride in parts:
             try:
-                for s in iter_samples(path, self.spans[path.name]):
+                for k, s in enumerate(iter_samples(path, self.spans[path.name])):
+                    if k % stride != offset:
+                        continue
                     label = -1 if s.label is None else int(s.label)
                     try:
                         # the CPU generator only: torch.manual_seed also reseeds CUDA (~100x slower)
@@ -220,24 +226,41 @@ class ShardStream(IterableDataset):
                 yield (blank, -1, -1, "", str(e))
                 return
 
+    def worker_parts(self, wid: int, nw: int) -> list[tuple[Path, int, int]]:
+        """Worker `wid`'s share of the epoch as (shard, offset, stride): whole full-size shards
+        dealt round-robin (in the epoch's shuffled order) while every worker gets one, then the
+        remaining shards (the odd ones out and a short last shard) split sample by sample, so
+        that the workers finish together even with fewer shards than workers."""
+        rng = np.random.default_rng(mix_seed(self.seed, 4, self.epoch))
+        order = rng.permutation(len(self.paths)) if self.shuffle else np.arange(len(self.paths))
+        paths = [self.paths[i] for i in order]
+        sizes = [self.spans[p.name][1] - self.spans[p.name][0] for p in paths]
+        full = [p for p, n in zip(paths, sizes, strict=True) if n == max(sizes)]
+        whole = full[:len(full) // nw * nw]
+        dealt = set(whole)
+        split = [p for p in paths if p not in dealt]
+        return [(p, 0, 1) for p in whole[wid::nw]] + [(p, wid, nw) for p in split]
+
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = np.random.default_rng(mix_seed(self.seed, 4, self.epoch))
-        order = rng.permutation(len(self.paths)) if self.shuffle else np.arange(len(self.paths))
-        mine = [self.paths[i] for i in order[wid::nw]]
+        mine = self.worker_parts(wid, nw)
         brng = np.random.default_rng(mix_seed(self.seed, 5, self.epoch, wid))
+        # The buffer fills while it is already yielding (as webdataset's shuffle does): from
+        # SHUFFLE_START samples on, one out for every two in until it is full, then one for one;
+        # so the first batches leave a worker after a few hundred samples, not a whole buffer.
+        start = min(self.buffer, SHUFFLE_START)
         buf: list[tuple] = []
-        for item in self._samples(mine):
+        for n_in, item in enumerate(self._samples(mine), 1):
             if item[4]:
                 yield item
                 return
-            if len(buf) < self.buffer:
-                buf.append(item)
+            buf.append(item)
+            if len(buf) < start or (len(buf) < self.buffer and n_in % 2 == 1):
                 continue
             j = int(brng.integers(len(buf)))
-            buf[j], item = item, buf[j]
-            yield item
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
         brng.shuffle(buf)  # type: ignore[arg-type]
         yield from buf
 

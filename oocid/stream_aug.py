@@ -7,6 +7,8 @@ changing what they compute:
   then do pixels differ from the reference (a different, equally valid, downsampling filter);
 - the hue shift is Pillow's RGB -> HSV -> RGB round trip read from two tables built with
   Pillow's own conversions (bit for bit the reference, ~5x faster than converting);
+- brightness and contrast, Pillow blends with a constant image, are per-value maps: a 256-entry
+  table made by that very blend on a ramp, applied with Image.point (bit for bit, ~10x faster);
 - an image turned grayscale stays one channel through the colour jitter (every later step
   gives the same values on it) and is expanded to three at the end;
 - no float conversion here: `augment.normalize_batch` does it once per batch on the device.
@@ -20,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageStat
 from torch import Tensor
 
 from .decode import load_image, need_for
@@ -64,6 +66,27 @@ def adjust_hue(img: Image.Image, hue_factor: float) -> Image.Image:
     return Image.frombytes("RGB", img.size, np.ascontiguousarray(rgbx), "raw", "RGBX")
 
 
+_RAMP = Image.frombytes("L", (256, 1), bytes(range(256)))
+
+
+def _blend_table(constant: int, factor: float, bands: int) -> list[int]:
+    """Pillow's Image.blend(constant image, image, factor) as a table of every input value."""
+    return list(Image.blend(Image.new("L", (256, 1), constant), _RAMP, factor).tobytes()) * bands
+
+
+def adjust_brightness(img: Image.Image, factor: float) -> Image.Image:
+    """ImageEnhance.Brightness(img).enhance(factor), bit for bit (a blend with black)."""
+    return img.point(_blend_table(0, factor, len(img.getbands())))
+
+
+def adjust_contrast(img: Image.Image, factor: float) -> Image.Image:
+    """ImageEnhance.Contrast(img).enhance(factor), bit for bit: a blend with the constant image
+    of the rounded mean of the L conversion."""
+    gray = img if img.mode == "L" else img.convert("L")
+    mean = int(ImageStat.Stat(gray).mean[0] + 0.5)
+    return img.point(_blend_table(mean, factor, len(img.getbands())))
+
+
 class _Jitter:
     """torchvision's ColorJitter(b, c, s, h) on PIL images, with the table-driven hue."""
 
@@ -78,9 +101,9 @@ class _Jitter:
         fn_idx, b, c, s, h = self.get_params(*self.ranges)
         for fn_id in fn_idx.tolist():
             if fn_id == 0 and b is not None:
-                img = ImageEnhance.Brightness(img).enhance(b)
+                img = adjust_brightness(img, b)
             elif fn_id == 1 and c is not None:
-                img = ImageEnhance.Contrast(img).enhance(c)
+                img = adjust_contrast(img, c)
             elif fn_id == 2 and s is not None:
                 img = ImageEnhance.Color(img).enhance(s)
             elif fn_id == 3 and h is not None:

@@ -15,7 +15,13 @@ from torchvision.transforms import functional as TF
 
 from oocid.augment import normalize_batch, sample_transform
 from oocid.decode import decode_image, load_image, open_image
-from oocid.stream_aug import adjust_hue, hue_tables, stream_transform
+from oocid.stream_aug import (
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    hue_tables,
+    stream_transform,
+)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -62,6 +68,20 @@ def test_adjust_hue_equals_torchvision(factor: float) -> None:
     assert np.array_equal(np.asarray(adjust_hue(img, factor)), np.asarray(TF.adjust_hue(img, factor)))
     gray = img.convert("L")
     assert adjust_hue(gray, factor) is gray
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.6, 0.7431, 1.0, 1.0001, 1.29, 1.4, 2.5])
+def test_brightness_and_contrast_tables_equal_pillow(factor: float) -> None:
+    from PIL import ImageEnhance
+
+    for k in range(3):
+        img = Image.open(io.BytesIO(photo(k, 57, 33))).convert("RGB")
+        for im in (img, img.convert("L")):
+            want = ImageEnhance.Brightness(im).enhance(factor)
+            assert adjust_brightness(im, factor).tobytes() == want.tobytes()
+            want = ImageEnhance.Contrast(im).enhance(factor)
+            assert adjust_contrast(im, factor).tobytes() == want.tobytes()
+            assert adjust_contrast(im, factor).mode == im.mode
 
 
 @pytest.mark.parametrize("recipe", ["imagenet", "cifar", "gray"])
@@ -169,3 +189,48 @@ def test_stream_data_batches_equal_the_reference_per_sample(tmp_path: Path, work
             torch.testing.assert_close(x, ref(decode_image(by_index[i], 3)), atol=2e-6, rtol=0)
             seen.append(i)
     assert sorted(seen) == list(range(23)) and seen != list(range(23))
+
+
+@pytest.mark.parametrize(("n", "size", "nw"), [(23, 8, 2), (2000, 4096, 2), (40, 8, 3), (32, 8, 2),
+                                               (9, 8, 4), (100, 10, 1)])
+def test_workers_share_every_sample_once_and_evenly(tmp_path: Path, n: int, size: int, nw: int
+                                                    ) -> None:
+    """Whole shards while each worker gets one, the rest split sample by sample: with fewer
+    shards than workers (a 2,000-image set is one default shard) every worker still works."""
+    from oocid.shards import iter_samples, write_shards
+    from oocid.stream import ShardStream
+
+    np.savez(tmp_path / "x.npz", images=np.zeros((n, 2, 2), np.uint8))
+    m = write_shards(tmp_path / "x.npz", tmp_path / "s", shard_size=size, progress=False)
+    ds = ShardStream(m, 1, lambda im: im, seed=3, shuffle=True, shuffle_buffer=4, size=2)
+    ds.set_epoch(2)
+    got: list[list[int]] = []
+    for w in range(nw):
+        got.append([s.index for p, off, stride in ds.worker_parts(w, nw)
+                    for k, s in enumerate(iter_samples(p)) if k % stride == off])
+    flat = sorted(i for g in got for i in g)
+    assert flat == list(range(n))
+    counts = [len(g) for g in got]
+    assert max(counts) - min(counts) <= max(1, nw - 1 + (n % size > 0)), counts
+
+
+def test_shuffle_buffer_yields_early_and_every_sample_once(tmp_path: Path) -> None:
+    from oocid.shards import write_shards
+    from oocid.stream import SHUFFLE_START, ShardStream
+
+    np.savez(tmp_path / "x.npz", images=np.zeros((700, 2, 2), np.uint8))
+    m = write_shards(tmp_path / "x.npz", tmp_path / "s", shard_size=100, progress=False)
+    calls = []
+
+    def tf(img: Image.Image) -> torch.Tensor:
+        calls.append(1)
+        return torch.zeros(1, 2, 2)
+
+    ds = ShardStream(m, 1, tf, seed=0, shuffle=True, shuffle_buffer=512, size=2)
+    it = iter(ds)
+    first = next(it)
+    assert len(calls) == SHUFFLE_START  # not a whole buffer (512) before the first sample
+    order = [first[1]] + [item[1] for item in it]
+    assert sorted(order) == list(range(700))
+    early = order[:SHUFFLE_START]
+    assert early != sorted(early) and max(order[:100]) > 100
