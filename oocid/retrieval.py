@@ -58,10 +58,16 @@ class TrainingSide:
                 yield idx, f
             return
         assert self.bank is not None
-        with open_store(self.bank, read_only=True) as store:
-            for c, rows in store.iter_chunks():
-                lo, hi = store.chunk_range(c)
-                yield torch.arange(lo, hi), torch.from_numpy(rows).to(self.device)
+        yield from bank_chunks(self.bank, self.device)
+
+
+def bank_chunks(bank: Path, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """(index (n,), rows (n, D) float32) of every chunk of a bank on disk, read one at a time
+    (pread, not a memory map: the bank's pages never count in the process's RSS)."""
+    with open_store(bank, read_only=True) as store:
+        for c, rows in store.iter_chunks():
+            lo, hi = store.chunk_range(c)
+            yield torch.arange(lo, hi), torch.from_numpy(rows).to(device)
 
 
 def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path | None,
@@ -98,13 +104,18 @@ def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: in
                  ) -> tuple[Tensor, Tensor]:
     """`knn.topk_streaming` over chunks given as (index (n,), rows (n, D)) in any order:
     (sims (Q, k'), global index (Q, k')) sorted by decreasing similarity, k' = min(k, rows).
-    Memory: one chunk, the (Q, k) buffers and the (rows,) int64 index map."""
-    seen: list[Tensor] = []
+    Memory: one block of chunks, the (Q, k) buffers, and the chunks' indices: a (start, n) pair
+    per chunk of consecutive indices (the bank's), else the (rows,) int64 index map."""
+    seen: list[tuple[int, int] | Tensor] = []  # per chunk: (first index, n) or its indices
 
     def positions() -> Iterator[tuple[int, Tensor]]:
         offset = 0
         for idx, rows in chunks:
-            seen.append(idx.to(torch.int64).cpu())
+            idx = idx.to(torch.int64).cpu()
+            n = idx.shape[0]
+            first = int(idx[0]) if n else 0
+            consecutive = n > 0 and int(idx[-1]) - first == n - 1 and bool((idx.diff() == 1).all())
+            seen.append((first, n) if consecutive else idx)
             yield offset, rows
             offset += rows.shape[0]
 
@@ -112,7 +123,17 @@ def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: in
         sims, pos = topk_streaming(queries, positions(), k)
     except ValueError:
         raise DataError("no training features to search (every sample failed to decode?)") from None
-    return sims, torch.cat(seen).to(pos.device)[pos]
+    pos = pos.cpu()
+    if all(isinstance(c, tuple) for c in seen):  # index = first index of its chunk + offset in it
+        firsts = torch.tensor([c[0] for c in seen if isinstance(c, tuple)], dtype=torch.int64)
+        sizes = torch.tensor([c[1] for c in seen if isinstance(c, tuple)], dtype=torch.int64)
+        offsets = sizes.cumsum(0) - sizes
+        chunk = torch.searchsorted(offsets, pos, right=True) - 1
+        index = firsts[chunk] + (pos - offsets[chunk])
+    else:
+        index = torch.cat([torch.arange(c[0], c[0] + c[1]) if isinstance(c, tuple) else c
+                           for c in seen])[pos]
+    return sims, index.to(sims.device)
 
 
 # ---------------------------------------------------------------------------- queries

@@ -163,6 +163,22 @@ def test_topk_indexed_chunks_in_any_order() -> None:
     assert torch.allclose(sims, want_s)
 
 
+def test_topk_indexed_consecutive_chunks_out_of_order() -> None:
+    """Chunks of consecutive indices (a bank's) are mapped back without an index map; a mix with
+    scattered chunks falls back to one."""
+    g = torch.Generator().manual_seed(1)
+    bank = F.normalize(torch.randn(90, 8, generator=g), dim=1)
+    q = F.normalize(torch.randn(7, 8, generator=g), dim=1)
+    want_s, want_i = (q @ bank.t()).topk(12, dim=1)
+    spans = [(40, 65), (0, 13), (65, 90), (13, 40)]
+    chunks = [(torch.arange(a, b), bank[a:b]) for a, b in spans]
+    sims, index = topk_indexed(q, chunks, 12)
+    assert torch.equal(index, want_i)
+    assert torch.allclose(sims, want_s)
+    mixed = [*chunks[:2], (torch.arange(89, 64, -1), bank[65:90].flip(0)), chunks[3]]
+    assert torch.equal(topk_indexed(q, mixed, 12)[1], want_i)
+
+
 # ------------------------------------------------------------------------------ knn
 
 

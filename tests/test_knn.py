@@ -61,6 +61,38 @@ def test_topk_streaming_equals_in_memory(n: int, chunk: int, k: int, seed: int) 
     assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
 
 
+@settings(max_examples=50, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 30), st.integers(1, 40), st.integers(1, 20),
+       st.integers(1, 9), st.booleans(), st.integers(0, 10**6))
+def test_topk_streaming_blocks_and_query_blocks(n: int, chunk: int, k: int, block_rows: int,
+                                                query_block: int, shuffled: bool, seed: int
+                                                ) -> None:
+    """Chunks regrouped into blocks (copied, split, or not consecutive) and queries scored in
+    blocks give the in-memory top-k."""
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(n, 8, generator=g), dim=1)
+    q = F.normalize(torch.randn(11, 8, generator=g), dim=1)
+    chunks = [(s, bank[s:s + chunk]) for s in range(0, n, chunk)]
+    if shuffled:
+        chunks = [chunks[j] for j in torch.randperm(len(chunks), generator=g).tolist()]
+    s, i = topk_streaming(q, iter(chunks), k, block_rows=block_rows, query_block=query_block)
+    rs, ri = (q @ bank.t()).topk(min(k, n), dim=1)
+    assert s.shape == i.shape == (11, min(k, n))
+    assert torch.allclose(s, rs, rtol=1e-6, atol=1e-6)
+    assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
+    assert torch.allclose(bank[i].mul(q[:, None]).sum(-1), s, atol=1e-6)  # index and sim agree
+
+
+def test_topk_streaming_ties_by_index() -> None:
+    """Equal similarities inside the top-k come out by increasing row index."""
+    bank = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [0.0, -1.0],
+                         [1.0, 0.0], [0.8, 0.6], [1.0, 0.0], [-1.0, 0.0]])
+    chunks = [(6, bank[6:]), (0, bank[:3]), (3, bank[3:6])]
+    s, i = topk_streaming(torch.tensor([[1.0, 0.0]]), iter(chunks), 4, block_rows=2, query_block=1)
+    assert i.tolist() == [[1, 4, 6, 5]]
+    assert torch.allclose(s, torch.tensor([[1.0, 1.0, 1.0, 0.8]]))
+
+
 def test_scores_and_accuracy() -> None:
     sims = torch.tensor([[0.9, 0.5], [0.8, 0.1]])
     nl = torch.tensor([[2, 0], [1, 1]])
