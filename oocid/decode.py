@@ -1,11 +1,12 @@
 """Image bytes -> PIL pixels, decoded at the smallest size that still serves the output.
 
 Pillow (libjpeg-turbo) decodes; `tools/bench_decode.py` measured it against torchvision.io's
-decoders on one core (tools/results/bench_decode.txt): they are level at full size, and only
-Pillow can decode a JPEG at 1/2, 1/4 or 1/8 of its size in the DCT ("draft" mode), several
-times faster when the output is much smaller than the image. `load_image` uses that reduction
-only as far as the pixels the caller needs (`need`, in reduced-image pixels) allow, so it never
-upsamples what a full decode would have downsampled.
+decoders on one core (tools/results/bench_decode.txt): torchvision is faster at producing a
+tensor, but not once its output is turned into the PIL image the augmentation works on, and only
+Pillow decodes a JPEG at 1/2, 1/4 or 1/8 of its size in the DCT ("draft" mode), faster when the
+output is much smaller than the image. `load_image` uses that reduction only as far as the pixels
+the caller needs (`need`, in reduced-image pixels) allow, so it never upsamples what a full
+decode would have downsampled.
 """
 
 from __future__ import annotations
