@@ -374,9 +374,9 @@ def eval_batches(manifest: Manifest, data_cfg: Any, device: torch.device, batch_
         for part in keep.split(batch_size):
             yield Batch(tf(images[part].to(device)), part.to(device), lab[part].to(device))
         return
-    tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min, channels,
-                          train=False)
-    sd = StreamData(manifest, channels, batch_size, tf, 0, device, data_cfg.workers,
+    eval_tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min,
+                               channels, train=False)
+    sd = StreamData(manifest, channels, batch_size, eval_tf, 0, device, data_cfg.workers,
                     shuffle=False, size=data_cfg.image_size, normalize=(mean, std))
     yield from sd.epoch_batches(0)
 

@@ -168,7 +168,7 @@ def profile(src: Path, shards: Path, n: int) -> dict[str, dict[str, float]]:
     stored = [s.image for s in samples]
     tv: dict[str, float] = {}
     oc: dict[str, float] = {}
-    ref = sample_transform("imagenet", SIZE, MEAN, STD, 0.2, True).transforms
+    ref = sample_transform("imagenet", SIZE, MEAN, STD, 0.2, True).transforms  # type: ignore[attr-defined]
     names = ["crop", "grayscale", "jitter", "flip", "to tensor + normalize"]
     aug = StreamTrain("imagenet", SIZE, 0.2, 3)
     xs = []
