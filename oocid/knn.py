@@ -7,13 +7,18 @@ Top-k is computed once at the largest k and reused for smaller k (as DINO's eval
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
 BLOCK_ROWS = 65536  # bank rows scored per GEMM: large enough for torch.topk's fast path
 QUERY_BLOCK = 512  # queries per GEMM: a (512, 65536) float32 score buffer is 128 MB
+TILE = 2048  # queries and rows per GEMM once the top-k is full: a 16 MB score tile stays in L3
+SAMPLE = 4096  # rows of a first block from which each query's bar is estimated
+GROUP = 64  # scores per group maximum in the thresholded scan (one amax, 1/64 the compares)
 
 
 def _blocks(chunks: Iterable[tuple[int, Tensor]], block_rows: int, device: torch.device
@@ -56,7 +61,8 @@ def _blocks(chunks: Iterable[tuple[int, Tensor]], block_rows: int, device: torch
 
 
 def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int, *,
-                   block_rows: int = BLOCK_ROWS, query_block: int = QUERY_BLOCK) -> tuple[Tensor, Tensor]:
+                   block_rows: int = BLOCK_ROWS, query_block: int = QUERY_BLOCK, tile: int = TILE,
+                   group: int = GROUP, sample: int = SAMPLE) -> tuple[Tensor, Tensor]:
     """Running top-k of cosine similarity over bank chunks.
 
     queries (Q, D) unit rows; chunks yields (start_row, rows (n, D)) in any order.
@@ -64,8 +70,11 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
     index), k' = min(k, N seen). Chunks are regrouped into blocks of `block_rows` rows; each
     block is scored `query_block` queries at a time, S = q @ rows^T (query_block, n), and its
     top-k merged in place with those queries' running top-k by one topk over [running | block]
-    (query_block, 2k). Memory: one block of rows, one (query_block, block_rows) score buffer,
-    the (Q, k) running top-k."""
+    (query_block, 2k). Once every query holds k scores, a block is scored in (tile, tile) GEMMs
+    scanned against each query's k-th score (`_merge_above_threshold`): on the CPU that scan
+    costs a few % of the GEMM where a top-k per block cost as much as the GEMM itself. Memory:
+    one block of rows, one (query_block, block_rows) score buffer, the (Q, k) running top-k and
+    the block's candidates."""
     q = queries.float()
     nq = q.shape[0]
     best_s = torch.empty(nq, 0, dtype=torch.float32, device=q.device)  # (Q, k') running top-k
@@ -75,6 +84,12 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
     for where, rows in _blocks(chunks, block_rows, q.device):
         n = rows.shape[0]
         seen += n
+        if 0 < k == best_s.shape[1]:  # full: only scores above each query's k-th can enter
+            _merge_above(q, rows, where, best_s, best_i, best_s.min(dim=1).values, tile, group)
+            continue
+        if not best_s.shape[1] and n >= max(8 * k, 2 * tile, sample):  # a large first block
+            best_s, best_i = _first_block(q, rows, where, k, query_block, tile, group, sample)
+            continue
         width = min(k, best_s.shape[1] + n)  # k' after this block
         out_s, out_i = (best_s, best_i) if width == best_s.shape[1] else (
             torch.empty(nq, width, dtype=torch.float32, device=q.device),
@@ -96,6 +111,115 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
     best_s, best_i = torch.gather(best_s, 1, by_index), torch.gather(best_i, 1, by_index)
     order = best_s.argsort(dim=1, descending=True, stable=True)
     return torch.gather(best_s, 1, order), torch.gather(best_i, 1, order)
+
+
+def _first_block(q: Tensor, rows: Tensor, where: int | Tensor, k: int, query_block: int, tile: int,
+                 group: int, sample: int) -> tuple[Tensor, Tensor]:
+    """The top-k (Q, k) of a first block of n >= 8k rows without a top-k over all its scores.
+
+    Each query's bar is estimated from the block's first `sample` rows: the score that about 2k of
+    the block's n rows should beat. The block then goes through the thresholded scan; a query
+    that found fewer than k scores above its estimate (rare: the estimate is generous) is
+    computed again exactly. Either way the result is the block's exact top-k: when k scores
+    beat the bar, every score left out is below all k of them."""
+    nq, n, dev = q.shape[0], rows.shape[0], q.device
+    head = rows[:sample]
+    j = max(1, min(head.shape[0], math.ceil(2 * k * head.shape[0] / n)))
+    bar = torch.cat([(q[a:a + tile] @ head.t()).topk(j, dim=1).values[:, -1]
+                     for a in range(0, nq, tile)])  # (Q,)
+    best_s = torch.full((nq, k), float("-inf"), dtype=torch.float32, device=dev)
+    best_i = torch.full((nq, k), -1, dtype=torch.int64, device=dev)
+    _merge_above(q, rows, where, best_s, best_i, bar, tile, group)
+    short = (best_i < 0).any(dim=1).nonzero().squeeze(1)  # fewer than k above the estimate
+    for a in range(0, short.numel(), query_block):
+        sq = short[a:a + query_block]
+        cs, ci = (q[sq] @ rows.t()).topk(k, dim=1, sorted=False)
+        best_s[sq], best_i[sq] = cs, ci + where if isinstance(where, int) else where[ci]
+    return best_s, best_i
+
+
+def _nonzero2(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) of the True entries of a 2-D bool mask, row-major (numpy's flatnonzero on
+    the CPU: several times faster than torch's nonzero on sparse masks)."""
+    if mask.device.type != "cpu":
+        r, c = mask.nonzero(as_tuple=True)
+        return r, c
+    flat = torch.from_numpy(np.flatnonzero(mask.contiguous().numpy()))
+    return flat // mask.shape[1], flat % mask.shape[1]
+
+
+def _merge_above(q: Tensor, rows: Tensor, where: int | Tensor, best_s: Tensor, best_i: Tensor,
+                 bar: Tensor, tile: int = TILE, group: int = GROUP) -> None:
+    """Merge one block of rows into the running top-k (Q, k), in place, looking only at the
+    scores above each query's bar (Q,) (the k-th score held, or an estimate).
+
+    A row can only enter a query's top-k if its score beats the query's k-th score (strictly:
+    an equal score from a later row loses the tie to the row already held, which keeps ties by
+    increasing index when rows come in order). The block is scored in (tile, tile) GEMMs that
+    stay in cache; each tile is scanned by the maximum of every `group` consecutive scores, and
+    only groups whose maximum beats the bar are gathered and filtered score by score. Past the
+    first block few scores pass, so the scan costs a few % of the GEMM where a top-k over every
+    score cost as much as the GEMM. The candidates of a tile of queries are merged per query by
+    one top-k over [running | candidates] at the end of the block, or sooner once they number k
+    per query (the bar then rises)."""
+    nq, n, dev = q.shape[0], rows.shape[0], q.device
+    buf = torch.empty(min(tile, nq) * min(tile, n), dtype=torch.float32, device=dev)
+    for a in range(0, nq, tile):
+        b = min(a + tile, nq)
+        t = torch.maximum(bar[a:b], best_s[a:b].min(dim=1).values)  # (q,)
+        found: list[tuple[Tensor, Tensor, Tensor]] = []  # (query in tile, row in block, score)
+        held = 0
+        for c in range(0, n, tile):
+            if held >= best_s.shape[1] * (b - a):  # k per query found: merge, raise the bar
+                _merge_found(best_s[a:b], best_i[a:b], found, where)
+                t, found, held = torch.maximum(t, best_s[a:b].min(dim=1).values), [], 0
+            d = min(c + tile, n)
+            w = d - c
+            s = torch.mm(q[a:b], rows[c:d].t(), out=buf[:(b - a) * w].view(b - a, w))  # (q, w)
+            if w % group == 0:
+                g = s.view(b - a, w // group, group)
+                hq, hg = _nonzero2(g.amax(dim=2) > t[:, None])  # (m,) groups
+                if not hq.numel():
+                    continue
+                vals = g[hq, hg]  # (m, group)
+                kr, kc = _nonzero2(vals > t[hq, None])
+                found.append((hq[kr], hg[kr] * group + kc + c, vals[kr, kc]))
+            else:
+                qs, cols = _nonzero2(s > t[:, None])
+                found.append((qs, cols + c, s[qs, cols]))
+            held += found[-1][0].numel()
+        _merge_found(best_s[a:b], best_i[a:b], found, where)
+
+
+def _merge_found(best_s: Tensor, best_i: Tensor, found: list[tuple[Tensor, Tensor, Tensor]],
+                 where: int | Tensor) -> None:
+    if found:
+        _merge_candidates(best_s, best_i, *(torch.cat(f) for f in zip(*found, strict=True)), where)
+
+
+def _merge_candidates(best_s: Tensor, best_i: Tensor, cq: Tensor, cr: Tensor, cs: Tensor,
+                      where: int | Tensor) -> None:
+    """best_s, best_i (q, k) <- the top-k of [best | candidates] per query, in place; candidate j
+    is (query cq[j], row cr[j] of the block whose row 0 is `where`, score cs[j])."""
+    if not cq.numel():
+        return
+    nq, k, dev = best_s.shape[0], best_s.shape[1], best_s.device
+    ci = cr + where if isinstance(where, int) else where[cr]
+    order = torch.argsort(cq, stable=True)
+    cq, ci, cs = cq[order], ci[order], cs[order]
+    counts = torch.bincount(cq, minlength=nq)  # (q,) candidates per query
+    hit = counts.nonzero().squeeze(1)  # the queries with any
+    slot = torch.empty(nq, dtype=torch.int64, device=dev)
+    slot[hit] = torch.arange(hit.numel(), device=dev)
+    pos = torch.arange(cq.numel(), device=dev) - (counts.cumsum(0) - counts)[cq]
+    width = int(counts.max())
+    pad_s = torch.full((hit.numel(), width), float("-inf"), dtype=torch.float32, device=dev)
+    pad_i = torch.full((hit.numel(), width), -1, dtype=torch.int64, device=dev)  # -1: no row
+    pad_s[slot[cq], pos] = cs
+    pad_i[slot[cq], pos] = ci
+    ms, p = torch.cat([best_s[hit], pad_s], dim=1).topk(k, dim=1, sorted=False)
+    best_i[hit] = torch.gather(torch.cat([best_i[hit], pad_i], dim=1), 1, p)
+    best_s[hit] = ms
 
 
 def knn_scores_from_topk(sims: Tensor, neighbour_labels: Tensor, k: int, temperature: float,

@@ -83,6 +83,49 @@ def test_topk_streaming_blocks_and_query_blocks(n: int, chunk: int, k: int, bloc
     assert torch.allclose(bank[i].mul(q[:, None]).sum(-1), s, atol=1e-6)  # index and sim agree
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 160), st.integers(1, 40), st.integers(1, 12), st.integers(1, 100),
+       st.integers(1, 13), st.sampled_from([1, 2, 4, 8]), st.integers(1, 16), st.booleans(),
+       st.booleans(), st.integers(0, 10**6))
+def test_topk_streaming_thresholded_tiles(n: int, chunk: int, k: int, block_rows: int, tile: int,
+                                          group: int, sample: int, shuffled: bool, ties: bool,
+                                          seed: int) -> None:
+    """Blocks after the first k rows go through the thresholded scan, and a large first block
+    through a bar estimated from its first `sample` rows (tiles whose width is or is not a
+    multiple of the group, groups with and without a candidate, queries with fewer than k
+    scores above their estimate, rows out of order, many equal scores): the same top-k as in
+    memory, and each index carries its own score."""
+    g = torch.Generator().manual_seed(seed)
+    bank = F.normalize(torch.randn(n, 4, generator=g), dim=1)
+    if ties:  # few distinct rows: equal scores everywhere, at the k-th place too
+        palette = F.normalize(torch.randn(3, 4, generator=g), dim=1)
+        bank = palette[torch.randint(0, 3, (n,), generator=g)]
+    q = F.normalize(torch.randn(7, 4, generator=g), dim=1)
+    chunks = [(s, bank[s:s + chunk]) for s in range(0, n, chunk)]
+    if shuffled:
+        chunks = [chunks[j] for j in torch.randperm(len(chunks), generator=g).tolist()]
+    s, i = topk_streaming(q, iter(chunks), k, block_rows=block_rows, query_block=3, tile=tile,
+                          group=group, sample=sample)
+    full = q @ bank.t()
+    rs = full.topk(min(k, n), dim=1).values
+    assert s.shape == i.shape == (7, min(k, n))
+    assert torch.allclose(s, rs, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(torch.gather(full, 1, i), s, atol=1e-6)  # index and sim agree
+    assert all(len(set(r)) == len(r) for r in i.tolist())  # no row twice
+    if not ties:
+        ri = full.topk(min(k, n), dim=1).indices
+        assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
+
+
+def test_topk_streaming_threshold_keeps_earlier_row_on_a_tie() -> None:
+    """With rows in order, a later row whose score equals the k-th does not displace it."""
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    chunks = [(0, bank[:2]), (2, bank[2:4]), (4, bank[4:])]
+    s, i = topk_streaming(torch.tensor([[0.6, 0.8]]), iter(chunks), 2, block_rows=2, tile=1, group=1)
+    assert i.tolist() == [[1, 2]]
+    assert torch.allclose(s, torch.tensor([[0.8, 0.8]]))
+
+
 def test_topk_streaming_ties_by_index() -> None:
     """Equal similarities inside the top-k come out by increasing row index."""
     bank = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8], [0.0, -1.0],
