@@ -117,6 +117,26 @@ def test_topk_streaming_thresholded_tiles(n: int, chunk: int, k: int, block_rows
         assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_topk_streaming_gemm_paths(monkeypatch: pytest.MonkeyPatch, onednn: bool) -> None:
+    """The scan's tiles scored by oneDNN (where torch has it) or by torch.mm: the in-memory
+    top-k either way, at the real tile and group sizes."""
+    import oocid.knn as knn_mod
+
+    if onednn and not knn_mod._onednn_gemm():
+        pytest.skip("this torch build has no usable oneDNN linear; torch.mm is the path")
+    monkeypatch.setattr(knn_mod, "_onednn_gemm", lambda: onednn)
+    g = torch.Generator().manual_seed(3)
+    bank = F.normalize(torch.randn(9000, 16, generator=g), dim=1)
+    q = F.normalize(torch.randn(1100, 16, generator=g), dim=1)
+    chunks = [(s, bank[s:s + 1500]) for s in range(0, 9000, 1500)]
+    s, i = topk_streaming(q, iter(chunks), 20, block_rows=4096, sample=512)
+    full = q @ bank.t()
+    rs, ri = full.topk(20, dim=1)
+    assert torch.allclose(s, rs, atol=1e-6)
+    assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
+
+
 def test_topk_streaming_threshold_keeps_earlier_row_on_a_tie() -> None:
     """With rows in order, a later row whose score equals the k-th does not displace it."""
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
