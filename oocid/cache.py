@@ -87,7 +87,7 @@ class _IOThread:
             try:
                 if kind == "read":
                     c, v = arg
-                    rows = self.store.read_chunk(c)
+                    rows: np.ndarray | torch.Tensor = self.store.read_chunk(c)
                     if self.pin:
                         rows = torch.from_numpy(rows).pin_memory()
                     with self.cond:

@@ -129,7 +129,7 @@ def _onednn_gemm() -> bool:
         got = torch.ops.mkldnn._linear_pointwise(q, w, None, "none", [], "")
         err = float((got.double() - q.double() @ w.double().t()).abs().max())
         return got.dtype == torch.float32 and got.shape == (64, 96) and err < 1e-4
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
         return False
 
 
@@ -222,7 +222,8 @@ def _merge_above(q: Tensor, rows: Tensor, where: int | Tensor, best_s: Tensor, b
 def _merge_found(best_s: Tensor, best_i: Tensor, found: list[tuple[Tensor, Tensor, Tensor]],
                  where: int | Tensor) -> None:
     if found:
-        _merge_candidates(best_s, best_i, *(torch.cat(f) for f in zip(*found, strict=True)), where)
+        cq, cr, cs = (torch.cat([f[j] for f in found]) for j in range(3))
+        _merge_candidates(best_s, best_i, cq, cr, cs, where)
 
 
 def _merge_candidates(best_s: Tensor, best_i: Tensor, cq: Tensor, cr: Tensor, cs: Tensor,

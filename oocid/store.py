@@ -301,7 +301,7 @@ class _NpyRows:
     def read(self, start: int, stop: int) -> np.ndarray:
         dim = self.shape[1]
         out = np.empty((stop - start, dim), dtype=self.dtype)
-        view = memoryview(out).cast("B")
+        view = memoryview(out.data).cast("B")
         pos = self.offset + start * dim * self.dtype.itemsize
         while len(view):
             k = os.preadv(self.rfd, [view], pos)

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -271,7 +271,7 @@ def _loop(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, run_di
     from tqdm import tqdm
 
     precision = resolve_precision(cfg.train.precision, device)
-    net = torch.compile(model) if cfg.train.compile else model
+    net = cast(Embedder, torch.compile(model)) if cfg.train.compile else model
     npid = NPIDStep(cfg, net, optimizer, bank, manifest.n, zest, cfg.train.seed, precision)
     watch = CollapseWatch(cfg, say)
     acc_n = cfg.optim.accumulate
