@@ -2,7 +2,7 @@
 
 Three throughputs (images/s) per configuration, all on batches already in memory except the
 pipeline's own:
-    npid    oocid.step.NPIDStep exactly as oocid.train builds it: model forward -> NCE loss
+    npid    oocid.step.NPIDStep exactly as oocid.train builds it: model forward -> loss
             against the bank (positives + K negatives gathered from a ChunkCache over an
             on-disk store, made by oocid.train.make_cache) -> backward -> SGD step -> momentum
             update of the bank -> cache window advance (end_step).
@@ -20,7 +20,8 @@ pipeline's own:
             "auto" and the default in_memory_max_mb), the other is reported too.
 The headline is ratio = npid / model.
 
-Defaults (CPU): B 256, K 4096, D 128, NCE with Z as a moving average, negatives per-sample
+Defaults (CPU): B 256, K 4096, D 128, the trainer's loss for a bank that does not fit its cache
+(loss.kind "auto" -> InfoNCE; --loss nce for NCE with a moving-average Z), negatives per-sample
 (official) and shared; bank of --rows 1.28e6 rows float32 on disk (created once under
 --workdir, reused), ChunkCache at 10 % of the rows (make_cache sizes the pool),
 steps_per_epoch = ceil(N / B); torch threads 2; channels_last as the trainer does.
@@ -146,9 +147,9 @@ def make_cfg(a: argparse.Namespace, arch: str, negatives: str, size: int) -> Any
     cfg.data.image_size = size
     cfg.data.batch_size = a.batch
     cfg.data.workers = a.workers
-    cfg.loss.kind = "nce"
+    cfg.loss.kind = a.loss
     cfg.loss.nce_k = a.k
-    cfg.loss.z = "ema"
+    cfg.loss.z = "ema"  # for --loss nce: the moving-average Z (the official one-shot Z collapses)
     cfg.loss.negatives = negatives
     cfg.optim.lr = 0.03
     cfg.optim.momentum = 0.9
@@ -283,7 +284,7 @@ class NPIDRunner:
             "cache_rows": bank.n_slots * bank.r, "slots": bank.n_slots, "window_chunks": bank.w,
             "pool_chunks": bank.n_slots - bank.w, "full": bank.full, "steps_per_epoch": spe,
             "chunk_loads": 0, "writebacks": 0}
-        zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum)
+        zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum) if cfg.loss.kind == "nce" else None
         self.npid = NPIDStep(cfg, model, opt, bank, a.rows, zest, cfg.train.seed, precision)
         self.parts = _Parts(device)
         if profile:
@@ -321,7 +322,7 @@ class NPIDRunner:
         acc = dict(self.parts.acc)
         inner = sum(v for k, v in acc.items() if k.startswith("bank") and
                     ("positives" in k or "negatives" in k or "sample" in k))
-        acc["loss: scores + NCE + Z (rest of loss)"] = acc.pop("_loss total", 0.0) - inner
+        acc["loss: scores + loss (rest of loss)"] = acc.pop("_loss total", 0.0) - inner
         named = sum(acc.values())
         acc["backward + optimiser step + rest"] = sum(times) - named
         return {k: v / len(times) for k, v in acc.items()}
@@ -386,19 +387,20 @@ def ensure_shards(workdir: Path, size: int, n: int) -> Path:
 
 def pipeline_stream(a: argparse.Namespace, size: int, device: torch.device, workdir: Path
                     ) -> float:
-    """images/s of StreamData (per-sample decode + torchvision "cifar"/"imagenet" transform in
-    --workers workers): whole epochs' wall time, worker start-up and buffer fill included."""
-    from oocid.augment import sample_transform
+    """images/s of StreamData as oocid.stream.make_train_data builds it (per-sample decode +
+    oocid.stream_aug's "cifar"/"imagenet" transform to uint8 in --workers workers, normalised
+    per batch): whole epochs' wall time, worker start-up and buffer fill included."""
     from oocid.shards import read_manifest
     from oocid.stream import StreamData
+    from oocid.stream_aug import stream_transform
 
     n = a.stream_images if size <= 64 else min(a.stream_images, 4096)
     shards = ensure_shards(workdir, size, n)
     manifest = read_manifest(shards)
     recipe = "cifar" if size <= 64 else "imagenet"
-    tf = sample_transform(recipe, size, MEAN, STD, 0.2, train=True)
-    data = StreamData(manifest, 3, a.batch, tf, 0, device, a.workers, shuffle=True,
-                      shuffle_buffer=SHUFFLE_BUFFER, size=size)
+    tf = stream_transform(recipe, size, 0.2, 3, train=True)
+    data = StreamData(manifest, 3, a.batch, tf, 0, device, a.workers, True, SHUFFLE_BUFFER, size,
+                      normalize=(MEAN, STD))
     best = 0.0
     for epoch in range(2):
         t0 = time.perf_counter()
@@ -420,6 +422,8 @@ def trainer_uses_in_memory(rows: int, size: int) -> bool:
 # ---- main ---------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from oocid.config import auto_loss
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
@@ -427,6 +431,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "CUDA]); 'resnet18' is accepted as cifar_resnet18 at 32 px")
     p.add_argument("--negatives", default="per-sample,shared",
                    help="comma-separated: per-sample (official), shared")
+    p.add_argument("--loss", choices=("infonce", "nce"), default=auto_loss(fits=False),
+                   help="the loss over sampled negatives (default: the trainer's out-of-core "
+                        "default, loss.kind auto for a bank larger than its cache)")
     p.add_argument("--steps", type=int, default=0,
                    help="timed steps per configuration (default: per model, see CPU_STEPS)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps first (default: per model)")
@@ -488,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
            f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}"
            f", precision {precision}, cpu {platform.processor() or platform.machine()} x "
            f"{os.cpu_count()}; B {a.batch}, K {a.k}, D {DIM}, N {a.rows} rows on disk, cache "
-           f"{a.cache_fraction:g} of the rows, NCE (Z ema), SGD lr 0.03 m 0.9 wd 5e-4, "
+           f"{a.cache_fraction:g} of the rows, loss {a.loss}, SGD lr 0.03 m 0.9 wd 5e-4, "
            f"channels_last, stream workers {a.workers}, positives in {a.order} order; "
            f"load average at start {_load()}")
     log(env[2:])
@@ -569,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {
                 "model": arch, "image_size": size, "channels": 3, "negatives": neg,
                 "device": str(device), "precision": precision, "threads": a.threads,
-                "batch": a.batch, "k": a.k, "rows": a.rows, "cache_fraction": a.cache_fraction,
+                "loss": a.loss, "batch": a.batch, "k": a.k, "rows": a.rows,
+                "cache_fraction": a.cache_fraction,
                 "steps": len(t), "warmup": warmup, "rounds": rounds,
                 "npid_images_per_s": round(npid_ips, 1),
                 "model_images_per_s": round(model_ips, 1),
@@ -636,7 +644,8 @@ def print_report(env: str, results: list[dict[str, Any]],
               f"{_f(r['pipeline_stream_images_per_s']):>7} {r['npid_step_ms_median']:>8.1f} "
               f"{r['model_step_ms_median']:>8.1f} {r['chunk_loads']:>5}")
     print()
-    print("# npid: NPIDStep (forward, NCE vs the on-disk bank through ChunkCache, backward, SGD, "
+    loss = results[0]["loss"] if results else "the loss"
+    print(f"# npid: NPIDStep (forward, {loss} vs the on-disk bank through ChunkCache, backward, SGD, "
           "momentum update, window advance); model: forward + trivial loss + backward + SGD.")
     print("# ratio = npid / model (the headline). pipe img/s: the path the trainer picks for "
           "--rows images of that size (data.in_memory auto); in-mem: BatchAugment on uint8 in "
