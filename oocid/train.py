@@ -390,8 +390,12 @@ def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch], epoch: int, i: 
 
 class CollapseWatch:
     """Warns once per cause when training is collapsing, with the likely cause and a remedy:
-    the loss exploding (10x its early median), Z drifting 100x from its first estimate, or the
-    batch's features collapsing to one direction (mean pairwise cosine > 0.95)."""
+    the loss exploding (10x the median of its first EARLY_STEPS steps: the paper's NCE on small
+    data explodes within tens of steps, so a later or longer baseline would already hold the
+    exploded values), Z drifting 100x from its first estimate, or the batch's features
+    collapsing to one direction (mean pairwise cosine > 0.95)."""
+
+    EARLY_STEPS = 5
 
     def __init__(self, cfg: Config, say: Any) -> None:
         self.cfg = cfg
@@ -410,11 +414,11 @@ class CollapseWatch:
                   "--set loss.z=ema, or loss.kind = \"softmax\" when the bank fits")
         if out.skipped:
             return
-        if len(self.early) < 50:
+        if len(self.early) < self.EARLY_STEPS:
             self.early.append(out.loss)
-        elif out.loss > 10 * max(1e-6, sorted(self.early)[len(self.early) // 2]):
-            self._fire("loss", f"loss exploded to {out.loss:.4g} at step {step} (early median "
-                               f"{sorted(self.early)[25]:.4g}); "
+        elif out.loss > 10 * max(1e-6, base := sorted(self.early)[len(self.early) // 2]):
+            self._fire("loss", f"loss exploded to {out.loss:.4g} at step {step} (median of the "
+                               f"first {len(self.early)} steps {base:.4g}); "
                                + (remedy if lc.kind == "nce" else "lower optim.lr"))
         if npid.zest is not None and npid.zest.value is not None:
             d = npid.zest.drift()

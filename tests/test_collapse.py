@@ -58,7 +58,9 @@ def test_collapse_on_known_setting_only(tmp_path: Path, demo_shards: Path, setti
     fired = {c for m in res.metrics for c in m.get("collapse", [])}
     warnings = [s for s in said if "warning" in s]
     if setting == "paper-nce":
-        assert "features" in fired and any("one-shot Z" in s for s in warnings)
+        # the loss explodes on every machine seen; whether the batch's features also pass a
+        # mean cosine of 0.95 within 120 steps depends on the machine's kernels (0.7-0.9 on one)
+        assert fired & {"loss", "features"} and any("one-shot Z" in s for s in warnings), fired
     elif setting == "out-of-core-default":
         assert any("auto -> infonce" in s for s in said)
         assert not fired and not warnings, warnings
