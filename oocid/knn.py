@@ -88,7 +88,7 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
         if 0 < k == best_s.shape[1]:  # full: only scores above each query's k-th can enter
             _merge_above(q, rows, where, best_s, best_i, best_s.min(dim=1).values, tile, group)
             continue
-        if not best_s.shape[1] and n >= max(8 * k, 2 * tile, sample):  # a large first block
+        if nq and k and not best_s.shape[1] and n >= max(8 * k, 2 * tile, sample):  # a large first block
             best_s, best_i = _first_block(q, rows, where, k, query_block, tile, group, sample)
             continue
         width = min(k, best_s.shape[1] + n)  # k' after this block
@@ -100,6 +100,7 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
         for a in range(0, nq, query_block):
             b = min(a + query_block, nq)
             s = torch.mm(q[a:b], rows.t(), out=scores[:(b - a) * n].view(b - a, n))  # (q, n)
+            s.nan_to_num_(nan=float("-inf"))  # a NaN row never enters (nor beats any bar below)
             cs, ci = s.topk(min(k, n), dim=1, sorted=False)  # (q, kk)
             ci = ci + where if isinstance(where, int) else where[ci]
             ms, pos = torch.cat([best_s[a:b], cs], dim=1).topk(width, dim=1, sorted=False)
@@ -153,7 +154,7 @@ def _first_block(q: Tensor, rows: Tensor, where: int | Tensor, k: int, query_blo
     nq, n, dev = q.shape[0], rows.shape[0], q.device
     head = rows[:sample]
     j = max(1, min(head.shape[0], math.ceil(2 * k * head.shape[0] / n)))
-    bar = torch.cat([(q[a:a + tile] @ head.t()).topk(j, dim=1).values[:, -1]
+    bar = torch.cat([(q[a:a + tile] @ head.t()).nan_to_num_(nan=float("-inf")).topk(j, dim=1).values[:, -1]
                      for a in range(0, nq, tile)])  # (Q,)
     best_s = torch.full((nq, k), float("-inf"), dtype=torch.float32, device=dev)
     best_i = torch.full((nq, k), -1, dtype=torch.int64, device=dev)
@@ -161,7 +162,7 @@ def _first_block(q: Tensor, rows: Tensor, where: int | Tensor, k: int, query_blo
     short = (best_i < 0).any(dim=1).nonzero().squeeze(1)  # fewer than k above the estimate
     for a in range(0, short.numel(), query_block):
         sq = short[a:a + query_block]
-        cs, ci = (q[sq] @ rows.t()).topk(k, dim=1, sorted=False)
+        cs, ci = (q[sq] @ rows.t()).nan_to_num_(nan=float("-inf")).topk(k, dim=1, sorted=False)
         best_s[sq], best_i[sq] = cs, ci + where if isinstance(where, int) else where[ci]
     return best_s, best_i
 
@@ -206,7 +207,8 @@ def _merge_above(q: Tensor, rows: Tensor, where: int | Tensor, best_s: Tensor, b
             s = tile_scores(q[a:b], rows[c:d], buf[:(b - a) * w].view(b - a, w))  # (q, w)
             if w % group == 0:
                 g = s.view(b - a, w // group, group)
-                hq, hg = _nonzero2(g.amax(dim=2) > t[:, None])  # (m,) groups
+                gm = g.amax(dim=2)  # (q, w / group); NaN where a group holds a NaN score
+                hq, hg = _nonzero2((gm > t[:, None]) | gm.isnan())  # (m,) groups to look into
                 if not hq.numel():
                     continue
                 vals = g[hq, hg]  # (m, group)
@@ -229,18 +231,26 @@ def _merge_found(best_s: Tensor, best_i: Tensor, found: list[tuple[Tensor, Tenso
 def _merge_candidates(best_s: Tensor, best_i: Tensor, cq: Tensor, cr: Tensor, cs: Tensor,
                       where: int | Tensor) -> None:
     """best_s, best_i (q, k) <- the top-k of [best | candidates] per query, in place; candidate j
-    is (query cq[j], row cr[j] of the block whose row 0 is `where`, score cs[j])."""
+    is (query cq[j], row cr[j] of the block whose row 0 is `where`, score cs[j]). Each query's
+    candidates are cut to its best k first (two stable sorts), so the padded (queries, width)
+    merge is at most k wide however unevenly the candidates fall."""
     if not cq.numel():
         return
     nq, k, dev = best_s.shape[0], best_s.shape[1], best_s.device
     ci = cr + where if isinstance(where, int) else where[cr]
-    order = torch.argsort(cq, stable=True)
+    order = torch.argsort(cs, descending=True, stable=True)
+    cq, ci, cs = cq[order], ci[order], cs[order]
+    order = torch.argsort(cq, stable=True)  # by query, each query's by decreasing score
     cq, ci, cs = cq[order], ci[order], cs[order]
     counts = torch.bincount(cq, minlength=nq)  # (q,) candidates per query
+    pos = torch.arange(cq.numel(), device=dev) - (counts.cumsum(0) - counts)[cq]
+    if int(counts.max()) > k:
+        keep = pos < k
+        cq, ci, cs, pos = cq[keep], ci[keep], cs[keep], pos[keep]
+        counts = counts.clamp(max=k)
     hit = counts.nonzero().squeeze(1)  # the queries with any
     slot = torch.empty(nq, dtype=torch.int64, device=dev)
     slot[hit] = torch.arange(hit.numel(), device=dev)
-    pos = torch.arange(cq.numel(), device=dev) - (counts.cumsum(0) - counts)[cq]
     width = int(counts.max())
     pad_s = torch.full((hit.numel(), width), float("-inf"), dtype=torch.float32, device=dev)
     pad_i = torch.full((hit.numel(), width), -1, dtype=torch.int64, device=dev)  # -1: no row

@@ -137,6 +137,56 @@ def test_topk_streaming_gemm_paths(monkeypatch: pytest.MonkeyPatch, onednn: bool
     assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
 
 
+@pytest.mark.parametrize("nan_rows", [[0], [5000], [70, 4100, 8000]])
+def test_topk_streaming_skips_nan_rows(nan_rows: list[int]) -> None:
+    """A row whose score is NaN (a corrupt bank row) never enters the top-k, and neither it nor
+    its group hides the other rows: the top-k of the finite rows, through every path."""
+    g = torch.Generator().manual_seed(5)
+    bank = F.normalize(torch.randn(9000, 16, generator=g), dim=1)
+    bank[nan_rows] = float("nan")
+    q = F.normalize(torch.randn(300, 16, generator=g), dim=1)
+    chunks = [(s, bank[s:s + 1000]) for s in range(0, 9000, 1000)]
+    s, i = topk_streaming(q, iter(chunks), 12, block_rows=4096, sample=512, tile=256)
+    full = (q @ bank.t()).nan_to_num(nan=float("-inf"))
+    rs, ri = full.topk(12, dim=1)
+    assert torch.allclose(s, rs, atol=1e-6)
+    assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
+
+
+@pytest.mark.parametrize("nq, k", [(0, 5), (3, 0)])
+def test_topk_streaming_no_queries_or_k_zero(nq: int, k: int) -> None:
+    s, i = topk_streaming(torch.randn(nq, 8), iter([(0, torch.randn(5000, 8))]), k)
+    assert s.shape == i.shape == (nq, k)
+
+
+def test_topk_streaming_candidates_skewed_to_one_query(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows sorted by increasing similarity to query 0: that query gains candidates in every
+    tile while the others gain few. The merge's padding stays at most k wide (it used to grow
+    with the busiest query) and the result is the in-memory top-k."""
+    import oocid.knn as knn_mod
+
+    g = torch.Generator().manual_seed(7)
+    q = F.normalize(torch.randn(64, 8, generator=g), dim=1)
+    bank = F.normalize(torch.randn(6000, 8, generator=g), dim=1)
+    bank = bank[(bank @ q[0]).argsort()]
+    pads: list[int] = []
+    real_full = torch.full
+
+    def full(size: tuple[int, ...], fill: float, **kw: object) -> torch.Tensor:
+        if len(size) == 2 and kw.get("dtype") == torch.int64:
+            pads.append(size[1])  # an index pad (queries, width)
+        return real_full(size, fill, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(knn_mod.torch, "full", full)
+    chunks = [(s, bank[s:s + 500]) for s in range(0, 6000, 500)]
+    s, i = topk_streaming(q, iter(chunks), 10, block_rows=500, tile=64, group=4)
+    monkeypatch.undo()
+    rs, ri = (q @ bank.t()).topk(10, dim=1)
+    assert torch.allclose(s, rs, atol=1e-6)
+    assert torch.equal(torch.sort(i, 1).values, torch.sort(ri, 1).values)
+    assert pads and max(pads) <= 10, pads
+
+
 def test_topk_streaming_threshold_keeps_earlier_row_on_a_tie() -> None:
     """With rows in order, a later row whose score equals the k-th does not displace it."""
     bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
