@@ -54,6 +54,17 @@ def test_specs_and_plot(tmp_path: Path) -> None:
         tool.parse_spec("softmax:0:0.1", "shared", 0)
     with pytest.raises(SystemExit, match="LOSS:K:CACHE_FRACTION"):
         tool.parse_spec("nce:4096", "shared", 0)
+    fixed = tool.parse_spec("infonce:4096:0.1:per-sample", "shared", 0)
+    assert fixed.negatives == "per-sample" and fixed.name == "infonce-k4096-c0.1-per-sample-s0"
+    with pytest.raises(SystemExit, match="LOSS:K:CACHE_FRACTION"):
+        tool.parse_spec("infonce:4096:0.1:some", "shared", 0)
+    # the default runs hold the library's out-of-core default as it ships
+    from oocid.config import LossConfig, auto_loss
+
+    shipped = [tool.parse_spec(r, "shared", 0) for r in tool.DEFAULT_RUNS]
+    assert any((sp.loss, sp.k, sp.negatives) == (auto_loss(fits=False), LossConfig().nce_k,
+                                                   LossConfig().negatives) and sp.cache_fraction < 1
+               for sp in shipped)
     cfg = tool.config_for(tool.parse_spec("nce:512:0.1", "shared", 0), 60000)
     assert cfg.loss.kind == "nce" and cfg.loss.z == "oneshot" and cfg.loss.nce_k == 512
     assert int(cfg.bank.cache_mb * 2**20) // (128 * 4) == 6000  # 10 % of the rows

@@ -17,7 +17,9 @@ memory bank itself (`top1_bank`). Runs:
 - `nce_ema`: NCE with a moving-average Z (0.99), K = 4096;
 - `infonce`: the sampled softmax over [positive | K negatives], K = 4096;
 each with the bank in core (cache fraction 1) and through a 10 % device cache (0.1), plus the
-baselines raw pixels and the untrained network.
+library's out-of-core default as it ships (`infonce:4096:0.1:per-sample`, the JSON's
+`default: true` row, whatever --negatives says) and the baselines raw pixels and the untrained
+network.
 
 The budget is process CPU seconds of the training steps (all threads; the machine may be shared,
 CPU time is steadier than wall time there). A short calibration run measures the CPU seconds
@@ -63,7 +65,9 @@ FMNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "t
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle boot"]
 DEFAULT_RUNS = ["softmax:0:1"] + [f"nce:{k}:{c}" for k in (1, 10, 512, 4096) for c in ("1", "0.1")] + [
-    f"{loss}:4096:{c}" for loss in ("nce_ema", "infonce") for c in ("1", "0.1")]
+    f"{loss}:4096:{c}" for loss in ("nce_ema", "infonce") for c in ("1", "0.1")] + [
+    # the library's out-of-core default as it ships, whatever --negatives says
+    f"{auto_loss(fits=False)}:{LossConfig().nce_k}:0.1:{LossConfig().negatives}"]
 SHARD_ROWS = 250  # = bank chunk rows; a 10 % cache of 60,000 rows is 24 chunks
 
 
@@ -114,11 +118,16 @@ class Spec:
 
 
 def parse_spec(text: str, negatives: str, seed: int) -> Spec:
+    """LOSS:K:CACHE_FRACTION, or LOSS:K:CACHE_FRACTION:NEGATIVES to fix the negatives of that
+    run whatever --negatives says."""
     try:
-        loss, k, c = text.split(":")
-        spec = Spec(loss, int(k), float(c), negatives, seed)
+        loss, k, c, *neg = text.split(":")
+        if len(neg) > 1 or (neg and neg[0] not in ("per-sample", "shared")):
+            raise ValueError(text)
+        spec = Spec(loss, int(k), float(c), neg[0] if neg else negatives, seed)
     except ValueError:
-        sys.exit(f"--runs: {text!r} is not LOSS:K:CACHE_FRACTION (e.g. nce:4096:0.1)")
+        sys.exit(f"--runs: {text!r} is not LOSS:K:CACHE_FRACTION[:per-sample|shared] "
+                 "(e.g. nce:4096:0.1)")
     if spec.loss not in ("softmax", "nce", "nce_ema", "infonce") or not 0 < spec.cache_fraction <= 1:
         sys.exit(f"--runs: {text!r}: loss must be softmax|nce|nce_ema|infonce, 0 < fraction <= 1")
     if spec.loss == "softmax" and spec.cache_fraction < 1:
@@ -155,7 +164,7 @@ class StepClock:
             self.times.append(time.process_time())
             return self.orig(step_self, *a, **k)
 
-        NPIDStep.__call__ = call  # type: ignore[method-assign]
+        NPIDStep.__call__ = call  # type: ignore[method-assign, assignment]
 
     def close(self) -> None:
         self.cls.__call__ = self.orig  # type: ignore[method-assign]
@@ -213,7 +222,8 @@ def main() -> None:
                     help="fmnist: the full 60,000/10,000 (Debian package); demo: the bundled 10,000/2,000")
     ap.add_argument("--data", type=Path, default=FMNIST_DIR, help="folder of the Fashion-MNIST .gz files")
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
-                    help="comma list of LOSS:K:CACHE_FRACTION (K ignored for softmax)")
+                    help="comma list of LOSS:K:CACHE_FRACTION[:NEGATIVES] (K ignored for softmax; "
+                         "NEGATIVES per-sample|shared fixes that run's, else --negatives)")
     ap.add_argument("--negatives", default="shared", help="comma list of per-sample|shared")
     ap.add_argument("--seeds", default="0", help="comma list of training seeds")
     ap.add_argument("--budget-cpu-s", type=float, default=480.0,
@@ -260,6 +270,10 @@ def main() -> None:
     default = {"loss": auto_loss(fits=False), "k": defaults.nce_k, "negatives": defaults.negatives}
     specs = [parse_spec(r, neg, int(s)) for r in args.runs.split(",") for neg in args.negatives.split(",")
              for s in args.seeds.split(",")]
+    unique: dict[str, Spec] = {}
+    for sp in specs:  # a run whose negatives are fixed (:NEG) is listed once per --negatives
+        unique.setdefault(sp.name, sp)
+    specs = list(unique.values())
     for spec in specs:
         if spec.loss == "softmax" and spec.negatives != args.negatives.split(",")[0]:
             continue  # no negatives to share or not
