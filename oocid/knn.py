@@ -7,13 +7,14 @@ Top-k is computed once at the largest k and reused for smaller k (as DINO's eval
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from .gemm import matmul_nt
 
 BLOCK_ROWS = 65536  # bank rows scored per GEMM: large enough for torch.topk's fast path
 QUERY_BLOCK = 512  # queries per GEMM: a (512, 65536) float32 score buffer is 128 MB
@@ -115,33 +116,6 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
     return torch.gather(best_s, 1, order), torch.gather(best_i, 1, order)
 
 
-@functools.cache
-def _onednn_gemm() -> bool:
-    """Whether torch has oneDNN's float32 linear and it computes q @ w^T to float32 accuracy.
-
-    On the CPU torch.mm runs Intel MKL, which on other vendors' AVX-512 cores (AMD Zen 4/5)
-    runs at about half of oneDNN's throughput for the (1024, 128) x (128, 1024) tiles the scan
-    uses (221 against 457 GFLOP/s on this project's 2-core machine): same float32 arithmetic,
-    a faster kernel. Checked once against float64 so a build without it, or one that would
-    round through bfloat16, keeps torch.mm."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        q, w = torch.randn(64, 128, generator=g), torch.randn(96, 128, generator=g)
-        got = torch.ops.mkldnn._linear_pointwise(q, w, None, "none", [], "")
-        err = float((got.double() - q.double() @ w.double().t()).abs().max())
-        return got.dtype == torch.float32 and got.shape == (64, 96) and err < 1e-4
-    except (AttributeError, RuntimeError, NotImplementedError, TypeError):
-        return False
-
-
-def tile_scores(q: Tensor, rows: Tensor, out: Tensor) -> Tensor:
-    """q (a, D) @ rows (b, D)^T as float32 (a, b): oneDNN's GEMM on the CPU where it is there
-    and correct (`_onednn_gemm`), else torch.mm into `out`."""
-    if q.device.type == "cpu" and q.dtype == torch.float32 and _onednn_gemm():
-        return torch.ops.mkldnn._linear_pointwise(q, rows, None, "none", [], "")
-    return torch.mm(q, rows.t(), out=out)
-
-
 def _first_block(q: Tensor, rows: Tensor, where: int | Tensor, k: int, query_block: int, tile: int,
                  group: int, sample: int) -> tuple[Tensor, Tensor]:
     """The top-k (Q, k) of a first block of n >= 8k rows without a top-k over all its scores.
@@ -204,7 +178,7 @@ def _merge_above(q: Tensor, rows: Tensor, where: int | Tensor, best_s: Tensor, b
                 t, found, held = torch.maximum(t, best_s[a:b].min(dim=1).values), [], 0
             d = min(c + tile, n)
             w = d - c
-            s = tile_scores(q[a:b], rows[c:d], buf[:(b - a) * w].view(b - a, w))  # (q, w)
+            s = matmul_nt(q[a:b], rows[c:d], buf[:(b - a) * w].view(b - a, w))  # (q, w)
             if w % group == 0:
                 g = s.view(b - a, w // group, group)
                 gm = g.amax(dim=2)  # (q, w / group); NaN where a group holds a NaN score

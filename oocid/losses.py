@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .gemm import scores_nt
+
 
 def _check_scores(n_data: int, k: int) -> None:
     if n_data < 1:
@@ -84,7 +86,7 @@ def shared_scores(x: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
     x (B, D), positives (B, D), negatives (K, D) -> (B, K+1), column 0 the positive."""
     xf = x.float()
     pos = (xf * positives.detach().float()).sum(1, keepdim=True)  # (B, 1)
-    neg = xf @ negatives.detach().float().t()  # (B, K)
+    neg = scores_nt(xf, negatives.detach().float())  # (B, K), oneDNN's GEMM on the CPU
     return torch.cat([pos, neg], dim=1)
 
 

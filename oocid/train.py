@@ -41,6 +41,7 @@ from .evaluate import (
     store_chunks,
     tensor_chunks,
 )
+from .gemm import keep_large_buffers
 from .lock import BankLock
 from .losses import ZEstimator
 from .models import Embedder, build_model
@@ -143,6 +144,7 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         require_tensorboard()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    keep_large_buffers()  # the step's multi-MB buffers stay mapped between steps (oocid.gemm)
     if not resume and list_checkpoints(run_dir):
         raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                          "another --out")

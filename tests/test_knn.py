@@ -121,11 +121,11 @@ def test_topk_streaming_thresholded_tiles(n: int, chunk: int, k: int, block_rows
 def test_topk_streaming_gemm_paths(monkeypatch: pytest.MonkeyPatch, onednn: bool) -> None:
     """The scan's tiles scored by oneDNN (where torch has it) or by torch.mm: the in-memory
     top-k either way, at the real tile and group sizes."""
-    import oocid.knn as knn_mod
+    import oocid.gemm as gemm_mod
 
-    if onednn and not knn_mod._onednn_gemm():
+    if onednn and not gemm_mod.onednn_gemm():
         pytest.skip("this torch build has no usable oneDNN linear; torch.mm is the path")
-    monkeypatch.setattr(knn_mod, "_onednn_gemm", lambda: onednn)
+    monkeypatch.setattr(gemm_mod, "onednn_gemm", lambda: onednn)
     g = torch.Generator().manual_seed(3)
     bank = F.normalize(torch.randn(9000, 16, generator=g), dim=1)
     q = F.normalize(torch.randn(1100, 16, generator=g), dim=1)

@@ -137,6 +137,39 @@ def test_shared_scores_equal_per_sample_with_repeated_negatives() -> None:
     assert torch.allclose(shared_scores(x, pos, neg), ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("onednn", [True, False])
+def test_shared_scores_gradient_through_either_gemm(monkeypatch: pytest.MonkeyPatch, onednn: bool
+                                                    ) -> None:
+    """The scores and the gradient to x equal plain autograd's, through oneDNN's GEMM (where
+    torch has it) or torch.mm; the negatives get no gradient."""
+    import oocid.gemm as gemm_mod
+
+    if onednn and not gemm_mod.onednn_gemm():
+        pytest.skip("this torch build has no usable oneDNN linear; torch.mm is the path")
+    monkeypatch.setattr(gemm_mod, "onednn_gemm", lambda: onednn)
+    x0, pos, neg = unit(16, 32, seed=21), unit(16, 32, seed=22), unit(300, 32, seed=23)
+    up = torch.randn(16, 301, generator=torch.Generator().manual_seed(24))
+    x = x0.clone().requires_grad_(True)
+    s = shared_scores(x, pos, neg)
+    (s * up).sum().backward()
+    xr = x0.clone().requires_grad_(True)
+    ref = torch.cat([(xr * pos).sum(1, keepdim=True), xr @ neg.t()], 1)
+    (ref * up).sum().backward()
+    assert torch.allclose(s, ref, atol=1e-6)
+    assert x.grad is not None and xr.grad is not None
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)
+
+
+def test_keep_large_buffers_applies_once() -> None:
+    import ctypes.util
+
+    from oocid.gemm import keep_large_buffers
+
+    glibc = ctypes.util.find_library("c") is not None and __import__("platform").libc_ver()[0] == "glibc"
+    assert keep_large_buffers() is glibc
+    assert keep_large_buffers() is glibc  # cached: mallopt is called once
+
+
 def test_z_estimator_oneshot_and_ema() -> None:
     s1 = torch.zeros(2, 3)  # exp(0) = 1 -> estimate N
     s2 = torch.full((2, 3), math.log(2.0) * 0.1)  # exp(s/0.1) = 2 -> estimate 2N

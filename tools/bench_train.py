@@ -463,6 +463,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    from oocid.gemm import keep_large_buffers
+
+    keep_large_buffers()  # as oocid.train.train does (process-wide: the model alone gets it too)
     if a.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
