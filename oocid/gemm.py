@@ -50,7 +50,7 @@ class _ScoresNT(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (c,) = ctx.saved_tensors
-        return matmul_nt(grad.contiguous(), c.t().contiguous()), None
+        return matmul_nt(grad.contiguous(), c.t()), None  # oneDNN takes the transposed view
 
 
 def scores_nt(x: Tensor, c: Tensor) -> Tensor:

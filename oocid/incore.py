@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cache import take_rows
 from .store import BankStore
 
 
@@ -29,7 +30,7 @@ class InCoreBank:
 
     def gather(self, index: Tensor) -> Tensor:
         """Rows (len(index), D) for any index tensor shape (..., ) -> (..., D)."""
-        return self.rows[index]
+        return take_rows(self.rows, index)
 
     def locate(self, index: Tensor) -> tuple[Tensor, Tensor]:
         """(table, positions) with table[positions] == gather(index), without copying rows."""
