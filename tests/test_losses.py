@@ -158,6 +158,12 @@ def test_shared_scores_gradient_through_either_gemm(monkeypatch: pytest.MonkeyPa
     assert torch.allclose(s, ref, atol=1e-6)
     assert x.grad is not None and xr.grad is not None
     assert torch.allclose(x.grad, xr.grad, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside, gradient too
+        xa = x0.clone().requires_grad_(True)
+        sa = shared_scores(xa, pos, neg)
+    assert sa.dtype == torch.float32 and torch.allclose(sa, ref, atol=1e-6)
+    (sa * up).sum().backward()
+    assert xa.grad is not None and torch.allclose(xa.grad, xr.grad, atol=1e-5)
 
 
 def test_keep_large_buffers_applies_once() -> None:
