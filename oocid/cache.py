@@ -145,11 +145,11 @@ def _write_batched(store: BankStore, chunks: dict[int, np.ndarray], step: int | 
         store.write_chunks(batch, step=step)
 
 
-
 def take_rows(table: Tensor, pos: Tensor) -> Tensor:
-    """table[pos] as (..., D) through index_select (4x faster than advanced indexing on the
-    CPU for a few thousand 128-float rows)."""
+    """table[pos] as (..., D) through index_select (several times faster than advanced indexing
+    on the CPU for a few thousand 128-float rows: tools/bench_kernels.py)."""
     return torch.index_select(table, 0, pos.reshape(-1)).view(*pos.shape, table.shape[1])
+
 
 class ChunkCache:
     """Bank rows cached on `device` in whole chunks; same interface as `InCoreBank`."""

@@ -73,7 +73,7 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
     block is scored `query_block` queries at a time, S = q @ rows^T (query_block, n), and its
     top-k merged in place with those queries' running top-k by one topk over [running | block]
     (query_block, 2k). Once every query holds k scores, a block is scored in (tile, tile) GEMMs
-    scanned against each query's k-th score (`_merge_above_threshold`): on the CPU that scan
+    scanned against each query's k-th score (`_merge_above`): on the CPU that scan
     costs a few % of the GEMM where a top-k per block cost as much as the GEMM itself. Memory:
     one block of rows, one (query_block, block_rows) score buffer, the (Q, k) running top-k and
     the block's candidates."""
@@ -87,7 +87,7 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
         n = rows.shape[0]
         seen += n
         if 0 < k == best_s.shape[1]:  # full: only scores above each query's k-th can enter
-            _merge_above(q, rows, where, best_s, best_i, best_s.min(dim=1).values, tile, group)
+            _merge_above(q, rows, where, best_s, best_i, None, tile, group)
             continue
         if nq and k and not best_s.shape[1] and n >= max(8 * k, 2 * tile, sample):  # a large first block
             best_s, best_i = _first_block(q, rows, where, k, query_block, tile, group, sample)
@@ -152,9 +152,9 @@ def _nonzero2(mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _merge_above(q: Tensor, rows: Tensor, where: int | Tensor, best_s: Tensor, best_i: Tensor,
-                 bar: Tensor, tile: int = TILE, group: int = GROUP) -> None:
+                 bar: Tensor | None, tile: int = TILE, group: int = GROUP) -> None:
     """Merge one block of rows into the running top-k (Q, k), in place, looking only at the
-    scores above each query's bar (Q,) (the k-th score held, or an estimate).
+    scores above each query's bar: the k-th score held, or above an estimate `bar` (Q,).
 
     A row can only enter a query's top-k if its score beats the query's k-th score (strictly:
     an equal score from a later row loses the tie to the row already held, which keeps ties by
@@ -169,7 +169,9 @@ def _merge_above(q: Tensor, rows: Tensor, where: int | Tensor, best_s: Tensor, b
     buf = torch.empty(min(tile, nq) * min(tile, n), dtype=torch.float32, device=dev)
     for a in range(0, nq, tile):
         b = min(a + tile, nq)
-        t = torch.maximum(bar[a:b], best_s[a:b].min(dim=1).values)  # (q,)
+        t = best_s[a:b].min(dim=1).values  # (q,) the k-th score held
+        if bar is not None:
+            t = torch.maximum(t, bar[a:b])
         found: list[tuple[Tensor, Tensor, Tensor]] = []  # (query in tile, row in block, score)
         held = 0
         for c in range(0, n, tile):
