@@ -2,10 +2,11 @@
 setting that keeps a CPU training step's large buffers mapped between steps.
 
 On the CPU torch.mm runs Intel MKL, which on other vendors' AVX-512 cores (AMD Zen 4/5) runs its
-AVX2 kernels: 221 GFLOP/s on this project's 2-core machine for the (1024, 128) x (128, 1024)
+AVX2 kernels: 225 GFLOP/s on this project's 2-core machine for the (1024, 128) x (128, 1024)
 tiles of the kNN scan, where oneDNN's float32 kernel (the one torch's own linear layers use
-under torch.compile) reaches 457. Same float32 arithmetic, a faster kernel; checked once against
-float64, so a build without the op, or one that would round through bfloat16, keeps torch.mm.
+under torch.compile) reaches 492 (tools/bench_kernels.py). Same float32 arithmetic, a faster
+kernel; checked once against float64, so a build without the op, or one that would round through
+bfloat16, keeps torch.mm.
 """
 
 from __future__ import annotations
