@@ -142,11 +142,32 @@ def gathered_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
     return _GatheredScores.apply(x.float(), table.detach(), pos)
 
 
+DENSE_ROWS_PER_NEGATIVE = 32  # `negative_scores` scores the whole table when it has at most
+DENSE_MAX_SCORES = 2**26  # this many rows per negative and B * rows stays under this (256 MB)
+
+
+def negative_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
+    """Scores (B, K) of x (B, D) against rows `table[pos]` (pos (B, K)), gradient to x only.
+
+    Per-sample negatives come from a table of T rows (the bank in core, or the cache's slots).
+    When T is small next to K, scoring all T rows with one GEMM and picking the (B, K) drawn
+    ones (`scores_nt(x, table).gather(1, pos)`; its backward, a scatter into (B, T) and a
+    second GEMM) is much cheaper than gathering B*K rows (`gathered_scores`): 256 x 4096
+    negatives from 6,000 rows 4 ms against 60 ms on this project's 2-core CPU, from 60,000
+    rows 27 against 83, from 128,000 rows 49 against 91 (loss forward + backward). Same sums
+    up to float rounding; a row drawn twice gets both gradients either way."""
+    b, k = pos.shape
+    t = table.shape[0]
+    if t <= DENSE_ROWS_PER_NEGATIVE * max(k, 1) and b * t <= DENSE_MAX_SCORES:
+        return scores_nt(x, table).gather(1, pos)
+    return gathered_scores(x, table, pos)
+
+
 def softmax_loss(x: Tensor, bank: Tensor, index: Tensor, temperature: float) -> Tensor:
     """Exact non-parametric softmax: mean cross-entropy of (x @ bank^T) / t against `index`.
 
     x (B, D), bank (N, D) (no gradient), index (B,) int64 instance ids."""
-    logits = x.float() @ bank.detach().float().t() / temperature  # (B, N)
+    logits = scores_nt(x, bank) / temperature  # (B, N), oneDNN's GEMM on the CPU both ways
     return F.cross_entropy(logits, index)
 
 

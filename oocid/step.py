@@ -22,10 +22,10 @@ from .config import Config
 from .errors import DivergedError
 from .losses import (
     ZEstimator,
-    gathered_scores,
     infonce_from_scores,
     nce_criterion,
     nce_probs,
+    negative_scores,
     shared_scores,
     softmax_loss,
 )
@@ -98,8 +98,8 @@ class NPIDStep:
             neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)
             located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
             pos_s = (f.float() * pos.float()).sum(1, keepdim=True)  # (B, 1)
-            if located is not None:  # gathered block by block, never (B, K, D) at once
-                neg_s = gathered_scores(f, *located)  # (B, K)
+            if located is not None:  # one GEMM, or gathered block by block: never (B, K, D)
+                neg_s = negative_scores(f, *located)  # (B, K)
             else:
                 neg = self.bank.gather(neg_idx)  # (B, K, D)
                 neg_s = torch.bmm(neg.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K)

@@ -224,3 +224,30 @@ def test_gathered_scores_match_the_materialised_gather_and_its_gradient() -> Non
     table.mul_(2.0)  # the bank changing before backward is caught, not silently wrong
     with pytest.raises(RuntimeError, match="changed between"):
         s3.sum().backward()
+
+
+@pytest.mark.parametrize("rows", [50, 10_000])  # 50 <= 32 * 13: dense GEMM; 10,000: gathered
+def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradient(rows: int) -> None:
+    import oocid.losses as L
+
+    g = torch.Generator().manual_seed(1)
+    table = torch.nn.functional.normalize(torch.randn(rows, 8, generator=g), dim=1)
+    pos = torch.randint(0, rows, (7, 13), generator=g)
+    pos[:, 1] = pos[:, 0]  # a row drawn twice for the same sample gets both gradients
+    x1 = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    w = torch.randn(7, 13, generator=g)
+    dense = rows <= L.DENSE_ROWS_PER_NEGATIVE * 13
+    calls: list[str] = []
+    real = L.gathered_scores
+    L.gathered_scores = lambda *a: calls.append("gathered") or real(*a)  # type: ignore[assignment]
+    try:
+        s1 = L.negative_scores(x1, table, pos)
+    finally:
+        L.gathered_scores = real
+    assert calls == ([] if dense else ["gathered"])
+    (s1 * w).sum().backward()
+    s2 = torch.bmm(table[pos], x2.unsqueeze(2)).squeeze(2)
+    (s2 * w).sum().backward()
+    torch.testing.assert_close(s1, s2)
+    torch.testing.assert_close(x1.grad, x2.grad)
