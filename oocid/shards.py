@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import struct
 import sys
 import tarfile
 from collections import Counter
@@ -731,6 +732,95 @@ def iter_samples(path: Path, span: tuple[int, int] | None = None) -> Iterator[Ra
 
 
 def _iter_raw(path: Path) -> Iterator[RawSample]:
+    """The samples of one shard: `_iter_ustar`, and tarfile for shards it does not read."""
+    n = 0
+    try:
+        for s in _iter_ustar(path):
+            n += 1
+            yield s
+        return
+    except _NotPlainUstar:
+        pass
+    for k, s in enumerate(_iter_tarfile(path)):  # the same grouping: skip what was yielded
+        if k >= n:
+            yield s
+
+
+class _NotPlainUstar(Exception):
+    """A member `_iter_ustar` leaves to tarfile (pax or GNU headers, links, base-256 sizes)."""
+
+
+_BLOCK = 512
+_NUL_BLOCK = bytes(_BLOCK)
+_HEADER_SIGNED = struct.Struct("148b8x356b")  # the header's bytes as signed, but the checksum
+
+
+def _nts(b: bytes) -> str:
+    """tarfile's nts: up to the first NUL, decoded as tarfile decodes names."""
+    return b.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _octal(b: bytes) -> int:
+    if b[:1] in (b"\x80", b"\xff"):  # base-256 (sizes over 8 GB)
+        raise _NotPlainUstar
+    return int(b.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def _iter_ustar(path: Path) -> Iterator[RawSample]:
+    """The members of a plain ustar shard (what `write_shards` writes), read with one buffered
+    read per header and per member instead of tarfile's TarInfo machinery: ~10x less time per
+    sample, which at 32 px is as much as decoding the image. Names, checksum rules and where
+    the archive ends are tarfile's; a member type it does not handle raises _NotPlainUstar
+    before that member's sample is yielded."""
+    try:
+        with open(path, "rb", buffering=1 << 20) as f:
+            key, members, offset = None, {}, 0
+            while True:
+                hdr = f.read(_BLOCK)
+                if hdr == _NUL_BLOCK:  # end-of-archive marker
+                    break
+                if len(hdr) < _BLOCK:
+                    what = "empty file" if offset == 0 else f"no end-of-archive marker at byte {offset}"
+                    raise DataError(f"{path}: truncated tar ({what})")
+                try:
+                    chksum = _octal(hdr[148:156])
+                    size = _octal(hdr[124:136])
+                except ValueError:
+                    raise DataError(f"{path}: corrupt tar header at byte {offset}") from None
+                if chksum != 256 + sum(hdr) - sum(hdr[148:156]) and \
+                        chksum != 256 + sum(_HEADER_SIGNED.unpack(hdr)):  # as tarfile: either
+                    raise DataError(f"{path}: corrupt tar header at byte {offset} (bad checksum)")
+                kind = hdr[156:157]
+                if kind not in (b"0", b"\0", b"5"):
+                    raise _NotPlainUstar
+                name, prefix = _nts(hdr[0:100]), _nts(hdr[345:500])
+                if prefix:
+                    name = prefix + "/" + name
+                offset += _BLOCK
+                if kind == b"5" or name.endswith("/"):  # a directory: no data
+                    continue
+                data = f.read(size)
+                if len(data) < size:
+                    raise DataError(f"{path}: truncated tar (member {name} ends early)")
+                pad = -size % _BLOCK
+                if pad and len(f.read(pad)) < pad:
+                    raise DataError(f"{path}: truncated tar (no end-of-archive marker)")
+                offset += size + pad
+                head, _, base = name.rpartition("/")
+                stem, _, ext = base.partition(".")
+                k = f"{head}/{stem}" if head else stem
+                if k != key and key is not None:
+                    yield _sample(path, key, members)
+                    members = {}
+                key = k
+                members[ext.lower()] = data
+            if key is not None:
+                yield _sample(path, key, members)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard: {e}") from None
+
+
+def _iter_tarfile(path: Path) -> Iterator[RawSample]:
     try:
         with open(path, "rb") as f:
             tar = tarfile.open(fileobj=f, mode="r|")

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oocid.config import Config, config_from_dict, load_config, parse_override
-from oocid.errors import OocidError
+from oocid.errors import DataError, OocidError
 from oocid.shards import MANIFEST_NAME, Manifest, iter_samples, read_manifest, write_shards
 from oocid.stream import StreamData, decode_all, fits_in_memory, image_channels, same_size
 
@@ -298,3 +298,54 @@ def test_a_shard_with_fewer_samples_than_the_manifest_lists(tmp_path: Path) -> N
     with pytest.raises(OocidError, match=r"shard-000000\.tar: holds 1 samples, the manifest "
                                          r"lists 2"):
         list(iter_samples(shard, (3, 5)))
+
+
+@st.composite
+def any_tar(draw: st.DrawFn) -> bytes:
+    """Members in ustar, GNU or pax format (long names make GNU / pax headers), then maybe one
+    byte flipped and maybe truncated."""
+    fmt = draw(st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for _ in range(draw(st.integers(0, 6))):
+            key, ext = draw(KEYS), draw(EXTS)
+            if draw(st.integers(0, 5)) == 0:
+                key = "d" * draw(st.integers(90, 160)) + "/" + key  # ustar prefix, or too long
+            data = draw(member_data(ext))
+            info = tarfile.TarInfo(f"{key}.{ext}" if ext else key or "x")
+            info.type = draw(st.sampled_from([tarfile.REGTYPE] * 4 + [tarfile.DIRTYPE,
+                                                                      tarfile.SYMTYPE]))
+            info.size = len(data) if info.type == tarfile.REGTYPE else 0
+            try:
+                tar.addfile(info, io.BytesIO(data) if info.type == tarfile.REGTYPE else None)
+            except ValueError:  # a name ustar cannot hold
+                continue
+    data = bytearray(buf.getvalue())
+    if data and draw(st.booleans()):
+        data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+    if draw(st.booleans()):
+        data = data[:draw(st.integers(0, len(data)))]
+    return bytes(data)
+
+
+@SETTINGS
+@given(data=any_tar())
+def test_fast_tar_reader_reads_what_tarfile_reads(tmp_path: Path, data: bytes) -> None:
+    """oocid's own ustar reader (with its fallback to tarfile for pax / GNU headers and links)
+    yields exactly the samples tarfile does, or both stop with a DataError naming the shard;
+    where tarfile finds no file member it does not look for the end-of-archive marker, so a
+    truncated shard of directories only is an error for oocid's reader and empty for tarfile."""
+    from oocid.shards import _iter_raw, _iter_tarfile
+
+    shard = tmp_path / "shard-000000.tar"
+    shard.write_bytes(data)
+
+    def read(fn: Any) -> list[Any] | str:
+        try:
+            return list(fn(shard))
+        except DataError as e:
+            assert str(shard) in str(e)
+            return "DataError"
+
+    ours, theirs = read(_iter_raw), read(_iter_tarfile)
+    assert ours == theirs or (ours == "DataError" and theirs == [])
