@@ -35,6 +35,9 @@ class DataConfig:
     crop_scale_min: float = 0.2  # RandomResizedCrop area scale lower bound
     in_memory: str = "auto"  # auto | yes | no: decode the whole set into memory once
     in_memory_max_mb: int = 2048
+    # streamed sets: "batch" augments whole batches in the workers (BatchAugment, as in memory),
+    # "sample" per image (the torchvision recipes); auto: batch for same-size images <= 64 px
+    stream_augment: str = "auto"
     batch_size: int = 256
     workers: int = 4
     shuffle_buffer: int = 2048
@@ -108,6 +111,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("small", "resnet18", "resnet50", "cifar_resnet18"),
     "data.augment": ("imagenet", "cifar", "gray"),
     "data.in_memory": ("auto", "yes", "no"),
+    "data.stream_augment": ("auto", "batch", "sample"),
     "loss.kind": ("auto", "nce", "softmax", "infonce"),
     "loss.z": ("oneshot", "ema"),
     "loss.negatives": ("per-sample", "shared"),

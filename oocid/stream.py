@@ -5,7 +5,10 @@ Two paths with one interface (`epoch_batches`):
   into a uint8 tensor (N, C, H, W) on the device and augmented in batches there (`BatchAugment`).
 - `StreamData`: large sets stream from the tar shards through DataLoader workers: shard order
   shuffled per epoch, a sample shuffle buffer, per-sample augmentation to uint8 in the workers
-  (`stream_aug`: the torchvision recipes, faster), normalised once per batch on the device.
+  (`stream_aug`: the torchvision recipes, faster), normalised once per batch on the device; or,
+  for same-size small images (`data.stream_augment`), decoded per sample and augmented a whole
+  batch at a time in the workers with the in-memory path's `BatchAugment` (at 32 px the
+  per-sample recipe costs ~10x the decode; tools/bench_train.py).
 Bad samples (an image that does not decode) are reported with shard and key, skipped and
 counted; a shard that cannot be read at all stops the run with its name.
 Randomness is derived from (seed, epoch, step) so that a run resumed at an epoch boundary sees
@@ -193,6 +196,8 @@ class ShardStream(IterableDataset):
         self.channels = channels
         self.transform = transform
         self.lazy = bool(getattr(transform, "decodes", False))
+        self.decoder = isinstance(transform, DecodeFixed)  # takes the image's bytes
+        self.random = bool(getattr(transform, "random", True))
         self.seed = seed
         self.shuffle = shuffle
         self.buffer = shuffle_buffer if shuffle else 1
@@ -212,9 +217,12 @@ class ShardStream(IterableDataset):
                         continue
                     label = -1 if s.label is None else int(s.label)
                     try:
-                        # the CPU generator only: torch.manual_seed also reseeds CUDA (~100x slower)
-                        torch.default_generator.manual_seed(mix_seed(self.seed, 3, self.epoch, s.index))
-                        if self.lazy:
+                        if self.random:  # the CPU generator only: torch.manual_seed also
+                            # reseeds CUDA (~100x slower)
+                            torch.default_generator.manual_seed(mix_seed(self.seed, 3, self.epoch, s.index))
+                        if self.decoder:
+                            x = self.transform(s.image)
+                        elif self.lazy:
                             x = self.transform(open_image(s.image))
                         else:
                             x = self.transform(decode_image(s.image, self.channels))
@@ -265,30 +273,67 @@ class ShardStream(IterableDataset):
         yield from buf
 
 
-def _collate(items: list[tuple]) -> dict[str, Any]:
-    fatal = [it[4] for it in items if it[4]]
-    bad = [it[3] for it in items if it[3]]
-    good = [it for it in items if not it[3] and not it[4]]
-    if good:
-        x = default_collate([it[0] for it in good])  # in a worker: straight into shared memory
-        idx = torch.tensor([it[1] for it in good], dtype=torch.int64)
-        lab = torch.tensor([it[2] for it in good], dtype=torch.int64)
-    else:
-        x, idx, lab = torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
-    return {"x": x, "index": idx, "label": lab, "bad": bad, "fatal": fatal}
+BATCH_AUGMENT_MAX_SIDE = 64  # data.stream_augment "auto": batched for same-size images this small
+
+
+class DecodeFixed:
+    """The per-sample step of batched streaming: decode to uint8 (C, H, W), nothing random;
+    an image of another size than the set's is a bad sample."""
+
+    random = False  # ShardStream need not seed torch's generator for it
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        self.channels, self.height, self.width = channels, height, width
+
+    def __call__(self, data: bytes) -> Tensor:
+        a = np.asarray(decode_image(data, self.channels))
+        if a.shape[:2] != (self.height, self.width):
+            raise ValueError(f"size {a.shape[1]}x{a.shape[0]}, expected {self.width}x{self.height}")
+        t = torch.from_numpy(a.reshape(self.height, self.width, self.channels).copy())
+        return t.permute(2, 0, 1)
+
+
+class Collate:
+    """Batch the good samples of a DataLoader batch (in a worker: straight into shared memory),
+    list the bad and fatal ones; with `augment`, apply it to the uint8 batch there, with a
+    generator seeded by (seed, epoch, the batch's first index): the same batches, the same
+    pixels, whether a run is resumed or not."""
+
+    def __init__(self, augment: BatchAugment | None = None, seed: int = 0, epoch: int = 0) -> None:
+        self.augment, self.seed, self.epoch = augment, seed, epoch
+
+    def __call__(self, items: list[tuple]) -> dict[str, Any]:
+        fatal = [it[4] for it in items if it[4]]
+        bad = [it[3] for it in items if it[3]]
+        good = [it for it in items if not it[3] and not it[4]]
+        if good:
+            x = default_collate([it[0] for it in good])
+            idx = torch.tensor([it[1] for it in good], dtype=torch.int64)
+            lab = torch.tensor([it[2] for it in good], dtype=torch.int64)
+            if self.augment is not None:
+                g = torch.Generator().manual_seed(mix_seed(self.seed, 7, self.epoch, int(idx[0])))
+                x = self.augment(x, g)
+        else:
+            x, idx, lab = torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+        return {"x": x, "index": idx, "label": lab, "bad": bad, "fatal": fatal}
 
 
 class StreamData:
     """Batches streamed from the shards by DataLoader workers.
 
     A transform that returns uint8 is normalised here, per batch on the device, with
-    `normalize` = (mean, std); a float transform's output is used as it is."""
+    `normalize` = (mean, std); a float transform's output is used as it is. With
+    `batch_augment`, each batch of the transform's uint8 images is augmented in its worker
+    (`Collate`)."""
 
     def __init__(self, manifest: Manifest, channels: int, batch_size: int, transform: Callable,
                  seed: int, device: torch.device, workers: int, shuffle: bool = True,
                  shuffle_buffer: int = 2048, size: int = 224,
-                 normalize: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
+                 normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+                 batch_augment: BatchAugment | None = None) -> None:
         self.n = manifest.n
+        self.seed = seed
+        self.batch_augment = batch_augment
         self.batch_size = batch_size
         self.device = device
         self.normalize = normalize
@@ -307,8 +352,8 @@ class StreamData:
 
             hue_tables()  # built once here; forked workers share the pages
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
-                            collate_fn=_collate, pin_memory=self.device.type == "cuda",
-                            persistent_workers=False)
+                            collate_fn=Collate(self.batch_augment, self.seed, epoch),
+                            pin_memory=self.device.type == "cuda", persistent_workers=False)
         for step, b in enumerate(loader):
             if b["fatal"]:
                 raise DataError(b["fatal"][0], exit_code=3)
@@ -344,6 +389,20 @@ def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.
         group = -(-data_cfg.batch_size // chunk_rows) if chunk_rows > 0 else 1
         return InMemoryData(manifest, channels, data_cfg.batch_size, aug, seed, device, progress,
                             chunk_rows, group)
+    hw = same_size(manifest)
+    batched = data_cfg.stream_augment == "batch" or (
+        data_cfg.stream_augment == "auto" and hw is not None and max(hw) <= BATCH_AUGMENT_MAX_SIDE)
+    if batched:
+        if hw is None:
+            raise DataError(f"{manifest.root}: images differ in size; data.stream_augment = "
+                            '"batch" needs one size (use "sample")')
+        from .augment import batch_augment_for
+
+        aug = batch_augment_for(data_cfg.augment, data_cfg.image_size, mean, std,
+                                data_cfg.crop_scale_min)
+        return StreamData(manifest, channels, data_cfg.batch_size, DecodeFixed(channels, *hw), seed,
+                          device, data_cfg.workers, True, data_cfg.shuffle_buffer,
+                          data_cfg.image_size, batch_augment=aug)
     tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min, channels,
                           train=True)
     return StreamData(manifest, channels, data_cfg.batch_size, tf, seed, device, data_cfg.workers,

@@ -234,3 +234,78 @@ def test_shuffle_buffer_yields_early_and_every_sample_once(tmp_path: Path) -> No
     assert sorted(order) == list(range(700))
     early = order[:SHUFFLE_START]
     assert early != sorted(early) and max(order[:100]) > 100
+
+
+def _same_size_set(tmp_path: Path, n: int, bad: int | None = None) -> Path:
+    """n 20x16 PNGs in two classes (one of another size at `bad`), sharded by 8."""
+    from oocid.shards import write_shards
+
+    src = tmp_path / "src"
+    for k in range(n):
+        (src / f"c{k % 2}").mkdir(parents=True, exist_ok=True)
+        w, h = (24, 16) if k == bad else (20, 16)
+        (src / f"c{k % 2}" / f"{k:03d}.png").write_bytes(photo(k, w, h, "PNG"))
+    write_shards(src, tmp_path / "shards", shard_size=8, progress=False)
+    return tmp_path / "shards"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batched_stream_equals_batch_augment_of_the_decoded_images(tmp_path: Path, workers: int
+                                                                   ) -> None:
+    """Same-size small images stream decoded per sample and augmented a batch at a time in the
+    worker: each batch equals BatchAugment on those images with the generator seeded by (seed,
+    epoch, first index); every index once, in a shuffled order, the same on a second pass."""
+    from oocid.augment import batch_augment_for
+    from oocid.config import DataConfig
+    from oocid.shards import iter_samples, read_manifest
+    from oocid.stream import DecodeFixed, StreamData, make_train_data, mix_seed
+
+    m = read_manifest(_same_size_set(tmp_path, 23))
+    cfg = DataConfig(image_size=12, augment="cifar", in_memory="no", batch_size=5, workers=workers,
+                     shuffle_buffer=4)
+    data = make_train_data(m, cfg, seed=11, device=torch.device("cpu"))
+    assert isinstance(data, StreamData) and isinstance(data.transform, DecodeFixed)
+    aug = batch_augment_for("cifar", 12, cfg.mean, cfg.std, cfg.crop_scale_min)
+    by_index = {s.index: s.image for p in m.shard_paths() for s in iter_samples(p)}
+    seen: list[int] = []
+    batches = list(data.epoch_batches(epoch=1))
+    for b in batches:
+        assert b.images.dtype == torch.float32 and b.images.shape[1:] == (3, 12, 12)
+        raw = torch.stack([torch.from_numpy(np.asarray(decode_image(by_index[i], 3)).copy())
+                           .permute(2, 0, 1) for i in b.index.tolist()])
+        g = torch.Generator().manual_seed(mix_seed(11, 7, 1, int(b.index[0])))
+        torch.testing.assert_close(b.images, aug(raw, g), atol=1e-6, rtol=0)
+        seen += b.index.tolist()
+    assert sorted(seen) == list(range(23)) and seen != list(range(23))
+    again = list(data.epoch_batches(epoch=1, start_step=2))  # a mid-epoch resume's batches
+    assert all(torch.equal(x.images, y.images) and torch.equal(x.index, y.index)
+               for x, y in zip(batches[2:], again, strict=True))
+
+
+def test_batched_stream_skips_an_image_of_another_size_and_sample_mode_is_per_sample(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from oocid.augment import batch_augment_for
+    from oocid.config import DataConfig
+    from oocid.errors import DataError
+    from oocid.shards import read_manifest
+    from oocid.stream import DecodeFixed, StreamData, make_train_data
+
+    m = read_manifest(_same_size_set(tmp_path, 12))
+    m_bad = read_manifest(_same_size_set(tmp_path / "b", 12, bad=5))
+    cpu = torch.device("cpu")
+    base = {"image_size": 12, "augment": "cifar", "in_memory": "no", "batch_size": 4, "workers": 0,
+            "shuffle_buffer": 4}
+    per_sample = make_train_data(m, DataConfig(**base, stream_augment="sample"), 0, cpu)
+    assert isinstance(per_sample, StreamData) and not isinstance(per_sample.transform, DecodeFixed)
+    auto = make_train_data(m_bad, DataConfig(**base), 0, cpu)  # two sizes: per sample
+    assert isinstance(auto, StreamData) and not isinstance(auto.transform, DecodeFixed)
+    with pytest.raises(DataError, match="differ in size"):
+        make_train_data(m_bad, DataConfig(**base, stream_augment="batch"), 0, cpu)
+    # a shard whose image is not the size the set was batched for: reported, skipped, counted
+    aug = batch_augment_for("cifar", 12, [0.5] * 3, [0.25] * 3, 0.2)
+    data = StreamData(m_bad, 3, 4, DecodeFixed(3, 16, 20), 0, cpu, 0, shuffle_buffer=4,
+                      batch_augment=aug)
+    got = [i for b in data.epoch_batches(0) for i in b.index.tolist()]
+    assert len(set(got)) == len(got) == 11 and set(got) <= set(range(12))
+    assert data.skips.count == 1 and data.skips.keys[0].startswith("shard-")
+    assert "size 24x16, expected 20x16" in capsys.readouterr().err

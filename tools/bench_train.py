@@ -12,9 +12,10 @@ pipeline's own:
             in-memory  oocid.augment.BatchAugment ("cifar" recipe) on a uint8 tensor, as
                        oocid.stream.InMemoryData does for small sets that fit in memory;
             stream     oocid.stream.StreamData over tar shards written by
-                       oocid.shards.write_shards (per-sample PNG decode + torchvision "cifar"
-                       transform in --workers DataLoader workers), wall time of whole epochs
-                       including worker start-up and shuffle-buffer fill.
+                       oocid.shards.write_shards, as make_train_data builds it (32 px:
+                       per-sample PNG decode, each batch augmented by BatchAugment "cifar" in
+                       its --workers DataLoader worker), wall time of whole epochs including
+                       worker start-up and shuffle-buffer fill.
             The row's `pipeline_images_per_s` is the path the trainer would pick for a set of
             --rows images of that size (oocid.stream.make_train_data with data.in_memory =
             "auto" and the default in_memory_max_mb), the other is reported too.
@@ -387,20 +388,23 @@ def ensure_shards(workdir: Path, size: int, n: int) -> Path:
 
 def pipeline_stream(a: argparse.Namespace, size: int, device: torch.device, workdir: Path
                     ) -> float:
-    """images/s of StreamData as oocid.stream.make_train_data builds it (per-sample decode +
-    oocid.stream_aug's "cifar"/"imagenet" transform to uint8 in --workers workers, normalised
-    per batch): whole epochs' wall time, worker start-up and buffer fill included."""
+    """images/s of StreamData as oocid.stream.make_train_data builds it for data.in_memory =
+    "no" in --workers workers (same-size images up to 64 px: per-sample decode, the batch
+    augmented in its worker by BatchAugment; larger: per-sample decode + oocid.stream_aug's
+    transform to uint8, normalised per batch): whole epochs' wall time, worker start-up and
+    buffer fill included."""
+    from oocid.config import DataConfig
     from oocid.shards import read_manifest
-    from oocid.stream import StreamData
-    from oocid.stream_aug import stream_transform
+    from oocid.stream import make_train_data
 
     n = a.stream_images if size <= 64 else min(a.stream_images, 4096)
     shards = ensure_shards(workdir, size, n)
     manifest = read_manifest(shards)
     recipe = "cifar" if size <= 64 else "imagenet"
-    tf = stream_transform(recipe, size, 0.2, 3, train=True)
-    data = StreamData(manifest, 3, a.batch, tf, 0, device, a.workers, True, SHUFFLE_BUFFER, size,
-                      normalize=(MEAN, STD))
+    cfg = DataConfig(image_size=size, augment=recipe, crop_scale_min=0.2, in_memory="no",
+                     batch_size=a.batch, workers=a.workers, shuffle_buffer=SHUFFLE_BUFFER,
+                     mean=list(MEAN), std=list(STD))
+    data = make_train_data(manifest, cfg, 0, device)
     best = 0.0
     for epoch in range(2):
         t0 = time.perf_counter()
