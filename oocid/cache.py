@@ -171,11 +171,13 @@ class ChunkCache:
                     f"{store.path}: a cache of {budget_rows} rows holds {max_slots} chunks of "
                     f"{self.r} rows; it needs at least 3 (raise --cache-mb)")
             self.n_slots = max_slots
+        # Zeroed, not empty: losses.negative_scores multiplies every slot's rows, loaded or not,
+        # by the gradient (zero where a row was not drawn), and 0 * NaN garbage would be NaN.
         if device.type == "cpu":  # numpy asks for transparent huge pages: random gathers
             # over a large bank miss the TLB far less (as a numpy-backed in-memory bank does)
-            self.slots = torch.from_numpy(np.empty((self.n_slots, self.r, self.dim), np.float32))
+            self.slots = torch.from_numpy(np.zeros((self.n_slots, self.r, self.dim), np.float32))
         else:
-            self.slots = torch.empty(self.n_slots, self.r, self.dim, dtype=torch.float32,
+            self.slots = torch.zeros(self.n_slots, self.r, self.dim, dtype=torch.float32,
                                      device=device)  # (S, R, D)
         self.flat = self.slots.view(self.n_slots * self.r, self.dim)  # (S*R, D)
         self.slot_of = torch.full((self.n_chunks,), -1, dtype=torch.int64, device=device)

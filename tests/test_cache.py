@@ -220,3 +220,28 @@ def test_budget_is_respected_and_too_small_budget_is_an_error(tmp_path: Path) ->
     rows = store.read_rows(0, 1000)
     assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
     store.close()
+
+
+def test_per_sample_negatives_through_a_fresh_partial_cache_have_finite_gradients(
+        tmp_path: Path) -> None:
+    """losses.negative_scores scores every row of the cache's table, loaded or not, and the
+    gradient multiplies each by zero where it was not drawn: slots never loaded must hold
+    finite numbers. (Uninitialised slots over reused heap memory made every step of a resumed
+    run non-finite in tests/test_kill.py; fresh pages are zero anyway, so this test states the
+    invariant rather than reproducing that.)"""
+    from oocid.losses import negative_scores
+
+    n_chunks, r = 40, 16
+    store = create_store(tmp_path / "b.npy", n_chunks * r, 8, chunk_rows=r)
+    cache = ChunkCache(store, 20 * r, CPU, steps_per_epoch=50, pool_chunks=2)
+    assert not cache.full and len(cache.free) > 0  # some slots never loaded
+    g = torch.Generator().manual_seed(0)
+    located = cache.locate(cache.sample((4, 64), g))
+    assert located is not None
+    table, pos = located
+    assert bool(torch.isfinite(table).all())
+    x = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
+    negative_scores(x, table, pos).sum().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    cache.close()
+    store.close()
