@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from .gemm import scores_nt
+from .gemm import matmul_nt, scores_nt
 
 
 def _check_scores(n_data: int, k: int) -> None:
@@ -88,6 +89,47 @@ def shared_scores(x: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
     pos = (xf * positives.detach().float()).sum(1, keepdim=True)  # (B, 1)
     neg = scores_nt(xf, negatives.detach().float())  # (B, K), oneDNN's GEMM on the CPU
     return torch.cat([pos, neg], dim=1)
+
+
+class _InfoNCEShared(torch.autograd.Function):
+    """`infonce_from_scores(shared_scores(x, positives, negatives), t)` in one pass: the loss and
+    its gradient to x are computed together in the forward (the backward only scales)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, positives: Tensor, negatives: Tensor, temperature: float
+                ) -> Tensor:
+        inv_t = 1.0 / temperature
+        with torch.autocast(x.device.type, enabled=False):
+            s = matmul_nt(x, negatives).mul_(inv_t)  # (B, K) negatives' logits
+            s0 = (x * positives).sum(1).mul_(inv_t)  # (B,) the positive's logit
+            top = torch.maximum(s.amax(1), s0)  # (B,) row max over [s0 | s]
+            e = s.sub_(top[:, None]).exp_()  # in place: exp(s - top)
+            e0 = (s0 - top).exp_()
+            z = e.sum(1).add_(e0)  # (B,) the softmax's denominator (scaled by exp(-top))
+            loss = (z.log() + top - s0).mean()  # mean over b of logsumexp([s0 | s]) - s0
+            # d loss / d x_b = (sum_j p_bj neg_j + (p_b0 - 1) pos_b) / (t B), p = softmax row b
+            p = e.div_(z[:, None])
+            grad = matmul_nt(p, negatives.t()).addcmul_(positives, (e0.div_(z) - 1)[:, None])
+            grad.mul_(inv_t / x.shape[0])
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple[Tensor, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
+def infonce_shared(x: Tensor, positives: Tensor, negatives: Tensor, temperature: float) -> Tensor:
+    """InfoNCE over [positive | K negatives shared by the batch] / t, gradient to x only:
+    x (B, D), positives (B, D), negatives (K, D). The same function as
+    `infonce_from_scores(shared_scores(x, positives, negatives), temperature)` (tested to float
+    rounding), without materialising the (B, K+1) scores, the cross-entropy's buffers and their
+    gradients separately: 1.7 against 2.9 ms for B 256, K 4096 on this project's 2-core CPU,
+    where the product itself takes 1.3."""
+    return _InfoNCEShared.apply(x.float(), positives.detach().float(), negatives.detach().float(),
+                                temperature)
 
 
 GATHER_BLOCK_BYTES = 4 * 2**20  # rows gathered at once by `gathered_scores` (cache-sized)

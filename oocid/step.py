@@ -18,11 +18,13 @@ import torch
 from torch import Tensor
 
 from .bank import momentum_update
+from .cache import take_rows
 from .config import Config
 from .errors import DivergedError
 from .losses import (
     ZEstimator,
     infonce_from_scores,
+    infonce_shared,
     nce_criterion,
     nce_probs,
     negative_scores,
@@ -92,7 +94,12 @@ class NPIDStep:
         g.manual_seed(mix_seed(self.seed, 6, step))
         pos = self.bank.gather(index)  # (B, D)
         if lc.negatives == "shared":
-            neg = self.bank.gather(self.bank.sample((lc.nce_k,), g))  # (K, D)
+            neg_idx = self.bank.sample((lc.nce_k,), g)  # (K,)
+            located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
+            # from the cache's window: resident, a plain row lookup (no LRU bookkeeping)
+            neg = take_rows(*located) if located is not None else self.bank.gather(neg_idx)  # (K, D)
+            if lc.kind == "infonce":  # loss and gradient in one pass
+                return infonce_shared(f, pos, neg, lc.temperature), None
             scores = shared_scores(f, pos, neg)  # (B, K+1)
         else:
             neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)

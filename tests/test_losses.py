@@ -251,3 +251,26 @@ def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradie
     (s2 * w).sum().backward()
     torch.testing.assert_close(s1, s2)
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize(("b", "k", "t"), [(7, 13, 0.07), (1, 1, 0.1), (33, 200, 1.0)])
+def test_infonce_shared_equals_cross_entropy_over_shared_scores(b: int, k: int, t: float) -> None:
+    """The one-pass InfoNCE over shared negatives is the cross-entropy of [pos | negatives] / t
+    with target 0: the same loss and the same gradient to x, and none to the bank's rows."""
+    import oocid.losses as L
+
+    g = torch.Generator().manual_seed(b * 100 + k)
+    x1 = torch.nn.functional.normalize(torch.randn(b, 8, generator=g), dim=1).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    pos = torch.nn.functional.normalize(torch.randn(b, 8, generator=g), dim=1).requires_grad_()
+    neg = torch.nn.functional.normalize(torch.randn(k, 8, generator=g), dim=1).requires_grad_()
+    neg.data[0] = x1.detach()[0]  # a negative equal to a feature: the largest logit of its row
+    got = L.infonce_shared(x1, pos, neg, t)
+    (3.0 * got).backward()
+    want = torch.nn.functional.cross_entropy(
+        torch.cat([(x2 * pos.detach()).sum(1, keepdim=True), x2 @ neg.detach().t()], 1) / t,
+        torch.zeros(b, dtype=torch.long))
+    (3.0 * want).backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
+    assert pos.grad is None and neg.grad is None
