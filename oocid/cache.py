@@ -401,8 +401,13 @@ class ChunkCache:
             return
         chunks, chunk = self._chunk_groups(index)
         rows = rows.to(self.flat.dtype)
-        groups = [chunks] if self._fits_pool(chunks) else [[c] for c in chunks]
-        for group in groups:
+        if self._fits_pool(chunks):  # the usual case (a batch's positives): one write
+            self.ensure(chunks)
+            self.flat[self._slot_rows(index)] = rows
+            for s in self.slot_of[chunks].tolist():
+                self.dirty[s] = True
+            return
+        for group in [[c] for c in chunks]:
             self.ensure(group)
             m = torch.isin(chunk, torch.tensor(group, device=chunk.device))
             self.flat[self._slot_rows(index[m])] = rows[m]

@@ -78,6 +78,7 @@ class NPIDStep:
     skipped_in_a_row: int = 0
     scaler: Any = field(default=None, init=False)
     last_features: Tensor | None = field(default=None, init=False)
+    positives: list[Tensor] = field(default_factory=list, init=False)  # this step's, per micro-batch
 
     def __post_init__(self) -> None:
         if self.precision == "16":
@@ -93,6 +94,7 @@ class NPIDStep:
         g = torch.Generator(device=self.bank.device.type if hasattr(self.bank, "device") else "cpu")
         g.manual_seed(mix_seed(self.seed, 6, step))
         pos = self.bank.gather(index)  # (B, D)
+        self.positives.append(pos)  # the update's old rows: the bank does not change before it
         if lc.negatives == "shared":
             neg_idx = self.bank.sample((lc.nce_k,), g)  # (K,)
             located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
@@ -125,6 +127,7 @@ class NPIDStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        self.positives = []
         device = micro[0].images.device
         feats, total, z = [], 0.0, None
         n_all = sum(int(b.index.numel()) for b in micro)
@@ -164,9 +167,14 @@ class NPIDStep:
         else:
             self.optimizer.step()
         with torch.no_grad():  # the memory update, after the optimiser step
-            for b, f in zip(micro, feats, strict=True):
-                new = momentum_update(self.bank.gather(b.index), f, self.cfg.bank.momentum)
+            # v_i before this step: the rows the loss gathered (a step's indices are distinct
+            # and the bank is written only here), else gathered now (the exact softmax)
+            old = self.positives if len(self.positives) == len(micro) else [
+                self.bank.gather(b.index) for b in micro]
+            for b, f, v in zip(micro, feats, old, strict=True):
+                new = momentum_update(v, f, self.cfg.bank.momentum)
                 self.bank.update(b.index, new)
+        self.positives = []
         self._end_step()
         self.skipped_in_a_row = 0
         return StepOut(total / max(n_all, 1), False, z)

@@ -224,7 +224,8 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(DEFAULT_RUNS),
                     help="comma list of LOSS:K:CACHE_FRACTION[:NEGATIVES] (K ignored for softmax; "
                          "NEGATIVES per-sample|shared fixes that run's, else --negatives)")
-    ap.add_argument("--negatives", default="shared", help="comma list of per-sample|shared")
+    ap.add_argument("--negatives", default=LossConfig().negatives,
+                    help="comma list of per-sample|shared (default: the library's, per-sample)")
     ap.add_argument("--seeds", default="0", help="comma list of training seeds")
     ap.add_argument("--budget-cpu-s", type=float, default=480.0,
                     help="CPU seconds (all threads) of training per run")
