@@ -1,9 +1,10 @@
 """Augmentations (METHOD.md section 5), two ways.
 
-- `BatchAugment`: batched, on the device, for small images decoded into memory once: random
-  resized crop (area scale, aspect 3/4-4/3) and flip as one affine `grid_sample`, brightness /
-  contrast (and for colour images saturation and random grayscale) per sample. Fast on CPU and
-  GPU; hue jitter is omitted in this path.
+- `BatchAugment`: batched, on the device (or in a DataLoader worker), for small images: random
+  resized crop (area scale, aspect 3/4-4/3) and flip as one affine `grid_sample`, then per
+  sample brightness, contrast and, for colour images, saturation, hue (torchvision's tensor
+  RGB -> HSV -> RGB, each sample its own shift) and random grayscale. Fast on CPU and GPU; the
+  jitter's four steps run in this fixed order where torchvision's ColorJitter shuffles them.
 - `sample_transform`: torchvision transforms on PIL images, per sample: the paper's ImageNet and
   CIFAR recipes, and a grayscale recipe, as a plain `torchvision.transforms.Compose` (the
   reference; used for single query images).
@@ -32,7 +33,7 @@ class BatchAugment:
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], *,
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                  flip: bool = True, brightness: float = 0.4, contrast: float = 0.4,
-                 saturation: float = 0.0, grayscale_p: float = 0.0) -> None:
+                 saturation: float = 0.0, hue: float = 0.0, grayscale_p: float = 0.0) -> None:
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
@@ -42,6 +43,9 @@ class BatchAugment:
         self.brightness = brightness
         self.contrast = contrast
         self.saturation = saturation
+        if not 0.0 <= hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {hue}")
+        self.hue = hue
         self.grayscale_p = grayscale_p
 
     def _uniform(self, n: int, lo: float, hi: float, g: torch.Generator, device: torch.device
@@ -84,6 +88,9 @@ class BatchAugment:
             f = self._uniform(b, 1 - self.saturation, 1 + self.saturation, g, dev).view(b, 1, 1, 1)
             gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
             x = (x - gray) * f + gray
+        if c == 3 and self.hue > 0:
+            shift = self._uniform(b, -self.hue, self.hue, g, dev)
+            x = adjust_hue_batch(x.clamp_(0.0, 1.0), shift)
         if c == 3 and self.grayscale_p > 0:
             pick = (torch.rand(b, generator=g, device=dev) < self.grayscale_p).view(b, 1, 1, 1)
             gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
@@ -92,13 +99,42 @@ class BatchAugment:
         return (x - self.mean.to(dev)) / self.std.to(dev)
 
 
+def adjust_hue_batch(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue of each RGB image of x (B, 3, H, W) in [0, 1] by shift[b] (in [-0.5, 0.5],
+    a fraction of the hue circle): torchvision's tensor `adjust_hue` (its RGB -> HSV -> RGB
+    conversions), with one shift per sample instead of one per call."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    div = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / div, (maxc - g) / div, (maxc - b) / div
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    h = torch.remainder(h + shift.view(-1, 1, 1), 1.0)  # torchvision: (h + factor) % 1.0
+    # HSV -> RGB as channel = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = 5, 3, 1
+    # for R, G, B: torchvision's six-sector table in closed form (the same values to float
+    # rounding, tested), a few passes instead of stacking the six sectors per channel
+    h6 = h * 6.0
+    vs = maxc * s
+    out = torch.empty_like(x)
+    for ch, n in enumerate((5.0, 3.0, 1.0)):
+        k = torch.remainder(h6 + n, 6.0)
+        out[:, ch] = maxc - vs * torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return out
+
+
 def batch_augment_for(recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
                       scale_min: float) -> BatchAugment:
     """The batched version of a named recipe (imagenet | cifar | gray)."""
     if recipe == "gray":
         return BatchAugment(size, mean, std, scale=(scale_min, 1.0), brightness=0.4, contrast=0.4)
     return BatchAugment(size, mean, std, scale=(scale_min, 1.0), brightness=0.4, contrast=0.4,
-                        saturation=0.4, grayscale_p=0.2)
+                        saturation=0.4, hue=0.4, grayscale_p=0.2)
 
 
 def batch_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]

@@ -309,3 +309,40 @@ def test_batched_stream_skips_an_image_of_another_size_and_sample_mode_is_per_sa
     assert len(set(got)) == len(got) == 11 and set(got) <= set(range(12))
     assert data.skips.count == 1 and data.skips.keys[0].startswith("shard-")
     assert "size 24x16, expected 20x16" in capsys.readouterr().err
+
+
+def test_batched_hue_equals_torchvision_per_sample() -> None:
+    """BatchAugment's hue step: torchvision's tensor adjust_hue, one shift per sample (gray and
+    saturated pixels, both ends of the range, a shift that wraps around the circle)."""
+    from oocid.augment import adjust_hue_batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 9, 7, generator=g)
+    x[:, :, 0, :] = x[:, :1, 0, :]  # a gray row: hue undefined, left as is
+    x[:, 0, 1, :], x[:, 1, 1, :], x[:, 2, 1, :] = 1.0, 0.0, 0.0  # pure red
+    x[1] = torch.round(x[1] * 4) / 4  # ties between channels
+    shift = torch.tensor([-0.5, -0.4, -0.01, 0.0, 0.3, 0.5])
+    got = adjust_hue_batch(x, shift)
+    for k in range(6):
+        torch.testing.assert_close(got[k], TF.adjust_hue(x[k], float(shift[k])), atol=1e-6, rtol=0)
+    assert not torch.allclose(got[4], x[4], atol=0.05)  # it did rotate the hue
+
+
+def test_batch_augment_colour_recipe_jitters_hue() -> None:
+    """The colour recipes' batched path applies the paper's ColorJitter hue 0.4: with every
+    other step switched off, the output is the input's hue rotated by a per-sample shift."""
+    from oocid.augment import BatchAugment, adjust_hue_batch, batch_augment_for
+
+    assert batch_augment_for("cifar", 8, [0.5] * 3, [0.5] * 3, 0.2).hue == 0.4
+    assert batch_augment_for("gray", 8, [0.5], [0.5], 0.2).hue == 0.0
+    aug = BatchAugment(8, [0.0] * 3, [1.0] * 3, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False,
+                       brightness=0.0, contrast=0.0, hue=0.4)
+    x = (torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    got = aug(x, torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):  # the crop's and flip's draws come first
+        torch.rand(5, generator=g)
+    shift = torch.rand(5, generator=g) * 0.8 - 0.4
+    want = adjust_hue_batch(x.float() / 255.0, shift)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
+    assert float((got - x.float() / 255.0).abs().max()) > 0.05
