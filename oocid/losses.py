@@ -99,6 +99,8 @@ class _InfoNCEShared(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, positives: Tensor, negatives: Tensor, temperature: float
                 ) -> Tensor:
         inv_t = 1.0 / temperature
+        if x.shape[0] == 0:
+            raise ValueError("infonce_shared: an empty batch")
         with torch.autocast(x.device.type, enabled=False):
             s = matmul_nt(x, negatives).mul_(inv_t)  # (B, K) negatives' logits
             s0 = (x * positives).sum(1).mul_(inv_t)  # (B,) the positive's logit
@@ -107,6 +109,8 @@ class _InfoNCEShared(torch.autograd.Function):
             e0 = (s0 - top).exp_()
             z = e.sum(1).add_(e0)  # (B,) the softmax's denominator (scaled by exp(-top))
             loss = (z.log() + top - s0).mean()  # mean over b of logsumexp([s0 | s]) - s0
+            if not ctx.needs_input_grad[0]:
+                return loss
             # d loss / d x_b = (sum_j p_bj neg_j + (p_b0 - 1) pos_b) / (t B), p = softmax row b
             p = e.div_(z[:, None])
             grad = matmul_nt(p, negatives.t()).addcmul_(positives, (e0.div_(z) - 1)[:, None])
@@ -185,7 +189,9 @@ def gathered_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
 
 
 DENSE_ROWS_PER_NEGATIVE = 32  # `negative_scores` scores the whole table when it has at most
-DENSE_MAX_SCORES = 2**26  # this many rows per negative and B * rows stays under this (256 MB)
+DENSE_MAX_SCORES = 2**26  # this many rows per negative and B * rows stays under this (256 MB
+# of float32 scores, held once in the forward and once in the backward). Measured on the CPU;
+# on a GPU the product is relatively cheaper still, so the same rule errs on the safe side.
 
 
 def negative_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
@@ -201,8 +207,33 @@ def negative_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
     b, k = pos.shape
     t = table.shape[0]
     if t <= DENSE_ROWS_PER_NEGATIVE * max(k, 1) and b * t <= DENSE_MAX_SCORES:
-        return scores_nt(x, table).gather(1, pos)
+        return _DenseScores.apply(x.float(), table.detach(), pos)
     return gathered_scores(x, table, pos)
+
+
+class _DenseScores(torch.autograd.Function):
+    """`scores_nt(x, table).gather(1, pos)` holding one (B, T) product at a time: the forward
+    keeps only `pos`, the backward scatters the gradient into a fresh (B, T) and multiplies."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            out = matmul_nt(x, table.float()).gather(1, pos)  # (B, K)
+        ctx.save_for_backward(pos)
+        ctx.table, ctx.version = table, table._version
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (pos,) = ctx.saved_tensors
+        table = ctx.table
+        if table._version != ctx.version:
+            raise RuntimeError("bank rows changed between the forward and backward pass")
+        full = torch.zeros(pos.shape[0], table.shape[0], dtype=torch.float32, device=grad.device)
+        full.scatter_add_(1, pos, grad.float())  # a row drawn twice gets both gradients
+        with torch.autocast(grad.device.type, enabled=False):
+            return matmul_nt(full, table.float().t()), None, None
 
 
 def softmax_loss(x: Tensor, bank: Tensor, index: Tensor, temperature: float) -> Tensor:

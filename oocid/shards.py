@@ -753,6 +753,8 @@ class _NotPlainUstar(Exception):
 _BLOCK = 512
 _NUL_BLOCK = bytes(_BLOCK)
 _HEADER_SIGNED = struct.Struct("148b8x356b")  # the header's bytes as signed, but the checksum
+# mode, uid, gid, mtime, devmajor, devminor: numbers tarfile checks (size and checksum apart)
+_NUMERIC_FIELDS = ((100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345))
 
 
 def _nts(b: bytes) -> str:
@@ -769,22 +771,27 @@ def _octal(b: bytes) -> int:
 def _iter_ustar(path: Path) -> Iterator[RawSample]:
     """The members of a plain ustar shard (what `write_shards` writes), read with one buffered
     read per header and per member instead of tarfile's TarInfo machinery: ~10x less time per
-    sample, which at 32 px is as much as decoding the image. Names, checksum rules and where
-    the archive ends are tarfile's; a member type it does not handle raises _NotPlainUstar
-    before that member's sample is yielded."""
+    sample, which at 32 px is as much as decoding the image. Names, the header's numeric fields
+    and checksum, directories and where the archive ends follow tarfile's rules; a member type
+    it does not handle raises _NotPlainUstar before that member's sample is yielded."""
     try:
         with open(path, "rb", buffering=1 << 20) as f:
+            file_size = os.fstat(f.fileno()).st_size
             key, members, offset = None, {}, 0
             while True:
                 hdr = f.read(_BLOCK)
                 if hdr == _NUL_BLOCK:  # end-of-archive marker
                     break
                 if len(hdr) < _BLOCK:
-                    what = "empty file" if offset == 0 else f"no end-of-archive marker at byte {offset}"
+                    what = ("empty file" if not hdr and offset == 0 else
+                            f"no end-of-archive marker at byte {offset}" if not hdr else
+                            f"header cut short at byte {offset}")
                     raise DataError(f"{path}: truncated tar ({what})")
                 try:
                     chksum = _octal(hdr[148:156])
                     size = _octal(hdr[124:136])
+                    for a, b in _NUMERIC_FIELDS:  # tarfile rejects the header if one is not a number
+                        _octal(hdr[a:b])
                 except ValueError:
                     raise DataError(f"{path}: corrupt tar header at byte {offset}") from None
                 if chksum != 256 + sum(hdr) - sum(hdr[148:156]) and \
@@ -796,9 +803,13 @@ def _iter_ustar(path: Path) -> Iterator[RawSample]:
                 name, prefix = _nts(hdr[0:100]), _nts(hdr[345:500])
                 if prefix:
                     name = prefix + "/" + name
+                if size < 0:
+                    raise DataError(f"{path}: corrupt tar header at byte {offset} (size {size})")
                 offset += _BLOCK
-                if kind == b"5" or name.endswith("/"):  # a directory: no data
+                if kind == b"5" or (kind == b"\0" and name.endswith("/")):  # a directory: no data
                     continue
+                if offset + size > file_size:  # before reading: a size field can claim GBs
+                    raise DataError(f"{path}: truncated tar (member {name} ends early)")
                 data = f.read(size)
                 if len(data) < size:
                     raise DataError(f"{path}: truncated tar (member {name} ends early)")

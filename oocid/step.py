@@ -78,30 +78,30 @@ class NPIDStep:
     skipped_in_a_row: int = 0
     scaler: Any = field(default=None, init=False)
     last_features: Tensor | None = field(default=None, init=False)
-    positives: list[Tensor] = field(default_factory=list, init=False)  # this step's, per micro-batch
 
     def __post_init__(self) -> None:
         if self.precision == "16":
             self.scaler = torch.amp.GradScaler("cuda")
 
-    def loss(self, f: Tensor, index: Tensor, step: int) -> tuple[Tensor, float | None]:
+    def loss(self, f: Tensor, index: Tensor, step: int
+             ) -> tuple[Tensor, float | None, Tensor | None]:
+        """(loss, Z or None, the positives' bank rows as gathered (None for the exact softmax))."""
         lc = self.cfg.loss
         if lc.kind == "auto":
             raise ValueError('loss.kind "auto" must be resolved first (oocid.train.resolve_loss)')
         if lc.kind == "softmax":
-            return softmax_loss(f, self.bank.all_rows(), index, lc.temperature), None
+            return softmax_loss(f, self.bank.all_rows(), index, lc.temperature), None, None
         b = f.shape[0]
         g = torch.Generator(device=self.bank.device.type if hasattr(self.bank, "device") else "cpu")
         g.manual_seed(mix_seed(self.seed, 6, step))
-        pos = self.bank.gather(index)  # (B, D)
-        self.positives.append(pos)  # the update's old rows: the bank does not change before it
+        pos = self.bank.gather(index)  # (B, D), a copy
         if lc.negatives == "shared":
             neg_idx = self.bank.sample((lc.nce_k,), g)  # (K,)
             located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
             # from the cache's window: resident, a plain row lookup (no LRU bookkeeping)
             neg = take_rows(*located) if located is not None else self.bank.gather(neg_idx)  # (K, D)
             if lc.kind == "infonce":  # loss and gradient in one pass
-                return infonce_shared(f, pos, neg, lc.temperature), None
+                return infonce_shared(f, pos, neg, lc.temperature), None, pos
             scores = shared_scores(f, pos, neg)  # (B, K+1)
         else:
             neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)
@@ -114,11 +114,11 @@ class NPIDStep:
                 neg_s = torch.bmm(neg.float(), f.float().unsqueeze(2)).squeeze(2)  # (B, K)
             scores = torch.cat([pos_s, neg_s], dim=1)  # (B, K+1)
         if lc.kind == "infonce":
-            return infonce_from_scores(scores, lc.temperature), None
+            return infonce_from_scores(scores, lc.temperature), None, pos
         assert self.zest is not None
         z = self.zest(scores, self.n_data, lc.temperature)
         probs, _ = nce_probs(scores, self.n_data, lc.temperature, z)
-        return nce_criterion(probs, self.n_data, lc.eps), float(z.item())
+        return nce_criterion(probs, self.n_data, lc.eps), float(z.item()), pos
 
     def __call__(self, batch: Batch | list[Batch], step: int, lr: float) -> StepOut:
         """One optimiser step over one batch, or over micro-batches whose gradients accumulate
@@ -127,9 +127,9 @@ class NPIDStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        self.positives = []
         device = micro[0].images.device
         feats, total, z = [], 0.0, None
+        olds: list[Tensor | None] = []  # each micro-batch's positives as the loss gathered them
         n_all = sum(int(b.index.numel()) for b in micro)
         for i, b in enumerate(micro):
             x = b.images
@@ -139,8 +139,8 @@ class NPIDStep:
                 f = self.model(x)  # (B, D) unit, float32 (Embedder casts before normalising)
             # non-finite features are caught before the loss so they never reach Z's estimate
             finite = bool(torch.isfinite(f).all())
-            loss, z = self.loss(f, b.index, step * self.cfg.optim.accumulate + i) if finite \
-                else (torch.tensor(float("nan")), None)  # float32
+            loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i) if finite \
+                else (torch.tensor(float("nan")), None, None)  # float32
             if not finite or not bool(torch.isfinite(loss)):
                 # never write a non-finite feature into the bank: skip, count, carry on
                 self.skipped += 1
@@ -159,6 +159,7 @@ class NPIDStep:
             else:
                 weighted.backward()
             feats.append(f.detach())
+            olds.append(old)
             self.last_features = feats[-1]
             total += float(loss.item()) * b.index.numel()
         if self.scaler is not None:
@@ -169,12 +170,10 @@ class NPIDStep:
         with torch.no_grad():  # the memory update, after the optimiser step
             # v_i before this step: the rows the loss gathered (a step's indices are distinct
             # and the bank is written only here), else gathered now (the exact softmax)
-            old = self.positives if len(self.positives) == len(micro) else [
-                self.bank.gather(b.index) for b in micro]
-            for b, f, v in zip(micro, feats, old, strict=True):
+            for b, f, v in zip(micro, feats, olds, strict=True):
+                v = self.bank.gather(b.index) if v is None else v
                 new = momentum_update(v, f, self.cfg.bank.momentum)
                 self.bank.update(b.index, new)
-        self.positives = []
         self._end_step()
         self.skipped_in_a_row = 0
         return StepOut(total / max(n_all, 1), False, z)

@@ -31,7 +31,6 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from .augment import BatchAugment, batch_eval_transform, normalize_batch
 from .decode import decode_image, open_image
 from .errors import DataError, OocidError
-from .gemm import keep_large_buffers
 from .shards import Manifest, iter_samples
 from .stream_aug import stream_transform
 
@@ -295,10 +294,10 @@ class DecodeFixed:
 
 
 class Collate:
-    """Batch the good samples of a DataLoader batch (in a worker: straight into shared memory),
-    list the bad and fatal ones; with `augment`, apply it to the uint8 batch there, with a
-    generator seeded by (seed, epoch, the batch's first index): the same batches, the same
-    pixels, whether a run is resumed or not."""
+    """Batch the good samples of a DataLoader batch, list the bad and fatal ones; with
+    `augment`, apply it to the uint8 batch there (in the worker), with a generator seeded by
+    (seed, epoch, the batch's first index): the same batches, the same pixels, whether a run is
+    resumed or not. The batch reaches the main process through shared memory either way."""
 
     def __init__(self, augment: BatchAugment | None = None, seed: int = 0, epoch: int = 0) -> None:
         self.augment, self.seed, self.epoch = augment, seed, epoch
@@ -335,8 +334,6 @@ class StreamData:
         self.n = manifest.n
         self.seed = seed
         self.batch_augment = batch_augment
-        if device.type == "cpu":  # the float batch normalised here is tens of MB: keep it mapped
-            keep_large_buffers()  # (a fresh mapping page-faults: 0.28 against 0.12 ms an image)
         self.batch_size = batch_size
         self.device = device
         self.normalize = normalize

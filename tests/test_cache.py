@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -223,17 +224,31 @@ def test_budget_is_respected_and_too_small_budget_is_an_error(tmp_path: Path) ->
 
 
 def test_per_sample_negatives_through_a_fresh_partial_cache_have_finite_gradients(
-        tmp_path: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """losses.negative_scores scores every row of the cache's table, loaded or not, and the
     gradient multiplies each by zero where it was not drawn: slots never loaded must hold
     finite numbers. (Uninitialised slots over reused heap memory made every step of a resumed
-    run non-finite in tests/test_kill.py; fresh pages are zero anyway, so this test states the
-    invariant rather than reproducing that.)"""
+    run non-finite in tests/test_kill.py; here uninitialised memory is made NaN on purpose.)"""
     from oocid.losses import negative_scores
 
     n_chunks, r = 40, 16
     store = create_store(tmp_path / "b.npy", n_chunks * r, 8, chunk_rows=r)
-    cache = ChunkCache(store, 20 * r, CPU, steps_per_epoch=50, pool_chunks=2)
+    real_empty, real_tempty = np.empty, torch.empty
+
+    def nan_empty(*a: Any, **k: Any) -> Any:
+        out = real_empty(*a, **k)
+        if out.dtype.kind == "f":
+            out.fill(np.nan)
+        return out
+
+    def nan_tempty(*a: Any, **k: Any) -> Any:
+        out = real_tempty(*a, **k)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    with monkeypatch.context() as mp:  # what "uninitialised" may hold: NaN
+        mp.setattr(np, "empty", nan_empty)
+        mp.setattr(torch, "empty", nan_tempty)
+        cache = ChunkCache(store, 20 * r, CPU, steps_per_epoch=50, pool_chunks=2)
     assert not cache.full and len(cache.free) > 0  # some slots never loaded
     g = torch.Generator().manual_seed(0)
     located = cache.locate(cache.sample((4, 64), g))
@@ -244,4 +259,42 @@ def test_per_sample_negatives_through_a_fresh_partial_cache_have_finite_gradient
     negative_scores(x, table, pos).sum().backward()
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
     cache.close()
+    store.close()
+
+
+@pytest.mark.parametrize(("bank_kind", "loss", "negatives"), [
+    ("incore", "infonce", "shared"), ("incore", "softmax", "per-sample"),
+    ("partial", "nce", "per-sample"), ("partial", "infonce", "shared")])
+def test_step_updates_each_row_from_its_value_before_the_step(tmp_path: Path, bank_kind: str,
+                                                              loss: str, negatives: str) -> None:
+    """With two micro-batches per step, every row of the step's batch becomes
+    momentum_update(row before the step, its feature, m): the loss's gathered positives reused
+    for the update are the right rows, of the right micro-batch."""
+    n, r, m = 96, 16, 0.5
+    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=r, seed=3)
+    bank: Any = InCoreBank(store, CPU) if bank_kind == "incore" else ChunkCache(
+        store, 4 * r, CPU, steps_per_epoch=6, pool_chunks=2)
+    cfg = demo_config()
+    cfg.loss.kind, cfg.loss.nce_k, cfg.loss.z, cfg.loss.negatives = loss, 16, "ema", negatives
+    cfg.bank.momentum, cfg.optim.accumulate = m, 2
+    torch.manual_seed(0)
+    model = build_model("small", 1, 128)
+    step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n,
+                    ZEstimator("ema") if loss == "nce" else None, 7)
+    g = torch.Generator().manual_seed(1)
+    for i in range(3):
+        idx = torch.randperm(n, generator=g)[:16]
+        if bank_kind == "partial":  # positives from two chunks, as a stream's batch would be
+            idx = torch.cat([torch.randperm(r, generator=g)[:8] + r * (i % 6),
+                             torch.randperm(r, generator=g)[:8] + r * ((i + 3) % 6)])
+        micro = [Batch(torch.randn(8, 1, 28, 28, generator=g), part, part * 0) for part in idx.split(8)]
+        before = bank.gather(idx).clone()
+        with torch.no_grad():  # the features the step will compute (train mode, same weights)
+            feats = torch.cat([model(b.images.contiguous(memory_format=torch.channels_last))
+                               for b in micro])
+        assert not step(micro, i, 0.03).skipped
+        torch.testing.assert_close(bank.gather(idx), momentum_update(before, feats, m),
+                                   atol=1e-5, rtol=0)
+    if isinstance(bank, ChunkCache):
+        bank.close()
     store.close()

@@ -251,6 +251,10 @@ def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradie
     (s2 * w).sum().backward()
     torch.testing.assert_close(s1, s2)
     torch.testing.assert_close(x1.grad, x2.grad)
+    s3 = L.negative_scores(x1, table, pos)
+    table.mul_(2.0)  # the bank changing before backward is caught, not silently wrong
+    with pytest.raises(RuntimeError, match="changed between"):
+        s3.sum().backward()
 
 
 @pytest.mark.parametrize(("b", "k", "t"), [(7, 13, 0.07), (1, 1, 0.1), (33, 200, 1.0)])

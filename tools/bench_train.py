@@ -656,8 +656,10 @@ def print_report(env: str, results: list[dict[str, Any]],
           "momentum update, window advance); model: forward + trivial loss + backward + SGD.")
     print("# ratio = npid / model (the headline). pipe img/s: the path the trainer picks for "
           "--rows images of that size (data.in_memory auto); in-mem: BatchAugment on uint8 in "
-          "memory; stream: StreamData, per-sample decode + torchvision, whole epochs incl. "
-          "worker start-up. The pipeline is measured alone: in training it shares the cores.")
+          "memory; stream: StreamData as make_train_data builds it for data.in_memory no (at "
+          "32 px: per-sample PNG decode, BatchAugment per batch in the workers), whole epochs "
+          "incl. worker start-up. The pipeline is measured alone: in training it shares the "
+          "cores.")
     print("# (rounds): min-max of the ratio over the interleaved rounds. loads: chunks read "
           "into the cache during the timed steps (the bank file mostly sits in the OS page "
           "cache here). ms: median step.")
