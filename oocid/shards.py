@@ -768,16 +768,42 @@ def _octal(b: bytes) -> int:
     return int(b.split(b"\0", 1)[0].strip() or b"0", 8)
 
 
+def _group(path: Path, members: Iterator[tuple[str, bytes]]) -> Iterator[RawSample]:
+    """Consecutive members whose names share a key (the name up to the first dot of its last
+    part) make one sample."""
+    key, got = None, {}
+    for name, data in members:
+        head, _, base = name.rpartition("/")
+        stem, _, ext = base.partition(".")
+        k = f"{head}/{stem}" if head else stem
+        if k != key and key is not None:
+            yield _sample(path, key, got)
+            got = {}
+        key = k
+        got[ext.lower()] = data
+    if key is not None:
+        yield _sample(path, key, got)
+
+
 def _iter_ustar(path: Path) -> Iterator[RawSample]:
-    """The members of a plain ustar shard (what `write_shards` writes), read with one buffered
-    read per header and per member instead of tarfile's TarInfo machinery: ~10x less time per
-    sample, which at 32 px is as much as decoding the image. Names, the header's numeric fields
-    and checksum, directories and where the archive ends follow tarfile's rules; a member type
-    it does not handle raises _NotPlainUstar before that member's sample is yielded."""
+    return _group(path, _ustar_members(path))
+
+
+def _iter_tarfile(path: Path) -> Iterator[RawSample]:
+    return _group(path, _tarfile_members(path))
+
+
+def _ustar_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """The (name, data) of each file of a plain ustar shard (what `write_shards` writes), read
+    with one buffered read per header and per member instead of tarfile's TarInfo machinery:
+    ~10x less time per sample, which at 32 px is as much as decoding the image. Names, the
+    header's numeric fields and checksum, directories and where the archive ends follow
+    tarfile's rules; a member type it does not handle raises _NotPlainUstar before that member
+    is yielded."""
     try:
         with open(path, "rb", buffering=1 << 20) as f:
             file_size = os.fstat(f.fileno()).st_size
-            key, members, offset = None, {}, 0
+            offset = 0
             while True:
                 hdr = f.read(_BLOCK)
                 if hdr == _NUL_BLOCK:  # end-of-archive marker
@@ -817,43 +843,27 @@ def _iter_ustar(path: Path) -> Iterator[RawSample]:
                 if pad and len(f.read(pad)) < pad:
                     raise DataError(f"{path}: truncated tar (no end-of-archive marker)")
                 offset += size + pad
-                head, _, base = name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                k = f"{head}/{stem}" if head else stem
-                if k != key and key is not None:
-                    yield _sample(path, key, members)
-                    members = {}
-                key = k
-                members[ext.lower()] = data
-            if key is not None:
-                yield _sample(path, key, members)
+                yield name, data
     except OSError as e:
         raise DataError(f"{path}: cannot read shard: {e}") from None
 
 
-def _iter_tarfile(path: Path) -> Iterator[RawSample]:
+def _tarfile_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    """The (name, data) of each file member, read by tarfile (any tar format)."""
     try:
         with open(path, "rb") as f:
             tar = tarfile.open(fileobj=f, mode="r|")
-            key, members = None, {}
+            files = 0
             for info in tar:
                 if not info.isfile():
                     continue
-                head, _, base = info.name.rpartition("/")
-                stem, _, ext = base.partition(".")
-                k = f"{head}/{stem}" if head else stem
-                if k != key and key is not None:
-                    yield _sample(path, key, members)
-                    members = {}
-                key = k
                 data = tar.extractfile(info)
-                members[ext.lower()] = data.read() if data else b""
-            end = tar.offset
-            if key is not None:
-                f.seek(end)
+                files += 1
+                yield info.name, data.read() if data else b""
+            if files:  # tarfile stops at a bad header as at the end: the marker must be there
+                f.seek(tar.offset)
                 if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
                     raise DataError(f"{path}: truncated tar (no end-of-archive marker)")
-                yield _sample(path, key, members)
     except (tarfile.TarError, EOFError) as e:
         raise DataError(f"{path}: corrupt or truncated tar: {e}") from None
     except OSError as e:
