@@ -407,12 +407,11 @@ class ChunkCache:
             for s in self.slot_of[chunks].tolist():
                 self.dirty[s] = True
             return
-        for group in [[c] for c in chunks]:
-            self.ensure(group)
-            m = torch.isin(chunk, torch.tensor(group, device=chunk.device))
+        for c in chunks:  # more chunks than the pool: one at a time
+            self.ensure([c])
+            m = chunk == c
             self.flat[self._slot_rows(index[m])] = rows[m]
-            for c in group:
-                self.dirty[int(self.slot_of[c])] = True
+            self.dirty[int(self.slot_of[c])] = True
 
     def all_rows(self) -> Tensor:
         if not self.full:

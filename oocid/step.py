@@ -95,17 +95,16 @@ class NPIDStep:
         g = torch.Generator(device=self.bank.device.type if hasattr(self.bank, "device") else "cpu")
         g.manual_seed(mix_seed(self.seed, 6, step))
         pos = self.bank.gather(index)  # (B, D), a copy
-        if lc.negatives == "shared":
-            neg_idx = self.bank.sample((lc.nce_k,), g)  # (K,)
-            located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
-            # from the cache's window: resident, a plain row lookup (no LRU bookkeeping)
+        shared = lc.negatives == "shared"
+        neg_idx = self.bank.sample((lc.nce_k,) if shared else (b, lc.nce_k), g)  # (K,) | (B, K)
+        # from the cache's window: resident, a plain row lookup (no LRU bookkeeping)
+        located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
+        if shared:
             neg = take_rows(*located) if located is not None else self.bank.gather(neg_idx)  # (K, D)
             if lc.kind == "infonce":  # loss and gradient in one pass
                 return infonce_shared(f, pos, neg, lc.temperature), None, pos
             scores = shared_scores(f, pos, neg)  # (B, K+1)
         else:
-            neg_idx = self.bank.sample((b, lc.nce_k), g)  # (B, K)
-            located = self.bank.locate(neg_idx) if hasattr(self.bank, "locate") else None
             pos_s = (f.float() * pos.float()).sum(1, keepdim=True)  # (B, 1)
             if located is not None:  # one GEMM, or gathered block by block: never (B, K, D)
                 neg_s = negative_scores(f, *located)  # (B, K)
