@@ -200,34 +200,10 @@ def test_nce_probs_and_criterion_compose_to_nce_loss() -> None:
     assert nce_criterion(p, 50).item() == pytest.approx(loss.item(), rel=1e-6)
 
 
-def test_gathered_scores_match_the_materialised_gather_and_its_gradient() -> None:
-    import oocid.losses as L
-
-    g = torch.Generator().manual_seed(0)
-    table = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
-    pos = torch.randint(0, 50, (7, 13), generator=g)
-    x1 = torch.nn.functional.normalize(torch.randn(7, 8, generator=g), dim=1).requires_grad_()
-    x2 = x1.detach().clone().requires_grad_()
-    w = torch.randn(7, 13, generator=g)
-    old = L.GATHER_BLOCK_BYTES
-    try:
-        L.GATHER_BLOCK_BYTES = 3 * 13 * 8 * 4  # blocks of 3 samples: 7 = 3 + 3 + 1
-        s1 = L.gathered_scores(x1, table, pos)
-        (s1 * w).sum().backward()
-    finally:
-        L.GATHER_BLOCK_BYTES = old
-    s2 = torch.bmm(table[pos], x2.unsqueeze(2)).squeeze(2)
-    (s2 * w).sum().backward()
-    torch.testing.assert_close(s1, s2)
-    torch.testing.assert_close(x1.grad, x2.grad)
-    s3 = L.gathered_scores(x1, table, pos)
-    table.mul_(2.0)  # the bank changing before backward is caught, not silently wrong
-    with pytest.raises(RuntimeError, match="changed between"):
-        s3.sum().backward()
-
-
-@pytest.mark.parametrize("rows", [50, 10_000])  # 50 <= 32 * 13: dense GEMM; 10,000: gathered
-def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradient(rows: int) -> None:
+# 50 <= 32 * 13 rows: the dense GEMM; 10,000: gathered, in one block or in blocks of 3 samples
+@pytest.mark.parametrize(("rows", "block"), [(50, None), (10_000, None), (10_000, 3)])
+def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradient(
+        rows: int, block: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     import oocid.losses as L
 
     g = torch.Generator().manual_seed(1)
@@ -240,13 +216,13 @@ def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradie
     dense = rows <= L.DENSE_ROWS_PER_NEGATIVE * 13
     calls: list[str] = []
     real = L.gathered_scores
-    L.gathered_scores = lambda *a: calls.append("gathered") or real(*a)  # type: ignore[assignment]
-    try:
+    with monkeypatch.context() as mp:
+        mp.setattr(L, "gathered_scores", lambda *a: calls.append("gathered") or real(*a))
+        if block is not None:  # blocks of 3 samples: 7 = 3 + 3 + 1, forward and backward
+            mp.setattr(L, "GATHER_BLOCK_BYTES", block * 13 * 8 * 4)
         s1 = L.negative_scores(x1, table, pos)
-    finally:
-        L.gathered_scores = real
+        (s1 * w).sum().backward()
     assert calls == ([] if dense else ["gathered"])
-    (s1 * w).sum().backward()
     s2 = torch.bmm(table[pos], x2.unsqueeze(2)).squeeze(2)
     (s2 * w).sum().backward()
     torch.testing.assert_close(s1, s2)
