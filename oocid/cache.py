@@ -176,17 +176,29 @@ class ChunkCache:
         if device.type == "cpu":  # numpy asks for transparent huge pages: random gathers
             # over a large bank miss the TLB far less (as a numpy-backed in-memory bank does)
             self.slots = torch.from_numpy(np.zeros((self.n_slots, self.r, self.dim), np.float32))
+            # and written once now: np.zeros maps pages lazily, and the first write into each
+            # huge page (zeroing, compaction) cost a chunk load ~2 ms, mid-training
+            self.slots.fill_(0.0)
         else:
             self.slots = torch.zeros(self.n_slots, self.r, self.dim, dtype=torch.float32,
                                      device=device)  # (S, R, D)
         self.flat = self.slots.view(self.n_slots * self.r, self.dim)  # (S*R, D)
-        self.slot_of = torch.full((self.n_chunks,), -1, dtype=torch.int64, device=device)
+        # chunk -> slot (-1: not resident). The host array is the bookkeeping's (numpy on a
+        # few hundred indices costs microseconds where a torch op costs ~10); on the CPU the
+        # tensor is a view of it, on a GPU a copy kept in step for lookups of device indices.
+        self.slot_host = np.full((self.n_chunks,), -1, dtype=np.int64)
+        self.slot_of = torch.from_numpy(self.slot_host) if device.type == "cpu" else \
+            torch.full((self.n_chunks,), -1, dtype=torch.int64, device=device)
         self.chunk_of = [-1] * self.n_slots
         self.dirty = [False] * self.n_slots
         self.free = list(range(self.n_slots - 1, -1, -1))
         self.pool: OrderedDict[int, None] = OrderedDict()  # LRU order, oldest first
         self.window: deque[int] = deque()
         self.pinned: set[int] = set()
+        self._moves = 0  # bumped whenever a chunk enters or leaves a slot
+        # the last small gather: (index, its version, _moves then, its chunks, its positions),
+        # so the step's update of the same positives skips locating them again
+        self._located: tuple[Tensor, int, int, list[int], Tensor] | None = None
         self.chunk_loads = 0
         self.writebacks = 0
         self.peak_resident_rows = 0
@@ -205,7 +217,7 @@ class ChunkCache:
             self.rate = self.n_chunks / max(1, steps_per_epoch)  # window chunks per step
         self.next_chunk = 0  # next chunk to enter the window
         self.acc = 0.0
-        self._window_rows: Tensor | None = None
+        self._window_rows: tuple[Tensor, Tensor] | None = None  # (rows, their positions)
         if not self.full:
             for _ in range(self.w):
                 self._window_push()
@@ -237,7 +249,7 @@ class ChunkCache:
         self.slots[s, : b - a].copy_(data, non_blocking=True)
         if b - a < self.r:
             self.slots[s, b - a:].zero_()
-        self.slot_of[c] = s
+        self._set_slot(c, s)
         self.chunk_of[s] = c
         self.dirty[s] = False
         self.chunk_loads += 1
@@ -256,7 +268,7 @@ class ChunkCache:
         self._drop(c)
 
     def _drop(self, c: int) -> None:
-        s = int(self.slot_of[c])
+        s = int(self.slot_host[c])
         if self.dirty[s]:
             a, b = self.store.chunk_range(c)
             rows = self.slots[s, : b - a].cpu().numpy().copy()
@@ -268,10 +280,16 @@ class ChunkCache:
             else:
                 self.store.write_chunks({c: rows})
             self.writebacks += 1
-        self.slot_of[c] = -1
+        self._set_slot(c, -1)
         self.chunk_of[s] = -1
         self.dirty[s] = False
         self.free.append(s)
+
+    def _set_slot(self, c: int, s: int) -> None:
+        self.slot_host[c] = s
+        self._moves += 1
+        if self.slot_of.device.type != "cpu":
+            self.slot_of[c] = s
 
     def resident_rows(self) -> int:
         return (self.n_slots - len(self.free)) * self.r
@@ -283,15 +301,24 @@ class ChunkCache:
             for c in chunks:
                 if c in self.pool:
                     self.pool.move_to_end(c)
-                elif int(self.slot_of[c]) < 0:
+                elif self.slot_host[c] < 0:
                     self._load(c)
                     self.pool[c] = None
         finally:
             self.pinned = set()
 
-    def _chunk_groups(self, index: Tensor) -> tuple[list[int], Tensor]:
-        chunk = index // self.r
-        return torch.unique(chunk).tolist(), chunk
+    def _chunk_groups(self, index: Tensor) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """A small index set on the host: (its chunks, sorted; index (n,); chunk of each (n,))."""
+        idx = index.detach().reshape(-1).cpu().numpy()  # a view on the CPU
+        chunk = idx // self.r
+        return np.unique(chunk).tolist(), idx, chunk
+
+    def _positions(self, idx: np.ndarray, chunk: np.ndarray, shape: torch.Size) -> Tensor:
+        """Rows of `self.flat` holding global rows idx (all resident), as a device tensor."""
+        slot = self.slot_host[chunk]
+        if (slot < 0).any():
+            raise RuntimeError("bank cache: a row that is not resident")
+        return torch.from_numpy(slot * self.r + idx % self.r).view(shape).to(self.device)
 
     def _fits_pool(self, chunks: list[int]) -> bool:
         return len(chunks) <= self.n_slots - self.w
@@ -303,14 +330,14 @@ class ChunkCache:
         self.next_chunk = (self.next_chunk + 1) % self.n_chunks
         if c in self.pool:
             del self.pool[c]
-        elif int(self.slot_of[c]) < 0:
+        elif self.slot_host[c] < 0:
             self._load(c)
         self.window.append(c)
         self._window_rows = None
         if self.io is not None:  # read ahead the chunks that enter next
             for j in range(self.ahead):
                 nxt = (self.next_chunk + j) % self.n_chunks
-                if int(self.slot_of[nxt]) < 0 and nxt not in self.io.ready:
+                if self.slot_host[nxt] < 0 and nxt not in self.io.ready:
                     self.io.submit("read", (nxt, self.io.version.get(nxt, 0)))
 
     def _window_pop(self) -> None:
@@ -330,19 +357,17 @@ class ChunkCache:
             self._window_pop()
             self._window_push()
 
-    def _window_index(self) -> Tensor:
+    def _window_index(self) -> tuple[Tensor, Tensor]:
+        """The window's rows in order (global indices) and where they sit in `self.flat`."""
         if self._window_rows is None:
-            parts = [torch.arange(*self.store.chunk_range(c)) for c in self.window]
-            self._window_rows = torch.cat(parts).to(self.device)
+            ranges = [self.store.chunk_range(c) for c in self.window]
+            rows = torch.cat([torch.arange(a, b) for a, b in ranges])
+            at = torch.cat([torch.arange(b - a) + int(self.slot_host[c]) * self.r
+                            for c, (a, b) in zip(self.window, ranges, strict=True)])
+            self._window_rows = rows.to(self.device), at.to(self.device)
         return self._window_rows
 
     # ---- the bank interface ----------------------------------------------------------------
-
-    def _slot_rows(self, index: Tensor) -> Tensor:
-        slot = self.slot_of[index // self.r]
-        if bool((slot < 0).any()):
-            raise RuntimeError("bank cache: gather of a row that is not resident")
-        return slot * self.r + index % self.r
 
     def gather(self, index: Tensor) -> Tensor:
         """Rows (..., D) for global indices (...). Small index sets (a batch's positives, shared
@@ -355,63 +380,74 @@ class ChunkCache:
             slot = self.slot_of[index // self.r]
             if not bool((slot < 0).any()):
                 return take_rows(self.flat, slot * self.r + index % self.r)
-        chunks, chunk = self._chunk_groups(index)
-        slot_of = self.slot_of[chunks] if chunks else self.slot_of[:0]
-        if not bool((slot_of < 0).any()):  # all resident (e.g. shared negatives in the window)
+        chunks, idx, chunk = self._chunk_groups(index)
+        if (self.slot_host[chunks] >= 0).all():  # all resident (e.g. shared negatives)
             for c in chunks:
                 if c in self.pool:
                     self.pool.move_to_end(c)
-            return take_rows(self.flat, self.slot_of[chunk] * self.r + index % self.r)
-        if self._fits_pool(chunks):
+        elif self._fits_pool(chunks):
             self.ensure(chunks)
-            return take_rows(self.flat, self._slot_rows(index))
-        out = torch.empty(*index.shape, self.dim, dtype=self.flat.dtype, device=self.device)
-        for c in chunks:  # more chunks than the pool: one at a time (slower, never wrong)
-            self.ensure([c])
-            m = chunk == c
-            out[m] = self.flat[int(self.slot_of[c]) * self.r + index[m] % self.r]
-        return out
-
-    def locate(self, index: Tensor) -> tuple[Tensor, Tensor] | None:
-        """(table, positions) with table[positions] == gather(index) when every row is resident
-        (per-sample negatives from the window), else None (use `gather`)."""
-        if self.full:
-            return self.rows, index
-        slot = self.slot_of[index // self.r]
-        if bool((slot < 0).any()):
-            return None
-        return self.flat, slot * self.r + index % self.r
+        else:  # more chunks than the pool: one at a time (slower, never wrong)
+            out = torch.empty(*index.shape, self.dim, dtype=self.flat.dtype, device=self.device)
+            flat_out = out.view(-1, self.dim)
+            for c in chunks:
+                self.ensure([c])
+                m = np.flatnonzero(chunk == c)
+                flat_out[torch.from_numpy(m).to(self.device)] = take_rows(
+                    self.flat, self._positions(idx[m], chunk[m], torch.Size([len(m)])))
+            return out
+        at = self._positions(idx, chunk, index.shape)
+        self._located = (index, index._version, self._moves, chunks, at)
+        return take_rows(self.flat, at)
 
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         """Negative indices drawn uniformly, with replacement, from the window's rows."""
         if self.full:
             return torch.randint(0, self.n, shape, generator=generator,
                                  device=generator.device).to(self.device)
-        rows = self._window_index()
-        pick = torch.randint(0, int(rows.numel()), shape, generator=generator,
+        rows, _ = self._window_index()
+        return rows[self._pick(int(rows.numel()), shape, generator)]
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """`sample`'s negatives, located: (table, positions) with table[positions] ==
+        gather(sample(shape, g)) for a generator in the same state, without global indices
+        or LRU bookkeeping (the window is resident)."""
+        if self.full:
+            return self.rows, self.sample(shape, generator)
+        rows, at = self._window_index()
+        return self.flat, at[self._pick(int(rows.numel()), shape, generator)]
+
+    def _pick(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
+        return torch.randint(0, n, shape, generator=generator,
                              device=generator.device).to(self.device)
-        return rows[pick]
 
     def update(self, index: Tensor, rows: Tensor) -> None:
         """Write rows (B, D) at global indices (B,) (unique) and mark their chunks dirty."""
+        rows = rows.to(self.flat.dtype)
         if self.full:
-            self.rows[index] = rows.to(self.rows.dtype)
-            for c in torch.unique(index // self.r).tolist():  # slot c holds chunk c here
+            self.rows[index] = rows
+            for c in self._chunk_groups(index)[0]:  # slot c holds chunk c here
                 self.dirty[c] = True
             return
-        chunks, chunk = self._chunk_groups(index)
-        rows = rows.to(self.flat.dtype)
-        if self._fits_pool(chunks):  # the usual case (a batch's positives): one write
-            self.ensure(chunks)
-            self.flat[self._slot_rows(index)] = rows
-            for s in self.slot_of[chunks].tolist():
-                self.dirty[s] = True
-            return
-        for c in chunks:  # more chunks than the pool: one at a time
-            self.ensure([c])
-            m = chunk == c
-            self.flat[self._slot_rows(index[m])] = rows[m]
-            self.dirty[int(self.slot_of[c])] = True
+        memo = self._located  # where `gather` found these rows, if no chunk has moved since
+        if memo is not None and memo[0] is index and memo[1:3] == (index._version, self._moves):
+            chunks, at = memo[3], memo[4]
+            self.ensure(chunks)  # all resident: only marks them recently used
+        else:
+            chunks, idx, chunk = self._chunk_groups(index)
+            if not self._fits_pool(chunks):  # more chunks than the pool: one at a time
+                for c in chunks:
+                    self.ensure([c])
+                    m = np.flatnonzero(chunk == c)
+                    self.flat[self._positions(idx[m], chunk[m], torch.Size([len(m)]))] = \
+                        rows[torch.from_numpy(m).to(rows.device)]
+                    self.dirty[int(self.slot_host[c])] = True
+                return
+            self.ensure(chunks)  # the usual case (a batch's positives): one write
+            at = self._positions(idx, chunk, index.shape)
+        self.flat[at] = rows
+        for s in self.slot_host[chunks].tolist():
+            self.dirty[s] = True
 
     def all_rows(self) -> Tensor:
         if not self.full:

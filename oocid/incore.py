@@ -32,14 +32,14 @@ class InCoreBank:
         """Rows (len(index), D) for any index tensor shape (..., ) -> (..., D)."""
         return take_rows(self.rows, index)
 
-    def locate(self, index: Tensor) -> tuple[Tensor, Tensor]:
-        """(table, positions) with table[positions] == gather(index), without copying rows."""
-        return self.rows, index
-
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         """Negative indices, uniform over [0, N) with replacement, of the given shape."""
         return torch.randint(0, self.n, shape, generator=generator, device=generator.device
                              ).to(self.device)
+
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """`sample`'s negatives as (table, positions): table[positions] are their rows."""
+        return self.rows, self.sample(shape, generator)
 
     def update(self, index: Tensor, rows: Tensor) -> None:
         self.rows[index] = rows.to(self.rows.dtype)

@@ -103,21 +103,40 @@ class CacheMachine(RuleBasedStateMachine):
         got = self.cache.gather(idx).numpy()
         assert np.array_equal(got, self.model[idx.numpy()])
 
-    @rule(data=st.data(), m=st.floats(0.0, 0.9))
-    def update(self, data: st.DataObject, m: float) -> None:
+    @rule(data=st.data(), m=st.floats(0.0, 0.9), which=st.sampled_from(["same", "copy", "other"]),
+          between=st.lists(st.sampled_from(["evict", "window"]), max_size=3))
+    def update(self, data: st.DataObject, m: float, which: str, between: list[str]) -> None:
+        # as NPIDStep: gather, then update the same index tensor (the cache reuses the rows'
+        # positions unless a chunk moved in between: evictions, window moves) -- or a copy of
+        # it, or rows it did not gather
         idx = self._batch(data)
-        new = momentum_update(self.cache.gather(idx), random_unit_rows(len(idx), 4, self.gen), m)
-        self.cache.update(idx, new)
+        old = self.cache.gather(idx)
+        if which == "other":
+            idx = self._batch(data)
+            old = torch.from_numpy(self.model[idx.numpy()])
+        new = momentum_update(old, random_unit_rows(len(idx), 4, self.gen), m)
+        for what in between:
+            if what == "evict" and not self.cache.full and self.cache.pool:
+                self.cache._evict_one()
+            elif what == "window":
+                self.cache.end_step()
+        self.cache.update(idx.clone() if which == "copy" else idx, new)
         self.model[idx.numpy()] = new.numpy()
         self.cache.end_step()
 
-    @rule(k=st.integers(1, 40))
-    def negatives(self, k: int) -> None:
-        idx = self.cache.sample((k,), self.gen)
+    @rule(k=st.integers(1, 40), per_sample=st.booleans())
+    def negatives(self, k: int, per_sample: bool) -> None:
+        shape = (3, k) if per_sample else (k,)
+        state = self.gen.get_state()
+        idx = self.cache.sample(shape, self.gen)
         window_rows = {i for c in self.cache.window for i in range(*self.store.chunk_range(c))}
         if not self.cache.full:
-            assert set(idx.tolist()) <= window_rows
+            assert set(idx.flatten().tolist()) <= window_rows
         assert np.array_equal(self.cache.gather(idx).numpy(), self.model[idx.numpy()])
+        self.gen.set_state(state)  # draw: the same negatives, as (table, positions)
+        table, at = self.cache.draw(shape, self.gen)
+        assert at.shape == shape
+        assert np.array_equal(table[at].numpy(), self.model[idx.numpy()])
 
     @rule()
     def end_step(self) -> None:
@@ -251,9 +270,7 @@ def test_per_sample_negatives_through_a_fresh_partial_cache_have_finite_gradient
         cache = ChunkCache(store, 20 * r, CPU, steps_per_epoch=50, pool_chunks=2)
     assert not cache.full and len(cache.free) > 0  # some slots never loaded
     g = torch.Generator().manual_seed(0)
-    located = cache.locate(cache.sample((4, 64), g))
-    assert located is not None
-    table, pos = located
+    table, pos = cache.draw((4, 64), g)
     assert bool(torch.isfinite(table).all())
     x = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
     negative_scores(x, table, pos).sum().backward()
