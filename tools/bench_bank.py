@@ -2,7 +2,9 @@
 in-memory tensor bank (oocid.incore.InCoreBank), per training step, with no model and no loss.
 
 For each N (rows) and cache fraction F (cache budget = F * N rows), one training step's bank
-work is timed exactly as NPIDStep does it (B batch, K negatives, D dims):
+work is timed as the official code does it, through the banks' general gather (B batch, K
+negatives, D dims; NPIDStep itself takes negatives located by `draw`, never gathers (B, K, D)
+rows and reuses the positives for the update):
     pos = bank.gather(idx)                                  # (B, D) positives
     neg = bank.sample((B, K) | (K,), gen); w = bank.gather(neg)   # negatives
     new = momentum_update(bank.gather(idx), f, 0.5)         # after the optimiser step

@@ -247,7 +247,7 @@ def instrument(npid: Any, bank: Any, parts: _Parts) -> None:
         return "bank gather (negatives)"
 
     bank.gather = parts.wrap(gather_name, bank.gather)
-    bank.sample = parts.wrap(lambda *a: "bank sample (negative ids)", bank.sample)
+    bank.draw = parts.wrap(lambda *a: "bank draw (negatives, located)", bank.draw)
     bank.update = parts.wrap(lambda *a: "bank update (write rows)", bank.update)
     bank.end_step = parts.wrap(lambda *a: "bank end_step (window advance)", bank.end_step)
     model_fwd = npid.model
@@ -322,7 +322,7 @@ class NPIDRunner:
         """Seconds per step of each part over the steps run since the last reset."""
         acc = dict(self.parts.acc)
         inner = sum(v for k, v in acc.items() if k.startswith("bank") and
-                    ("positives" in k or "negatives" in k or "sample" in k))
+                    ("positives" in k or "negatives" in k))
         acc["loss: scores + loss (rest of loss)"] = acc.pop("_loss total", 0.0) - inner
         named = sum(acc.values())
         acc["backward + optimiser step + rest"] = sum(times) - named
