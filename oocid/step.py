@@ -138,7 +138,8 @@ class NPIDStep:
             finite = math.isfinite(float(f.detach().sum()))
             loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i) if finite \
                 else (torch.tensor(float("nan")), None, None)  # float32
-            if not finite or not bool(torch.isfinite(loss)):
+            value = float(loss.item())
+            if not finite or not math.isfinite(value):
                 # never write a non-finite feature into the bank: skip, count, carry on
                 self.skipped += 1
                 self.skipped_in_a_row += 1
@@ -158,7 +159,7 @@ class NPIDStep:
             feats.append(f.detach())
             olds.append(old)
             self.last_features = feats[-1]
-            total += float(loss.item()) * b.index.numel()
+            total += value * b.index.numel()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
