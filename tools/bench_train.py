@@ -70,7 +70,7 @@ MEAN = [0.4914, 0.4822, 0.4465]  # CIFAR statistics (only for realism of the tra
 STD = [0.2470, 0.2435, 0.2616]
 ARCH_SIZE = {"small": 32, "cifar_resnet18": 32, "resnet50": 224}
 # timed steps / warm-up steps per arch on CPU (resnet18 at 32 px takes seconds per step there)
-CPU_STEPS = {"small": (40, 10), "cifar_resnet18": (6, 1), "resnet50": (2, 1)}
+CPU_STEPS = {"small": (160, 10), "cifar_resnet18": (6, 1), "resnet50": (2, 1)}
 GPU_STEPS = (30, 5)
 
 
