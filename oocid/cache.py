@@ -145,10 +145,14 @@ def _write_batched(store: BankStore, chunks: dict[int, np.ndarray], step: int | 
         store.write_chunks(batch, step=step)
 
 
-def take_rows(table: Tensor, pos: Tensor) -> Tensor:
+def take_rows(table: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:
     """table[pos] as (..., D) through index_select (several times faster than advanced indexing
-    on the CPU for a few thousand 128-float rows: tools/bench_kernels.py)."""
-    return torch.index_select(table, 0, pos.reshape(-1)).view(*pos.shape, table.shape[1])
+    on the CPU for a few thousand 128-float rows: tools/bench_kernels.py), into `out`
+    (contiguous, numel >= pos.numel() * D; its front is used) if given."""
+    flat = pos.reshape(-1)
+    if out is not None:
+        out = out.view(-1)[: flat.numel() * table.shape[1]].view(-1, table.shape[1])
+    return torch.index_select(table, 0, flat, out=out).view(*pos.shape, table.shape[1])
 
 
 class ChunkCache:

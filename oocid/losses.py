@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .cache import take_rows
 from .gemm import matmul_nt, scores_nt
 
 
@@ -139,9 +140,16 @@ def infonce_shared(x: Tensor, positives: Tensor, negatives: Tensor, temperature:
 GATHER_BLOCK_BYTES = 4 * 2**20  # rows gathered at once by `gathered_scores` (cache-sized)
 
 
-def _take(table: Tensor, pos: Tensor, buf: Tensor) -> Tensor:
-    """table[pos] for pos (b, K) into the front of buf (>= b, K, D); returns (b*K, D)."""
-    return torch.index_select(table, 0, pos.reshape(-1), out=buf[: pos.shape[0]].view(-1, table.shape[1]))
+def _keep_table(ctx: Any, table: Tensor) -> None:
+    """Remember the bank table a forward pass read (not saved: it is the bank itself)."""
+    ctx.table, ctx.version = table, table._version
+
+
+def _kept_table(ctx: Any) -> Tensor:
+    """The table `_keep_table` remembered, checked unchanged since the forward pass."""
+    if ctx.table._version != ctx.version:
+        raise RuntimeError("bank rows changed between the forward and backward pass")
+    return ctx.table
 
 
 class _GatheredScores(torch.autograd.Function):
@@ -160,24 +168,23 @@ class _GatheredScores(torch.autograd.Function):
         buf = torch.empty(min(block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
         for s in range(0, b, block):
             e = min(b, s + block)
-            rows = _take(table, pos[s:e], buf)
+            rows = take_rows(table, pos[s:e], buf)
             out[s:e] = torch.bmm(rows.view(e - s, k, -1).float(), x[s:e].unsqueeze(2)).squeeze(2)
         ctx.save_for_backward(pos)
-        ctx.table, ctx.block, ctx.version = table, block, table._version
+        _keep_table(ctx, table)
+        ctx.block = block
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
         (pos,) = ctx.saved_tensors
-        table = ctx.table
-        if table._version != ctx.version:
-            raise RuntimeError("bank rows changed between the forward and backward pass")
+        table = _kept_table(ctx)
         b, k = pos.shape
         gx = torch.empty(b, table.shape[1], dtype=torch.float32, device=grad.device)
         buf = torch.empty(min(ctx.block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
         for s in range(0, b, ctx.block):
             e = min(b, s + ctx.block)
-            rows = _take(table, pos[s:e], buf)
+            rows = take_rows(table, pos[s:e], buf)
             gx[s:e] = torch.bmm(grad[s:e].unsqueeze(1).float(), rows.view(e - s, k, -1).float()).squeeze(1)
         return gx, None, None
 
@@ -220,16 +227,14 @@ class _DenseScores(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             out = matmul_nt(x, table.float()).gather(1, pos)  # (B, K)
         ctx.save_for_backward(pos)
-        ctx.table, ctx.version = table, table._version
+        _keep_table(ctx, table)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         (pos,) = ctx.saved_tensors
-        table = ctx.table
-        if table._version != ctx.version:
-            raise RuntimeError("bank rows changed between the forward and backward pass")
+        table = _kept_table(ctx)
         full = torch.zeros(pos.shape[0], table.shape[0], dtype=torch.float32, device=grad.device)
         full.scatter_add_(1, pos, grad.float())  # a row drawn twice gets both gradients
         with torch.autocast(grad.device.type, enabled=False):
