@@ -200,9 +200,9 @@ class ChunkCache:
         self.window: deque[int] = deque()
         self.pinned: set[int] = set()
         self._moves = 0  # bumped whenever a chunk enters or leaves a slot
-        # the last small gather: (index, its version, _moves then, its chunks, its positions),
-        # so the step's update of the same positives skips locating them again
-        self._located: tuple[Tensor, int, int, list[int], Tensor] | None = None
+        # the last small gather: (a copy of its indices, _moves then, its chunks, its
+        # positions), so the step's update of the same positives skips locating them again
+        self._located: tuple[np.ndarray, int, list[int], Tensor] | None = None
         self.chunk_loads = 0
         self.writebacks = 0
         self.peak_resident_rows = 0
@@ -376,8 +376,9 @@ class ChunkCache:
     def gather(self, index: Tensor) -> Tensor:
         """Rows (..., D) for global indices (...). Small index sets (a batch's positives, shared
         negatives) are made resident and marked recently used, chunk by chunk if they span more
-        chunks than the pool holds; large ones (per-sample negatives, drawn from the resident
-        window) take one table lookup, loading only on a miss."""
+        chunks than the pool holds; large ones (more than TOUCH_MAX, e.g. per-sample negatives
+        gathered as the official code does, tools/bench_bank.py) take one table lookup, loading
+        only on a miss. (Training draws its negatives already located: `draw`.)"""
         if self.full:
             return take_rows(self.rows, index)
         if int(index.numel()) > TOUCH_MAX:
@@ -401,7 +402,7 @@ class ChunkCache:
                     self.flat, self._positions(idx[m], chunk[m], torch.Size([len(m)])))
             return out
         at = self._positions(idx, chunk, index.shape)
-        self._located = (index, index._version, self._moves, chunks, at)
+        self._located = (idx.copy(), self._moves, chunks, at)
         return take_rows(self.flat, at)
 
     def sample(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -434,8 +435,9 @@ class ChunkCache:
                 self.dirty[c] = True
             return
         memo = self._located  # where `gather` found these rows, if no chunk has moved since
-        if memo is not None and memo[0] is index and memo[1:3] == (index._version, self._moves):
-            chunks, at = memo[3], memo[4]
+        idx = index.detach().reshape(-1).cpu().numpy()
+        if memo is not None and memo[1] == self._moves and np.array_equal(memo[0], idx):
+            chunks, at = memo[2], memo[3].view(index.shape)
             self.ensure(chunks)  # all resident: only marks them recently used
         else:
             chunks, idx, chunk = self._chunk_groups(index)

@@ -16,6 +16,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import oocid.cache as cache_mod
 from oocid.bank import momentum_update, random_unit_rows
 from oocid.cache import ChunkCache
 from oocid.config import demo_config
@@ -74,10 +75,13 @@ class CacheMachine(RuleBasedStateMachine):
         # durability against power loss is tested in test_store; skip fsync here for speed
         self._fsync = os.fsync, getattr(os, "fdatasync", os.fsync)
         os.fsync = os.fdatasync = lambda fd: None  # type: ignore[assignment]
+        self._touch_max = cache_mod.TOUCH_MAX
 
     @initialize(n=st.integers(20, 90), r=st.integers(3, 10), slots=st.integers(3, 8),
-                kind=st.sampled_from(["npy", "zarr"]), prefetch=st.booleans())
-    def setup(self, n: int, r: int, slots: int, kind: str, prefetch: bool) -> None:
+                kind=st.sampled_from(["npy", "zarr"]), prefetch=st.booleans(),
+                touch_max=st.sampled_from([8, cache_mod.TOUCH_MAX]))
+    def setup(self, n: int, r: int, slots: int, kind: str, prefetch: bool, touch_max: int) -> None:
+        cache_mod.TOUCH_MAX = touch_max  # 8: larger gathers take the one-lookup path
         self.path = self.dir / f"b{self.count}.{kind}"
         self.count += 1
         self.store = create_store(self.path, n, 4, chunk_rows=r, seed=1)
@@ -103,17 +107,21 @@ class CacheMachine(RuleBasedStateMachine):
         got = self.cache.gather(idx).numpy()
         assert np.array_equal(got, self.model[idx.numpy()])
 
-    @rule(data=st.data(), m=st.floats(0.0, 0.9), which=st.sampled_from(["same", "copy", "other"]),
+    @rule(data=st.data(), m=st.floats(0.0, 0.9),
+          which=st.sampled_from(["same", "copy", "other", "reversed in place"]),
           between=st.lists(st.sampled_from(["evict", "window"]), max_size=3))
     def update(self, data: st.DataObject, m: float, which: str, between: list[str]) -> None:
         # as NPIDStep: gather, then update the same index tensor (the cache reuses the rows'
         # positions unless a chunk moved in between: evictions, window moves) -- or a copy of
-        # it, or rows it did not gather
+        # it, or rows it did not gather, or the same tensor rewritten through a numpy alias
         idx = self._batch(data)
         old = self.cache.gather(idx)
         if which == "other":
             idx = self._batch(data)
             old = torch.from_numpy(self.model[idx.numpy()])
+        elif which == "reversed in place":  # torch's version counter does not see this write
+            idx.numpy()[:] = idx.numpy()[::-1].copy()
+            old = old.flip(0)
         new = momentum_update(old, random_unit_rows(len(idx), 4, self.gen), m)
         for what in between:
             if what == "evict" and not self.cache.full and self.cache.pool:
@@ -173,6 +181,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.cache.close()
             self.store.close()
         os.fsync, os.fdatasync = self._fsync
+        cache_mod.TOUCH_MAX = self._touch_max
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -218,6 +227,30 @@ def test_window_only_sampling_is_needed(tmp_path: Path) -> None:
     counts[:4] = 200 * 64 / 4
     expected = 200 * 64 / n_chunks
     assert float(((counts - expected) ** 2 / expected).sum()) > chi2_critical(n_chunks - 1)
+
+
+def test_update_after_gather_reuses_the_rows_positions(tmp_path: Path) -> None:
+    """NPIDStep gathers a batch's positives, then updates them: the update reuses the
+    positions the gather found while nothing has moved (also under inference_mode, whose
+    tensors have no version counter), and locates them afresh once a chunk has moved."""
+    store = create_store(tmp_path / "b.npy", 64, 4, chunk_rows=8, seed=1)
+    cache = ChunkCache(store, 5 * 8, CPU, steps_per_epoch=4, pool_chunks=2, prefetch=False)
+    located: list[int] = []
+    real = cache._chunk_groups
+    cache._chunk_groups = lambda i: located.append(1) or real(i)  # type: ignore[method-assign]
+    with torch.inference_mode():
+        idx = torch.tensor([50, 41, 55])  # chunks 6 and 5: outside the first window
+        rows = cache.gather(idx)
+        cache.update(idx, rows * 0 + 0.5)
+        assert len(located) == 1
+        cache.update(idx.clone(), rows)  # equal indices, nothing moved: reused
+        assert len(located) == 1
+        cache._evict_one()  # a chunk moved: found afresh
+        cache.update(idx, rows)
+        assert len(located) == 2
+        assert np.array_equal(cache.gather(idx).numpy(), store.read_rows(0, 64)[[50, 41, 55]])
+    cache.close()
+    store.close()
 
 
 def test_budget_is_respected_and_too_small_budget_is_an_error(tmp_path: Path) -> None:

@@ -221,7 +221,6 @@ class _Parts:
         self.device = device
         self.acc: dict[str, float] = defaultdict(float)
         self.phase = "update"
-        self.gathers = 0
 
     def wrap(self, name: Callable[..., str], fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kw: Any) -> Any:
@@ -236,15 +235,10 @@ class _Parts:
 
 def instrument(npid: Any, bank: Any, parts: _Parts) -> None:
     """Wrap (on the instances only) the calls NPIDStep makes, to split its time."""
-    b = npid.cfg.data.batch_size
 
-    def gather_name(index: torch.Tensor) -> str:
-        if parts.phase == "update":
-            return "bank gather (update: old rows)"
-        if index.numel() == b and index.dim() == 1 and parts.gathers == 0:
-            parts.gathers += 1
-            return "bank gather (positives)"
-        return "bank gather (negatives)"
+    def gather_name(index: torch.Tensor) -> str:  # negatives come from `draw`
+        return "bank gather (update: old rows)" if parts.phase == "update" \
+            else "bank gather (positives)"
 
     bank.gather = parts.wrap(gather_name, bank.gather)
     bank.draw = parts.wrap(lambda *a: "bank draw (negatives, located)", bank.draw)
@@ -255,7 +249,7 @@ def instrument(npid: Any, bank: Any, parts: _Parts) -> None:
     loss_fn = npid.loss
 
     def loss(*args: Any) -> Any:
-        parts.phase, parts.gathers = "loss", 0
+        parts.phase = "loss"
         try:
             return parts.wrap(lambda *a: "_loss total", loss_fn)(*args)
         finally:
