@@ -1,0 +1,47 @@
+"""tools/bench_train.py at a toy size: it runs the real NPIDStep over an on-disk bank through a
+partial cache with both kinds of negatives, and its last line is the JSON the README promises
+(a few seconds; the real benchmark is `python tools/bench_train.py`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
+
+
+def load_tool(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    monkeypatch.syspath_prepend(str(TOOL.parent))  # it imports bench_bank, as a script would
+    spec = importlib.util.spec_from_file_location("bench_train", TOOL)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_train_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    tool = load_tool(monkeypatch)
+    assert tool.main(["--model", "small", "--negatives", "per-sample,shared", "--rows", "200000",
+                      "--steps", "4", "--warmup", "1", "--rounds", "2", "--batch", "32", "--k", "64",
+                      "--stream-images", "256", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    rows = json.loads(out[-1])
+    assert [r["negatives"] for r in rows] == ["per-sample", "shared"]
+    for r in rows:
+        for key in ("model", "npid_images_per_s", "model_images_per_s", "pipeline_images_per_s",
+                    "ratio"):
+            assert key in r
+        assert r["model"] == "small" and not r["full"]  # a partial cache: the out-of-core path
+        assert r["npid_images_per_s"] > 0 and r["model_images_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["npid_images_per_s"] / r["model_images_per_s"],
+                                           abs=1e-3)
+        assert r["pipeline_in_memory_images_per_s"] > 0
+        assert r["pipeline_stream_images_per_s"] > 0
+        prof = r["profile_ms_per_step"]  # the step's parts, as instrumented
+        assert prof["model forward"] > 0 and prof["bank draw (negatives, located)"] > 0
+        assert prof["bank gather (positives)"] > 0 and prof["bank update (write rows)"] > 0
+    assert any(line.startswith("small") and "shared" in line for line in out)  # the table
