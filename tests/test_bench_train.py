@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
 
@@ -25,9 +26,15 @@ def load_tool(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
 def test_bench_train_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
     tool = load_tool(monkeypatch)
-    assert tool.main(["--model", "small", "--negatives", "per-sample,shared", "--rows", "200000",
-                      "--steps", "4", "--warmup", "1", "--rounds", "2", "--batch", "32", "--k", "64",
-                      "--stream-images", "256", "--workdir", str(tmp_path)]) == 0
+    threads = torch.get_num_threads()  # the tool sets its own; the rest of the suite keeps ours
+    try:
+        code = tool.main(["--model", "small", "--negatives", "per-sample,shared",
+                          "--rows", "200000", "--steps", "4", "--warmup", "1", "--rounds", "2",
+                          "--batch", "32", "--k", "64", "--stream-images", "256",
+                          "--workdir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     rows = json.loads(out[-1])
     assert [r["negatives"] for r in rows] == ["per-sample", "shared"]
