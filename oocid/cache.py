@@ -386,7 +386,7 @@ class ChunkCache:
             if not bool((slot < 0).any()):
                 return take_rows(self.flat, slot * self.r + index % self.r)
         chunks, idx, chunk = self._chunk_groups(index)
-        if (self.slot_host[chunks] >= 0).all():  # all resident (e.g. shared negatives)
+        if (self.slot_host[chunks] >= 0).all():  # all resident: only the LRU order changes
             for c in chunks:
                 if c in self.pool:
                     self.pool.move_to_end(c)
