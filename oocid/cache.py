@@ -16,7 +16,6 @@ and gather / sample / update are exactly those of `InCoreBank` (bit for bit on C
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from collections import OrderedDict, deque
@@ -27,6 +26,8 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+from .gemm import take_rows
+from .losses import dense_scores_apply
 from .store import BankStore
 
 MAX_WRITE_BYTES = 256 * 2**20  # cap one journal at this many bytes of rows
@@ -145,16 +146,6 @@ def _write_batched(store: BankStore, chunks: dict[int, np.ndarray], step: int | 
         size += rows.nbytes
     if batch or step is not None:
         store.write_chunks(batch, step=step)
-
-
-def take_rows(table: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:
-    """table[pos] as (..., D) through index_select (several times faster than advanced indexing
-    on the CPU for a few thousand 128-float rows: tools/bench_kernels.py), into `out`
-    (contiguous, numel >= pos.numel() * D; its front is used) if given."""
-    flat = pos.reshape(-1)
-    if out is not None:
-        out = out.view(-1)[: flat.numel() * table.shape[1]].view(-1, table.shape[1])
-    return torch.index_select(table, 0, flat, out=out).view(*pos.shape, table.shape[1])
 
 
 class ChunkCache:
@@ -424,11 +415,12 @@ class ChunkCache:
         rows, at = self._window_index()
         n = int(rows.numel())
         pick = self._pick(n, shape, generator)
-        if math.prod(shape) >= n and n * self.dim * self.flat.element_size() <= WINDOW_COPY_MAX_BYTES:
-            # more draws than window rows (per-sample negatives): the window's rows copied out in
-            # order are a table of the rows that can be drawn, with `pick` as positions; scoring
-            # a whole table (losses.negative_scores) then skips the pool's rows (one copy of a
-            # few MB against a GEMM over 1.6x the rows: 99 -> 78 ms a step, tools/bench_train.py)
+        if len(shape) == 2 and dense_scores_apply(shape[0], shape[1], n) \
+                and n * self.dim * self.flat.element_size() <= WINDOW_COPY_MAX_BYTES:
+            # per-sample negatives that losses.negative_scores scores as a whole table: the
+            # window's rows copied out in order are the table of the rows that can be drawn,
+            # with `pick` as positions. The copy (38 MB at tools/bench_train.py's size) spares a
+            # product over the pool's rows too (1.6x as many): the step 99 -> 71 ms there.
             return self._window_table(), pick
         return self.flat, at[pick]
 

@@ -1,5 +1,6 @@
-"""Float32 products a @ b^T on the CPU through oneDNN where torch has it, and the allocator
-setting that keeps a CPU training step's large buffers mapped between steps.
+"""Float32 products a @ b^T on the CPU through oneDNN where torch has it, the allocator
+setting that keeps a CPU training step's large buffers mapped between steps, and the row gather
+the banks use (`take_rows`).
 
 On the CPU torch.mm runs Intel MKL, which on other vendors' AVX-512 cores (AMD Zen 4/5) runs its
 AVX2 kernels: 225 GFLOP/s on this project's 2-core machine for the (1024, 128) x (128, 1024)
@@ -86,3 +87,13 @@ def keep_large_buffers() -> bool:
             libc.mallopt(m_trim_threshold, 2 * limit)
             return True
     return False
+
+
+def take_rows(table: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:
+    """table[pos] as (..., D) through index_select (several times faster than advanced indexing
+    on the CPU for a few thousand 128-float rows: tools/bench_kernels.py), into `out`
+    (contiguous, numel >= pos.numel() * D; its front is used) if given."""
+    flat = pos.reshape(-1)
+    if out is not None:
+        out = out.view(-1)[: flat.numel() * table.shape[1]].view(-1, table.shape[1])
+    return torch.index_select(table, 0, flat, out=out).view(*pos.shape, table.shape[1])

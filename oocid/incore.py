@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .cache import take_rows
+from .gemm import take_rows
 from .store import BankStore
 
 

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .cache import take_rows
-from .gemm import matmul_nt, scores_nt
+from .gemm import matmul_nt, scores_nt, take_rows
 
 
 def _check_scores(n_data: int, k: int) -> None:
@@ -212,10 +211,14 @@ def negative_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
     rows 27 against 83, from 128,000 rows 49 against 91 (loss forward + backward). Same sums
     up to float rounding; a row drawn twice gets both gradients either way."""
     b, k = pos.shape
-    t = table.shape[0]
-    if t <= DENSE_ROWS_PER_NEGATIVE * max(k, 1) and b * t <= DENSE_MAX_SCORES:
+    if dense_scores_apply(b, k, table.shape[0]):
         return _DenseScores.apply(x.float(), table.detach(), pos)
     return gathered_scores(x, table, pos)
+
+
+def dense_scores_apply(b: int, k: int, t: int) -> bool:
+    """Whether `negative_scores` scores a whole table of t rows for (b, k) per-sample draws."""
+    return t <= DENSE_ROWS_PER_NEGATIVE * max(k, 1) and b * t <= DENSE_MAX_SCORES
 
 
 class _DenseScores(torch.autograd.Function):

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from .bank import momentum_update
-from .cache import take_rows
 from .config import Config
 from .errors import DivergedError
+from .gemm import take_rows
 from .losses import (
     ZEstimator,
     infonce_from_scores,

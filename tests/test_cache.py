@@ -229,6 +229,31 @@ def test_window_only_sampling_is_needed(tmp_path: Path) -> None:
     assert float(((counts - expected) ** 2 / expected).sum()) > chi2_critical(n_chunks - 1)
 
 
+@pytest.mark.parametrize(("shape", "cap", "copied"), [
+    ((3, 8), None, True),  # 150 window rows <= 32 * 8: the loss scores the table whole
+    ((3, 1), None, False),  # 150 > 32 * 1: the loss gathers the drawn rows
+    ((3, 8), 100, False),  # the window is over the copy's size cap
+    ((8,), None, False)])  # shared negatives: a (K, D) gather
+def test_draw_copies_the_window_only_for_a_dense_per_sample_loss(
+        tmp_path: Path, shape: tuple[int, ...], cap: int | None, copied: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if cap is not None:
+        monkeypatch.setattr(cache_mod, "WINDOW_COPY_MAX_BYTES", cap)
+    store = create_store(tmp_path / "b.npy", 400, 4, chunk_rows=10, seed=1)
+    cache = ChunkCache(store, 20 * 10, CPU, steps_per_epoch=4, pool_chunks=5, prefetch=False)
+    assert cache.w * cache.r == 150
+    g = torch.Generator().manual_seed(0)
+    idx = cache.sample(shape, g)
+    g.manual_seed(0)
+    table, at = cache.draw(shape, g)
+    assert (table.data_ptr() != cache.flat.data_ptr()) == copied
+    if copied:
+        assert table.shape == (150, 4)
+    assert np.array_equal(table[at].numpy(), store.read_rows(0, 400)[idx.numpy()])
+    cache.close()
+    store.close()
+
+
 def test_update_after_gather_reuses_the_rows_positions(tmp_path: Path) -> None:
     """NPIDStep gathers a batch's positives, then updates them: the update reuses the
     positions the gather found while nothing has moved (also under inference_mode, whose

@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from oocid.cache import take_rows
-    from oocid.gemm import onednn_gemm
+    from oocid.gemm import onednn_gemm, take_rows
 
     g = torch.Generator().manual_seed(0)
     res: dict[str, float | bool | None] = {"threads": a.threads, "onednn": onednn_gemm()}
