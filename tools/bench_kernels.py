@@ -6,7 +6,7 @@
             scan's tile. GFLOP/s.
     shared  (256, 128) x (128, 4096): the shared negatives' scores, same two kernels. GFLOP/s.
     gather  4,096 rows of a (126,976, 128) float32 cache table (a 10 % cache of 1.28e6 rows):
-            advanced indexing table[idx] against oocid.cache.take_rows (index_select). ms.
+            advanced indexing table[idx] against oocid.gemm.take_rows (index_select). ms.
     per-sample gather  B x K = 256 x 4,096 rows of the same table (the per-sample negatives of
             one step, gathered once, into a buffer kept across calls): ms and GB/s of rows read.
 
