@@ -19,6 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -304,11 +305,26 @@ class ChunkCache:
         finally:
             self.pinned = set()
 
-    def _chunk_groups(self, index: Tensor) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """A small index set on the host: (its chunks, sorted; index (n,); chunk of each (n,))."""
-        idx = index.detach().reshape(-1).cpu().numpy()  # a view on the CPU
+    @staticmethod
+    def _host(index: Tensor) -> np.ndarray:
+        """A small index set as a flat host array (a view on the CPU)."""
+        return index.detach().reshape(-1).cpu().numpy()
+
+    def _chunk_groups(self, idx: np.ndarray) -> tuple[list[int], np.ndarray]:
+        """(The chunks of host indices idx, sorted; the chunk of each index)."""
         chunk = idx // self.r
-        return np.unique(chunk).tolist(), idx, chunk
+        return np.unique(chunk).tolist(), chunk
+
+    def _one_chunk_at_a_time(self, chunks: list[int], idx: np.ndarray, chunk: np.ndarray
+                             ) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """For an index set spanning more chunks than the pool (slower, never wrong): each chunk
+        made resident in turn, with (the chunk, which entries of idx are its rows, where those
+        rows sit in `self.flat`), valid until the next one is yielded."""
+        for c in chunks:
+            self.ensure([c])
+            m = np.flatnonzero(chunk == c)
+            yield c, torch.from_numpy(m).to(self.device), \
+                self._positions(idx[m], chunk[m], torch.Size([len(m)]))
 
     def _positions(self, idx: np.ndarray, chunk: np.ndarray, shape: torch.Size) -> Tensor:
         """Rows of `self.flat` holding global rows idx (all resident), as a device tensor."""
@@ -378,21 +394,19 @@ class ChunkCache:
             slot = self.slot_of[index // self.r]
             if not bool((slot < 0).any()):
                 return take_rows(self.flat, slot * self.r + index % self.r)
-        chunks, idx, chunk = self._chunk_groups(index)
+        idx = self._host(index)
+        chunks, chunk = self._chunk_groups(idx)
         if (self.slot_host[chunks] >= 0).all():  # all resident: only the LRU order changes
             for c in chunks:
                 if c in self.pool:
                     self.pool.move_to_end(c)
         elif self._fits_pool(chunks):
             self.ensure(chunks)
-        else:  # more chunks than the pool: one at a time (slower, never wrong)
+        else:  # more chunks than the pool
             out = torch.empty(*index.shape, self.dim, dtype=self.flat.dtype, device=self.device)
             flat_out = out.view(-1, self.dim)
-            for c in chunks:
-                self.ensure([c])
-                m = np.flatnonzero(chunk == c)
-                flat_out[torch.from_numpy(m).to(self.device)] = take_rows(
-                    self.flat, self._positions(idx[m], chunk[m], torch.Size([len(m)])))
+            for _, m, at in self._one_chunk_at_a_time(chunks, idx, chunk):
+                flat_out[m] = take_rows(self.flat, at)
             return out
         at = self._positions(idx, chunk, index.shape)
         self._located = (idx.copy(), self._moves, chunks, at)
@@ -421,16 +435,8 @@ class ChunkCache:
             # window's rows copied out in order are the table of the rows that can be drawn,
             # with `pick` as positions. The copy (38 MB at tools/bench_train.py's size) spares a
             # product over the pool's rows too (1.6x as many): the step 99 -> 71 ms there.
-            return self._window_table(), pick
+            return take_rows(self.flat, at), pick
         return self.flat, at[pick]
-
-    def _window_table(self) -> Tensor:
-        """The window's rows (n, D) in window order, a copy."""
-        parts = []
-        for c in self.window:
-            a, b = self.store.chunk_range(c)
-            parts.append(self.slots[int(self.slot_host[c]), : b - a])
-        return torch.cat(parts)
 
     def _pick(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         return torch.randint(0, n, shape, generator=generator,
@@ -441,22 +447,19 @@ class ChunkCache:
         rows = rows.to(self.flat.dtype)
         if self.full:
             self.rows[index] = rows
-            for c in self._chunk_groups(index)[0]:  # slot c holds chunk c here
+            for c in self._chunk_groups(self._host(index))[0]:  # slot c holds chunk c here
                 self.dirty[c] = True
             return
         memo = self._located  # where `gather` found these rows, if no chunk has moved since
-        idx = index.detach().reshape(-1).cpu().numpy()
+        idx = self._host(index)
         if memo is not None and memo[1] == self._moves and np.array_equal(memo[0], idx):
             chunks, at = memo[2], memo[3].view(index.shape)
             self.ensure(chunks)  # all resident: only marks them recently used
         else:
-            chunks, idx, chunk = self._chunk_groups(index)
-            if not self._fits_pool(chunks):  # more chunks than the pool: one at a time
-                for c in chunks:
-                    self.ensure([c])
-                    m = np.flatnonzero(chunk == c)
-                    self.flat[self._positions(idx[m], chunk[m], torch.Size([len(m)]))] = \
-                        rows[torch.from_numpy(m).to(rows.device)]
+            chunks, chunk = self._chunk_groups(idx)
+            if not self._fits_pool(chunks):
+                for c, m, at in self._one_chunk_at_a_time(chunks, idx, chunk):
+                    self.flat[at] = rows[m.to(rows.device)]
                     self.dirty[int(self.slot_host[c])] = True
                 return
             self.ensure(chunks)  # the usual case (a batch's positives): one write
