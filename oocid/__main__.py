@@ -1,3 +1,3 @@
-from .cli import main
+from oocid.cli import main
 
 main()

@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from .errors import DataError, InputError, WriteError
+from oocid.errors import DataError, InputError, WriteError
+from oocid.models import Embedder, build_model
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 
@@ -168,3 +169,14 @@ def repair_metrics(path: Path, epoch: int, record: dict[str, Any] | None) -> Non
         os.replace(tmp, path)
     except OSError as e:
         raise WriteError(f"{path}: could not repair the metrics log: {e.strerror or e}") from None
+
+
+def model_from_checkpoint(state: dict[str, Any], device: torch.device, where: str) -> Embedder:
+    """Rebuild the model of a checkpoint (strict load)."""
+    try:
+        model = build_model(state["arch"], int(state["in_channels"]), int(state["dim"]))
+        model.load_state_dict(state["model"], strict=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise DataError(f"{where}: checkpoint does not match its architecture: "
+                        f"{str(e).splitlines()[0]}") from None
+    return model.to(device).eval()

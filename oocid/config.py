@@ -18,7 +18,7 @@ from typing import Any
 
 import tomllib
 
-from .errors import InputError
+from oocid.errors import InputError
 
 
 @dataclass

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, demo_config
-from .errors import InputError
-from .evaluate import knn_against, read_labels, tensor_chunks
-from .models import build_model
-from .shards import read_manifest, write_shards
-from .stream import eval_batches, extract_features, image_channels
-from .train import resolve_device, train
+from oocid.config import Config, demo_config
+from oocid.data.shards import read_manifest, write_shards
+from oocid.data.stream import eval_batches, extract_features, image_channels
+from oocid.device import resolve_device
+from oocid.errors import InputError
+from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
+from oocid.models import build_model
+from oocid.train.loop import train
 
 MARKER = ".oocid-demo"
 
@@ -78,8 +79,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
     ncls = len(tm.classes or ())
     train_labels = torch.from_numpy(read_labels(tm))
 
-    from .checkpoint import load_checkpoint
-    from .train import model_from_checkpoint
+    from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(out / "run" / "last.pt")
     learned = model_from_checkpoint(state, device, str(out / "run" / "last.pt"))
@@ -102,7 +102,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
     fq, ql = feats(learned, vm)
     ft, _ = feats(learned, tm)
     res["learned_top1"] = knn(fq, ql, ft)
-    from .store import open_store
+    from oocid.bank.store import open_store
 
     with open_store(out / "bank.zarr", read_only=True) as store:
         bank_rows = torch.from_numpy(
@@ -114,7 +114,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
 
     data = np.load(npz)
     # pixel baselines, in the shards' index order (the shards shuffled the training images)
-    from .stream import decode_all
+    from oocid.data.stream import decode_all
 
     timgs, _, _ = decode_all(tm, 1)
     vimgs, vlab, _ = decode_all(vm, 1)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oocid.bank import momentum_update, random_unit_rows
+from oocid.method.npid import momentum_update, random_unit_rows
 
 
 def test_momentum_update_hand_computed() -> None:

@@ -44,8 +44,10 @@ def test_bench_train_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]
             assert key in r
         assert r["model"] == "small" and not r["full"]  # a partial cache: the out-of-core path
         assert r["npid_images_per_s"] > 0 and r["model_images_per_s"] > 0
-        assert r["ratio"] == pytest.approx(r["npid_images_per_s"] / r["model_images_per_s"],
-                                           abs=1e-3)
+        # ratio is rounded to 3 places from unrounded rates; the rates to 1 place
+        npid, model = r["npid_images_per_s"], r["model_images_per_s"]
+        slack = 5e-4 + (npid / model) * (0.05 / npid + 0.05 / model) * 1.01
+        assert r["ratio"] == pytest.approx(npid / model, abs=slack)
         assert r["pipeline_in_memory_images_per_s"] > 0
         assert r["pipeline_stream_images_per_s"] > 0
         prof = r["profile_ms_per_step"]  # the step's parts, as instrumented

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +17,27 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-import oocid.cache as cache_mod
-from oocid.bank import momentum_update, random_unit_rows
-from oocid.cache import ChunkCache
+import oocid.bank.cache as cache_mod
+from oocid.bank.cache import ChunkCache
+from oocid.bank.incore import InCoreBank
+from oocid.bank.store import create_store, open_store
 from oocid.config import demo_config
+from oocid.data.stream import Batch
 from oocid.errors import InputError
-from oocid.incore import InCoreBank
-from oocid.losses import ZEstimator
+from oocid.method.fast import dense_scores_apply
+from oocid.method.npid import NPIDStep, momentum_update, random_unit_rows
+from oocid.method.zest import ZEstimator
 from oocid.models import build_model
-from oocid.store import create_store, open_store
-from oocid.stream import Batch
-from oocid.train import NPIDStep, build_optimizer
+from oocid.train.loop import build_optimizer
 
 CPU = torch.device("cpu")
+
+
+def score_whole(shape: tuple[int, ...]) -> Callable[[int], bool] | None:
+    """The rule the training step passes to `draw`: per-sample negatives scored as a whole table."""
+    if len(shape) != 2:
+        return None
+    return lambda t: dense_scores_apply(shape[0], shape[1], t)
 
 
 @pytest.mark.parametrize("negatives", ["per-sample", "shared"])
@@ -142,7 +151,7 @@ class CacheMachine(RuleBasedStateMachine):
             assert set(idx.flatten().tolist()) <= window_rows
         assert np.array_equal(self.cache.gather(idx).numpy(), self.model[idx.numpy()])
         self.gen.set_state(state)  # draw: the same negatives, as (table, positions)
-        table, at = self.cache.draw(shape, self.gen)
+        table, at = self.cache.draw(shape, self.gen, score_whole(shape))
         assert at.shape == shape
         assert np.array_equal(table[at].numpy(), self.model[idx.numpy()])
 
@@ -245,7 +254,7 @@ def test_draw_copies_the_window_only_for_a_dense_per_sample_loss(
     g = torch.Generator().manual_seed(0)
     idx = cache.sample(shape, g)
     g.manual_seed(0)
-    table, at = cache.draw(shape, g)
+    table, at = cache.draw(shape, g, score_whole(shape))
     assert (table.data_ptr() != cache.flat.data_ptr()) == copied
     if copied:
         assert table.shape == (150, 4)
@@ -306,7 +315,7 @@ def test_per_sample_negatives_through_a_fresh_partial_cache_have_finite_gradient
     gradient multiplies each by zero where it was not drawn: slots never loaded must hold
     finite numbers. (Uninitialised slots over reused heap memory made every step of a resumed
     run non-finite in tests/test_kill.py; here uninitialised memory is made NaN on purpose.)"""
-    from oocid.losses import negative_scores
+    from oocid.method.fast import negative_scores
 
     n_chunks, r = 40, 16
     store = create_store(tmp_path / "b.npy", n_chunks * r, 8, chunk_rows=r)
@@ -328,7 +337,7 @@ def test_per_sample_negatives_through_a_fresh_partial_cache_have_finite_gradient
         cache = ChunkCache(store, 20 * r, CPU, steps_per_epoch=50, pool_chunks=2)
     assert not cache.full and len(cache.free) > 0  # some slots never loaded
     g = torch.Generator().manual_seed(0)
-    table, pos = cache.draw((4, 64), g)
+    table, pos = cache.draw((4, 64), g, score_whole((4, 64)))
     assert bool(torch.isfinite(table).all())
     x = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1).requires_grad_()
     negative_scores(x, table, pos).sum().backward()

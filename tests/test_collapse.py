@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from oocid.config import demo_config
+from oocid.data.shards import write_shards
 from oocid.demo import demo_data_path
-from oocid.shards import write_shards
-from oocid.step import StepOut
-from oocid.train import CollapseWatch, train
+from oocid.method.npid import StepOut
+from oocid.train.loop import CollapseWatch, train
 
 
 class FakeStep:

@@ -26,21 +26,21 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from oocid.checkpoint import load_checkpoint
-from oocid.cli import app
+from oocid.bank.store import create_store
+from oocid.checkpoint import load_checkpoint, model_from_checkpoint
+from oocid.cli.app import app
+from oocid.cli.knn import confusion_matrix, knn_report, per_class_top1, run_knn, run_search, write_sheet
 from oocid.config import config_from_dict
-from oocid.embed import embed_shards
+from oocid.data.shards import iter_samples, read_manifest, write_shards
+from oocid.data.stream import eval_batches, extract_features
 from oocid.errors import DataError, InputError
-from oocid.evaluate import read_labels
-from oocid.export import export_checkpoint, pre_fc
-from oocid.knn import topk_accuracy, weighted_knn
-from oocid.knn_cli import confusion_matrix, knn_report, per_class_top1, run_knn, run_search, write_sheet
+from oocid.eval.embed import embed_shards
+from oocid.eval.evaluate import read_labels
+from oocid.eval.export import export_checkpoint, pre_fc
+from oocid.eval.retrieval import sheet_size, source_path, topk_indexed
+from oocid.method.knn import topk_accuracy, weighted_knn
 from oocid.models import ARCHS, SmallConvNet, build_model
-from oocid.retrieval import sheet_size, source_path, topk_indexed
-from oocid.shards import iter_samples, read_manifest, write_shards
-from oocid.store import create_store
-from oocid.stream import eval_batches, extract_features
-from oocid.train import model_from_checkpoint, train
+from oocid.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import tiny_config, tiny_npz
@@ -276,7 +276,7 @@ def test_embed_order_and_formats(trained: Trained) -> None:
 
 
 def _documented_model(arch: str, channels: int, head_dim: int | None) -> torch.nn.Module:
-    """Built exactly as `oocid export --help` says, independently of oocid.export."""
+    """Built exactly as `oocid export --help` says, independently of oocid.eval.export."""
     import torchvision
 
     if arch == "small":
@@ -394,7 +394,7 @@ def test_cli_bad_inputs(trained: Trained, name: str, code: int, pattern: str) ->
 
 def test_linear_probe_and_frozen_backbone(trained: Trained, monkeypatch: pytest.MonkeyPatch
                                           ) -> None:
-    import oocid.linear as lin
+    import oocid.eval.linear as lin
 
     probe = lin.ProbeConfig(epochs=15, lr=0.05, batch_size=32)
     res = lin.linear_eval(trained.ckpt, trained.train, trained.val, probe=probe, device_name="cpu")

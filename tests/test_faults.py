@@ -40,9 +40,9 @@ import numpy as np
 import pytest
 import torch
 
+from oocid.bank.store import open_store, verify_store
 from oocid.checkpoint import load_checkpoint
-from oocid.shards import MANIFEST_NAME, manifest_identity, write_shards
-from oocid.store import open_store, verify_store
+from oocid.data.shards import MANIFEST_NAME, manifest_identity, write_shards
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
@@ -94,7 +94,7 @@ if "FAULT_CALLS" in os.environ:
         return f * value if hit else f
     models.Embedder.forward = poisoned
 sys.argv = ["oocid", *sys.argv[1:]]
-from oocid.cli import main
+from oocid.cli.app import main
 main()
 """
 
@@ -195,7 +195,7 @@ def reseal_manifest(shards: Path) -> None:
     for s in m["shards"]:
         data = (shards / s["name"]).read_bytes()
         s["nbytes"], s["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    from oocid.shards import ShardInfo
+    from oocid.data.shards import ShardInfo
 
     infos = tuple(ShardInfo(**s) for s in m["shards"])
     m["identity"] = manifest_identity(m["n"], m["shard_size"], infos)

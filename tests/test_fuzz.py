@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oocid.config import Config, config_from_dict, load_config, parse_override
+from oocid.data.shards import MANIFEST_NAME, Manifest, iter_samples, read_manifest, write_shards
+from oocid.data.stream import StreamData, decode_all, fits_in_memory, image_channels, same_size
 from oocid.errors import DataError, OocidError
-from oocid.shards import MANIFEST_NAME, Manifest, iter_samples, read_manifest, write_shards
-from oocid.stream import StreamData, decode_all, fits_in_memory, image_channels, same_size
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -244,7 +244,7 @@ def shard_bytes(draw: st.DrawFn) -> bytes:
 
 def stream_once(m: Manifest) -> None:
     """One epoch of the training stream (workers 0) and the in-memory decode."""
-    from oocid.augment import sample_transform
+    from oocid.data.augment import sample_transform
 
     tf = sample_transform("gray", 6, [0.5], [0.25], 0.5, train=True)
     data = StreamData(m, 1, 4, tf, 0, torch.device("cpu"), workers=0, shuffle_buffer=4, size=6)
@@ -374,7 +374,7 @@ def test_fast_tar_reader_reads_what_tarfile_reads(tmp_path: Path, data: bytes) -
     tarfile does (having yielded the same samples, give or take the last complete one); where
     tarfile finds no file member it does not look for the end-of-archive marker, so a truncated
     shard of directories only is an error for oocid's reader alone."""
-    from oocid.shards import _iter_raw, _iter_tarfile
+    from oocid.data.shards import _iter_raw, _iter_tarfile
 
     shard = tmp_path / "shard-000000.tar"
     shard.write_bytes(data)

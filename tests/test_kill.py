@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oocid.shards import write_shards
-from oocid.store import open_store, verify_store
+from oocid.bank.store import open_store, verify_store
+from oocid.data.shards import write_shards
 
 CONFIG = """
 [model]

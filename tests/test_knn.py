@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from oocid.knn import knn_scores_from_topk, topk_accuracy, topk_streaming, weighted_knn
+from oocid.method.knn import knn_scores_from_topk, topk_accuracy, topk_streaming, weighted_knn
 
 
 def test_weighted_knn_hand_built_bank() -> None:
@@ -121,7 +121,7 @@ def test_topk_streaming_thresholded_tiles(n: int, chunk: int, k: int, block_rows
 def test_topk_streaming_gemm_paths(monkeypatch: pytest.MonkeyPatch, onednn: bool) -> None:
     """The scan's tiles scored by oneDNN (where torch has it) or by torch.mm: the in-memory
     top-k either way, at the real tile and group sizes."""
-    import oocid.gemm as gemm_mod
+    import oocid.method.kernels as gemm_mod
 
     if onednn and not gemm_mod.onednn_gemm():
         pytest.skip("this torch build has no usable oneDNN linear; torch.mm is the path")
@@ -163,7 +163,7 @@ def test_topk_streaming_candidates_skewed_to_one_query(monkeypatch: pytest.Monke
     """Rows sorted by increasing similarity to query 0: that query gains candidates in every
     tile while the others gain few. The merge's padding stays at most k wide (it used to grow
     with the busiest query) and the result is the in-memory top-k."""
-    import oocid.knn as knn_mod
+    import oocid.method.knn as knn_mod
 
     g = torch.Generator().manual_seed(7)
     q = F.normalize(torch.randn(64, 8, generator=g), dim=1)

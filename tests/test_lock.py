@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from oocid.bank.lock import BankLock
 from oocid.errors import InputError
-from oocid.lock import BankLock
 
 HOLD = """
 import sys, time
 from pathlib import Path
-from oocid.lock import BankLock
+from oocid.bank.lock import BankLock
 lock = BankLock(Path(sys.argv[1])).acquire()
 print("locked", flush=True)
 time.sleep(60)

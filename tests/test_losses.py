@@ -8,15 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oocid.losses import (
-    ZEstimator,
-    infonce_loss,
-    nce_criterion,
-    nce_loss,
-    nce_probs,
-    shared_scores,
-    softmax_loss,
-)
+from oocid.method.fast import shared_scores
+from oocid.method.npid import infonce_loss, nce_criterion, nce_loss, nce_probs, softmax_loss
+from oocid.method.zest import ZEstimator
 
 
 def official_nce(x: torch.Tensor, weight: torch.Tensor, n_lem: int, t: float, z: float
@@ -142,7 +136,7 @@ def test_shared_scores_gradient_through_either_gemm(monkeypatch: pytest.MonkeyPa
                                                     ) -> None:
     """The scores and the gradient to x equal plain autograd's, through oneDNN's GEMM (where
     torch has it) or torch.mm; the negatives get no gradient."""
-    import oocid.gemm as gemm_mod
+    import oocid.method.kernels as gemm_mod
 
     if onednn and not gemm_mod.onednn_gemm():
         pytest.skip("this torch build has no usable oneDNN linear; torch.mm is the path")
@@ -169,7 +163,7 @@ def test_shared_scores_gradient_through_either_gemm(monkeypatch: pytest.MonkeyPa
 def test_keep_large_buffers_applies_once() -> None:
     import ctypes.util
 
-    from oocid.gemm import keep_large_buffers
+    from oocid.device import keep_large_buffers
 
     glibc = ctypes.util.find_library("c") is not None and __import__("platform").libc_ver()[0] == "glibc"
     assert keep_large_buffers() is glibc
@@ -204,7 +198,7 @@ def test_nce_probs_and_criterion_compose_to_nce_loss() -> None:
 @pytest.mark.parametrize(("rows", "block"), [(50, None), (10_000, None), (10_000, 3)])
 def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradient(
         rows: int, block: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
-    import oocid.losses as L
+    import oocid.method.fast as L
 
     g = torch.Generator().manual_seed(1)
     table = torch.nn.functional.normalize(torch.randn(rows, 8, generator=g), dim=1)
@@ -237,7 +231,7 @@ def test_negative_scores_either_way_match_the_materialised_gather_and_its_gradie
 def test_infonce_shared_equals_cross_entropy_over_shared_scores(b: int, k: int, t: float) -> None:
     """The one-pass InfoNCE over shared negatives is the cross-entropy of [pos | negatives] / t
     with target 0: the same loss and the same gradient to x, and none to the bank's rows."""
-    import oocid.losses as L
+    import oocid.method.fast as L
 
     g = torch.Generator().manual_seed(b * 100 + k)
     x1 = torch.nn.functional.normalize(torch.randn(b, 8, generator=g), dim=1).requires_grad_()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from oocid.errors import DataError, InputError
-from oocid.plot import H, W, plot_run
+from oocid.eval.plot import H, W, plot_run
 
 
 def test_plot_two_panels(tmp_path: Path) -> None:

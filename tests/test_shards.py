@@ -1,4 +1,4 @@
-"""Tests for oocid.shards: round trips, determinism, skipped inputs, and every error path."""
+"""Tests for oocid.data.shards: round trips, determinism, skipped inputs, and every error path."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from oocid.errors import DataError, InputError, OocidError
-from oocid.shards import (
+from oocid.data.shards import (
     MANIFEST_NAME,
     Manifest,
     RawSample,
@@ -24,6 +23,7 @@ from oocid.shards import (
     verify_shards,
     write_shards,
 )
+from oocid.errors import DataError, InputError, OocidError
 
 DEMO = Path(__file__).resolve().parents[1] / "oocid" / "data" / "fashion_mnist_demo.npz"
 
@@ -443,8 +443,8 @@ def test_resize_options_checked_and_npz_resized(tmp_path: Path) -> None:
 def test_cli_short_side_option(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from oocid.cli import app
-    from oocid.shards import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE
+    from oocid.cli.app import app
+    from oocid.data.shards import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE
 
     src = tmp_path / "flat"
     src.mkdir()

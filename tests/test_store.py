@@ -1,4 +1,4 @@
-"""Tests for oocid.store: both backends, read-back properties, crash recovery, errors, verify."""
+"""Tests for oocid.bank.store: both backends, read-back properties, crash recovery, errors, verify."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oocid.errors import DataError, InputError, WriteError
-from oocid.store import (
+from oocid.bank.store import (
     BankStore,
     _init_rows,
     check_matches,
@@ -31,6 +30,7 @@ from oocid.store import (
     verify_store,
     write_journal,
 )
+from oocid.errors import DataError, InputError, WriteError
 
 KINDS = ["zarr", "npy"]
 REPO = Path(__file__).resolve().parents[1]
@@ -282,7 +282,7 @@ def test_failed_apply_keeps_new_content_visible_and_replays(
 
 CHILD = """
 import sys, numpy as np
-from oocid.store import open_store
+from oocid.bank.store import open_store
 
 def plan(k, n_chunks):
     return np.random.default_rng([k]).choice(n_chunks, min(3, n_chunks), replace=False)
@@ -368,7 +368,7 @@ def test_file_size_limit_in_subprocess(tmp_path: Path, kind: str) -> None:
     code = textwrap.dedent("""
         import resource, signal, sys, numpy as np
         from oocid.errors import WriteError
-        from oocid.store import open_store
+        from oocid.bank.store import open_store
         s = open_store(sys.argv[1])
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (700, 700))

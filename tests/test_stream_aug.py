@@ -13,9 +13,9 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
-from oocid.augment import normalize_batch, sample_transform
-from oocid.decode import decode_image, load_image, open_image
-from oocid.stream_aug import (
+from oocid.data.augment import normalize_batch, sample_transform
+from oocid.data.decode import decode_image, load_image, open_image
+from oocid.data.stream_aug import (
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -167,8 +167,8 @@ def test_stream_data_batches_equal_the_reference_per_sample(tmp_path: Path, work
     """StreamData as `oocid train` builds it (data.in_memory = no): every streamed image equals
     the torchvision reference seeded as the stream seeds that sample."""
     from oocid.config import DataConfig
-    from oocid.shards import iter_samples, read_manifest, write_shards
-    from oocid.stream import StreamData, make_train_data, mix_seed
+    from oocid.data.shards import iter_samples, read_manifest, write_shards
+    from oocid.data.stream import StreamData, make_train_data, mix_seed
 
     src = tmp_path / "src"
     for k in range(23):
@@ -197,8 +197,8 @@ def test_workers_share_every_sample_once_and_evenly(tmp_path: Path, n: int, size
                                                     ) -> None:
     """Whole shards while each worker gets one, the rest split sample by sample: with fewer
     shards than workers (a 2,000-image set is one default shard) every worker still works."""
-    from oocid.shards import iter_samples, write_shards
-    from oocid.stream import ShardStream
+    from oocid.data.shards import iter_samples, write_shards
+    from oocid.data.stream import ShardStream
 
     np.savez(tmp_path / "x.npz", images=np.zeros((n, 2, 2), np.uint8))
     m = write_shards(tmp_path / "x.npz", tmp_path / "s", shard_size=size, progress=False)
@@ -215,8 +215,8 @@ def test_workers_share_every_sample_once_and_evenly(tmp_path: Path, n: int, size
 
 
 def test_shuffle_buffer_yields_early_and_every_sample_once(tmp_path: Path) -> None:
-    from oocid.shards import write_shards
-    from oocid.stream import SHUFFLE_START, ShardStream
+    from oocid.data.shards import write_shards
+    from oocid.data.stream import SHUFFLE_START, ShardStream
 
     np.savez(tmp_path / "x.npz", images=np.zeros((700, 2, 2), np.uint8))
     m = write_shards(tmp_path / "x.npz", tmp_path / "s", shard_size=100, progress=False)
@@ -238,7 +238,7 @@ def test_shuffle_buffer_yields_early_and_every_sample_once(tmp_path: Path) -> No
 
 def _same_size_set(tmp_path: Path, n: int, bad: int | None = None) -> Path:
     """n 20x16 PNGs in two classes (one of another size at `bad`), sharded by 8."""
-    from oocid.shards import write_shards
+    from oocid.data.shards import write_shards
 
     src = tmp_path / "src"
     for k in range(n):
@@ -255,10 +255,10 @@ def test_batched_stream_equals_batch_augment_of_the_decoded_images(tmp_path: Pat
     """Same-size small images stream decoded per sample and augmented a batch at a time in the
     worker: each batch equals BatchAugment on those images with the generator seeded by (seed,
     epoch, first index); every index once, in a shuffled order, the same on a second pass."""
-    from oocid.augment import batch_augment_for
     from oocid.config import DataConfig
-    from oocid.shards import iter_samples, read_manifest
-    from oocid.stream import DecodeFixed, StreamData, make_train_data, mix_seed
+    from oocid.data.augment import batch_augment_for
+    from oocid.data.shards import iter_samples, read_manifest
+    from oocid.data.stream import DecodeFixed, StreamData, make_train_data, mix_seed
 
     m = read_manifest(_same_size_set(tmp_path, 23))
     cfg = DataConfig(image_size=12, augment="cifar", in_memory="no", batch_size=5, workers=workers,
@@ -284,11 +284,11 @@ def test_batched_stream_equals_batch_augment_of_the_decoded_images(tmp_path: Pat
 
 def test_batched_stream_skips_an_image_of_another_size_and_sample_mode_is_per_sample(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from oocid.augment import batch_augment_for
     from oocid.config import DataConfig
+    from oocid.data.augment import batch_augment_for
+    from oocid.data.shards import read_manifest
+    from oocid.data.stream import DecodeFixed, StreamData, make_train_data
     from oocid.errors import DataError
-    from oocid.shards import read_manifest
-    from oocid.stream import DecodeFixed, StreamData, make_train_data
 
     m = read_manifest(_same_size_set(tmp_path, 12))
     m_bad = read_manifest(_same_size_set(tmp_path / "b", 12, bad=5))
@@ -314,7 +314,7 @@ def test_batched_stream_skips_an_image_of_another_size_and_sample_mode_is_per_sa
 def test_batched_hue_equals_torchvision_per_sample() -> None:
     """BatchAugment's hue step: torchvision's tensor adjust_hue, one shift per sample (gray and
     saturated pixels, both ends of the range, a shift that wraps around the circle)."""
-    from oocid.augment import adjust_hue_batch
+    from oocid.data.augment import adjust_hue_batch
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 9, 7, generator=g)
@@ -331,7 +331,7 @@ def test_batched_hue_equals_torchvision_per_sample() -> None:
 def test_batch_augment_colour_recipe_jitters_hue() -> None:
     """The colour recipes' batched path applies the paper's ColorJitter hue 0.4: with every
     other step switched off, the output is the input's hue rotated by a per-sample shift."""
-    from oocid.augment import BatchAugment, adjust_hue_batch, batch_augment_for
+    from oocid.data.augment import BatchAugment, adjust_hue_batch, batch_augment_for
 
     assert batch_augment_for("cifar", 8, [0.5] * 3, [0.5] * 3, 0.2).hue == 0.4
     assert batch_augment_for("gray", 8, [0.5], [0.5], 0.2).hue == 0.0

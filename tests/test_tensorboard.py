@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from oocid.config import Config, demo_config
+from oocid.data.shards import write_shards
 from oocid.errors import InputError
-from oocid.shards import write_shards
-from oocid.train import train
+from oocid.train.loop import train
 
 
 def tiny_npz(path: Path, n: int = 96, seed: int = 0) -> Path:
@@ -103,7 +103,7 @@ def test_cli_flag_sets_the_config_key(tmp_path: Path, small_shards: tuple[Path, 
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from oocid.cli import app
+    from oocid.cli.app import app
 
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     tr, _ = small_shards

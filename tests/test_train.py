@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from oocid.bank.incore import InCoreBank
+from oocid.bank.store import create_store, open_store, verify_store
 from oocid.config import Config, demo_config
+from oocid.data.shards import write_shards
+from oocid.data.stream import Batch
 from oocid.errors import DataError, InputError
-from oocid.incore import InCoreBank
-from oocid.losses import ZEstimator
+from oocid.method.npid import NPIDStep
+from oocid.method.zest import ZEstimator
 from oocid.models import build_model
-from oocid.shards import write_shards
-from oocid.store import create_store, open_store, verify_store
-from oocid.stream import Batch
-from oocid.train import NPIDStep, build_optimizer, train
+from oocid.train.loop import build_optimizer, train
 
 
 def tiny_npz(path: Path, n: int = 96, size: int = 16, classes: int = 4, seed: int = 0) -> Path:
@@ -201,7 +202,7 @@ def test_non_finite_batch_does_not_poison_z(tmp_path: Path) -> None:
 
 
 def test_local_order_is_a_permutation_that_keeps_batches_on_few_chunks() -> None:
-    from oocid.stream import local_order
+    from oocid.data.stream import local_order
 
     valid = torch.tensor([i for i in range(1000) if i % 37 != 5])  # some rows skipped as bad
     g = torch.Generator().manual_seed(0)
@@ -218,7 +219,7 @@ def test_in_memory_data_with_a_partial_cache_reads_each_chunk_few_times(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A global permutation touches every chunk every step and thrashes the positives' pool;
     the chunk-local order keeps loads per epoch near the number of chunks."""
-    import oocid.train as tr_mod
+    import oocid.train.loop as tr_mod
 
     npz = tiny_npz(tmp_path / "t.npz", n=640)
     shards = tmp_path / "s"
@@ -239,7 +240,7 @@ def test_in_memory_data_with_a_partial_cache_reads_each_chunk_few_times(
 def test_auto_loss_is_softmax_when_the_bank_fits_and_infonce_when_not(
         tmp_path: Path, shards: tuple[Path, Path]) -> None:
     from oocid.config import LossConfig
-    from oocid.train import resolve_loss
+    from oocid.train.loop import resolve_loss
 
     assert LossConfig().kind == "auto"
     cfg = tiny_config(kind="auto")

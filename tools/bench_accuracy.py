@@ -6,7 +6,7 @@
     python3 tools/bench_accuracy.py --dataset demo --runs nce_ema:4096:1 \\
         --negatives per-sample,shared --epochs 10 --seeds 0,1   # equal epochs, not equal time
 
-Every run trains oocid's small conv net with `oocid.train.train` (the shards and the on-disk
+Every run trains oocid's small conv net with `oocid.train.loop.train` (the shards and the on-disk
 bank, exactly as `oocid train`; the demo's recipe otherwise: batch 256, SGD lr 0.03 cosine,
 t 0.1, crop scale 0.5-1) and reports weighted kNN top-1 (k 200, t 0.07) of the 10,000 test
 images against the training features recomputed without augmentation (`top1`) and against the
@@ -51,13 +51,13 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
+from oocid.bank.store import open_store
 from oocid.config import Config, LossConfig, auto_loss, demo_config
+from oocid.data.shards import read_manifest, write_shards
+from oocid.data.stream import decode_all, eval_batches, extract_features
 from oocid.demo import demo_data_path, pixel_features
-from oocid.evaluate import knn_against, read_labels, tensor_chunks
+from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
 from oocid.models import build_model
-from oocid.shards import read_manifest, write_shards
-from oocid.store import open_store
-from oocid.stream import decode_all, eval_batches, extract_features
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = {"train_images": "train-images-idx3-ubyte.gz", "train_labels": "train-labels-idx1-ubyte.gz",
@@ -155,7 +155,7 @@ class StepClock:
     """Process CPU time at the start of every NPIDStep call (wraps the class method)."""
 
     def __init__(self) -> None:
-        from oocid.step import NPIDStep
+        from oocid.method.npid import NPIDStep
 
         self.cls, self.orig = NPIDStep, NPIDStep.__call__
         self.times: list[float] = []
@@ -172,7 +172,7 @@ class StepClock:
 
 def run_one(spec: Spec, shards: Path, work: Path, budget: float, epochs: int | None,
             calib_steps: int) -> dict[str, Any]:
-    from oocid.train import train
+    from oocid.train.loop import train
 
     m = read_manifest(shards)
     cfg = config_for(spec, m.n)
@@ -264,8 +264,7 @@ def main() -> None:
         for r in rows:
             print(f"# {r['loss']}: top-1 {r['top1']:.4f}", file=sys.stderr)
 
-    from oocid.checkpoint import load_checkpoint
-    from oocid.train import model_from_checkpoint
+    from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 
     defaults = LossConfig()
     default = {"loss": auto_loss(fits=False), "k": defaults.nce_k, "negatives": defaults.negatives}
@@ -329,7 +328,7 @@ def main() -> None:
 
 def plot_k(rows: list[dict[str, Any]], path: Path) -> None:
     """Top-1 against K (log scale) per loss and cache fraction; horizontal lines for the rest."""
-    from oocid.plot import line_chart
+    from oocid.eval.plot import line_chart
 
     series: dict[str, list[tuple[float, float]]] = {}
     flat: dict[str, float] = {}

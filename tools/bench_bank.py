@@ -1,5 +1,5 @@
-"""Benchmark the out-of-core bank (oocid.cache.ChunkCache over oocid.store) against a plain
-in-memory tensor bank (oocid.incore.InCoreBank), per training step, with no model and no loss.
+"""Benchmark the out-of-core bank (oocid.bank.cache.ChunkCache over oocid.bank.store) against a plain
+in-memory tensor bank (oocid.bank.incore.InCoreBank), per training step, with no model and no loss.
 
 For each N (rows) and cache fraction F (cache budget = F * N rows), one training step's bank
 work is timed as the official code does it, through the banks' general gather (B batch, K
@@ -10,7 +10,7 @@ rows and reuses the positives for the update):
     new = momentum_update(bank.gather(idx), f, 0.5)         # after the optimiser step
     bank.update(idx, new); bank.end_step()
 `f` are random unit features precomputed outside the timed region. The positives follow what
-the streaming trainer (oocid.stream.ShardStream + DataLoader) feeds: shards (= bank chunks of
+the streaming trainer (oocid.data.stream.ShardStream + DataLoader) feeds: shards (= bank chunks of
 4096 consecutive rows) in a shuffled order dealt round-robin to `--workers` workers, each with a
 `--shuffle-buffer`-sample reservoir, batches taken round-robin from the workers. The cache and
 the in-memory bank see the same positive sequence.
@@ -107,7 +107,7 @@ def bank_path(workdir: Path, rows: int, dim: int, store: str) -> Path:
 
 def ensure_bank(workdir: Path, rows: int, dim: int, store: str) -> Path:
     """Create the bank once; reuse it when it exists with the right shape."""
-    from oocid.store import _remove, create_store, open_store
+    from oocid.bank.store import _remove, create_store, open_store
 
     path = bank_path(workdir, rows, dim, store)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def _budget_and_pool(
         return budget, None, ""
     if slots < 3:
         return budget, None, "n/a (budget below 3 chunks)"
-    from oocid.cache import default_pool_chunks
+    from oocid.bank.cache import default_pool_chunks
 
     pool = pool_chunks or default_pool_chunks(budget, CHUNK_ROWS, workers, buffer)  # = make_cache
     return budget, pool, ""
@@ -155,8 +155,8 @@ def _budget_and_pool(
 def run_child(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from oocid.bank import momentum_update, random_unit_rows
-    from oocid.store import open_store
+    from oocid.bank.store import open_store
+    from oocid.method.npid import momentum_update, random_unit_rows
 
     torch.set_num_threads(a.threads)
     kind = a.child
@@ -180,7 +180,7 @@ def run_child(a: argparse.Namespace) -> dict[str, Any]:
     budget, pool, na = _budget_and_pool(n, a.cache_fraction, a.workers, a.pool_chunks, a.shuffle_buffer)
     t0 = time.perf_counter()
     if kind == "memory":
-        from oocid.incore import InCoreBank
+        from oocid.bank.incore import InCoreBank
 
         bank: Any = InCoreBank(store, torch.device("cpu"))
     else:
@@ -188,7 +188,7 @@ def run_child(a: argparse.Namespace) -> dict[str, Any]:
             res["na"] = na
             store.close()
             return res
-        from oocid.cache import ChunkCache
+        from oocid.bank.cache import ChunkCache
 
         bank = ChunkCache(store, budget, torch.device("cpu"), steps_per_epoch=spe, pool_chunks=pool)
         res.update(

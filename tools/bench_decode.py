@@ -2,10 +2,10 @@
 
 Decoders, each turning encoded bytes into 8-bit RGB pixels in memory:
     pil           PIL.Image.open + convert("RGB") (full size; what ImageFolder's loader does)
-    oocid         oocid.decode.decode_image: Pillow, load, convert only when the mode differs
+    oocid         oocid.data.decode.decode_image: Pillow, load, convert only when the mode differs
     pil-draft     Pillow's reduced-size JPEG decoding (draft: 1/2, 1/4 or 1/8 in the DCT), at the
                   largest reduction that still leaves >= 224 px on both sides, as oocid's stream
-                  does when the crop's output is much smaller than the image (oocid.decode)
+                  does when the crop's output is much smaller than the image (oocid.data.decode)
     tv-jpeg       torchvision.io.decode_jpeg(mode=RGB) on a uint8 tensor of the bytes (JPEG only)
     tv-image      torchvision.io.decode_image(mode=RGB) (any format)
     tv-image>pil  tv-image, then a PIL image of it (what a PIL-based augmentation would need)
@@ -91,7 +91,7 @@ def image_sets(n_large: int, n_small: int, seed: int) -> dict[str, list[bytes]]:
     for w, h, n in ((500, 375, n_large), (1024, 768, n_large // 2), (32, 32, n_small)):
         sets[f"jpeg {w}x{h}"] = [encode(synth_photo(rng, w, h), "JPEG") for _ in range(n)]
     # what `oocid shard` stores by default: the 500x375 set with the shorter side at 256
-    from oocid.shards import _encode_bytes
+    from oocid.data.shards import _encode_bytes
 
     sets["jpeg 341x256 (shard default)"] = [_encode_bytes(d, 256, 90).data
                                             for d in sets["jpeg 500x375"]]
@@ -104,7 +104,7 @@ def pil_full(data: bytes) -> Any:
 
 
 def pil_draft(data: bytes) -> Any:
-    from oocid.decode import load_image, open_image
+    from oocid.data.decode import load_image, open_image
 
     return load_image(open_image(data), 3, (TARGET, TARGET))[0]
 
@@ -127,7 +127,7 @@ def tv_image_pil(data: bytes) -> Any:
 
 
 def oocid_decode(data: bytes) -> Any:
-    from oocid.decode import decode_image
+    from oocid.data.decode import decode_image
 
     return decode_image(data, 3)
 

@@ -2,11 +2,11 @@
 """The CPU kernels behind oocid's speed choices, measured on this machine.
 
     gemm    (1024, 128) x (128, 1024) float32, torch.mm (MKL on x86 builds) against oneDNN's
-            float32 linear (oocid.gemm.matmul_nt when oocid.gemm.onednn_gemm() holds): the kNN
+            float32 linear (oocid.method.kernels.matmul_nt when kernels.onednn_gemm() holds): the kNN
             scan's tile. GFLOP/s.
     shared  (256, 128) x (128, 4096): the shared negatives' scores, same two kernels. GFLOP/s.
     gather  4,096 rows of a (126,976, 128) float32 cache table (a 10 % cache of 1.28e6 rows):
-            advanced indexing table[idx] against oocid.gemm.take_rows (index_select). ms.
+            advanced indexing table[idx] against oocid.method.kernels.take_rows (index_select). ms.
     per-sample gather  B x K = 256 x 4,096 rows of the same table (the per-sample negatives of
             one step, gathered once, into a buffer kept across calls): ms and GB/s of rows read.
 
@@ -47,7 +47,7 @@ def mm_call(x: torch.Tensor, w: torch.Tensor) -> Callable[[], object]:
 
 
 def onednn_call(x: torch.Tensor, w: torch.Tensor) -> Callable[[], object]:
-    from oocid.gemm import matmul_nt
+    from oocid.method.kernels import matmul_nt
 
     return lambda: matmul_nt(x, w)
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from oocid.gemm import onednn_gemm, take_rows
+    from oocid.method.kernels import onednn_gemm, take_rows
 
     g = torch.Generator().manual_seed(0)
     res: dict[str, float | bool | None] = {"threads": a.threads, "onednn": onednn_gemm()}

@@ -18,7 +18,7 @@ Agreement with oocid, per query: the top-k index SETS equal ("sets"; ties in the
 may permute ranks), the sorted lists equal ("exact"), and the sorted scores equal within 1e-6
 ("scores": a set that differs only among equal or 1-ulp scores still counts).
 
-Banks are created once under --workdir (random unit rows, oocid.store.create_store) and reused.
+Banks are created once under --workdir (random unit rows, oocid.bank.store.create_store) and reused.
 
 Usage:
     nice -n 5 python tools/bench_knn.py                 # N in 1e5, 1e6, 1e7; Q 10,000; k 200
@@ -78,7 +78,7 @@ def bank_path(workdir: Path, rows: int, dim: int) -> Path:
 def ensure_bank(workdir: Path, rows: int, dim: int) -> Path:
     """The bank of `rows` random unit rows under workdir: reused (read-only) when it is there
     with the right shape, else created."""
-    from oocid.store import create_store, open_store
+    from oocid.bank.store import create_store, open_store
 
     path = bank_path(workdir, rows, dim)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def make_queries(n: int, dim: int, seed: int) -> Any:
 
 def read_bank(path: Path, out: np.ndarray | None = None, step: int = 65536) -> np.ndarray:
     """The whole bank as one (N, D) float32 array (read with pread, block by block)."""
-    from oocid.store import open_store
+    from oocid.bank.store import open_store
 
     with open_store(path, read_only=True) as s:
         if out is None:
@@ -124,7 +124,7 @@ def search(method: str, path: Path, queries: Any, k: int
     import torch
 
     if method == "oocid":
-        from oocid.retrieval import bank_chunks, topk_indexed
+        from oocid.eval.retrieval import bank_chunks, topk_indexed
 
         t, c = time.perf_counter(), cpu_s()
         sims, index = topk_indexed(queries, bank_chunks(path, torch.device("cpu")), k)
@@ -141,7 +141,7 @@ def search(method: str, path: Path, queries: Any, k: int
     if method == "faiss":
         import faiss
 
-        from oocid.store import open_store
+        from oocid.bank.store import open_store
 
         t = time.perf_counter()
         with open_store(path, read_only=True) as s:

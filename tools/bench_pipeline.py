@@ -4,12 +4,12 @@ JPEGs against oocid's shard stream on shards built by `oocid shard` with its def
 From one folder of full-size synthetic JPEGs in ImageFolder layout (--images, default 2,000 of
 400-600 x 300-450 px, ~500x375 like ImageNet, 4 classes, JPEG quality 90; made once with
 tools/bench_decode.py's synthetic photos under --workdir, default /tmp/oocid-bench/jpegs):
-    torchvision  torchvision.datasets.ImageFolder(transform=oocid.augment.sample_transform
+    torchvision  torchvision.datasets.ImageFolder(transform=oocid.data.augment.sample_transform
                  ("imagenet", 224)) = RandomResizedCrop(224, scale=(0.2, 1)), RandomGrayscale(0.2),
                  ColorJitter(0.4, 0.4, 0.4, 0.4), RandomHorizontalFlip, ToTensor, Normalize (the
                  paper's ImageNet recipe) + DataLoader(batch 256, shuffle, --workers W)
     oocid        `oocid shard SRC OUT` (defaults: shard size 4096, shorter side stored at 256 px,
-                 JPEG quality 90 for the resized images) then oocid.stream.make_train_data with
+                 JPEG quality 90 for the resized images) then oocid.data.stream.make_train_data with
                  data.in_memory = "no", the same recipe, batch and W: StreamData exactly as
                  `oocid train` builds it (normalised float batches out)
 Both sides are warmed up with one untimed pass (page cache warm for the JPEGs and the shards,
@@ -111,7 +111,7 @@ def torchvision_pass(src: Path, workers: int, batch: int, seed: int) -> tuple[fl
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from oocid.augment import sample_transform
+    from oocid.data.augment import sample_transform
 
     t = time.perf_counter()
     ds = ImageFolder(str(src), transform=sample_transform("imagenet", SIZE, MEAN, STD, 0.2, True))
@@ -126,8 +126,8 @@ def torchvision_pass(src: Path, workers: int, batch: int, seed: int) -> tuple[fl
 
 def oocid_data(shards: Path, workers: int, batch: int) -> Any:
     from oocid.config import DataConfig
-    from oocid.shards import read_manifest
-    from oocid.stream import StreamData, make_train_data
+    from oocid.data.shards import read_manifest
+    from oocid.data.stream import StreamData, make_train_data
 
     cfg = DataConfig(image_size=SIZE, augment="imagenet", crop_scale_min=0.2, in_memory="no",
                      batch_size=batch, workers=workers, mean=MEAN, std=STD)
@@ -154,10 +154,10 @@ def profile(src: Path, shards: Path, n: int) -> dict[str, dict[str, float]]:
     from PIL import Image
     from torchvision import transforms as T
 
-    from oocid.augment import normalize_batch, sample_transform
-    from oocid.decode import load_image, need_for, open_image
-    from oocid.shards import iter_samples, read_manifest
-    from oocid.stream_aug import StreamTrain, _to_uint8, hue_tables
+    from oocid.data.augment import normalize_batch, sample_transform
+    from oocid.data.decode import load_image, need_for, open_image
+    from oocid.data.shards import iter_samples, read_manifest
+    from oocid.data.stream_aug import StreamTrain, _to_uint8, hue_tables
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -223,16 +223,16 @@ def main() -> None:
     p.add_argument("--profile", type=int, default=200, help="images in the per-stage profile")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    from oocid.gemm import keep_large_buffers
+    from oocid.device import keep_large_buffers
 
-    # as oocid.train.train does: the stream's batches are normalised in the trainer's process,
+    # as oocid.train.loop.train does: the stream's batches are normalised in the trainer's process,
     # whose malloc keeps large buffers mapped (a fresh 154 MB float batch page-faults: 0.27
     # against 0.06 ms an image); process-wide, so the torchvision side's workers inherit it too
     keep_large_buffers()
     src, shards = a.workdir / "jpegs", a.workdir / "shards"
     ensure_jpegs(src, a.images, a.seed)
     shard_s = ensure_shards(src, shards)
-    from oocid.shards import read_manifest
+    from oocid.data.shards import read_manifest
 
     st = read_manifest(shards).image_stats
     threads = torch.get_num_threads()

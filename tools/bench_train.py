@@ -2,22 +2,22 @@
 
 Three throughputs (images/s) per configuration, all on batches already in memory except the
 pipeline's own:
-    npid    oocid.step.NPIDStep exactly as oocid.train builds it: model forward -> loss
+    npid    oocid.method.npid.NPIDStep exactly as oocid.train.loop builds it: model forward -> loss
             against the bank (positives + K negatives gathered from a ChunkCache over an
-            on-disk store, made by oocid.train.make_cache) -> backward -> SGD step -> momentum
+            on-disk store, made by oocid.train.loop.make_cache) -> backward -> SGD step -> momentum
             update of the bank -> cache window advance (end_step).
     model   the same model and optimiser on the same batches: forward, a trivial loss
             ((f * fixed unit target).sum()), backward, SGD step. No bank.
     pipeline  the data path alone, two ways:
-            in-memory  oocid.augment.BatchAugment ("cifar" recipe) on a uint8 tensor, as
-                       oocid.stream.InMemoryData does for small sets that fit in memory;
-            stream     oocid.stream.StreamData over tar shards written by
-                       oocid.shards.write_shards, as make_train_data builds it (32 px:
+            in-memory  oocid.data.augment.BatchAugment ("cifar" recipe) on a uint8 tensor, as
+                       oocid.data.stream.InMemoryData does for small sets that fit in memory;
+            stream     oocid.data.stream.StreamData over tar shards written by
+                       oocid.data.shards.write_shards, as make_train_data builds it (32 px:
                        per-sample PNG decode, each batch augmented by BatchAugment "cifar" in
                        its --workers DataLoader worker), wall time of whole epochs including
                        worker start-up and shuffle-buffer fill.
             The row's `pipeline_images_per_s` is the path the trainer would pick for a set of
-            --rows images of that size (oocid.stream.make_train_data with data.in_memory =
+            --rows images of that size (oocid.data.stream.make_train_data with data.in_memory =
             "auto" and the default in_memory_max_mb), the other is reported too.
 The headline is ratio = npid / model.
 
@@ -116,7 +116,7 @@ def random_index_batches(n: int, batch: int, count: int, seed: int = 0) -> list[
 
 def ensure_bank(workdir: Path, rows: int) -> Path:
     """The bank file for `rows` rows; created once (random unit rows) and reused."""
-    from oocid.store import _remove, create_store, open_store
+    from oocid.bank.store import _remove, create_store, open_store
 
     path = workdir / f"train_bank_{rows}.npy"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -163,10 +163,10 @@ def make_cfg(a: argparse.Namespace, arch: str, negatives: str, size: int) -> Any
 
 
 def new_model(arch: str, device: torch.device) -> tuple[Any, torch.optim.Optimizer]:
-    """As oocid.train._train builds them (channels_last, build_optimizer)."""
+    """As oocid.train.loop._train builds them (channels_last, build_optimizer)."""
     from oocid.config import Config
     from oocid.models import build_model
-    from oocid.train import build_optimizer
+    from oocid.train.loop import build_optimizer
 
     cfg = Config()
     cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 0.03, 0.9, 5e-4
@@ -190,7 +190,7 @@ class ModelRunner:
 
     def run(self, steps: int) -> list[float]:
         """Per-step seconds of `steps` steps."""
-        from oocid.step import autocast
+        from oocid.device import autocast
 
         times = []
         for _ in range(steps):
@@ -259,15 +259,15 @@ def instrument(npid: Any, bank: Any, parts: _Parts) -> None:
 
 
 class NPIDRunner:
-    """NPIDStep as oocid.train builds it, over a ChunkCache made by make_cache; the positives'
+    """NPIDStep as oocid.train.loop builds it, over a ChunkCache made by make_cache; the positives'
     index batches continue from call to call (the cache stays in its steady state)."""
 
     def __init__(self, a: argparse.Namespace, arch: str, negatives: str, size: int, store: Any,
                  images: list[torch.Tensor], index_batches: list[torch.Tensor],
                  device: torch.device, precision: str, profile: bool = False) -> None:
-        from oocid.losses import ZEstimator
-        from oocid.step import NPIDStep
-        from oocid.train import make_cache
+        from oocid.method.npid import NPIDStep
+        from oocid.method.zest import ZEstimator
+        from oocid.train.loop import make_cache
 
         self.cfg = cfg = make_cfg(a, arch, negatives, size)
         torch.manual_seed(0)
@@ -290,7 +290,7 @@ class NPIDRunner:
 
     def run(self, steps: int, count: bool = True) -> list[float]:
         """Per-step seconds of `steps` steps; `count`: add their chunk loads to the stats."""
-        from oocid.stream import Batch
+        from oocid.data.stream import Batch
 
         if self.bank.io is not None:
             self.bank.io.drain()  # settle background I/O left by whatever ran before
@@ -331,8 +331,8 @@ class NPIDRunner:
 def pipeline_in_memory(a: argparse.Namespace, size: int, device: torch.device) -> float:
     """images/s of BatchAugment ("cifar" recipe) on uint8 batches held in memory, as
     InMemoryData.epoch_batches does (index the set, augment on the device)."""
-    from oocid.augment import batch_augment_for
-    from oocid.stream import mix_seed
+    from oocid.data.augment import batch_augment_for
+    from oocid.data.stream import mix_seed
 
     n = 8192
     g = torch.Generator().manual_seed(0)
@@ -358,7 +358,7 @@ def pipeline_in_memory(a: argparse.Namespace, size: int, device: torch.device) -
 
 def ensure_shards(workdir: Path, size: int, n: int) -> Path:
     """A shard set of n random RGB images (PNG) of size x size, created once."""
-    from oocid.shards import read_manifest, write_shards
+    from oocid.data.shards import read_manifest, write_shards
 
     out = workdir / f"train_stream_{size}px_{n}"
     try:
@@ -382,14 +382,14 @@ def ensure_shards(workdir: Path, size: int, n: int) -> Path:
 
 def pipeline_stream(a: argparse.Namespace, size: int, device: torch.device, workdir: Path
                     ) -> float:
-    """images/s of StreamData as oocid.stream.make_train_data builds it for data.in_memory =
+    """images/s of StreamData as oocid.data.stream.make_train_data builds it for data.in_memory =
     "no" in --workers workers (same-size images up to 64 px: per-sample decode, the batch
-    augmented in its worker by BatchAugment; larger: per-sample decode + oocid.stream_aug's
+    augmented in its worker by BatchAugment; larger: per-sample decode + oocid.data.stream_aug's
     transform to uint8, normalised per batch): whole epochs' wall time, worker start-up and
     buffer fill included."""
     from oocid.config import DataConfig
-    from oocid.shards import read_manifest
-    from oocid.stream import make_train_data
+    from oocid.data.shards import read_manifest
+    from oocid.data.stream import make_train_data
 
     n = a.stream_images if size <= 64 else min(a.stream_images, 4096)
     shards = ensure_shards(workdir, size, n)
@@ -411,7 +411,7 @@ def pipeline_stream(a: argparse.Namespace, size: int, device: torch.device, work
 
 
 def trainer_uses_in_memory(rows: int, size: int) -> bool:
-    """oocid.stream.fits_in_memory with the default data.in_memory_max_mb (3 channels)."""
+    """oocid.data.stream.fits_in_memory with the default data.in_memory_max_mb (3 channels)."""
     from oocid.config import DataConfig
 
     return rows * 3 * size * size <= DataConfig().in_memory_max_mb * 2**20
@@ -461,14 +461,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    from oocid.gemm import keep_large_buffers
+    from oocid.device import keep_large_buffers
 
-    keep_large_buffers()  # as oocid.train.train does (process-wide: the model alone gets it too)
+    keep_large_buffers()  # as oocid.train.loop.train does (process-wide: the model alone gets it too)
     if a.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(a.device)
-    from oocid.step import resolve_precision
+    from oocid.device import resolve_precision
 
     precision = resolve_precision("auto", device)
     notes: list[str] = []
@@ -500,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
            f"channels_last, stream workers {a.workers}, positives in {a.order} order; "
            f"load average at start {_load()}")
     log(env[2:])
-    from oocid.store import open_store
+    from oocid.bank.store import open_store
 
     bank_path = ensure_bank(workdir, a.rows)
 

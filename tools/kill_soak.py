@@ -17,7 +17,7 @@ written back between checkpoints), in-memory | streamed data. Two kinds of kill 
 After each kill, the kill counts as survived when all of these hold:
     1. `oocid bank verify BANK` exits 0;
     2. the checkpoint named by the bank's committed step (and last.pt, if any) loads: torch.load
-       through oocid.checkpoint.load_checkpoint, then oocid.train.model_from_checkpoint;
+       through oocid.checkpoint.load_checkpoint, then oocid.train.loop.model_from_checkpoint;
     3. the same command with `--resume` exits 0 without a traceback;
     4. metrics.jsonl then holds each epoch exactly once, the bank's committed step is the full
        run's, and `oocid bank verify` exits 0 again.
@@ -83,7 +83,7 @@ threads = 1
 checkpoint_every = {every}
 """
 
-# Runs the real entry point, oocid.cli.main, with os's durability calls counted; with
+# Runs the real entry point, oocid.cli.app.main, with os's durability calls counted; with
 # SOAK_KILL_AT = k > 0 the process SIGKILLs itself just before the k-th one (counted once the
 # bank exists) after writing where it was to SOAK_LOG; with k = 0 it writes the count at exit.
 INJECT = r"""
@@ -120,7 +120,7 @@ for name in ("fsync", "fdatasync", "replace", "rename", "link", "unlink"):
 if k == 0:
     atexit.register(lambda: open(log, "w").write(str(state["n"])))
 sys.argv = ["oocid", *sys.argv[1:]]
-from oocid.cli import main
+from oocid.cli.app import main
 main()
 """
 
@@ -178,7 +178,7 @@ def env() -> dict[str, str]:
 
 
 def make_shards(work: Path) -> Path:
-    from oocid.shards import write_shards
+    from oocid.data.shards import write_shards
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (N_IMAGES, 16, 16), dtype=np.uint8)
@@ -271,7 +271,7 @@ def landed_from_files(case: Case) -> str:
 
 def committed_step(bank: Path) -> int:
     """The bank's committed step as a writable open will see it (a pending journal's step)."""
-    from oocid.store import open_store
+    from oocid.bank.store import open_store
 
     with open_store(bank, read_only=True) as st:
         ov = st._overlay
@@ -288,8 +288,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def check_after_kill(case: Case, res: Result) -> None:
     import torch
 
-    from oocid.checkpoint import load_checkpoint
-    from oocid.train import model_from_checkpoint
+    from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 
     def fail(what: str, detail: str) -> None:
         res.checks[what] = False

@@ -19,17 +19,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .augment import batch_eval_transform, sample_transform
-from .checkpoint import load_checkpoint
-from .config import Config, DataConfig, config_from_dict
-from .embed import iter_features
-from .errors import DataError, InputError, WriteError
-from .knn import topk_streaming
-from .models import Embedder
-from .shards import IMAGE_EXTS, Manifest, RawSample, iter_samples, read_manifest
-from .store import open_store
-from .stream import _stats_for, decode_image, eval_batches, fits_in_memory
-from .train import model_from_checkpoint, resolve_device
+from oocid.bank.store import open_store
+from oocid.checkpoint import load_checkpoint, model_from_checkpoint
+from oocid.config import Config, DataConfig, config_from_dict
+from oocid.data.augment import batch_eval_transform, sample_transform
+from oocid.data.shards import IMAGE_EXTS, Manifest, RawSample, iter_samples, read_manifest
+from oocid.data.stream import _stats_for, decode_image, eval_batches, fits_in_memory
+from oocid.device import resolve_device
+from oocid.errors import DataError, InputError, WriteError
+from oocid.eval.embed import iter_features
+from oocid.method.knn import topk_streaming
+from oocid.models import Embedder
 
 
 @dataclass

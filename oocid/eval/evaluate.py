@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import DataError
-from .knn import knn_scores_from_topk, topk_accuracy, topk_streaming
-from .shards import Manifest, iter_samples
-from .store import BankStore
+from oocid.bank.store import BankStore
+from oocid.data.shards import Manifest, iter_samples
+from oocid.errors import DataError
+from oocid.method.knn import knn_scores_from_topk, topk_accuracy, topk_streaming
 
 
 def read_labels(manifest: Manifest) -> np.ndarray:

@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import atomic_torch_save, load_checkpoint
-from .errors import DataError, InputError
-from .models import ARCHS, Embedder, SmallConvNet
-from .train import model_from_checkpoint
+from oocid.checkpoint import atomic_torch_save, load_checkpoint, model_from_checkpoint
+from oocid.errors import DataError, InputError
+from oocid.models import ARCHS, Embedder, SmallConvNet
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,15 @@
-"""Float32 products a @ b^T on the CPU through oneDNN where torch has it, the allocator
-setting that keeps a CPU training step's large buffers mapped between steps, and the row gather
-the banks use (`take_rows`).
+"""The two kernels under the losses and the kNN scan: float32 products a @ b^T (through oneDNN
+on the CPU where torch has it) and the row gather the banks and losses use (`take_rows`).
 
 On the CPU torch.mm runs Intel MKL, which on other vendors' AVX-512 cores (AMD Zen 4/5) runs its
-AVX2 kernels: 225 GFLOP/s on this project's 2-core machine for the (1024, 128) x (128, 1024)
-tiles of the kNN scan, where oneDNN's float32 kernel (the one torch's own linear layers use
-under torch.compile) reaches 492 (tools/bench_kernels.py). Same float32 arithmetic, a faster
-kernel; checked once against float64, so a build without the op, or one that would round through
-bfloat16, keeps torch.mm.
+AVX2 kernels, about half the speed of oneDNN's float32 kernel (the one torch's own linear layers
+use under torch.compile) on the kNN scan's (1024, 128) x (128, 1024) tiles (tools/bench_kernels.py,
+docs/benchmarks.md). Same float32 arithmetic, a faster kernel; checked once against float64, so a
+build without the op, or one that would round through bfloat16, keeps torch.mm.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from typing import Any
 
@@ -64,29 +61,6 @@ def scores_nt(x: Tensor, c: Tensor) -> Tensor:
     """x (B, D) @ c (K, D)^T as float32 with autograd to x (c detached), through `matmul_nt`
     both ways."""
     return _ScoresNT.apply(x.float(), c.detach().float())
-
-
-@functools.cache
-def keep_large_buffers() -> bool:
-    """Tell glibc's malloc to serve blocks up to 256 MiB (32 MiB on an older glibc) from its heap
-    and keep twice that at its top (mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD), instead of
-    mapping each large block afresh and handing it back on free. A CPU training step allocates
-    the same multi-MB activation and gradient buffers every step; freshly mapped, each is
-    page-faulted in again (a 16 MB gradient cost the small net's ReLU backward 2x its time).
-    The price: the process keeps its peak heap (a reviewer's small training loop leveled off at
-    about 2x the memory, running 2.4x faster). Process-wide, once; returns whether it applied
-    (False off glibc)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    for limit in (256 << 20, 32 << 20):  # older glibc refuses more than 32 MiB
-        if libc.mallopt(m_mmap_threshold, limit) == 1:
-            # keep up to twice that at the top of the heap, as glibc's own adaptive rule does
-            libc.mallopt(m_trim_threshold, 2 * limit)
-            return True
-    return False
 
 
 def take_rows(table: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:

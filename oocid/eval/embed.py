@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint
-from .config import Config, config_from_dict
-from .errors import DataError, InputError, WriteError
-from .shards import Manifest, read_manifest
-from .stream import Batch, eval_batches, image_channels
-from .train import model_from_checkpoint, resolve_device
+from oocid.checkpoint import load_checkpoint, model_from_checkpoint
+from oocid.config import Config, config_from_dict
+from oocid.data.shards import Manifest, read_manifest
+from oocid.data.stream import Batch, eval_batches, image_channels
+from oocid.device import resolve_device
+from oocid.errors import DataError, InputError, WriteError
 
 
 @torch.no_grad()
@@ -76,7 +76,7 @@ def embed_shards(checkpoint: Path, shards: Path, out: Path, *, pre_fc: bool = Fa
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], str(checkpoint))
     emb = model_from_checkpoint(state, device, str(checkpoint))
-    from .export import pre_fc as strip_head
+    from oocid.eval.export import pre_fc as strip_head
 
     model: nn.Module = strip_head(emb) if pre_fc else emb
     return write_features(model, emb.in_channels, read_manifest(shards), cfg, device, out,

@@ -28,11 +28,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from .augment import BatchAugment, batch_eval_transform, normalize_batch
-from .decode import decode_image, open_image
-from .errors import DataError, OocidError
-from .shards import Manifest, iter_samples
-from .stream_aug import stream_transform
+from oocid.data.augment import BatchAugment, batch_eval_transform, normalize_batch
+from oocid.data.decode import decode_image, open_image
+from oocid.data.shards import Manifest, iter_samples
+from oocid.data.stream_aug import stream_transform
+from oocid.errors import DataError, OocidError
 
 SHUFFLE_START = 128  # samples in a worker's shuffle buffer before it starts yielding
 
@@ -348,7 +348,7 @@ class StreamData:
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         self.dataset.set_epoch(epoch)
         if getattr(self.transform, "needs_hue_tables", False):
-            from .stream_aug import hue_tables
+            from oocid.data.stream_aug import hue_tables
 
             hue_tables()  # built once here; forked workers share the pages
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
@@ -382,7 +382,7 @@ def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.
     use_mem = data_cfg.in_memory == "yes" or (
         data_cfg.in_memory == "auto" and fits_in_memory(manifest, channels, data_cfg.in_memory_max_mb))
     if use_mem:
-        from .augment import batch_augment_for
+        from oocid.data.augment import batch_augment_for
 
         aug = batch_augment_for(data_cfg.augment, data_cfg.image_size, mean, std,
                                 data_cfg.crop_scale_min)
@@ -396,7 +396,7 @@ def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.
         if hw is None:
             raise DataError(f"{manifest.root}: images differ in size; data.stream_augment = "
                             '"batch" needs one size (use "sample")')
-        from .augment import batch_augment_for
+        from oocid.data.augment import batch_augment_for
 
         aug = batch_augment_for(data_cfg.augment, data_cfg.image_size, mean, std,
                                 data_cfg.crop_scale_min)

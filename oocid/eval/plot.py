@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import DataError, InputError
+from oocid.errors import DataError, InputError
 
 W, H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 300, 70, 20, 34, 44
 

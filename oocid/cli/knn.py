@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .errors import DataError, InputError
-from .evaluate import check_same_classes, num_classes_of, read_labels
-from .knn import knn_scores_from_topk, topk_accuracy
-from .retrieval import (
+from oocid.data.shards import read_manifest
+from oocid.data.stream import eval_batches, extract_features
+from oocid.errors import DataError, InputError
+from oocid.eval.evaluate import check_same_classes, num_classes_of, read_labels
+from oocid.eval.retrieval import (
     contact_sheet,
     embed_images,
     load_query,
@@ -35,8 +36,7 @@ from .retrieval import (
     thumbnail,
     topk_indexed,
 )
-from .shards import read_manifest
-from .stream import eval_batches, extract_features
+from oocid.method.knn import knn_scores_from_topk, topk_accuracy
 
 CONFUSION_AXES = "rows: true class, columns: predicted class (both in `classes` order)"
 

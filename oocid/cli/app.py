@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import InputError, OocidError, VerifyError
+from oocid.errors import InputError, OocidError, VerifyError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -41,7 +41,7 @@ def shard(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write images as shuffled WebDataset tar shards plus manifest.json."""
-    from .shards import write_shards
+    from oocid.data.shards import write_shards
 
     m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress,
                      short_side=short_side, quality=quality)
@@ -97,7 +97,7 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train NPID features; the bank lives on disk and is committed at every checkpoint."""
-    from .config import load_config
+    from oocid.config import load_config
 
     overrides = list(set_ or [])
     for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
@@ -112,7 +112,7 @@ def train(
         if svalue is not None:
             overrides.append(f"{key}={json.dumps(svalue)}")
     if resume and config is None and (out / "config.json").is_file():
-        from .config import config_from_dict
+        from oocid.config import config_from_dict
 
         try:
             saved_dict = json.loads((out / "config.json").read_text())
@@ -125,7 +125,7 @@ def train(
                          "config; pass its --config, or start the run again without --resume")
     else:
         cfg = load_config(config, overrides)
-    from .train import train as run_train  # torch: imported once the config is known good
+    from oocid.train.loop import train as run_train  # torch: imported once the config is known good
 
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,
                     max_steps=max_steps)
@@ -165,7 +165,7 @@ def knn(
 ) -> None:
     """Weighted kNN top-1/top-5 of validation images against the training features, or
     (--query) the training images nearest to given images."""
-    from . import knn_cli
+    from oocid.cli import knn as knn_cli
 
     if (shards is None) == (not query):
         raise InputError("give either --shards DIR (classify) or --query PATH (search)")
@@ -211,7 +211,7 @@ def embed(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Features (N, D) float32 of a shard set in index order, with the test transform."""
-    from .embed import embed_shards
+    from oocid.eval.embed import embed_shards
 
     res = embed_shards(checkpoint, shards, out, pre_fc=pre_fc, device_name=device,
                        batch_size=batch_size, progress=progress)
@@ -244,7 +244,7 @@ def export(
                     ] = False,
 ) -> None:
     """Export the backbone as a strict-loading state dict (see EXPORT_HELP, oocid/export.py)."""
-    from .export import export_checkpoint, load_recipe
+    from oocid.eval.export import export_checkpoint, load_recipe
 
     info = export_checkpoint(checkpoint, out, arch=arch, head=head)
     keys = "with the fc head" if head else "backbone without fc"
@@ -268,7 +268,7 @@ def linear(
 ) -> None:
     """Linear probe: logistic regression (one nn.Linear) on frozen, L2-normalised pre-fc
     backbone features (test transform, no augmentation); checks the backbone is unchanged."""
-    from .linear import ProbeConfig, linear_eval
+    from oocid.eval.linear import ProbeConfig, linear_eval
 
     res = linear_eval(checkpoint, train_shards, val_shards, head=head, device_name=device,
                       probe=ProbeConfig(epochs, lr, batch_size), progress=progress)
@@ -287,7 +287,7 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Shard the bundled Fashion-MNIST subset, train, and compare kNN accuracy with baselines."""
-    from .demo import format_demo, run_demo
+    from oocid.demo import format_demo, run_demo
 
     res = run_demo(out, epochs=epochs, progress=progress)
     print(format_demo(res))
@@ -301,7 +301,7 @@ def plot(
                    ] = None,
 ) -> None:
     """Draw loss and kNN accuracy over epochs as a PNG."""
-    from .plot import plot_run
+    from oocid.eval.plot import plot_run
 
     print(f"wrote {plot_run(run_dir, out)}")
 
@@ -309,7 +309,7 @@ def plot(
 @bank_app.command("info")
 def bank_info(path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")]) -> None:
     """N, D, dtype, store, size on disk, last committed step, norm statistics."""
-    from .store import store_info
+    from oocid.bank.store import store_info
 
     info = store_info(path)
     for key, value in info.items():
@@ -322,7 +322,7 @@ def bank_verify(
     tol: Annotated[float | None, typer.Option(help="Allowed | ||v|| - 1 |.")] = None,
 ) -> None:
     """Check every row is finite and unit-norm and the metadata is consistent (exit 1 if not)."""
-    from .store import verify_store
+    from oocid.bank.store import verify_store
 
     rep = verify_store(path, tol=tol)
     if not rep.ok:
@@ -350,11 +350,11 @@ def bank_init(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Create a bank of random unit rows."""
-    from .store import create_store
+    from oocid.bank.store import create_store
 
     manifest_id = None
     if shards is not None:
-        from .shards import read_manifest
+        from oocid.data.shards import read_manifest
 
         m = read_manifest(shards)
         if rows is not None and rows != m.n:

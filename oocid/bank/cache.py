@@ -19,17 +19,16 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import InputError
-from .gemm import take_rows
-from .losses import dense_scores_apply
-from .store import BankStore
+from oocid.bank.store import BankStore
+from oocid.errors import InputError
+from oocid.method.kernels import take_rows
 
 MAX_WRITE_BYTES = 256 * 2**20  # cap one journal at this many bytes of rows
 TOUCH_MAX = 8192  # gathers up to this many indices update the LRU order
@@ -420,7 +419,8 @@ class ChunkCache:
         rows, _ = self._window_index()
         return rows[self._pick(int(rows.numel()), shape, generator)]
 
-    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator,
+             score_whole: Callable[[int], bool] | None = None) -> tuple[Tensor, Tensor]:
         """`sample`'s negatives, located: (table, positions) with table[positions] ==
         gather(sample(shape, g)) for a generator in the same state, without global indices
         or LRU bookkeeping (the window is resident)."""
@@ -429,12 +429,11 @@ class ChunkCache:
         rows, at = self._window_index()
         n = int(rows.numel())
         pick = self._pick(n, shape, generator)
-        if len(shape) == 2 and dense_scores_apply(shape[0], shape[1], n) \
+        if score_whole is not None and score_whole(n) \
                 and n * self.dim * self.flat.element_size() <= WINDOW_COPY_MAX_BYTES:
-            # per-sample negatives that losses.negative_scores scores as a whole table: the
-            # window's rows copied out in order are the table of the rows that can be drawn,
-            # with `pick` as positions. The copy (38 MB at tools/bench_train.py's size) spares a
-            # product over the pool's rows too (1.6x as many): the step 99 -> 71 ms there.
+            # negatives the caller scores as a whole table: the window's rows copied out in
+            # order are the table of the rows that can be drawn, with `pick` as positions; the
+            # copy spares scoring the pool's other rows too (docs/benchmarks.md, "training step")
             return take_rows(self.flat, at), pick
         return self.flat, at[pick]
 

@@ -23,15 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint
-from .config import config_from_dict
-from .embed import write_features
-from .errors import DataError, InputError
-from .evaluate import check_same_classes, num_classes_of
-from .export import pre_fc
-from .knn import topk_accuracy
-from .shards import read_manifest
-from .train import model_from_checkpoint, resolve_device
+from oocid.checkpoint import load_checkpoint, model_from_checkpoint
+from oocid.config import config_from_dict
+from oocid.data.shards import read_manifest
+from oocid.device import resolve_device
+from oocid.errors import DataError, InputError
+from oocid.eval.embed import write_features
+from oocid.eval.evaluate import check_same_classes, num_classes_of
+from oocid.eval.export import pre_fc
+from oocid.method.knn import topk_accuracy
 
 
 def state_hash(module: nn.Module) -> str:

@@ -21,9 +21,11 @@ from typing import Any, cast
 
 import torch
 
-from . import __version__
-from .cache import ChunkCache, default_cache_rows, default_pool_chunks
-from .checkpoint import (
+from oocid import __version__
+from oocid.bank.cache import ChunkCache, default_cache_rows, default_pool_chunks
+from oocid.bank.lock import BankLock
+from oocid.bank.store import BankStore, check_matches, create_store, open_store
+from oocid.checkpoint import (
     checkpoint_for_step,
     finish_checkpoint,
     list_checkpoints,
@@ -31,24 +33,9 @@ from .checkpoint import (
     repair_metrics,
     save_checkpoint,
 )
-from .config import Config, auto_loss, config_from_dict
-from .errors import DataError, InputError
-from .evaluate import (
-    check_same_classes,
-    knn_against,
-    num_classes_of,
-    read_labels,
-    store_chunks,
-    tensor_chunks,
-)
-from .gemm import keep_large_buffers
-from .lock import BankLock
-from .losses import ZEstimator
-from .models import Embedder, build_model
-from .shards import Manifest, read_manifest
-from .step import NPIDStep, StepOut, resolve_precision
-from .store import BankStore, check_matches, create_store, open_store
-from .stream import (
+from oocid.config import Config, auto_loss, config_from_dict
+from oocid.data.shards import Manifest, read_manifest
+from oocid.data.stream import (
     Batch,
     InMemoryData,
     eval_batches,
@@ -56,18 +43,20 @@ from .stream import (
     image_channels,
     make_train_data,
 )
-from .tblog import TensorBoardLog, require_tensorboard
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {name!r} requested but CUDA is not available")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise InputError(f"unknown device {name!r}") from None
+from oocid.device import keep_large_buffers, resolve_device, resolve_precision
+from oocid.errors import DataError, InputError
+from oocid.eval.evaluate import (
+    check_same_classes,
+    knn_against,
+    num_classes_of,
+    read_labels,
+    store_chunks,
+    tensor_chunks,
+)
+from oocid.method.npid import NPIDStep, StepOut
+from oocid.method.zest import ZEstimator
+from oocid.models import Embedder, build_model
+from oocid.train.tblog import TensorBoardLog, require_tensorboard
 
 
 def config_diff(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -144,7 +133,7 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         require_tensorboard()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    keep_large_buffers()  # the step's multi-MB buffers stay mapped between steps (oocid.gemm)
+    keep_large_buffers()  # the step's multi-MB buffers stay mapped between steps (oocid.method.kernels)
     if not resume and list_checkpoints(run_dir):
         raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                          "another --out")
@@ -472,14 +461,3 @@ def _checkpoint(cfg: Config, run_dir: Path, model: Embedder, optimizer: torch.op
     save_checkpoint(run_dir, step, state)
     bank.commit(step)
     finish_checkpoint(run_dir, step)
-
-
-def model_from_checkpoint(state: dict[str, Any], device: torch.device, where: str) -> Embedder:
-    """Rebuild the model of a checkpoint (strict load)."""
-    try:
-        model = build_model(state["arch"], int(state["in_channels"]), int(state["dim"]))
-        model.load_state_dict(state["model"], strict=True)
-    except (KeyError, RuntimeError, ValueError) as e:
-        raise DataError(f"{where}: checkpoint does not match its architecture: "
-                        f"{str(e).splitlines()[0]}") from None
-    return model.to(device).eval()

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from .errors import InputError
+from oocid.errors import InputError
 
 
 class BankLock:

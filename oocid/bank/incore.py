@@ -1,17 +1,19 @@
 """The bank held whole in (device) memory, loaded from and committed to the on-disk store.
 
-This is the in-core reference of the algorithm; `oocid.cache` gives the same interface over a
+This is the in-core reference of the algorithm; `oocid.bank.cache` gives the same interface over a
 budget of cached chunks. N rows, D dims, B batch, K negatives.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from torch import Tensor
 
-from .gemm import take_rows
-from .store import BankStore
+from oocid.bank.store import BankStore
+from oocid.method.kernels import take_rows
 
 
 class InCoreBank:
@@ -37,8 +39,10 @@ class InCoreBank:
         return torch.randint(0, self.n, shape, generator=generator, device=generator.device
                              ).to(self.device)
 
-    def draw(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """`sample`'s negatives as (table, positions): table[positions] are their rows."""
+    def draw(self, shape: tuple[int, ...], generator: torch.Generator,
+             score_whole: Callable[[int], bool] | None = None) -> tuple[Tensor, Tensor]:
+        """`sample`'s negatives as (table, positions): table[positions] are their rows (the
+        whole bank, whether or not the caller scores it whole)."""
         return self.rows, self.sample(shape, generator)
 
     def update(self, index: Tensor, rows: Tensor) -> None:
@@ -46,6 +50,9 @@ class InCoreBank:
 
     def all_rows(self) -> Tensor:
         return self.rows
+
+    def end_step(self) -> None:
+        """Nothing moves between steps in a bank held whole."""
 
     def commit(self, step: int) -> None:
         """Write every chunk to the store and commit `step` (one journal, atomic)."""

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageStat
 from torch import Tensor
 
-from .decode import load_image, need_for
+from oocid.data.decode import load_image, need_for
 
 _HUE_TABLES: tuple[np.ndarray, np.ndarray] | None = None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from oocid.errors import InputError
 
 SKIP = frozenset({"epoch", "step"})  # the x axis, not a curve
 

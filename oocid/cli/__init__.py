@@ -1,0 +1,5 @@
+"""The `oocid` command: parses arguments and calls the library; nothing else lives here."""
+
+from oocid.cli.app import main
+
+__all__ = ["main"]

@@ -1,0 +1,228 @@
+"""NPID in one file: Wu et al., "Unsupervised Feature Learning via Non-Parametric Instance
+Discrimination" (CVPR 2018), as oocid trains it. docs/method.md derives every line.
+
+Every training image is its own class. A network maps image i to a unit feature f_i; a memory
+bank keeps one unit row v_i per image. A step scores the batch's features against their own
+rows (positives) and against other rows (negatives), takes an optimiser step, and THEN moves
+each image's row towards its new feature:  v_i <- normalize(m v_i + (1 - m) f_i).
+
+Dimension letters: B batch, K negatives per sample, D feature dim (128), N bank rows.
+The losses below are the plain forms, written as the paper states them; `oocid.method.fast`
+holds faster forms of the same sums (each tested equal to these), and `NPIDStep.loss` picks
+them. All loss math is float32 whatever the autocast context (exp(s / 0.07) overflows float16),
+and bank rows are constants: no gradient flows into the bank.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from oocid.config import Config
+from oocid.data.stream import Batch, mix_seed
+from oocid.device import Precision, autocast, make_grad_scaler
+from oocid.errors import DivergedError
+from oocid.method import fast
+from oocid.method.kernels import take_rows
+from oocid.method.protocol import Bank
+from oocid.method.zest import ZEstimator
+from oocid.models import Embedder
+
+MAX_SKIPS_IN_A_ROW = 20  # then training has diverged (NaN weights): stop instead of spinning
+
+
+def momentum_update(old: Tensor, new: Tensor, momentum: float) -> Tensor:
+    """v <- normalize(m * v_old + (1 - m) * f), weight m on the OLD row (official: m = 0.5).
+    old, new (B, D) -> (B, D) unit rows in old's dtype; the norm is clamped at 1e-12 only to
+    keep an exactly cancelling pair finite."""
+    mixed = old.float() * momentum + new.detach().float() * (1.0 - momentum)  # (B, D)
+    norm = mixed.pow(2).sum(1, keepdim=True).pow(0.5).clamp_min(1e-12)  # (B, 1)
+    return (mixed / norm).to(old.dtype)
+
+
+def random_unit_rows(n: int, d: int, generator: torch.Generator | None = None) -> Tensor:
+    """A new bank: (n, d) float32 rows uniform on the sphere (normal draws, L2-normalised)."""
+    rows = torch.randn(n, d, generator=generator)
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def softmax_loss(x: Tensor, bank: Tensor, index: Tensor, temperature: float) -> Tensor:
+    """The exact non-parametric softmax: P(i | f) = exp(v_i.f / t) / sum_j exp(v_j.f / t),
+    loss -mean log P(index | x). x (B, D), bank (N, D), index (B,) int64 instance ids."""
+    logits = x.float() @ bank.detach().float().t() / temperature  # (B, N)
+    return F.cross_entropy(logits, index)
+
+
+def nce_probs(scores: Tensor, n_data: int, temperature: float, z: Tensor | float | None = None
+              ) -> tuple[Tensor, Tensor]:
+    """P = exp(s / t) / Z for scores (B, K+1); returns (P (B, K+1), Z as a 0-d float32 tensor).
+    z None: Z = N * mean exp(s / t) over all B*(K+1) entries, positive column included, without
+    gradient (the official code's Monte-Carlo estimate)."""
+    out = torch.exp(scores.float() / temperature)  # (B, K+1)
+    if z is None:
+        z_t = (out.detach().mean() * n_data).to(torch.float32)
+    else:
+        z_t = torch.as_tensor(z, dtype=torch.float32, device=out.device).detach()
+    return out / z_t, z_t
+
+
+def nce_criterion(probs: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:
+    """The official NCECriterion on P (B, K+1), column 0 the positive, c = K / N (= K * P_n):
+    L = -(1/B) [ sum_i log(P_i0 / (P_i0 + c + eps)) + sum_i sum_k log(c / (P_ik + c + eps)) ].
+    Negatives are summed, not averaged."""
+    b, k = probs.shape[0], probs.shape[1] - 1
+    if n_data < 1 or k < 1:
+        raise ValueError(f"NCE needs N >= 1 and K >= 1 negatives, got N={n_data}, K={k}")
+    c = k / float(n_data)
+    p_pos, p_neg = probs[:, 0], probs[:, 1:]  # (B,), (B, K)
+    ln_pmt = torch.log(p_pos / (p_pos + (c + eps)))
+    ln_pon = torch.log(c / (p_neg + (c + eps)))
+    return -(ln_pmt.sum() + ln_pon.sum()) / b
+
+
+def nce_loss(x: Tensor, weights: Tensor, n_data: int, temperature: float,
+             z: Tensor | float | None = None, eps: float = 1e-7) -> tuple[Tensor, Tensor]:
+    """The paper's NCE with uniform noise P_n = 1/N, as the official code computes it.
+    x (B, D) unit features; weights (B, K+1, D) bank rows, column 0 the positive v_i (before
+    this step's update), columns 1..K the sampled negatives. z None estimates Z from this call,
+    as the official code does once on its first batch. Returns (loss, Z)."""
+    if x.dim() != 2 or weights.dim() != 3 or weights.shape[0] != x.shape[0] \
+            or weights.shape[2] != x.shape[1]:
+        raise ValueError(f"nce_loss: x {tuple(x.shape)} and weights {tuple(weights.shape)} "
+                         "must be (B, D) and (B, K+1, D)")
+    scores = torch.bmm(weights.detach().float(), x.float().unsqueeze(2)).squeeze(2)  # (B, K+1)
+    probs, z_t = nce_probs(scores, n_data, temperature, z)
+    return nce_criterion(probs, n_data, eps), z_t
+
+
+def infonce_from_scores(scores: Tensor, temperature: float) -> Tensor:
+    """Cross-entropy with target column 0 over scores (B, K+1) / t."""
+    target = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
+    return F.cross_entropy(scores.float() / temperature, target)
+
+
+def infonce_loss(x: Tensor, weights: Tensor, temperature: float) -> Tensor:
+    """InfoNCE (a later variant, not in the paper): softmax over [positive | K negatives] / t.
+    x (B, D); weights (B, K+1, D), column 0 the positive."""
+    scores = torch.bmm(weights.detach().float(), x.float().unsqueeze(2)).squeeze(2)  # (B, K+1)
+    return infonce_from_scores(scores, temperature)
+
+
+@dataclass
+class StepOut:
+    loss: float
+    skipped: bool
+    z: float | None = None
+
+
+@dataclass
+class NPIDStep:
+    """One training step: features -> loss against the bank -> backward -> optimiser step ->
+    THEN the bank's momentum update, explicitly, for the step's indices only. Pure of I/O:
+    `bank` is anything with the `Bank` protocol (held whole, or a cache over the disk)."""
+
+    cfg: Config
+    model: Embedder
+    optimizer: torch.optim.Optimizer
+    bank: Bank
+    n_data: int
+    zest: ZEstimator | None
+    seed: int
+    precision: Precision = "32"
+    skipped: int = 0  # steps skipped for non-finite features or loss, over the run
+    skipped_in_a_row: int = 0
+
+    def __post_init__(self) -> None:
+        self.scaler = make_grad_scaler(self.precision)  # fp16 only; None otherwise
+        self.last_features: Tensor | None = None
+
+    def loss(self, f: Tensor, index: Tensor, step: int
+             ) -> tuple[Tensor, float | None, Tensor | None]:
+        """(loss, Z or None, the positives' bank rows as gathered; None for the exact softmax)."""
+        lc = self.cfg.loss
+        if lc.kind == "auto":
+            raise ValueError('loss.kind "auto" must be resolved first (oocid.train.setup.resolve_loss)')
+        if lc.kind == "softmax":  # scores against all N rows (the fast GEMM: fast.softmax_loss)
+            return fast.softmax_loss(f, self.bank.all_rows(), index, lc.temperature), None, None
+        b, k, shared = f.shape[0], lc.nce_k, lc.negatives == "shared"
+        g = torch.Generator(device=self.bank.device)
+        g.manual_seed(mix_seed(self.seed, 6, step))
+        pos = self.bank.gather(index)  # (B, D) v_i, a copy
+        # negatives, uniform over the bank (over the cache's window when it is partial)
+        table, at = self.bank.draw((k,) if shared else (b, k), g,  # at: (K,) | (B, K)
+                                   score_whole=lambda t: fast.dense_scores_apply(b, k, t))
+        if shared:
+            neg = take_rows(table, at)  # (K, D)
+            if lc.kind == "infonce":
+                return fast.infonce_shared(f, pos, neg, lc.temperature), None, pos
+            scores = fast.shared_scores(f, pos, neg)  # (B, K+1)
+        else:
+            pos_s = (f.float() * pos.float()).sum(1, keepdim=True)  # (B, 1)
+            scores = torch.cat([pos_s, fast.negative_scores(f, table, at)], dim=1)  # (B, K+1)
+        if lc.kind == "infonce":
+            return infonce_from_scores(scores, lc.temperature), None, pos
+        assert self.zest is not None
+        z = self.zest(scores, self.n_data, lc.temperature)
+        probs, _ = nce_probs(scores, self.n_data, lc.temperature, z)
+        return nce_criterion(probs, self.n_data, lc.eps), float(z.item()), pos
+
+    def __call__(self, batch: Batch | list[Batch], step: int, lr: float) -> StepOut:
+        """One optimiser step over one batch, or over micro-batches whose gradients accumulate
+        (each micro-batch's loss is against the bank before this step's update)."""
+        micro = batch if isinstance(batch, list) else [batch]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        feats, olds, total, z = [], [], 0.0, None
+        n_all = sum(int(b.index.numel()) for b in micro)
+        for i, b in enumerate(micro):
+            x = b.images
+            if self.cfg.model.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(self.precision, x.device):
+                f = self.model(x)  # (B, D) unit, float32 (Embedder normalises in float32)
+            # f's rows are unit, so its sum is finite iff every entry is (one reduction); a
+            # non-finite feature is caught before it reaches Z's estimate or the bank
+            finite = math.isfinite(float(f.detach().sum()))
+            loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i) if finite \
+                else (torch.tensor(float("nan")), None, None)
+            value = float(loss.item())
+            if not finite or not math.isfinite(value):
+                return self._skip(step, z)
+            weighted = loss * (b.index.numel() / n_all)
+            (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+            feats.append(f.detach())
+            olds.append(old)
+            total += value * b.index.numel()
+        self.last_features = feats[-1]
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        with torch.no_grad():  # the memory update, after the optimiser step
+            for b, f, v in zip(micro, feats, olds, strict=True):
+                # v_i before this step: the rows the loss gathered (a step's indices are
+                # distinct, and the bank is written only here), else gathered now (softmax)
+                v = self.bank.gather(b.index) if v is None else v
+                self.bank.update(b.index, momentum_update(v, f, self.cfg.bank.momentum))
+        self.bank.end_step()
+        self.skipped_in_a_row = 0
+        return StepOut(total / max(n_all, 1), False, z)
+
+    def _skip(self, step: int, z: float | None) -> StepOut:
+        """Never write a non-finite feature into the bank: skip the step, count it, carry on."""
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            raise DivergedError(
+                f"training diverged: {self.skipped_in_a_row} steps in a row (up to step {step}) "
+                "gave non-finite features or loss; none reached the bank and the last checkpoint "
+                "is intact; lower optim.lr (or use train.precision = 32)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.bank.end_step()
+        return StepOut(float("nan"), True, z)
