@@ -16,7 +16,6 @@ holds that line too, so `repair_metrics` restores it on resume if a kill came in
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -26,51 +25,24 @@ from typing import Any
 
 import torch
 
+from oocid.atomic import atomic_open, atomic_write, fsync_dir
 from oocid.errors import DataError, InputError, WriteError
 from oocid.models import Embedder, build_model
 
 CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 
 
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to `path` via a temporary file, fsync and rename; WriteError on failure
-    (the file previously at `path`, if any, is untouched).
+    """torch.save to `path` all or nothing (`oocid.atomic`); WriteError on failure (the file
+    previously at `path`, if any, is untouched).
 
     The object is serialised in memory first: torch.save writing to a file that hits a full
     disk or the file size limit raises a RuntimeError that hides the errno ("unexpected pos"),
     while a plain write raises the OSError that says what happened."""
-    tmp = path.with_name(path.name + ".tmp")
     buf = io.BytesIO()
     torch.save(obj, buf)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        reason = e.strerror or str(e)
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            reason = f"disk full ({reason})"
-        raise WriteError(f"{path}: could not write checkpoint: {reason}") from None
+    with atomic_open(path, "checkpoint") as f:
+        f.write(buf.getbuffer())
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -163,12 +135,7 @@ def repair_metrics(path: Path, epoch: int, record: dict[str, Any] | None) -> Non
     out = [keep[e] for e in sorted(keep)]
     if out == lines:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text("".join(x + "\n" for x in out))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise WriteError(f"{path}: could not repair the metrics log: {e.strerror or e}") from None
+    atomic_write(path, "".join(x + "\n" for x in out), "the repaired metrics log")
 
 
 def model_from_checkpoint(state: dict[str, Any], device: torch.device, where: str) -> Embedder:

@@ -1,7 +1,7 @@
 """Typed run configuration: dataclasses, loaded from TOML with strict checking.
 
 A config file has the sections [model], [data], [loss], [optim], [bank], [train]; every key is
-optional and defaults to the paper's ImageNet settings (METHOD.md section 5). Unknown keys and
+optional and defaults to the paper's ImageNet settings (docs/method.md, "Defaults"). Unknown keys and
 wrong types are errors naming the file and the key. Overrides from the command line use the
 same dotted names (`optim.lr=0.1`). The resolved config is saved beside a run's outputs and in
 every checkpoint, so a run can be rebuilt from either.
@@ -14,16 +14,27 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomllib
 
 from oocid.errors import InputError
 
+Arch = Literal["small", "resnet18", "resnet50", "cifar_resnet18"]
+AugmentKind = Literal["imagenet", "cifar", "gray"]
+InMemory = Literal["auto", "yes", "no"]
+StreamAugment = Literal["auto", "batch", "sample"]
+LossKind = Literal["auto", "nce", "softmax", "infonce"]
+ZMode = Literal["oneshot", "ema"]
+Negatives = Literal["per-sample", "shared"]
+Schedule = Literal["step", "cosine"]
+BankDtype = Literal["float32", "float16"]
+Precision = Literal["auto", "32", "16", "bf16"]
+
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet18"  # small | resnet18 | resnet50 | cifar_resnet18
+    arch: Arch = "resnet18"  # small | resnet18 | resnet50 | cifar_resnet18
     dim: int = 128  # feature / bank dimension D
     channels_last: bool = True
 
@@ -31,13 +42,13 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     image_size: int = 224  # training crop size (small images: their own size)
-    augment: str = "imagenet"  # imagenet | cifar | gray
+    augment: AugmentKind = "imagenet"  # imagenet | cifar | gray
     crop_scale_min: float = 0.2  # RandomResizedCrop area scale lower bound
-    in_memory: str = "auto"  # auto | yes | no: decode the whole set into memory once
+    in_memory: InMemory = "auto"  # auto | yes | no: decode the whole set into memory once
     in_memory_max_mb: int = 2048
     # streamed sets: "batch" augments whole batches in the workers (BatchAugment, as in memory),
     # "sample" per image (the torchvision recipes); auto: batch for same-size images <= 64 px
-    stream_augment: str = "auto"
+    stream_augment: StreamAugment = "auto"
     batch_size: int = 256
     workers: int = 4
     shuffle_buffer: int = 2048
@@ -47,12 +58,12 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    kind: str = "auto"  # auto (measured default per regime, auto_loss) | softmax | nce | infonce
+    kind: LossKind = "auto"  # auto (measured default per regime, auto_loss) | softmax | nce | infonce
     nce_k: int = 4096  # negatives per sample (K, the paper's m)
     temperature: float = 0.07
-    z: str = "oneshot"  # oneshot (official) | ema (moving average)
+    z: ZMode = "oneshot"  # oneshot (official) | ema (moving average)
     z_momentum: float = 0.99
-    negatives: str = "per-sample"  # per-sample (official) | shared (one set per batch)
+    negatives: Negatives = "per-sample"  # per-sample (official) | shared (one set per batch)
     eps: float = 1e-7
 
 
@@ -62,7 +73,7 @@ class OptimConfig:
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    schedule: str = "step"  # step | cosine (per iteration, to 0)
+    schedule: Schedule = "step"  # step | cosine (per iteration, to 0)
     accumulate: int = 1  # micro-batches per optimiser step (gradient accumulation)
     milestones: list[int] = field(default_factory=lambda: [120, 160])
     gamma: float = 0.1
@@ -71,7 +82,7 @@ class OptimConfig:
 @dataclass
 class BankConfig:
     momentum: float = 0.5  # weight on the OLD row
-    dtype: str = "float32"  # float32 | float16 (on disk)
+    dtype: BankDtype = "float32"  # float32 | float16 (on disk)
     seed: int = 0
     cache_mb: float = 0.0  # device cache budget; 0: the whole bank if it fits in 1/4 of free memory
     pool_chunks: int = 0  # cache chunks for the batch's positives; 0: max(S/4, 2*workers+2)
@@ -85,7 +96,7 @@ class TrainConfig:
     knn_temperature: float = 0.07
     eval_every: int = 1  # epochs between kNN checks on --val shards (0: only at the end)
     threads: int = 0  # torch CPU threads (0: torch's default)
-    precision: str = "auto"  # auto (bf16 on CUDA where supported, else 16; 32 on CPU) | 32 | 16 | bf16
+    precision: Precision = "auto"  # auto (bf16 on CUDA where supported, else 16; 32 on CPU) | 32 | 16 | bf16
     compile: bool = False  # torch.compile the model
     checkpoint_every: int = 0  # also checkpoint every N steps inside an epoch (0: epochs only)
     tensorboard: bool = False  # per-epoch metrics as TensorBoard scalars in RUN/tb (needs tensorboard)
@@ -107,18 +118,17 @@ class Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.arch": ("small", "resnet18", "resnet50", "cifar_resnet18"),
-    "data.augment": ("imagenet", "cifar", "gray"),
-    "data.in_memory": ("auto", "yes", "no"),
-    "data.stream_augment": ("auto", "batch", "sample"),
-    "loss.kind": ("auto", "nce", "softmax", "infonce"),
-    "loss.z": ("oneshot", "ema"),
-    "loss.negatives": ("per-sample", "shared"),
-    "optim.schedule": ("step", "cosine"),
-    "bank.dtype": ("float32", "float16"),
-    "train.precision": ("auto", "32", "16", "bf16"),
-}
+def _choices() -> dict[str, tuple[str, ...]]:
+    """{"loss.kind": ("auto", "nce", ...), ...}: every key typed as a Literal, with its values."""
+    out = {}
+    for sec_name, sec_type in typing.get_type_hints(Config).items():
+        for name, ftype in typing.get_type_hints(sec_type).items():
+            if typing.get_origin(ftype) is Literal:
+                out[f"{sec_name}.{name}"] = typing.get_args(ftype)
+    return out
+
+
+CHOICES = _choices()
 POSITIVE = ("model.dim", "data.image_size", "data.batch_size", "optim.epochs", "loss.nce_k",
             "train.knn_k", "data.shuffle_buffer", "optim.accumulate")
 
@@ -147,7 +157,7 @@ def _check_value(where: str, name: str, ftype: Any, value: Any) -> Any:
             shown = f"{value!r}" if isinstance(value, float) else "a huge integer"
             raise InputError(f"{where}: {name} must be a finite number, got {shown}")
         return float(value)
-    if ftype is str:
+    if ftype is str or typing.get_origin(ftype) is Literal:  # a Literal's choice: `validate`
         if not isinstance(value, str):
             raise InputError(f"{where}: {name} must be a string, got {value!r}")
         return value
@@ -182,7 +192,7 @@ def apply_mapping(cfg: Config, data: dict[str, Any], where: str) -> Config:
 
 
 def validate(cfg: Config, where: str = "config") -> None:
-    """Range and choice checks that types alone cannot express."""
+    """Choices of the Literal-typed keys, and range checks that types alone cannot express."""
     for name, choices in CHOICES.items():
         sec, key = name.split(".")
         value = getattr(getattr(cfg, sec), key)
@@ -244,8 +254,9 @@ def config_from_dict(data: dict[str, Any], where: str = "checkpoint") -> Config:
 def demo_config() -> Config:
     """The bundled demo's settings (configs/demo.toml mirrors these; a test checks it).
 
-    METHOD.md section 8's best recipe for small grayscale images on 2 CPU cores: the narrow
-    conv net, exact softmax with t 0.1, crop scale 0.5-1, SGD lr 0.03 with a cosine schedule."""
+    The best recipe for small grayscale images on 2 CPU cores in docs/method.md ("Notes from
+    experiments"): the narrow conv net, exact softmax with t 0.1, crop scale 0.5-1, SGD lr 0.03
+    with a cosine schedule."""
     cfg = Config()
     cfg.model.arch = "small"
     cfg.data.image_size = 28
@@ -266,7 +277,7 @@ def demo_config() -> Config:
     return cfg
 
 
-def auto_loss(fits: bool) -> str:
+def auto_loss(fits: bool) -> LossKind:
     """The default loss.kind of a size regime, chosen by measurement (tools/bench_accuracy.py,
-    README "Which loss"): `fits` when the whole bank fits the device cache."""
+    docs/benchmarks.md): `fits` when the whole bank fits the device cache."""
     return "softmax" if fits else "infonce"

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 
 from oocid.config import Config, demo_config
-from oocid.data.shards import read_manifest, write_shards
-from oocid.data.stream import eval_batches, extract_features, image_channels
+from oocid.data.batch import image_channels
+from oocid.data.eval_data import eval_batches, extract_features
+from oocid.data.manifest import read_manifest
+from oocid.data.writer import write_shards
 from oocid.device import resolve_device
 from oocid.errors import InputError
 from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
@@ -86,8 +88,8 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
     torch.manual_seed(cfg.train.seed)
     untrained = build_model(cfg.model.arch, image_channels(tm), cfg.model.dim).to(device).eval()
     if cfg.model.channels_last:
-        learned = learned.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        untrained = untrained.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        learned = learned.to(memory_format=torch.channels_last)
+        untrained = untrained.to(memory_format=torch.channels_last)
 
     def feats(model: torch.nn.Module, manifest: Any) -> tuple[torch.Tensor, torch.Tensor]:
         f, idx, lab = extract_features(model, eval_batches(manifest, cfg.data, device),
@@ -114,7 +116,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
 
     data = np.load(npz)
     # pixel baselines, in the shards' index order (the shards shuffled the training images)
-    from oocid.data.stream import decode_all
+    from oocid.data.memory import decode_all
 
     timgs, _, _ = decode_all(tm, 1)
     vimgs, vlab, _ = decode_all(vm, 1)

@@ -8,13 +8,12 @@ from __future__ import annotations
 import ctypes
 import functools
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from oocid.config import Precision
 from oocid.errors import InputError
-
-Precision = Literal["auto", "32", "bf16", "16"]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,8 +2,9 @@
 
 One factory, `build_model`; every model maps (B, C, H, W) images to (B, D) unit features.
 Architectures:
-    small       a narrow conv net for tiny images (METHOD.md section 8: 16-32-64-128, BN, ReLU,
-                2x2 max-pool after the first three blocks, global average pool)
+    small       a narrow conv net for tiny images (16-32-64-128, BN, ReLU, 2x2 max-pool after
+                the first three blocks, global average pool; docs/method.md, "Notes from
+                experiments")
     resnet18    torchvision ResNet-18 (ImageNet stem)
     resnet50    torchvision ResNet-50 (ImageNet stem)
     cifar_resnet18  ResNet-18 with a 3x3 stride-1 stem and no max-pool (the official CIFAR net)
@@ -12,6 +13,8 @@ strictly into torchvision's model (the fc layer aside).
 """
 
 from __future__ import annotations
+
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +43,7 @@ class SmallConvNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.features(x).mean(dim=(2, 3))  # (B, C)
-        return self.fc(h)
+        return cast(Tensor, self.fc(h))
 
 
 def _torchvision_resnet(arch: str, in_channels: int, out_dim: int) -> nn.Module:
@@ -54,10 +57,10 @@ def _torchvision_resnet(arch: str, in_channels: int, out_dim: int) -> nn.Module:
         raise ValueError(arch)
     if arch == "cifar_resnet18":
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()  # type: ignore[assignment]
+        net.maxpool = nn.Identity()
     elif in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-    return net
+    return cast(nn.Module, net)
 
 
 class Embedder(nn.Module):

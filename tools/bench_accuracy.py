@@ -53,8 +53,10 @@ import torch
 
 from oocid.bank.store import open_store
 from oocid.config import Config, LossConfig, auto_loss, demo_config
-from oocid.data.shards import read_manifest, write_shards
-from oocid.data.stream import decode_all, eval_batches, extract_features
+from oocid.data.eval_data import eval_batches, extract_features
+from oocid.data.manifest import read_manifest
+from oocid.data.memory import decode_all
+from oocid.data.writer import write_shards
 from oocid.demo import demo_data_path, pixel_features
 from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
 from oocid.models import build_model

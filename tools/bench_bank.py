@@ -107,7 +107,8 @@ def bank_path(workdir: Path, rows: int, dim: int, store: str) -> Path:
 
 def ensure_bank(workdir: Path, rows: int, dim: int, store: str) -> Path:
     """Create the bank once; reuse it when it exists with the right shape."""
-    from oocid.bank.store import _remove, create_store, open_store
+    from oocid.bank.create import _remove, create_store
+    from oocid.bank.store import open_store
 
     path = bank_path(workdir, rows, dim, store)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,7 @@ def _budget_and_pool(
         return budget, None, ""
     if slots < 3:
         return budget, None, "n/a (budget below 3 chunks)"
-    from oocid.bank.cache import default_pool_chunks
+    from oocid.bank.sizing import default_pool_chunks
 
     pool = pool_chunks or default_pool_chunks(budget, CHUNK_ROWS, workers, buffer)  # = make_cache
     return budget, pool, ""

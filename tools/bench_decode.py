@@ -91,7 +91,7 @@ def image_sets(n_large: int, n_small: int, seed: int) -> dict[str, list[bytes]]:
     for w, h, n in ((500, 375, n_large), (1024, 768, n_large // 2), (32, 32, n_small)):
         sets[f"jpeg {w}x{h}"] = [encode(synth_photo(rng, w, h), "JPEG") for _ in range(n)]
     # what `oocid shard` stores by default: the 500x375 set with the shorter side at 256
-    from oocid.data.shards import _encode_bytes
+    from oocid.data.sources import _encode_bytes
 
     sets["jpeg 341x256 (shard default)"] = [_encode_bytes(d, 256, 90).data
                                             for d in sets["jpeg 500x375"]]

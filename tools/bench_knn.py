@@ -18,7 +18,7 @@ Agreement with oocid, per query: the top-k index SETS equal ("sets"; ties in the
 may permute ranks), the sorted lists equal ("exact"), and the sorted scores equal within 1e-6
 ("scores": a set that differs only among equal or 1-ulp scores still counts).
 
-Banks are created once under --workdir (random unit rows, oocid.bank.store.create_store) and reused.
+Banks are created once under --workdir (random unit rows, oocid.bank.create.create_store) and reused.
 
 Usage:
     nice -n 5 python tools/bench_knn.py                 # N in 1e5, 1e6, 1e7; Q 10,000; k 200
@@ -78,7 +78,8 @@ def bank_path(workdir: Path, rows: int, dim: int) -> Path:
 def ensure_bank(workdir: Path, rows: int, dim: int) -> Path:
     """The bank of `rows` random unit rows under workdir: reused (read-only) when it is there
     with the right shape, else created."""
-    from oocid.bank.store import create_store, open_store
+    from oocid.bank.create import create_store
+    from oocid.bank.store import open_store
 
     path = bank_path(workdir, rows, dim)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -126,7 +126,7 @@ def torchvision_pass(src: Path, workers: int, batch: int, seed: int) -> tuple[fl
 
 def oocid_data(shards: Path, workers: int, batch: int) -> Any:
     from oocid.config import DataConfig
-    from oocid.data.shards import read_manifest
+    from oocid.data.manifest import read_manifest
     from oocid.data.stream import StreamData, make_train_data
 
     cfg = DataConfig(image_size=SIZE, augment="imagenet", crop_scale_min=0.2, in_memory="no",
@@ -156,7 +156,8 @@ def profile(src: Path, shards: Path, n: int) -> dict[str, dict[str, float]]:
 
     from oocid.data.augment import normalize_batch, sample_transform
     from oocid.data.decode import load_image, need_for, open_image
-    from oocid.data.shards import iter_samples, read_manifest
+    from oocid.data.manifest import read_manifest
+    from oocid.data.reader import iter_samples
     from oocid.data.stream_aug import StreamTrain, _to_uint8, hue_tables
 
     threads = torch.get_num_threads()
@@ -232,7 +233,7 @@ def main() -> None:
     src, shards = a.workdir / "jpegs", a.workdir / "shards"
     ensure_jpegs(src, a.images, a.seed)
     shard_s = ensure_shards(src, shards)
-    from oocid.data.shards import read_manifest
+    from oocid.data.manifest import read_manifest
 
     st = read_manifest(shards).image_stats
     threads = torch.get_num_threads()

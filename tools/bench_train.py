@@ -4,15 +4,15 @@ Three throughputs (images/s) per configuration, all on batches already in memory
 pipeline's own:
     npid    oocid.method.npid.NPIDStep exactly as oocid.train.loop builds it: model forward -> loss
             against the bank (positives + K negatives gathered from a ChunkCache over an
-            on-disk store, made by oocid.train.loop.make_cache) -> backward -> SGD step -> momentum
+            on-disk store, made by oocid.train.setup.make_cache) -> backward -> SGD step -> momentum
             update of the bank -> cache window advance (end_step).
     model   the same model and optimiser on the same batches: forward, a trivial loss
             ((f * fixed unit target).sum()), backward, SGD step. No bank.
     pipeline  the data path alone, two ways:
             in-memory  oocid.data.augment.BatchAugment ("cifar" recipe) on a uint8 tensor, as
-                       oocid.data.stream.InMemoryData does for small sets that fit in memory;
+                       oocid.data.memory.InMemoryData does for small sets that fit in memory;
             stream     oocid.data.stream.StreamData over tar shards written by
-                       oocid.data.shards.write_shards, as make_train_data builds it (32 px:
+                       oocid.data.writer.write_shards, as make_train_data builds it (32 px:
                        per-sample PNG decode, each batch augmented by BatchAugment "cifar" in
                        its --workers DataLoader worker), wall time of whole epochs including
                        worker start-up and shuffle-buffer fill.
@@ -116,7 +116,8 @@ def random_index_batches(n: int, batch: int, count: int, seed: int = 0) -> list[
 
 def ensure_bank(workdir: Path, rows: int) -> Path:
     """The bank file for `rows` rows; created once (random unit rows) and reused."""
-    from oocid.bank.store import _remove, create_store, open_store
+    from oocid.bank.create import _remove, create_store
+    from oocid.bank.store import open_store
 
     path = workdir / f"train_bank_{rows}.npy"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def new_model(arch: str, device: torch.device) -> tuple[Any, torch.optim.Optimiz
     """As oocid.train.loop._train builds them (channels_last, build_optimizer)."""
     from oocid.config import Config
     from oocid.models import build_model
-    from oocid.train.loop import build_optimizer
+    from oocid.train.setup import build_optimizer
 
     cfg = Config()
     cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 0.03, 0.9, 5e-4
@@ -267,7 +268,7 @@ class NPIDRunner:
                  device: torch.device, precision: str, profile: bool = False) -> None:
         from oocid.method.npid import NPIDStep
         from oocid.method.zest import ZEstimator
-        from oocid.train.loop import make_cache
+        from oocid.train.setup import make_cache
 
         self.cfg = cfg = make_cfg(a, arch, negatives, size)
         torch.manual_seed(0)
@@ -290,7 +291,7 @@ class NPIDRunner:
 
     def run(self, steps: int, count: bool = True) -> list[float]:
         """Per-step seconds of `steps` steps; `count`: add their chunk loads to the stats."""
-        from oocid.data.stream import Batch
+        from oocid.data.batch import Batch
 
         if self.bank.io is not None:
             self.bank.io.drain()  # settle background I/O left by whatever ran before
@@ -332,7 +333,7 @@ def pipeline_in_memory(a: argparse.Namespace, size: int, device: torch.device) -
     """images/s of BatchAugment ("cifar" recipe) on uint8 batches held in memory, as
     InMemoryData.epoch_batches does (index the set, augment on the device)."""
     from oocid.data.augment import batch_augment_for
-    from oocid.data.stream import mix_seed
+    from oocid.data.batch import mix_seed
 
     n = 8192
     g = torch.Generator().manual_seed(0)
@@ -358,7 +359,8 @@ def pipeline_in_memory(a: argparse.Namespace, size: int, device: torch.device) -
 
 def ensure_shards(workdir: Path, size: int, n: int) -> Path:
     """A shard set of n random RGB images (PNG) of size x size, created once."""
-    from oocid.data.shards import read_manifest, write_shards
+    from oocid.data.manifest import read_manifest
+    from oocid.data.writer import write_shards
 
     out = workdir / f"train_stream_{size}px_{n}"
     try:
@@ -388,7 +390,7 @@ def pipeline_stream(a: argparse.Namespace, size: int, device: torch.device, work
     transform to uint8, normalised per batch): whole epochs' wall time, worker start-up and
     buffer fill included."""
     from oocid.config import DataConfig
-    from oocid.data.shards import read_manifest
+    from oocid.data.manifest import read_manifest
     from oocid.data.stream import make_train_data
 
     n = a.stream_images if size <= 64 else min(a.stream_images, 4096)
@@ -411,7 +413,7 @@ def pipeline_stream(a: argparse.Namespace, size: int, device: torch.device, work
 
 
 def trainer_uses_in_memory(rows: int, size: int) -> bool:
-    """oocid.data.stream.fits_in_memory with the default data.in_memory_max_mb (3 channels)."""
+    """oocid.data.batch.fits_in_memory with the default data.in_memory_max_mb (3 channels)."""
     from oocid.config import DataConfig
 
     return rows * 3 * size * size <= DataConfig().in_memory_max_mb * 2**20

@@ -9,7 +9,7 @@
 #      negatives; bf16 + torch.compile with per-sample negatives. Each run's metrics.jsonl is
 #      checked: finite losses, no skipped steps or bad samples, a kNN on the held-out split.
 #   3. tools/bench_train.py on CUDA: small and cifar_resnet18 at 32 px, resnet50 at 224 px, both
-#      kinds of negatives, precision auto: the README's GPU table (issue 4).
+#      kinds of negatives, precision auto: the GPU table in docs/benchmarks.md.
 # A section that fails is recorded and the next one still runs; the exit status is 1 if any
 # failed. Everything lands in $OUT (the device tool brings it back); copy it to tools/results/.
 #

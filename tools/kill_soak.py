@@ -178,7 +178,7 @@ def env() -> dict[str, str]:
 
 
 def make_shards(work: Path) -> Path:
-    from oocid.data.shards import write_shards
+    from oocid.data.writer import write_shards
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, (N_IMAGES, 16, 16), dtype=np.uint8)

@@ -1,4 +1,4 @@
-"""The device cache of bank chunks over the on-disk store (DESIGN.md "The bank is the heart").
+"""The device cache of bank chunks over the on-disk store (docs/design.md, "Device cache").
 
 N rows in chunks of R rows (chunk c = rows [c*R, (c+1)*R), aligned with the shards); D dims;
 B batch; K negatives. The cache holds S slots of R rows on the device, S*R <= the budget:
@@ -7,7 +7,7 @@ B batch; K negatives. The cache holds S slots of R rows on the device, S*R <= th
   per epoch (each chunk stays W/rate steps). Negatives are drawn uniformly from the window's
   rows only, so over an epoch every row has the same chance of being a negative.
 - P = S - W *pool* slots hold the chunks of the batch's positives, LRU; a chunk evicted dirty is
-  written back (in a background thread, batched into one journal per write).
+  written back (in a background thread, `oocid.bank.io_thread`, batched into journals).
 - The window's next chunks are read ahead by the same background thread (host buffers, pinned
   on CUDA), so disk I/O overlaps compute. Disk traffic per epoch is O(bank size).
 When the budget covers the whole bank, every chunk is loaded in order once and never evicted,
@@ -16,8 +16,6 @@ and gather / sample / update are exactly those of `InCoreBank` (bit for bit on C
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -26,126 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from oocid.bank.io_thread import IOThread, write_batched
+from oocid.bank.sizing import zeroed_slots
 from oocid.bank.store import BankStore
 from oocid.errors import InputError
 from oocid.method.kernels import take_rows
 
-MAX_WRITE_BYTES = 256 * 2**20  # cap one journal at this many bytes of rows
 TOUCH_MAX = 8192  # gathers up to this many indices update the LRU order
 WINDOW_COPY_MAX_BYTES = 128 * 2**20  # `draw` may copy the window's rows out up to this size
-
-
-def default_cache_rows(n_rows: int, dim: int, device: torch.device) -> int:
-    """The whole bank when it fits in a quarter of free device memory, else that quarter."""
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_ram()
-    quarter = max(1, free // 4 // (dim * 4))
-    return int(min(n_rows, quarter))
-
-
-def default_pool_chunks(budget_rows: int, chunk_rows: int, workers: int, shuffle_buffer: int
-                        ) -> int:
-    """Pool chunks for the positives: each data worker's reservoir shuffle buffer keeps
-    stragglers from ~5 shards back, so give every worker room for its buffer's chunks plus 5
-    (fewer makes the positives' chunks thrash: measured with tools/bench_bank.py)."""
-    per_worker = -(-shuffle_buffer // chunk_rows) + 5
-    return max(budget_rows // chunk_rows // 4, max(1, workers) * per_worker)
-
-
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 * 2**30
-
-
-class _IOThread:
-    """One background thread: reads chunks ahead, writes evicted chunks back."""
-
-    def __init__(self, store: BankStore, pin: bool) -> None:
-        self.store = store
-        self.pin = pin
-        self.jobs: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.ready: dict[int, tuple[int, Any]] = {}  # chunk -> (version read, rows)
-        self.version: dict[int, int] = {}  # bumped when a chunk's newer rows are queued to write
-        self.pending: dict[int, np.ndarray] = {}  # chunk -> rows queued for write-back
-        self.lock = threading.Lock()
-        self.cond = threading.Condition(self.lock)
-        self.error: BaseException | None = None
-        self.inflight = 0
-        self.thread = threading.Thread(target=self._run, name="oocid-bank-io", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            kind, arg = self.jobs.get()
-            if kind == "stop":
-                return
-            try:
-                if kind == "read":
-                    c, v = arg
-                    rows: np.ndarray | torch.Tensor = self.store.read_chunk(c)
-                    if self.pin:
-                        rows = torch.from_numpy(rows).pin_memory()
-                    with self.cond:
-                        self.ready[c] = (v, rows)
-                elif kind == "write":
-                    with self.cond:
-                        batch = dict(self.pending)
-                    if batch:
-                        _write_batched(self.store, batch, None)
-                        with self.cond:
-                            for c, rows in batch.items():
-                                if self.pending.get(c) is rows:
-                                    del self.pending[c]
-            except BaseException as e:
-                with self.cond:
-                    self.error = e
-            finally:
-                with self.cond:
-                    self.inflight -= 1
-                    self.cond.notify_all()
-
-    def submit(self, kind: str, arg: Any = None) -> None:
-        with self.cond:
-            self.inflight += 1
-        self.jobs.put((kind, arg))
-
-    def check(self) -> None:
-        if self.error is not None:
-            err, self.error = self.error, None
-            raise err
-
-    def drain(self) -> None:
-        with self.cond:
-            while self.inflight:
-                self.cond.wait()
-        self.check()
-
-    def stop(self) -> None:
-        self.jobs.put(("stop", None))
-        self.thread.join()
-
-
-def _write_batched(store: BankStore, chunks: dict[int, np.ndarray], step: int | None) -> None:
-    """store.write_chunks in journals of at most MAX_WRITE_BYTES; `step` commits with the last."""
-    items = sorted(chunks.items())
-    batch: dict[int, np.ndarray] = {}
-    size = 0
-    for c, rows in items:
-        if batch and size + rows.nbytes > MAX_WRITE_BYTES:
-            store.write_chunks(batch)
-            batch, size = {}, 0
-        batch[c] = rows
-        size += rows.nbytes
-    if batch or step is not None:
-        store.write_chunks(batch, step=step)
 
 
 class ChunkCache:
@@ -168,21 +54,11 @@ class ChunkCache:
                     f"{store.path}: a cache of {budget_rows} rows holds {max_slots} chunks of "
                     f"{self.r} rows; it needs at least 3 (raise --cache-mb)")
             self.n_slots = max_slots
-        # Zeroed, not empty: losses.negative_scores multiplies every slot's rows, loaded or not,
-        # by the gradient (zero where a row was not drawn), and 0 * NaN garbage would be NaN.
-        if device.type == "cpu":  # numpy asks for transparent huge pages: random gathers
-            # over a large bank miss the TLB far less (as a numpy-backed in-memory bank does)
-            self.slots = torch.from_numpy(np.zeros((self.n_slots, self.r, self.dim), np.float32))
-            # and written once now: np.zeros maps pages lazily, and the first write into each
-            # huge page (zeroing, compaction) cost a chunk load ~2 ms, mid-training
-            self.slots.fill_(0.0)
-        else:
-            self.slots = torch.zeros(self.n_slots, self.r, self.dim, dtype=torch.float32,
-                                     device=device)  # (S, R, D)
+        self.slots = zeroed_slots(self.n_slots, self.r, self.dim, device)  # (S, R, D)
         self.flat = self.slots.view(self.n_slots * self.r, self.dim)  # (S*R, D)
-        # chunk -> slot (-1: not resident). The host array is the bookkeeping's (numpy on a
-        # few hundred indices costs microseconds where a torch op costs ~10); on the CPU the
-        # tensor is a view of it, on a GPU a copy kept in step for lookups of device indices.
+        # chunk -> slot (-1: not resident). The host array is the bookkeeping's (numpy on a few
+        # hundred indices costs less than torch's fixed per-op overhead); on the CPU the tensor
+        # is a view of it, on a GPU a copy kept in step for lookups of device indices.
         self.slot_host = np.full((self.n_chunks,), -1, dtype=np.int64)
         self.slot_of = torch.from_numpy(self.slot_host) if device.type == "cpu" else \
             torch.full((self.n_chunks,), -1, dtype=torch.int64, device=device)
@@ -199,7 +75,7 @@ class ChunkCache:
         self.chunk_loads = 0
         self.writebacks = 0
         self.peak_resident_rows = 0
-        self.io = _IOThread(store, pin=device.type == "cuda") if prefetch and not self.full \
+        self.io = IOThread(store, pin=device.type == "cuda") if prefetch and not self.full \
             else None
         self.ahead = prefetch_ahead
         if self.full:
@@ -223,16 +99,7 @@ class ChunkCache:
 
     def _fetch(self, c: int) -> Tensor:
         """Rows of chunk c from the prefetcher, a pending write-back, or the store."""
-        rows: Any = None
-        if self.io is not None:
-            self.io.check()
-            with self.io.cond:
-                got = self.io.ready.pop(c, None)
-                if got is not None and got[0] == self.io.version.get(c, 0):
-                    rows = got[1]  # read after the last write-back was queued: current
-                pend = self.io.pending.get(c)
-            if pend is not None:  # newer than disk and than any read-ahead
-                rows = pend
+        rows = self.io.current(c) if self.io is not None else None
         if rows is None:
             rows = self.store.read_chunk(c)
         return rows if isinstance(rows, Tensor) else torch.from_numpy(np.asarray(rows))
@@ -270,10 +137,7 @@ class ChunkCache:
             a, b = self.store.chunk_range(c)
             rows = self.slots[s, : b - a].cpu().numpy().copy()
             if self.io is not None:
-                with self.io.cond:
-                    self.io.pending[c] = rows
-                    self.io.version[c] = self.io.version.get(c, 0) + 1
-                self.io.submit("write")
+                self.io.write_back(c, rows)
             else:
                 self.store.write_chunks({c: rows})
             self.writebacks += 1
@@ -349,8 +213,8 @@ class ChunkCache:
         if self.io is not None:  # read ahead the chunks that enter next
             for j in range(self.ahead):
                 nxt = (self.next_chunk + j) % self.n_chunks
-                if self.slot_host[nxt] < 0 and nxt not in self.io.ready:
-                    self.io.submit("read", (nxt, self.io.version.get(nxt, 0)))
+                if self.slot_host[nxt] < 0:
+                    self.io.read_ahead(nxt)
 
     def _window_pop(self) -> None:
         c = self.window.popleft()
@@ -485,10 +349,8 @@ class ChunkCache:
                 a, b = self.store.chunk_range(c)
                 chunks[c] = self.slots[s, : b - a].cpu().numpy()
         if self.io is not None:  # read-aheads from before this write are stale now
-            with self.io.cond:
-                for c in chunks:
-                    self.io.version[c] = self.io.version.get(c, 0) + 1
-        _write_batched(self.store, chunks, step)
+            self.io.invalidate(list(chunks))
+        write_batched(self.store, chunks, step)
         for s in range(self.n_slots):
             self.dirty[s] = False
 

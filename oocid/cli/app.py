@@ -11,13 +11,13 @@ from typing import Annotated
 
 import typer
 
-from oocid.errors import InputError, OocidError, VerifyError
+from oocid.cli.bank import bank_app
+from oocid.errors import InputError, OocidError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="oocid: unsupervised features by non-parametric instance discrimination (NPID), "
          "with the memory bank on disk. Start with `oocid demo`.")
-bank_app = typer.Typer(no_args_is_help=True, help="Inspect, verify or create an on-disk bank.")
 app.add_typer(bank_app, name="bank")
 
 
@@ -41,7 +41,7 @@ def shard(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Write images as shuffled WebDataset tar shards plus manifest.json."""
-    from oocid.data.shards import write_shards
+    from oocid.data.writer import write_shards
 
     m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress,
                      short_side=short_side, quality=quality)
@@ -304,69 +304,6 @@ def plot(
     from oocid.eval.plot import plot_run
 
     print(f"wrote {plot_run(run_dir, out)}")
-
-
-@bank_app.command("info")
-def bank_info(path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")]) -> None:
-    """N, D, dtype, store, size on disk, last committed step, norm statistics."""
-    from oocid.bank.store import store_info
-
-    info = store_info(path)
-    for key, value in info.items():
-        print(f"{key:>16}: {value}")
-
-
-@bank_app.command("verify")
-def bank_verify(
-    path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")],
-    tol: Annotated[float | None, typer.Option(help="Allowed | ||v|| - 1 |.")] = None,
-) -> None:
-    """Check every row is finite and unit-norm and the metadata is consistent (exit 1 if not)."""
-    from oocid.bank.store import verify_store
-
-    rep = verify_store(path, tol=tol)
-    if not rep.ok:
-        rows = ", ".join(str(r) for r in rep.bad_rows)
-        detail = "; ".join(rep.problems)  # each names the file
-        raise VerifyError(f"{path}: {rep.n_bad} bad rows (first: {rows}); {detail}" if rep.n_bad
-                          else detail)
-    print(f"{path}: ok ({rep.n_rows} rows x {rep.dim}, {rep.dtype}, max | |v|-1 | = "
-          f"{rep.max_norm_error:.2e})")
-    for note in rep.notes:
-        print(f"note: {note}")
-
-
-@bank_app.command("init")
-def bank_init(
-    path: Annotated[Path, typer.Argument(help="New bank.zarr or bank.npy")],
-    rows: Annotated[int | None, typer.Option(help="N rows (or take it from --shards).")] = None,
-    dim: Annotated[int, typer.Option(help="D.")] = 128,
-    dtype: Annotated[str, typer.Option(help="float32 | float16 on disk.")] = "float32",
-    chunk_rows: Annotated[int | None, typer.Option(help="Rows per chunk (default: the shard "
-                                                   "size, else 4096).")] = None,
-    shards: Annotated[Path | None, typer.Option(help="Shard folder: N, chunking and identity.")
-                      ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the random unit rows.")] = 0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
-    """Create a bank of random unit rows."""
-    from oocid.bank.store import create_store
-
-    manifest_id = None
-    if shards is not None:
-        from oocid.data.shards import read_manifest
-
-        m = read_manifest(shards)
-        if rows is not None and rows != m.n:
-            raise InputError(f"--rows {rows} disagrees with {shards} ({m.n} samples)")
-        rows, manifest_id = m.n, m.identity
-        chunk_rows = chunk_rows or m.shard_size
-    if rows is None:
-        raise InputError("give --rows N or --shards DIR")
-    st = create_store(path, rows, dim, dtype=dtype, chunk_rows=chunk_rows or 4096,
-                      manifest_id=manifest_id, seed=seed, progress=progress)
-    st.close()
-    print(f"created {path}: {rows} x {dim} {dtype}")
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""`oocid knn`: classify labeled validation shards by weighted kNN (METHOD.md section 4), or
+"""`oocid knn`: classify labeled validation shards by weighted kNN (docs/method.md, "Weighted kNN"), or
 find the training images nearest to query images.
 
 The training features are the on-disk bank (streamed chunk by chunk) or, with `recompute`,
@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from oocid.data.shards import read_manifest
-from oocid.data.stream import eval_batches, extract_features
+from oocid.data.eval_data import eval_batches, extract_features
+from oocid.data.manifest import read_manifest
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import check_same_classes, num_classes_of, read_labels
 from oocid.eval.retrieval import (

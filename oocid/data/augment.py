@@ -1,4 +1,4 @@
-"""Augmentations (METHOD.md section 5), two ways.
+"""Augmentations (docs/method.md, "Defaults"), two ways.
 
 - `BatchAugment`: batched, on the device (or in a DataLoader worker), for small images: random
   resized crop (area scale, aspect 3/4-4/3) and flip as one affine `grid_sample`, then per
@@ -159,18 +159,22 @@ def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequenc
     from torchvision import transforms as T  # lazily: slow to import
 
     norm = [T.ToTensor(), T.Normalize(list(mean), list(std))]
+    steps: list[Callable]
     if not train:
+        resize = round(size * 256 / 224) if recipe == "imagenet" else size
+        steps = [T.Resize(resize), T.CenterCrop(size), *norm]
+    else:
+        crop = T.RandomResizedCrop(size, scale=(scale_min, 1.0))
         if recipe == "imagenet":
-            return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), *norm])
-        return T.Compose([T.Resize(size), T.CenterCrop(size), *norm])
-    crop = T.RandomResizedCrop(size, scale=(scale_min, 1.0))
-    if recipe == "imagenet":
-        return T.Compose([crop, T.RandomGrayscale(0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
-                          T.RandomHorizontalFlip(), *norm])
-    if recipe == "cifar":
-        return T.Compose([crop, T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(0.2),
-                          T.RandomHorizontalFlip(), *norm])
-    return T.Compose([crop, T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4), *norm])
+            steps = [crop, T.RandomGrayscale(0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+                     T.RandomHorizontalFlip(), *norm]
+        elif recipe == "cifar":
+            steps = [crop, T.ColorJitter(0.4, 0.4, 0.4, 0.4), T.RandomGrayscale(0.2),
+                     T.RandomHorizontalFlip(), *norm]
+        else:
+            steps = [crop, T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4), *norm]
+    tf: Callable = T.Compose(steps)
+    return tf
 
 
 def normalize_batch(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

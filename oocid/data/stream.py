@@ -1,14 +1,13 @@
-"""Shards -> batches of (images, index, label) for training and evaluation.
+"""Training batches streamed from the tar shards, and the choice of the training data path.
 
-Two paths with one interface (`epoch_batches`):
-- `InMemoryData`: small sets (the demo, CIFAR, Fashion-MNIST) are decoded from the shards once
-  into a uint8 tensor (N, C, H, W) on the device and augmented in batches there (`BatchAugment`).
-- `StreamData`: large sets stream from the tar shards through DataLoader workers: shard order
-  shuffled per epoch, a sample shuffle buffer, per-sample augmentation to uint8 in the workers
-  (`stream_aug`: the torchvision recipes, faster), normalised once per batch on the device; or,
-  for same-size small images (`data.stream_augment`), decoded per sample and augmented a whole
-  batch at a time in the workers with the in-memory path's `BatchAugment` (at 32 px the
-  per-sample recipe costs ~10x the decode; tools/bench_train.py).
+`make_train_data` follows `data.in_memory` (auto: in memory when the decoded set fits): small
+sets (the demo, CIFAR, Fashion-MNIST) go to `InMemoryData` (`oocid.data.memory`); large sets
+to `StreamData`, which streams the tar shards through DataLoader workers: shard order shuffled
+per epoch, a sample shuffle buffer, per-sample augmentation to uint8 in the workers
+(`stream_aug`: the torchvision recipes, faster), normalised once per batch on the device; or,
+for same-size small images (`data.stream_augment`), decoded per sample and augmented a whole
+batch at a time in the workers with the in-memory path's `BatchAugment` (at small sizes the
+per-sample recipe costs many times the decode: docs/benchmarks.md, "Training step").
 Bad samples (an image that does not decode) are reported with shard and key, skipped and
 counted; a shard that cannot be read at all stops the run with its name.
 Randomness is derived from (seed, epoch, step) so that a run resumed at an epoch boundary sees
@@ -17,9 +16,7 @@ exactly the same batches.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,156 +25,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from oocid.data.augment import BatchAugment, batch_eval_transform, normalize_batch
+from oocid.config import DataConfig
+from oocid.data.augment import BatchAugment, normalize_batch
+from oocid.data.batch import (
+    Batch,
+    SkipLog,
+    fits_in_memory,
+    image_channels,
+    mix_seed,
+    normalization_stats,
+    same_size,
+)
 from oocid.data.decode import decode_image, open_image
-from oocid.data.shards import Manifest, iter_samples
+from oocid.data.manifest import Manifest
+from oocid.data.memory import InMemoryData
+from oocid.data.reader import iter_samples
 from oocid.data.stream_aug import stream_transform
 from oocid.errors import DataError, OocidError
 
 SHUFFLE_START = 128  # samples in a worker's shuffle buffer before it starts yielding
-
-
-@dataclass
-class Batch:
-    images: Tensor  # (B, C, S, S) float, augmented and normalised, on the device
-    index: Tensor  # (B,) int64 global instance ids, on the device
-    label: Tensor  # (B,) int64, -1 where unlabeled, on the device
-
-
-@dataclass
-class SkipLog:
-    """Bad samples seen: reported once each to stderr, counted per epoch."""
-
-    count: int = 0
-    keys: list[str] = field(default_factory=list)
-
-    def add(self, where: str, reason: str) -> None:
-        self.count += 1
-        if len(self.keys) < 1000:
-            self.keys.append(where)
-        print(f"oocid: warning: skipped bad sample {where}: {reason}", file=sys.stderr)
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (stable across processes and runs)."""
-    ss = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts])
-    return int(ss.generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
-
-
-def image_channels(manifest: Manifest) -> int:
-    """1 if every image of the set is single-channel, else 3."""
-    chans = manifest.image_stats.get("channels", {}) if manifest.image_stats else {}
-    keys = {str(k) for k, v in chans.items() if v}
-    return 1 if keys == {"1"} else 3
-
-
-def same_size(manifest: Manifest) -> tuple[int, int] | None:
-    st = manifest.image_stats or {}
-    try:
-        h, w = st["height"], st["width"]
-        if h["min"] == h["max"] and w["min"] == w["max"]:
-            return int(h["min"]), int(w["min"])
-    except (KeyError, TypeError):
-        return None
-    return None
-
-
-def fits_in_memory(manifest: Manifest, channels: int, max_mb: int) -> bool:
-    hw = same_size(manifest)
-    return hw is not None and manifest.n * channels * hw[0] * hw[1] <= max_mb * 2**20
-
-
-def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips: SkipLog | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode every sample into (images (N, C, H, W) uint8, labels (N,) int64 (-1 unlabeled),
-    valid (N,) bool). Needs all images of one size."""
-    hw = same_size(manifest)
-    if hw is None:
-        raise DataError(f"{manifest.root}: images differ in size; cannot hold them in memory "
-                        "(set data.in_memory = \"no\")")
-    h, w = hw
-    images = np.zeros((manifest.n, channels, h, w), dtype=np.uint8)
-    labels = np.full(manifest.n, -1, dtype=np.int64)
-    valid = np.zeros(manifest.n, dtype=bool)
-    skips = skips if skips is not None else SkipLog()
-    from tqdm import tqdm
-
-    bar = tqdm(total=manifest.n, desc="decode", unit="img", disable=not progress, leave=False)
-    for path in manifest.shard_paths():
-        for s in iter_samples(path, manifest.spans[path.name]):
-            try:
-                img = decode_image(s.image, channels)
-                arr = np.asarray(img)
-                if arr.shape[:2] != (h, w):
-                    raise ValueError(f"size {arr.shape[1]}x{arr.shape[0]}, expected {w}x{h}")
-            except Exception as e:
-                skips.add(f"{path.name}:{s.key}", str(e) or type(e).__name__)
-                continue
-            if not 0 <= s.index < manifest.n:
-                raise DataError(f"{path}: sample {s.key} has index {s.index} outside [0, {manifest.n})")
-            images[s.index] = arr.reshape(h, w, channels).transpose(2, 0, 1)
-            labels[s.index] = -1 if s.label is None else s.label
-            valid[s.index] = True
-            bar.update(1)
-    bar.close()
-    return images, labels, valid
-
-
-def local_order(valid_index: Tensor, chunk_rows: int, group_chunks: int, g: torch.Generator
-                ) -> Tensor:
-    """A permutation of `valid_index` that visits the bank chunk by chunk: chunks in random
-    order, taken `group_chunks` at a time, samples shuffled within each group.
-
-    With a partial bank cache, a batch then touches at most two groups' chunks, so the cache's
-    pool of positives does not thrash (a global permutation touches every chunk every step).
-    The shards were written in a seeded random order, so a group is still a random sample of the
-    data set; the grouping changes every epoch."""
-    chunk = valid_index // chunk_rows  # (M,) chunk of each valid row
-    n_chunks = int(chunk.max().item()) + 1 if len(chunk) else 0
-    rank = torch.empty(n_chunks, dtype=torch.int64)
-    rank[torch.randperm(n_chunks, generator=g)] = torch.arange(n_chunks)
-    group = rank[chunk] // group_chunks  # (M,) which group each row falls in
-    key = group.double() + torch.rand(len(valid_index), generator=g, dtype=torch.float64) * 0.5
-    return valid_index[torch.argsort(key)]
-
-
-class InMemoryData:
-    """The whole set as a uint8 tensor on the device, batched augmentation there.
-
-    `chunk_rows` > 0 (a partial bank cache) orders each epoch chunk-locally (`local_order`);
-    0 draws a global random permutation."""
-
-    def __init__(self, manifest: Manifest, channels: int, batch_size: int, augment: BatchAugment,
-                 seed: int, device: torch.device, progress: bool = False, chunk_rows: int = 0,
-                 group_chunks: int = 1) -> None:
-        self.skips = SkipLog()
-        imgs, labels, valid = decode_all(manifest, channels, progress, self.skips)
-        self.n = manifest.n
-        self.images = torch.from_numpy(imgs).to(device)
-        self.labels = torch.from_numpy(labels).to(device)
-        self.valid_index = torch.from_numpy(np.flatnonzero(valid)).to(torch.int64)
-        self.batch_size = batch_size
-        self.augment = augment
-        self.seed = seed
-        self.device = device
-        self.chunk_rows, self.group_chunks = chunk_rows, group_chunks
-
-    def steps_per_epoch(self) -> int:
-        return -(-len(self.valid_index) // self.batch_size)
-
-    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        if start_step == 0:  # the bad samples, decoded once, count in every epoch (as streamed)
-            self.skips.count += self.n - len(self.valid_index)
-        g = torch.Generator().manual_seed(mix_seed(self.seed, 1, epoch))
-        if self.chunk_rows > 0:
-            order = local_order(self.valid_index, self.chunk_rows, self.group_chunks, g)
-        else:
-            order = self.valid_index[torch.randperm(len(self.valid_index), generator=g)]
-        for step in range(start_step, self.steps_per_epoch()):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size].to(self.device)
-            ga = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, 2, epoch, step))
-            x = self.augment(self.images[idx], ga)
-            yield Batch(x, idx, self.labels[idx])
 
 
 class ShardStream(IterableDataset):
@@ -269,7 +135,7 @@ class ShardStream(IterableDataset):
             j = int(brng.integers(len(buf)))
             buf[j], buf[-1] = buf[-1], buf[j]
             yield buf.pop()
-        brng.shuffle(buf)  # type: ignore[arg-type]
+        brng.shuffle(buf)
         yield from buf
 
 
@@ -371,14 +237,14 @@ class StreamData:
             yield Batch(x, b["index"].to(self.device), b["label"].to(self.device))
 
 
-def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.device,
+def make_train_data(manifest: Manifest, data_cfg: DataConfig, seed: int, device: torch.device,
                     progress: bool = False, chunk_rows: int = 0) -> InMemoryData | StreamData:
     """The training data path chosen by `data.in_memory` (auto: in memory when it fits).
 
     `chunk_rows` > 0 when the bank cache is partial: in-memory batches then go chunk-locally
     (the stream is chunk-local by construction: shard order, a bounded shuffle buffer)."""
     channels = image_channels(manifest)
-    mean, std = _stats_for(data_cfg, channels)
+    mean, std = normalization_stats(data_cfg, channels)
     use_mem = data_cfg.in_memory == "yes" or (
         data_cfg.in_memory == "auto" and fits_in_memory(manifest, channels, data_cfg.in_memory_max_mb))
     if use_mem:
@@ -407,52 +273,3 @@ def make_train_data(manifest: Manifest, data_cfg: Any, seed: int, device: torch.
                           train=True)
     return StreamData(manifest, channels, data_cfg.batch_size, tf, seed, device, data_cfg.workers,
                       True, data_cfg.shuffle_buffer, data_cfg.image_size, normalize=(mean, std))
-
-
-def _stats_for(data_cfg: Any, channels: int) -> tuple[list[float], list[float]]:
-    mean, std = list(data_cfg.mean), list(data_cfg.std)
-    if len(mean) != channels:
-        mean = [float(np.mean(mean))] * channels
-        std = [float(np.mean(std))] * channels
-    return mean, std
-
-
-def eval_batches(manifest: Manifest, data_cfg: Any, device: torch.device, batch_size: int = 512,
-                 progress: bool = False) -> Iterator[Batch]:
-    """Every sample once, in index order where held in memory, with the test transform."""
-    channels = image_channels(manifest)
-    mean, std = _stats_for(data_cfg, channels)
-    use_mem = data_cfg.in_memory != "no" and fits_in_memory(manifest, channels,
-                                                            data_cfg.in_memory_max_mb)
-    if use_mem:
-        imgs, labels, valid = decode_all(manifest, channels, progress)
-        tf = batch_eval_transform(data_cfg.image_size, mean, std)
-        keep = torch.from_numpy(np.flatnonzero(valid))
-        images = torch.from_numpy(imgs)
-        lab = torch.from_numpy(labels)
-        for part in keep.split(batch_size):
-            yield Batch(tf(images[part].to(device)), part.to(device), lab[part].to(device))
-        return
-    eval_tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min,
-                               channels, train=False)
-    sd = StreamData(manifest, channels, batch_size, eval_tf, 0, device, data_cfg.workers,
-                    shuffle=False, size=data_cfg.image_size, normalize=(mean, std))
-    yield from sd.epoch_batches(0)
-
-
-@torch.no_grad()
-def extract_features(model: torch.nn.Module, batches: Iterator[Batch], channels_last: bool = False
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """(features (M, D) float32, index (M,), label (M,)) of every batch, on the batches' device."""
-    was_training = model.training
-    model.eval()
-    feats, idx, lab = [], [], []
-    for b in batches:
-        x = b.images.contiguous(memory_format=torch.channels_last) if channels_last else b.images
-        feats.append(model(x).float())
-        idx.append(b.index)
-        lab.append(b.label)
-    model.train(was_training)
-    if not feats:
-        raise DataError("no samples to extract features from")
-    return torch.cat(feats), torch.cat(idx), torch.cat(lab)

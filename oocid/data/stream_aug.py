@@ -13,7 +13,7 @@ changing what they compute:
   gives the same values on it) and is expanded to three at the end;
 - no float conversion here: `augment.normalize_batch` does it once per batch on the device.
 Every random number is drawn from torch's global generator in the reference's order, so with
-the same seed the output equals the reference's (tests/test_stream_aug.py).
+the same seed the output equals the reference's (tests/data/test_stream_aug.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`oocid embed`: features of any shard set, in index order, written to .npy or .npz.
 
-Images go through the checkpoint's test transform (`stream.eval_batches`), batches are
+Images go through the checkpoint's test transform (`oocid.data.eval_data.eval_batches`), batches are
 embedded and written straight into a memory-mapped array at their index, so the features
 never have to fit in memory. M = samples embedded (N minus undecodable ones), F = width.
 
@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import Config, config_from_dict
-from oocid.data.shards import Manifest, read_manifest
-from oocid.data.stream import Batch, eval_batches, image_channels
+from oocid.data.batch import Batch, image_channels
+from oocid.data.eval_data import eval_batches
+from oocid.data.manifest import Manifest, read_manifest
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError, WriteError
 

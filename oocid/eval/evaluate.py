@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from oocid.bank.store import BankStore
-from oocid.data.shards import Manifest, iter_samples
+from oocid.data.manifest import Manifest
+from oocid.data.reader import iter_samples
 from oocid.errors import DataError
 from oocid.method.knn import knn_scores_from_topk, topk_accuracy, topk_streaming
 
@@ -28,7 +29,7 @@ def read_labels(manifest: Manifest) -> np.ndarray:
         labels = np.load(side)
         if labels.shape != (manifest.n,):
             raise DataError(f"{side}: has {labels.shape} labels, manifest says {manifest.n}")
-        return labels.astype(np.int64)
+        return np.asarray(labels, dtype=np.int64)
     labels = np.full(manifest.n, -1, dtype=np.int64)
     for path in manifest.shard_paths():
         for s in iter_samples(path):
@@ -71,7 +72,7 @@ def knn_against(queries: Tensor, query_labels: Tensor,
     """Weighted kNN accuracy of queries against bank chunks; `chunks()` starts a fresh pass
     over the bank for each block of `query_chunk` queries (memory: one chunk + top-k)."""
     all_s, all_i = [], []
-    for q in queries.split(query_chunk):
+    for q in queries.split(query_chunk):  # type: ignore[no-untyped-call]
         s, i = topk_streaming(q, chunks(), k)
         all_s.append(s)
         all_i.append(i)

@@ -77,7 +77,7 @@ def reference_model(arch: str, in_channels: int, head_dim: int | None = None) ->
         net = ctor(num_classes=head_dim or 1000)
         if arch == "cifar_resnet18":
             net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
-            net.maxpool = nn.Identity()  # type: ignore[assignment]
+            net.maxpool = nn.Identity()
         elif in_channels != 3:
             net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
     if head_dim is None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import config_from_dict
-from oocid.data.shards import read_manifest
+from oocid.data.manifest import read_manifest
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError
 from oocid.eval.embed import write_features
@@ -78,7 +78,7 @@ def fit_linear(feats: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Pro
             idx = np.sort(order[a:a + cfg.batch_size])  # sorted: sequential reads of the map
             loss = F.cross_entropy(clf(_batch(feats, idx, device)), y_all[idx])
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
             total += loss.item() * len(idx)

@@ -23,8 +23,11 @@ from oocid.bank.store import open_store
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import Config, DataConfig, config_from_dict
 from oocid.data.augment import batch_eval_transform, sample_transform
-from oocid.data.shards import IMAGE_EXTS, Manifest, RawSample, iter_samples, read_manifest
-from oocid.data.stream import _stats_for, decode_image, eval_batches, fits_in_memory
+from oocid.data.batch import fits_in_memory, normalization_stats
+from oocid.data.decode import decode_image
+from oocid.data.eval_data import eval_batches
+from oocid.data.manifest import IMAGE_EXTS, Manifest, read_manifest
+from oocid.data.reader import RawSample, iter_samples
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError, WriteError
 from oocid.eval.embed import iter_features
@@ -174,10 +177,10 @@ def load_query(path: Path, channels: int) -> Image.Image:
 
 def query_transform(manifest: Manifest, data: DataConfig, channels: int
                     ) -> Callable[[Image.Image], Tensor]:
-    """PIL image -> (C, S, S): the test transform `stream.eval_batches` applies to `manifest`
+    """PIL image -> (C, S, S): the test transform `eval_data.eval_batches` applies to `manifest`
     (the batched resize-only transform where the set is held in memory, else the per-sample
     resize + centre crop)."""
-    mean, std = _stats_for(data, channels)
+    mean, std = normalization_stats(data, channels)
     if data.in_memory != "no" and fits_in_memory(manifest, channels, data.in_memory_max_mb):
         tf = batch_eval_transform(data.image_size, mean, std)
 
@@ -198,7 +201,7 @@ def embed_images(side: TrainingSide, images: Sequence[Image.Image], batch: int =
     if side.cfg.model.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     side.model.eval()
-    return torch.cat([side.model(part).float() for part in x.split(batch)])
+    return torch.cat([side.model(part).float() for part in x.split(batch)])  # type: ignore[no-untyped-call]
 
 
 # ---------------------------------------------------------------------------- neighbours

@@ -16,7 +16,7 @@ negatives are drawn from (the bank held whole, or the cache's resident window).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +83,9 @@ def infonce_shared(x: Tensor, positives: Tensor, negatives: Tensor, temperature:
     `infonce_from_scores(shared_scores(x, positives, negatives), temperature)` (tested to float
     rounding), without materialising the (B, K+1) scores, the cross-entropy's buffers and their
     gradients separately (docs/benchmarks.md, "kernels")."""
-    return _InfoNCEShared.apply(x.float(), positives.detach().float(), negatives.detach().float(),
-                                temperature)
+    out = _InfoNCEShared.apply(x.float(), positives.detach().float(), negatives.detach().float(),
+                               temperature)
+    return cast(Tensor, out)
 
 
 GATHER_BLOCK_BYTES = 4 * 2**20  # rows gathered at once by `gathered_scores` (cache-sized)
@@ -99,7 +100,7 @@ def _kept_table(ctx: Any) -> Tensor:
     """The table `_keep_table` remembered, checked unchanged since the forward pass."""
     if ctx.table._version != ctx.version:
         raise RuntimeError("bank rows changed between the forward and backward pass")
-    return ctx.table
+    return cast(Tensor, ctx.table)
 
 
 class _GatheredScores(torch.autograd.Function):
@@ -142,7 +143,7 @@ class _GatheredScores(torch.autograd.Function):
 def gathered_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
     """Scores (B, K) of x (B, D) against rows `table[pos]` (pos (B, K)), without materialising
     the (B, K, D) gather; the gradient flows to x only (the bank is a constant)."""
-    return _GatheredScores.apply(x.float(), table.detach(), pos)
+    return cast(Tensor, _GatheredScores.apply(x.float(), table.detach(), pos))
 
 
 DENSE_ROWS_PER_NEGATIVE = 32  # `negative_scores` scores the whole table when it has at most
@@ -162,7 +163,7 @@ def negative_scores(x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
     twice gets both gradients either way."""
     b, k = pos.shape
     if dense_scores_apply(b, k, table.shape[0]):
-        return _DenseScores.apply(x.float(), table.detach(), pos)
+        return cast(Tensor, _DenseScores.apply(x.float(), table.detach(), pos))
     return gathered_scores(x, table, pos)
 
 

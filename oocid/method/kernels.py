@@ -11,7 +11,7 @@ build without the op, or one that would round through bfloat16, keeps torch.mm.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ def matmul_nt(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """a (m, D) @ b (n, D)^T as float32 (m, n), no autograd: oneDNN's GEMM for float32 CPU
     tensors where it is there and correct (`onednn_gemm`), else torch.mm (into `out` if given)."""
     if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and onednn_gemm():
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        return cast(Tensor, torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     return torch.mm(a, b.t(), out=out)
 
 
@@ -60,7 +60,7 @@ class _ScoresNT(torch.autograd.Function):
 def scores_nt(x: Tensor, c: Tensor) -> Tensor:
     """x (B, D) @ c (K, D)^T as float32 with autograd to x (c detached), through `matmul_nt`
     both ways."""
-    return _ScoresNT.apply(x.float(), c.detach().float())
+    return cast(Tensor, _ScoresNT.apply(x.float(), c.detach().float()))
 
 
 def take_rows(table: Tensor, pos: Tensor, out: Tensor | None = None) -> Tensor:

@@ -1,4 +1,4 @@
-"""Weighted kNN over the memory bank (METHOD.md section 4), as pure functions.
+"""Weighted kNN over the memory bank (docs/method.md, "Weighted kNN"), as pure functions.
 
 Dimension letters: Q queries, N bank rows, D feature dim, C classes, k neighbours.
 Top-k is computed once at the largest k and reused for smaller k (as DINO's eval does);
@@ -261,7 +261,7 @@ def weighted_knn(queries: Tensor, bank: Tensor, bank_labels: Tensor, k: int, tem
     k = min(k, bank.shape[0])
     labels = bank_labels.to(bank.device).long()
     out = []
-    for q in queries.split(query_chunk):
+    for q in queries.split(query_chunk):  # type: ignore[no-untyped-call]
         sims, idx = (q.float() @ bank.float().t()).topk(k, dim=1)  # (q, k)
         out.append(knn_scores_from_topk(sims, labels[idx], k, temperature, num_classes))
     return torch.cat(out) if out else torch.zeros(0, num_classes)

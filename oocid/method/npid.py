@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from oocid.config import Config
-from oocid.data.stream import Batch, mix_seed
-from oocid.device import Precision, autocast, make_grad_scaler
+from oocid.config import Config, LossConfig, Precision
+from oocid.data.batch import Batch, mix_seed
+from oocid.device import autocast, make_grad_scaler
 from oocid.errors import DivergedError
 from oocid.method import fast
 from oocid.method.kernels import take_rows
@@ -47,7 +47,7 @@ def momentum_update(old: Tensor, new: Tensor, momentum: float) -> Tensor:
 def random_unit_rows(n: int, d: int, generator: torch.Generator | None = None) -> Tensor:
     """A new bank: (n, d) float32 rows uniform on the sphere (normal draws, L2-normalised)."""
     rows = torch.randn(n, d, generator=generator)
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return rows.div(rows.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def softmax_loss(x: Tensor, bank: Tensor, index: Tensor, temperature: float) -> Tensor:
@@ -112,6 +112,37 @@ def infonce_loss(x: Tensor, weights: Tensor, temperature: float) -> Tensor:
     return infonce_from_scores(scores, temperature)
 
 
+def bank_loss(f: Tensor, index: Tensor, bank: Bank, lc: LossConfig, n_data: int,
+              zest: ZEstimator | None, generator: torch.Generator
+              ) -> tuple[Tensor, float | None, Tensor | None]:
+    """The loss of features f (B, D) of images `index` (B,) against the bank, by `lc.kind`:
+    returns (loss, Z or None, the positives' rows v_i as gathered; None for the exact softmax)."""
+    if lc.kind == "auto":
+        raise ValueError('loss.kind "auto" must be resolved first (oocid.train.setup.resolve_loss)')
+    if lc.kind == "softmax":  # scores against all N rows (the fast GEMM: fast.softmax_loss)
+        return fast.softmax_loss(f, bank.all_rows(), index, lc.temperature), None, None
+    b, k, shared = f.shape[0], lc.nce_k, lc.negatives == "shared"
+    pos = bank.gather(index)  # (B, D) v_i, a copy
+    # negatives, uniform over the bank (over the cache's window when it is partial)
+    table, at = bank.draw((k,) if shared else (b, k), generator,  # at: (K,) | (B, K)
+                          score_whole=lambda t: fast.dense_scores_apply(b, k, t))
+    if shared:
+        neg = take_rows(table, at)  # (K, D)
+        if lc.kind == "infonce":
+            return fast.infonce_shared(f, pos, neg, lc.temperature), None, pos
+        scores = fast.shared_scores(f, pos, neg)  # (B, K+1)
+    else:
+        pos_s = (f.float() * pos.float()).sum(1, keepdim=True)  # (B, 1)
+        scores = torch.cat([pos_s, fast.negative_scores(f, table, at)], dim=1)  # (B, K+1)
+    if lc.kind == "infonce":
+        return infonce_from_scores(scores, lc.temperature), None, pos
+    if zest is None:
+        raise ValueError("NCE needs a ZEstimator for its normalising constant Z")
+    z = zest(scores, n_data, lc.temperature)
+    probs, _ = nce_probs(scores, n_data, lc.temperature, z)
+    return nce_criterion(probs, n_data, lc.eps), float(z.item()), pos
+
+
 @dataclass
 class StepOut:
     loss: float
@@ -142,33 +173,10 @@ class NPIDStep:
 
     def loss(self, f: Tensor, index: Tensor, step: int
              ) -> tuple[Tensor, float | None, Tensor | None]:
-        """(loss, Z or None, the positives' bank rows as gathered; None for the exact softmax)."""
-        lc = self.cfg.loss
-        if lc.kind == "auto":
-            raise ValueError('loss.kind "auto" must be resolved first (oocid.train.setup.resolve_loss)')
-        if lc.kind == "softmax":  # scores against all N rows (the fast GEMM: fast.softmax_loss)
-            return fast.softmax_loss(f, self.bank.all_rows(), index, lc.temperature), None, None
-        b, k, shared = f.shape[0], lc.nce_k, lc.negatives == "shared"
+        """`bank_loss` with this step's negatives drawn from a generator seeded by (seed, step)."""
         g = torch.Generator(device=self.bank.device)
         g.manual_seed(mix_seed(self.seed, 6, step))
-        pos = self.bank.gather(index)  # (B, D) v_i, a copy
-        # negatives, uniform over the bank (over the cache's window when it is partial)
-        table, at = self.bank.draw((k,) if shared else (b, k), g,  # at: (K,) | (B, K)
-                                   score_whole=lambda t: fast.dense_scores_apply(b, k, t))
-        if shared:
-            neg = take_rows(table, at)  # (K, D)
-            if lc.kind == "infonce":
-                return fast.infonce_shared(f, pos, neg, lc.temperature), None, pos
-            scores = fast.shared_scores(f, pos, neg)  # (B, K+1)
-        else:
-            pos_s = (f.float() * pos.float()).sum(1, keepdim=True)  # (B, 1)
-            scores = torch.cat([pos_s, fast.negative_scores(f, table, at)], dim=1)  # (B, K+1)
-        if lc.kind == "infonce":
-            return infonce_from_scores(scores, lc.temperature), None, pos
-        assert self.zest is not None
-        z = self.zest(scores, self.n_data, lc.temperature)
-        probs, _ = nce_probs(scores, self.n_data, lc.temperature, z)
-        return nce_criterion(probs, self.n_data, lc.eps), float(z.item()), pos
+        return bank_loss(f, index, self.bank, self.cfg.loss, self.n_data, self.zest, g)
 
     def __call__(self, batch: Batch | list[Batch], step: int, lr: float) -> StepOut:
         """One optimiser step over one batch, or over micro-batches whose gradients accumulate

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
-ZMode = Literal["oneshot", "ema"]
+from oocid.config import ZMode
 
 
 @dataclass

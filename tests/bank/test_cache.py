@@ -19,16 +19,17 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import oocid.bank.cache as cache_mod
 from oocid.bank.cache import ChunkCache
+from oocid.bank.create import create_store
 from oocid.bank.incore import InCoreBank
-from oocid.bank.store import create_store, open_store
+from oocid.bank.store import open_store
 from oocid.config import demo_config
-from oocid.data.stream import Batch
+from oocid.data.batch import Batch
 from oocid.errors import InputError
 from oocid.method.fast import dense_scores_apply
 from oocid.method.npid import NPIDStep, momentum_update, random_unit_rows
 from oocid.method.zest import ZEstimator
 from oocid.models import build_model
-from oocid.train.loop import build_optimizer
+from oocid.train.setup import build_optimizer
 
 CPU = torch.device("cpu")
 
@@ -314,7 +315,7 @@ def test_per_sample_negatives_through_a_fresh_partial_cache_have_finite_gradient
     """losses.negative_scores scores every row of the cache's table, loaded or not, and the
     gradient multiplies each by zero where it was not drawn: slots never loaded must hold
     finite numbers. (Uninitialised slots over reused heap memory made every step of a resumed
-    run non-finite in tests/test_kill.py; here uninitialised memory is made NaN on purpose.)"""
+    run non-finite in tests/train/test_kill.py; here uninitialised memory is made NaN on purpose.)"""
     from oocid.method.fast import negative_scores
 
     n_chunks, r = 40, 16

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oocid.bank.store import create_store
+from oocid.bank.create import create_store
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
 ENV["COLUMNS"] = "200"  # help text unwrapped, whatever the terminal

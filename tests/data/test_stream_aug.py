@@ -167,8 +167,11 @@ def test_stream_data_batches_equal_the_reference_per_sample(tmp_path: Path, work
     """StreamData as `oocid train` builds it (data.in_memory = no): every streamed image equals
     the torchvision reference seeded as the stream seeds that sample."""
     from oocid.config import DataConfig
-    from oocid.data.shards import iter_samples, read_manifest, write_shards
-    from oocid.data.stream import StreamData, make_train_data, mix_seed
+    from oocid.data.batch import mix_seed
+    from oocid.data.manifest import read_manifest
+    from oocid.data.reader import iter_samples
+    from oocid.data.stream import StreamData, make_train_data
+    from oocid.data.writer import write_shards
 
     src = tmp_path / "src"
     for k in range(23):
@@ -197,8 +200,9 @@ def test_workers_share_every_sample_once_and_evenly(tmp_path: Path, n: int, size
                                                     ) -> None:
     """Whole shards while each worker gets one, the rest split sample by sample: with fewer
     shards than workers (a 2,000-image set is one default shard) every worker still works."""
-    from oocid.data.shards import iter_samples, write_shards
+    from oocid.data.reader import iter_samples
     from oocid.data.stream import ShardStream
+    from oocid.data.writer import write_shards
 
     np.savez(tmp_path / "x.npz", images=np.zeros((n, 2, 2), np.uint8))
     m = write_shards(tmp_path / "x.npz", tmp_path / "s", shard_size=size, progress=False)
@@ -215,8 +219,8 @@ def test_workers_share_every_sample_once_and_evenly(tmp_path: Path, n: int, size
 
 
 def test_shuffle_buffer_yields_early_and_every_sample_once(tmp_path: Path) -> None:
-    from oocid.data.shards import write_shards
     from oocid.data.stream import SHUFFLE_START, ShardStream
+    from oocid.data.writer import write_shards
 
     np.savez(tmp_path / "x.npz", images=np.zeros((700, 2, 2), np.uint8))
     m = write_shards(tmp_path / "x.npz", tmp_path / "s", shard_size=100, progress=False)
@@ -238,7 +242,7 @@ def test_shuffle_buffer_yields_early_and_every_sample_once(tmp_path: Path) -> No
 
 def _same_size_set(tmp_path: Path, n: int, bad: int | None = None) -> Path:
     """n 20x16 PNGs in two classes (one of another size at `bad`), sharded by 8."""
-    from oocid.data.shards import write_shards
+    from oocid.data.writer import write_shards
 
     src = tmp_path / "src"
     for k in range(n):
@@ -257,8 +261,10 @@ def test_batched_stream_equals_batch_augment_of_the_decoded_images(tmp_path: Pat
     epoch, first index); every index once, in a shuffled order, the same on a second pass."""
     from oocid.config import DataConfig
     from oocid.data.augment import batch_augment_for
-    from oocid.data.shards import iter_samples, read_manifest
-    from oocid.data.stream import DecodeFixed, StreamData, make_train_data, mix_seed
+    from oocid.data.batch import mix_seed
+    from oocid.data.manifest import read_manifest
+    from oocid.data.reader import iter_samples
+    from oocid.data.stream import DecodeFixed, StreamData, make_train_data
 
     m = read_manifest(_same_size_set(tmp_path, 23))
     cfg = DataConfig(image_size=12, augment="cifar", in_memory="no", batch_size=5, workers=workers,
@@ -286,7 +292,7 @@ def test_batched_stream_skips_an_image_of_another_size_and_sample_mode_is_per_sa
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from oocid.config import DataConfig
     from oocid.data.augment import batch_augment_for
-    from oocid.data.shards import read_manifest
+    from oocid.data.manifest import read_manifest
     from oocid.data.stream import DecodeFixed, StreamData, make_train_data
     from oocid.errors import DataError
 

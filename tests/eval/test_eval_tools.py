@@ -23,16 +23,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config, tiny_npz
 from PIL import Image
 from typer.testing import CliRunner
 
-from oocid.bank.store import create_store
+from oocid.bank.create import create_store
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.cli.app import app
 from oocid.cli.knn import confusion_matrix, knn_report, per_class_top1, run_knn, run_search, write_sheet
 from oocid.config import config_from_dict
-from oocid.data.shards import iter_samples, read_manifest, write_shards
-from oocid.data.stream import eval_batches, extract_features
+from oocid.data.eval_data import eval_batches, extract_features
+from oocid.data.manifest import read_manifest
+from oocid.data.reader import iter_samples
+from oocid.data.writer import write_shards
 from oocid.errors import DataError, InputError
 from oocid.eval.embed import embed_shards
 from oocid.eval.evaluate import read_labels
@@ -41,9 +44,6 @@ from oocid.eval.retrieval import sheet_size, source_path, topk_indexed
 from oocid.method.knn import topk_accuracy, weighted_knn
 from oocid.models import ARCHS, SmallConvNet, build_model
 from oocid.train.loop import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import tiny_config, tiny_npz
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
 ENV["OMP_NUM_THREADS"] = "1"  # the processes run beside the in-process tests

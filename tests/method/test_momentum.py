@@ -1,4 +1,4 @@
-"""The momentum update of the memory bank (METHOD.md section 3)."""
+"""The momentum update of the memory bank (docs/method.md, "The memory update")."""
 
 from __future__ import annotations
 

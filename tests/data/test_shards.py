@@ -1,4 +1,5 @@
-"""Tests for oocid.data.shards: round trips, determinism, skipped inputs, and every error path."""
+"""Tests for the shards (oocid.data.writer, manifest, reader, ustar): round trips, determinism,
+skipped inputs, and every error path."""
 
 from __future__ import annotations
 
@@ -14,18 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from oocid.data.shards import (
-    MANIFEST_NAME,
-    Manifest,
-    RawSample,
-    iter_samples,
-    read_manifest,
-    verify_shards,
-    write_shards,
-)
+from oocid.data.manifest import MANIFEST_NAME, Manifest, read_manifest, verify_shards
+from oocid.data.reader import RawSample, iter_samples
+from oocid.data.writer import write_shards
 from oocid.errors import DataError, InputError, OocidError
 
-DEMO = Path(__file__).resolve().parents[1] / "oocid" / "data" / "fashion_mnist_demo.npz"
+DEMO = Path(__file__).resolve().parents[2] / "oocid" / "data" / "fashion_mnist_demo.npz"
 
 
 def make_npz(
@@ -444,7 +439,7 @@ def test_cli_short_side_option(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from oocid.cli.app import app
-    from oocid.data.shards import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE
+    from oocid.data.sources import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE
 
     src = tmp_path / "flat"
     src.mkdir()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_train.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_train.py"
 
 
 def load_tool(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]

@@ -1,9 +1,9 @@
 """Fuzzing the readers: generated manifests, configs and tar shards give a result or an
 OocidError (a one-line message for the user), never another exception (a traceback).
 
-Readers covered: `shards.read_manifest` (+ the stream's use of the manifest's image statistics),
-`config.load_config` / `parse_override` / `config_from_dict`, `shards.iter_samples` and the
-training stream's decode of a shard (`stream.StreamData`, `stream.decode_all`).
+Readers covered: `manifest.read_manifest` (+ the stream's use of the manifest's image statistics),
+`config.load_config` / `parse_override` / `config_from_dict`, `reader.iter_samples` and the
+training stream's decode of a shard (`stream.StreamData`, `memory.decode_all`).
 """
 
 from __future__ import annotations
@@ -24,8 +24,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oocid.config import Config, config_from_dict, load_config, parse_override
-from oocid.data.shards import MANIFEST_NAME, Manifest, iter_samples, read_manifest, write_shards
-from oocid.data.stream import StreamData, decode_all, fits_in_memory, image_channels, same_size
+from oocid.data.batch import fits_in_memory, image_channels, same_size
+from oocid.data.manifest import MANIFEST_NAME, Manifest, read_manifest
+from oocid.data.memory import decode_all
+from oocid.data.reader import iter_samples
+from oocid.data.stream import StreamData
+from oocid.data.writer import write_shards
 from oocid.errors import DataError, OocidError
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -374,7 +378,7 @@ def test_fast_tar_reader_reads_what_tarfile_reads(tmp_path: Path, data: bytes) -
     tarfile does (having yielded the same samples, give or take the last complete one); where
     tarfile finds no file member it does not look for the end-of-archive marker, so a truncated
     shard of directories only is an error for oocid's reader alone."""
-    from oocid.data.shards import _iter_raw, _iter_tarfile
+    from oocid.data.reader import _iter_raw, _iter_tarfile
 
     shard = tmp_path / "shard-000000.tar"
     shard.write_bytes(data)

@@ -1,5 +1,6 @@
 """Collapse detection: fires on the paper's NCE (one-shot Z, K 4096) on the 10,000-image demo
-data, where METHOD.md section 8 saw it collapse, and stays silent on the demo's default."""
+data, where docs/method.md ("Notes from experiments") saw it collapse, and stays silent on the
+demo's default."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import pytest
 import torch
 
 from oocid.config import demo_config
-from oocid.data.shards import write_shards
+from oocid.data.writer import write_shards
 from oocid.demo import demo_data_path
 from oocid.method.npid import StepOut
-from oocid.train.loop import CollapseWatch, train
+from oocid.train.loop import train
+from oocid.train.watch import CollapseWatch
 
 
 class FakeStep:

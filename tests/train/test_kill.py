@@ -1,5 +1,5 @@
 """A training process killed with SIGKILL at a random moment leaves a bank that verifies, and
-`--resume` then completes the run (DESIGN.md: crash safety)."""
+`--resume` then completes the run (docs/design.md: crash safety)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from oocid.bank.store import open_store, verify_store
-from oocid.data.shards import write_shards
+from oocid.bank.store import open_store
+from oocid.bank.verify import verify_store
+from oocid.data.writer import write_shards
 
 CONFIG = """
 [model]

@@ -9,44 +9,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_config, tiny_npz
 
+from oocid.bank.create import create_store
 from oocid.bank.incore import InCoreBank
-from oocid.bank.store import create_store, open_store, verify_store
-from oocid.config import Config, demo_config
-from oocid.data.shards import write_shards
-from oocid.data.stream import Batch
+from oocid.bank.store import open_store
+from oocid.bank.verify import verify_store
+from oocid.data.batch import Batch
+from oocid.data.writer import write_shards
 from oocid.errors import DataError, InputError
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import build_model
-from oocid.train.loop import build_optimizer, train
-
-
-def tiny_npz(path: Path, n: int = 96, size: int = 16, classes: int = 4, seed: int = 0) -> Path:
-    """Synthetic labeled grayscale images: each class a different bar orientation plus noise."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % classes
-    yy, xx = np.mgrid[0:size, 0:size]
-    images = np.zeros((n, size, size), dtype=np.uint8)
-    for i, c in enumerate(labels):
-        pattern = [(xx // 3) % 2, (yy // 3) % 2, ((xx + yy) // 3) % 2, ((xx - yy) // 3) % 2][c % 4]
-        img = pattern * 180 + rng.integers(0, 60, (size, size))
-        images[i] = np.clip(img, 0, 255)
-    np.savez(path, images=images, labels=labels.astype(np.int64),
-             class_names=np.array([f"c{i}" for i in range(classes)]))
-    return path
-
-
-def tiny_config(**loss: object) -> Config:
-    cfg = demo_config()
-    cfg.data.image_size = 16
-    cfg.data.batch_size = 32
-    cfg.optim.epochs = 3
-    cfg.optim.lr = 0.05
-    cfg.train.knn_k = 10
-    for key, value in loss.items():
-        setattr(cfg.loss, key, value)
-    return cfg
+from oocid.train.loop import train
+from oocid.train.setup import build_optimizer
 
 
 @pytest.fixture()
@@ -62,7 +38,7 @@ def shards(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.mark.parametrize("kind", ["softmax", "nce", "infonce"])
 def test_loss_goes_down_on_a_fixed_batch(tmp_path: Path, kind: str) -> None:
     torch.manual_seed(0)
-    # NCE needs N well above K (METHOD.md: one-shot Z is fragile on small data; EMA Z here)
+    # NCE needs N well above K (docs/method.md: one-shot Z is fragile on small data; EMA Z here)
     n = 1024
     cfg = tiny_config(kind=kind, nce_k=64, z="ema", temperature=0.1)
     store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=256)
@@ -202,7 +178,7 @@ def test_non_finite_batch_does_not_poison_z(tmp_path: Path) -> None:
 
 
 def test_local_order_is_a_permutation_that_keeps_batches_on_few_chunks() -> None:
-    from oocid.data.stream import local_order
+    from oocid.data.memory import local_order
 
     valid = torch.tensor([i for i in range(1000) if i % 37 != 5])  # some rows skipped as bad
     g = torch.Generator().manual_seed(0)
@@ -240,7 +216,7 @@ def test_in_memory_data_with_a_partial_cache_reads_each_chunk_few_times(
 def test_auto_loss_is_softmax_when_the_bank_fits_and_infonce_when_not(
         tmp_path: Path, shards: tuple[Path, Path]) -> None:
     from oocid.config import LossConfig
-    from oocid.train.loop import resolve_loss
+    from oocid.train.setup import resolve_loss
 
     assert LossConfig().kind == "auto"
     cfg = tiny_config(kind="auto")

@@ -40,9 +40,11 @@ import numpy as np
 import pytest
 import torch
 
-from oocid.bank.store import open_store, verify_store
+from oocid.bank.store import open_store
+from oocid.bank.verify import verify_store
 from oocid.checkpoint import load_checkpoint
-from oocid.data.shards import MANIFEST_NAME, manifest_identity, write_shards
+from oocid.data.manifest import MANIFEST_NAME, manifest_identity
+from oocid.data.writer import write_shards
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
@@ -195,7 +197,7 @@ def reseal_manifest(shards: Path) -> None:
     for s in m["shards"]:
         data = (shards / s["name"]).read_bytes()
         s["nbytes"], s["sha256"] = len(data), hashlib.sha256(data).hexdigest()
-    from oocid.data.shards import ShardInfo
+    from oocid.data.manifest import ShardInfo
 
     infos = tuple(ShardInfo(**s) for s in m["shards"])
     m["identity"] = manifest_identity(m["n"], m["shard_size"], infos)
@@ -295,7 +297,7 @@ def test_disk_full_during_the_checkpoint_write(setup: Setup) -> None:
     assert verify_store(bank).ok
 
 
-@pytest.mark.parametrize("kind", ["zarr"])  # npy: the checkpoint test above; tests/test_store.py
+@pytest.mark.parametrize("kind", ["zarr"])  # npy: the checkpoint test above; tests/bank/test_store.py
 def test_disk_full_during_the_bank_commit(tmp_path: Path, kind: str) -> None:
     """2048 rows: the epoch's journal (1 MB) exceeds the limit, the checkpoint (SGD without
     momentum, 0.47 MB) does not: the bank commit fails, exit 4, naming the bank; the new
@@ -310,7 +312,8 @@ def test_disk_full_during_the_bank_commit(tmp_path: Path, kind: str) -> None:
     limit = 768 * 1024
     assert ckpt < limit < 2048 * 128 * 4, ckpt
     res = oocid(*train_args(shards, bank, run, None, "--resume", "--epochs", 2), fsize=limit)
-    assert_error(res, 4, (re.escape(str(bank)), "could not write bank journal: File too large"))
+    assert_error(res, 4, (re.escape(str(bank)),
+                          r"could not write bank journal: disk full \(File too large\)"))
     assert_intact(bank, run, 8)
     ok(oocid(*train_args(shards, bank, run, None, "--resume", "--epochs", 2)))
     assert [m["epoch"] for m in metrics(run)] == [1, 2]

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_knn.py"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_knn.py"
 
 
 def load_tool():  # type: ignore[no-untyped-def]

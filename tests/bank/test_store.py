@@ -20,20 +20,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oocid.bank.store import (
-    BankStore,
-    _init_rows,
-    check_matches,
-    create_store,
-    open_store,
-    store_info,
-    verify_store,
-    write_journal,
-)
+from oocid.bank.create import _init_rows, create_store
+from oocid.bank.journal import write_journal
+from oocid.bank.store import BankStore, check_matches, open_store
+from oocid.bank.verify import store_info, verify_store
 from oocid.errors import DataError, InputError, WriteError
 
 KINDS = ["zarr", "npy"]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -351,7 +345,7 @@ def test_disk_full_during_journal_is_a_write_error(tmp_path: Path, kind: str,
             m.setattr(os, "fsync", full)
             with pytest.raises(WriteError) as e:
                 s.write_chunks({0: np.ones((4, 2), np.float32)}, step=1)
-        assert str(e.value) == f"{path}: could not write bank journal: No space left on device"
+        assert str(e.value) == f"{path}: could not write bank journal: disk full (No space left on device)"
         assert not any(p.exists() for p in journal_paths(s))
         np.testing.assert_array_equal(s.read_rows(0, 8), old)
     with open_store(path) as s:
@@ -380,7 +374,7 @@ def test_file_size_limit_in_subprocess(tmp_path: Path, kind: str) -> None:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
                          text=True, timeout=60)
-    assert out.stdout.strip() == f"{path}: could not write bank journal: File too large", out
+    assert out.stdout.strip() == f"{path}: could not write bank journal: disk full (File too large)", out
     with open_store(path) as s:
         np.testing.assert_array_equal(s.read_rows(0, 64), old)
         assert not any(p.exists() for p in journal_paths(s))

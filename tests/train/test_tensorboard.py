@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from oocid.config import Config, demo_config
-from oocid.data.shards import write_shards
+from oocid.data.writer import write_shards
 from oocid.errors import InputError
 from oocid.train.loop import train
 

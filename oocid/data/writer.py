@@ -1,0 +1,251 @@
+"""Images -> WebDataset tar shards + `manifest.json` (`write_shards`, `oocid shard`).
+
+The source's samples (`oocid.data.sources`) are shuffled once with
+`numpy.random.default_rng(seed)` and numbered 0..N-1 in that order; shard s holds the
+contiguous indices [s*S, min((s+1)*S, N)). Per sample, with key = f"{index:09d}":
+
+    {key}.{png|jpg|webp}  image bytes (JPEG/PNG/WEBP as given, other formats re-encoded to PNG;
+                          with `short_side` N > 0 (default 256), an image whose shorter side
+                          exceeds N is stored resized to N on that side, aspect kept, as JPEG)
+    {key}.json            {"index": i, "label": y or null, "path": source path}
+    {key}.cls             label as ASCII digits (labeled sources only)
+
+Tars are byte-deterministic (mtime 0, uid/gid 0, mode 0o644): the same source and seed give
+the same shards and the same manifest identity. Each shard is written to a temp name and
+renamed (`oocid.atomic`); manifest.json is written last, atomically. Unreadable inputs are
+skipped, reported on stderr and listed in the manifest; they take no index.
+
+Storing images at a training size is the usual practice (FFCV and others write resized
+ImageNet): RandomResizedCrop(224) and Resize(256) + CenterCrop(224) need no more than a 256 px
+shorter side, and a smaller JPEG decodes faster (docs/benchmarks.md, "Decoding"). The
+manifest's image_stats record the option ("resize") and the original sizes ("original").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+import numpy as np
+from tqdm import tqdm
+
+from oocid.atomic import AtomicFile, write_error
+from oocid.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_identity, write_manifest
+from oocid.data.sources import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE, Encoded, open_source
+from oocid.errors import InputError, WriteError
+
+DEFAULT_SHARD_SIZE = 4096
+_OWN_NAME = re.compile(r"^(manifest\.json(\.tmp)?|shard-[0-9]+\.tar(\.tmp)?)$")
+
+
+class _HashingFile:
+    """Write-through file wrapper that hashes and counts what passes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, b: bytes) -> int:
+        self.sha.update(b)
+        self.nbytes += len(b)
+        return self.f.write(b)
+
+
+class _ShardWriter:
+    """Appends samples with consecutive indices; closes a shard every `shard_size` samples."""
+
+    def __init__(self, out: Path, shard_size: int) -> None:
+        self.out, self.size, self.n = out, shard_size, 0
+        self.shards: list[ShardInfo] = []
+        self._file: AtomicFile | None = None
+        self._hash: _HashingFile | None = None
+        self._tar: tarfile.TarFile | None = None
+
+    def path(self) -> Path:
+        """The shard being written (or the next one)."""
+        return self.out / f"shard-{len(self.shards):06d}.tar"
+
+    def add(self, enc: Encoded, label: int | None, path: str) -> None:
+        if self._tar is None:
+            self._file = AtomicFile(self.path(), "shard")
+            self._hash = _HashingFile(self._file.file)
+            sink = cast("IO[bytes]", self._hash)
+            self._tar = tarfile.open(fileobj=sink, mode="w|", format=tarfile.USTAR_FORMAT)
+        key = f"{self.n:09d}"
+        meta = {"index": self.n, "label": label, "path": path}
+        self._member(f"{key}.{enc.ext}", enc.data)
+        self._member(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        if label is not None:
+            self._member(f"{key}.cls", str(label).encode())
+        self.n += 1
+        if self.n % self.size == 0:
+            self.finish()
+
+    def _member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        assert self._tar is not None
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def finish(self) -> None:
+        """Close the open shard (if any): fsync, rename into place, record it."""
+        if self._tar is None or self._file is None or self._hash is None:
+            return
+        self._tar.close()
+        self._file.commit()
+        start = len(self.shards) * self.size
+        self.shards.append(
+            ShardInfo(self.path().name, start, self.n, self._hash.sha.hexdigest(), self._hash.nbytes)
+        )
+        self._tar = self._file = self._hash = None
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.abort()
+
+
+def _is_shard_dir(out: Path) -> bool:
+    """True if `out` holds an oocid manifest, or only oocid's own file names."""
+    names = [p.name for p in out.iterdir()]
+    if MANIFEST_NAME in names:
+        try:
+            return bool(json.loads((out / MANIFEST_NAME).read_text()).get("format") == FORMAT)
+        except (OSError, ValueError, AttributeError, RecursionError):
+            return False
+    return all(_OWN_NAME.match(name) for name in names)
+
+
+def _prepare_out(out: Path, src: Path) -> None:
+    """Create `out`, or clear an earlier oocid shard dir there (manifest first)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not _is_shard_dir(out):
+        raise InputError(f"{out}: not empty and not an oocid shard folder; refusing to overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        for p in sorted(out.iterdir()):
+            if _OWN_NAME.match(p.name):
+                p.unlink()
+    except OSError as e:
+        raise WriteError(f"{out}: cannot prepare output folder: {e}") from None
+
+
+def _stats(encs: list[Encoded], short: int, quality: int) -> dict:
+    """{"height"/"width": {min, max, mean} as stored, "channels"/"formats": {value: count},
+    "original": the sources' "height"/"width", "resize": {short_side, quality, resized}}."""
+
+    def mmm(values: list[int]) -> dict:
+        a = np.array(values)
+        return {"min": int(a.min()), "max": int(a.max()), "mean": float(a.mean())}
+
+    channels = Counter(str(e.channels) for e in encs)
+    formats = Counter(e.ext for e in encs)
+    resized = sum(1 for e in encs if e.orig_height)
+    return {
+        "height": mmm([e.height for e in encs]),
+        "width": mmm([e.width for e in encs]),
+        "channels": dict(sorted(channels.items())),
+        "formats": dict(sorted(formats.items())),
+        "original": {"height": mmm([e.orig_height or e.height for e in encs]),
+                     "width": mmm([e.orig_width or e.width for e in encs])},
+        "resize": {"short_side": short, "quality": quality, "resized": resized},
+    }
+
+
+def _shown(src: Path, path: str) -> str:
+    """A stored source path as the user knows it."""
+    return f"{src} ({path})" if path.startswith("npz:") else str(src / path)
+
+
+def _warn(msg: str) -> None:
+    tqdm.write(f"oocid: warning: {msg}", file=sys.stderr)
+
+
+def write_shards(
+    src: Path,
+    out: Path,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    seed: int = 0,
+    split: str = "train",
+    progress: bool = True,
+    short_side: int = DEFAULT_SHORT_SIDE,
+    quality: int = DEFAULT_QUALITY,
+) -> Manifest:
+    """Shard `src` (folder or .npz) into `out`; return the manifest written last.
+
+    `split` picks `{split}_images`/`{split}_labels` of an npz that has no `images` array.
+    Images whose shorter side exceeds `short_side` are stored resized to it (JPEG `quality`);
+    the others byte for byte; `short_side` 0 stores every image as given.
+    """
+    src, out = Path(src), Path(out)
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise InputError(f"shard size must be a positive integer, got {shard_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 0:
+        raise InputError(f"short side must be a non-negative integer (0: keep sizes), got {short_side!r}")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InputError(f"JPEG quality must be an integer in 1..100, got {quality!r}")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise InputError(f"{out}: output folder must not be inside the source folder {src}")
+    source = open_source(src, split)
+    skipped = list(source.skipped)
+    for s in skipped:
+        _warn(f"skipped {_shown(src, s['path'])}: {s['error']}")
+    _prepare_out(out, src)
+
+    writer = _ShardWriter(out, shard_size)
+    sizes: list[Encoded] = []
+    order = np.random.default_rng(seed).permutation(len(source.paths))
+    try:
+        for j in tqdm(
+            order.tolist(), desc="shard", unit="img", file=sys.stderr, disable=not progress
+        ):
+            path = source.paths[j]
+            try:
+                enc = source.encode(j, short_side, quality)
+            except Exception as e:  # any decode failure: record, warn, go on
+                reason = " ".join(str(e).split()) or type(e).__name__
+                skipped.append({"path": path, "error": reason})
+                _warn(f"skipped {_shown(src, path)}: {reason}")
+                continue
+            writer.add(enc, None if source.labels is None else source.labels[j], path)
+            enc.data = b""  # written; keep only the sizes
+            sizes.append(enc)
+        writer.finish()
+    except OSError as e:
+        writer.abort()
+        raise write_error(writer.path(), "shard", e) from None
+    if skipped:
+        _warn(
+            f"skipped {len(skipped)} of {len(source.paths) + len(source.skipped)} inputs "
+            f"(listed in {out / MANIFEST_NAME})"
+        )
+    if writer.n == 0:
+        raise InputError(f"{src}: no readable images ({len(skipped)} skipped)")
+
+    shards = tuple(writer.shards)
+    manifest = Manifest(
+        root=out,
+        n=writer.n,
+        shard_size=shard_size,
+        shards=shards,
+        classes=source.classes,
+        image_stats=_stats(sizes, short_side, quality),
+        source=str(src),
+        seed=seed,
+        skipped=tuple(skipped),
+        identity=manifest_identity(writer.n, shard_size, shards),
+    )
+    write_manifest(manifest)
+    return manifest

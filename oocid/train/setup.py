@@ -1,0 +1,107 @@
+"""What a run is built from: the bank opened or created, the loss resolved, the device cache
+sized, the optimiser and its schedule, and the check that a resume matches its checkpoint."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from oocid.bank.cache import ChunkCache
+from oocid.bank.create import create_store
+from oocid.bank.sizing import default_cache_rows, default_pool_chunks
+from oocid.bank.store import BankStore, check_matches, open_store
+from oocid.config import Config, auto_loss
+from oocid.data.manifest import Manifest
+from oocid.errors import InputError
+
+Say = Callable[[str], None]  # where a run's one-line messages go (stderr by default)
+
+
+def config_diff(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
+    """['optim.lr 0.03 -> 0.1', ...] for every key that differs (dotted names)."""
+    out = []
+    a, b = old.to_dict(), new.to_dict()
+    for sec in a:
+        for key in a[sec]:
+            name = f"{sec}.{key}"
+            if name not in ignore and a[sec][key] != b[sec][key]:
+                out.append(f"{name} {a[sec][key]!r} -> {b[sec][key]!r}")
+    return out
+
+
+def lr_at(cfg: Config, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """Learning rate: x gamma at each milestone epoch (official), or cosine per iteration to 0."""
+    o = cfg.optim
+    if o.schedule == "cosine":
+        t = (epoch * steps_per_epoch + step_in_epoch) / max(1, o.epochs * steps_per_epoch)
+        return o.lr * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+    return o.lr * o.gamma ** sum(1 for m in o.milestones if epoch >= m)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                           weight_decay=cfg.optim.weight_decay)
+
+
+def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool
+                        ) -> BankStore:
+    """The bank at `bank_path`, checked against the shards; created from the manifest if absent."""
+    if bank_path.exists():
+        store = open_store(bank_path)
+        check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
+        if not resume and store.meta.committed_step >= 0:
+            store.close()
+            raise InputError(f"{bank_path}: already holds a trained bank (step "
+                             f"{store.meta.committed_step}); pass --resume to continue it or "
+                             "choose a new --bank path")
+        return store
+    if resume:
+        raise InputError(f"{bank_path}: no bank to resume")
+    return create_store(bank_path, manifest.n, cfg.model.dim, dtype=cfg.bank.dtype,
+                        chunk_rows=manifest.shard_size, manifest_id=manifest.identity,
+                        momentum=cfg.bank.momentum, seed=cfg.bank.seed)
+
+
+def cache_budget_rows(cfg: Config, store: BankStore | None, device: torch.device,
+                      n_rows: int = 0) -> int:
+    """Rows the device cache may hold: --cache-mb / (4 D), or the default budget."""
+    n, dim = (store.n_rows, store.dim) if store is not None else (n_rows, cfg.model.dim)
+    if cfg.bank.cache_mb > 0:
+        return int(cfg.bank.cache_mb * 2**20) // (dim * 4)
+    return default_cache_rows(n, dim, device)
+
+
+def resolve_loss(cfg: Config, n_rows: int, device: torch.device, say: Say | None = None) -> Config:
+    """`loss.kind = "auto"` -> the measured default of the size regime (`config.auto_loss`):
+    the exact softmax when the whole bank fits the device cache, sampled negatives otherwise.
+    Returns a copy with the kind set (what config.json and the checkpoints record)."""
+    if cfg.loss.kind != "auto":
+        return cfg
+    fits = cache_budget_rows(cfg, None, device, n_rows) >= n_rows
+    out = copy.deepcopy(cfg)
+    out.loss.kind = auto_loss(fits)
+    if say is not None:
+        say(f"oocid: loss.kind = auto -> {out.loss.kind} (the bank of {n_rows} rows "
+            + ("fits" if fits else "does not fit") + " the device cache)")
+    return out
+
+
+def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_epoch: int,
+               in_memory: bool = False) -> ChunkCache:
+    """The device cache with the configured budget (rows = MB / (4 D)).
+
+    The pool for the positives is sized for the data order: a stream's shuffle buffers, or the
+    two groups of chunks that a chunk-local in-memory batch can span (`oocid.data.memory.local_order`)."""
+    budget = cache_budget_rows(cfg, store, device)
+    pool = cfg.bank.pool_chunks or None
+    if pool is None and budget < store.n_rows:
+        if in_memory:
+            pool = 2 * -(-cfg.data.batch_size // store.chunk_rows) + 1  # + a short group
+        else:
+            pool = default_pool_chunks(budget, store.chunk_rows, cfg.data.workers,
+                                       cfg.data.shuffle_buffer)
+    return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)

@@ -1,0 +1,93 @@
+"""A run's state between steps (`RunState`), an epoch's running totals, and the checkpoint that
+pairs them with the bank's commit."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oocid import __version__
+from oocid.bank.cache import ChunkCache
+from oocid.checkpoint import finish_checkpoint, save_checkpoint
+from oocid.config import Config
+from oocid.data.batch import TrainData
+from oocid.data.manifest import Manifest
+from oocid.method.zest import ZEstimator
+from oocid.models import Embedder
+from oocid.train.setup import Say
+from oocid.train.tblog import TensorBoardLog
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of an epoch; saved in mid-epoch checkpoints so a resumed epoch reports the
+    same metrics as an uninterrupted one."""
+
+    steps_done: int = 0
+    loss_sum: float = 0.0
+    images: int = 0
+    images_at_start: int = 0
+    skipped_steps: int = 0
+    bad_samples: int = 0
+    z: float | None = None
+
+    def __post_init__(self) -> None:
+        self.images_at_start = self.images
+
+
+@dataclass
+class RunState:
+    """Everything the loop reads and advances: what was built for the run, where it stands
+    (`epoch`, `step`, a resumed epoch's `partial` totals) and where its limits are."""
+
+    cfg: Config
+    manifest: Manifest
+    val_manifest: Manifest | None
+    run_dir: Path
+    device: torch.device
+    say: Say
+    model: Embedder
+    optimizer: torch.optim.Optimizer
+    zest: ZEstimator | None
+    bank: ChunkCache
+    data: TrainData
+    epoch: int = 0
+    step: int = 0
+    partial: dict[str, Any] | None = None
+    tb: TensorBoardLog | None = None
+    progress: bool = True
+    max_epochs: int | None = None  # of this call (the schedule still spans cfg.optim.epochs)
+    max_steps: int | None = None
+
+    def checkpoint(self, totals: EpochTotals | None, record: dict[str, Any] | None = None) -> None:
+        """Checkpoint after `epoch` whole epochs and `step` optimiser steps; `totals` when it is
+        written inside an epoch, `record` the epoch's metrics line at its end (restored by
+        `repair_metrics` if a kill lands before the line is appended). The bank's commit comes
+        between writing the checkpoint and pointing `last.pt` at it (oocid.checkpoint)."""
+        state = {
+            "format": "oocid-checkpoint",
+            "version": __version__,
+            "config": self.cfg.to_dict(),
+            "arch": self.cfg.model.arch,
+            "in_channels": self.model.in_channels,
+            "dim": self.model.out_dim,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "z": self.zest.state_dict() if self.zest is not None else None,
+            "epoch": self.epoch,
+            "step": self.step,
+            "manifest_id": self.manifest.identity,
+            "shards": str(self.manifest.root.resolve()),
+            "n_data": self.manifest.n,
+            "rng": {"torch": torch.get_rng_state()},
+            "bank_cache": self.bank.state_dict(),
+            "partial_epoch": dataclasses.asdict(totals) if totals is not None else None,
+            "epoch_metrics": record,
+        }
+        save_checkpoint(self.run_dir, self.step, state)
+        self.bank.commit(self.step)
+        finish_checkpoint(self.run_dir, self.step)

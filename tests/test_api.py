@@ -1,0 +1,80 @@
+"""The public API for your own loop: `OnDiskBank` and `NPIDLoss` (oocid/api.py), and the
+example that uses them (examples/own_loop.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import oocid
+from oocid.bank.store import open_store
+from oocid.errors import InputError
+from oocid.method.npid import momentum_update
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_public_names_import_lazily() -> None:
+    from oocid.api import NPIDLoss, OnDiskBank
+    from oocid.method.knn import weighted_knn
+
+    assert oocid.OnDiskBank is OnDiskBank and oocid.NPIDLoss is NPIDLoss
+    assert oocid.weighted_knn is weighted_knn and oocid.momentum_update is momentum_update
+    with pytest.raises(AttributeError):
+        _ = oocid.no_such_name
+
+
+@pytest.mark.parametrize("kind", ["infonce", "nce", "softmax"])
+def test_loss_then_update_moves_exactly_the_batch_rows(tmp_path: Path, kind: str) -> None:
+    """One step of your own loop: the loss is finite and has a gradient; `update` writes
+    normalize(m v + (1 - m) f) into the batch's rows only, from their values before the step."""
+    with oocid.OnDiskBank.open(tmp_path / "b.npy", n_rows=300, dim=8, chunk_rows=50) as bank:
+        before = bank.all_rows().clone()
+        crit = oocid.NPIDLoss(bank, kind=kind, k=20, momentum=0.5)
+        index = torch.tensor([3, 77, 150, 299])
+        f = F.normalize(torch.randn(4, 8), dim=1).requires_grad_()
+        loss = crit(f, index)
+        loss.backward()
+        assert torch.isfinite(loss) and f.grad is not None and bool(f.grad.abs().sum() > 0)
+        crit.update(f, index)
+        after = bank.all_rows().clone()
+        want = momentum_update(before[index], f.detach(), 0.5)
+        assert torch.equal(after[index], want)
+        rest = torch.ones(300, dtype=torch.bool)
+        rest[index] = False
+        assert torch.equal(after[rest], before[rest])
+        bank.commit(1)
+    store = open_store(tmp_path / "b.npy")
+    assert store.meta.committed_step == 1
+    assert np.array_equal(store.read_rows(0, 300), after.numpy())
+    store.close()
+
+
+def test_open_refuses_a_bank_of_another_size(tmp_path: Path) -> None:
+    oocid.OnDiskBank.open(tmp_path / "b.npy", n_rows=100, dim=4, chunk_rows=50).close()
+    with pytest.raises(InputError, match="holds 100 rows, not 90"):
+        oocid.OnDiskBank.open(tmp_path / "b.npy", n_rows=90)
+    with pytest.raises(InputError, match="no bank here"):
+        oocid.OnDiskBank.open(tmp_path / "none.npy")
+
+
+def test_example_own_loop_runs(tmp_path: Path) -> None:
+    """examples/own_loop.py as a user runs it: trains an epoch and commits the bank."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bank = tmp_path / "bank.zarr"
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"), str(bank), "1"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("epoch 1: loss ")
+    store = open_store(bank)
+    assert store.meta.committed_step == 512 // 64
+    rows = store.read_rows(0, store.n_rows)
+    assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-4)
+    store.close()
