@@ -47,7 +47,7 @@ class SmallConvNet(nn.Module):
 
 
 def _torchvision_resnet(arch: str, in_channels: int, out_dim: int) -> nn.Module:
-    import torchvision  # lazily: it costs ~1.5 s of start-up for every command
+    import torchvision  # lazily: importing it slows the start of every command
 
     if arch in ("resnet18", "cifar_resnet18"):
         net = torchvision.models.resnet18(weights=None, num_classes=out_dim)

@@ -84,7 +84,7 @@ class ShardStream(IterableDataset):
                     label = -1 if s.label is None else int(s.label)
                     try:
                         if self.random:  # the CPU generator only: torch.manual_seed also
-                            # reseeds CUDA (~100x slower)
+                            # reseeds CUDA (much slower)
                             torch.default_generator.manual_seed(mix_seed(self.seed, 3, self.epoch, s.index))
                         if self.decoder:
                             x = self.transform(s.image)

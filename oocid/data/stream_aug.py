@@ -6,9 +6,9 @@ changing what they compute:
   crop's output is decoded at 1/2, 1/4 or 1/8 size in the DCT (`decode.load_image`); only
   then do pixels differ from the reference (a different, equally valid, downsampling filter);
 - the hue shift is Pillow's RGB -> HSV -> RGB round trip read from two tables built with
-  Pillow's own conversions (bit for bit the reference, 2-3x faster than converting);
+  Pillow's own conversions (bit for bit the reference, faster than converting);
 - brightness and contrast, Pillow blends with a constant image, are per-value maps: a 256-entry
-  table made by that very blend on a ramp, applied with Image.point (bit for bit, 2-3x faster);
+  table made by that very blend on a ramp, applied with Image.point (bit for bit, and faster);
 - an image turned grayscale stays one channel through the colour jitter (every later step
   gives the same values on it) and is expanded to three at the end;
 - no float conversion here: `augment.normalize_batch` does it once per batch on the device.
@@ -33,7 +33,7 @@ _HUE_TABLES: tuple[np.ndarray, np.ndarray] | None = None
 def hue_tables() -> tuple[np.ndarray, np.ndarray]:
     """(HS, RGBX): HS[r << 16 | g << 8 | b] = h << 8 | s (uint16) and RGBX[h << 16 | s << 8 | v]
     = the RGB bytes (uint32, 4th byte unused) of Pillow's HSV conversions; 96 MB, built once
-    per process (~1.5 s), before the DataLoader forks so that its workers share them."""
+    per process (it takes a while), before the DataLoader forks so that its workers share them."""
     global _HUE_TABLES
     if _HUE_TABLES is None:
         every = np.arange(1 << 24, dtype=np.uint32)  # all 24-bit triples, first byte most significant
