@@ -29,11 +29,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:
-    """"auto": bf16 on CUDA where supported, else fp16 on CUDA, else 32 (CPU)."""
+    """"auto": bf16 on CUDA where the hardware has it (Ampere on), else fp16 on CUDA, else 32
+    (CPU). Emulated bf16 (V100, T4) does not count: it runs at fp32 speed or worse."""
     if device.type != "cuda":
         return "32"
     if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "16"
     return precision
 
 
