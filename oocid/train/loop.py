@@ -26,7 +26,7 @@ from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
-from oocid.device import keep_large_buffers, resolve_device, resolve_precision
+from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import (
     check_same_classes,
@@ -75,6 +75,7 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     if val_manifest is not None:
         check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
     device = resolve_device(cfg.train.device)
+    use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
     cfg = resolve_loss(cfg, manifest.n, device, say)
     lc = cfg.loss
     if lc.kind in ("nce", "infonce") and lc.nce_k >= manifest.n:
