@@ -117,10 +117,12 @@ class _GatheredScores(torch.autograd.Function):
         block = max(1, GATHER_BLOCK_BYTES // max(1, k * table.shape[1] * 4))
         out = torch.empty(b, k, dtype=torch.float32, device=x.device)
         buf = torch.empty(min(block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
-        for s in range(0, b, block):
-            e = min(b, s + block)
-            rows = take_rows(table, pos[s:e], buf)
-            out[s:e] = torch.bmm(rows.view(e - s, k, -1).float(), x[s:e].unsqueeze(2)).squeeze(2)
+        with torch.autocast(x.device.type, enabled=False):  # float32 scores under autocast too
+            for s in range(0, b, block):
+                e = min(b, s + block)
+                rows = take_rows(table, pos[s:e], buf)
+                out[s:e] = torch.bmm(rows.view(e - s, k, -1).float(),
+                                     x[s:e].unsqueeze(2)).squeeze(2)
         ctx.save_for_backward(pos)
         _keep_table(ctx, table)
         ctx.block = block
@@ -133,10 +135,12 @@ class _GatheredScores(torch.autograd.Function):
         b, k = pos.shape
         gx = torch.empty(b, table.shape[1], dtype=torch.float32, device=grad.device)
         buf = torch.empty(min(ctx.block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
-        for s in range(0, b, ctx.block):
-            e = min(b, s + ctx.block)
-            rows = take_rows(table, pos[s:e], buf)
-            gx[s:e] = torch.bmm(grad[s:e].unsqueeze(1).float(), rows.view(e - s, k, -1).float()).squeeze(1)
+        with torch.autocast(grad.device.type, enabled=False):
+            for s in range(0, b, ctx.block):
+                e = min(b, s + ctx.block)
+                rows = take_rows(table, pos[s:e], buf)
+                gx[s:e] = torch.bmm(grad[s:e].unsqueeze(1).float(),
+                                    rows.view(e - s, k, -1).float()).squeeze(1)
         return gx, None, None
 
 
