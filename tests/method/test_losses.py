@@ -280,3 +280,15 @@ def test_per_sample_scores_are_float32_under_bf16_autocast() -> None:
     want = F.cross_entropy(logits, torch.zeros(9, dtype=torch.long))
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_gather_block_is_cache_sized_on_cpu_and_the_batch_on_cuda() -> None:
+    from oocid.method.fast import GATHER_BLOCK_BYTES, GATHER_BLOCK_BYTES_CUDA, gather_block
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:1")
+    per = 4096 * 128 * 4  # bytes of one sample's K = 4096 rows of D = 128
+    assert gather_block(256, 4096, 128, cpu) == GATHER_BLOCK_BYTES // per == 2
+    assert gather_block(256, 4096, 128, cuda) == 256  # 512 MiB: the whole batch at once
+    assert gather_block(1024, 4096, 128, cuda) == GATHER_BLOCK_BYTES_CUDA // per == 512
+    assert gather_block(7, 10**9, 128, cuda) == gather_block(7, 10**9, 128, cpu) == 1
+    assert gather_block(3, 0, 128, cuda) == 3
