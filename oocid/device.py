@@ -28,12 +28,25 @@ def resolve_device(name: str) -> torch.device:
         raise InputError(f"unknown device {name!r}") from None
 
 
+def use_device(device: torch.device) -> None:
+    """Prepare this process to train on `device`: for cuda:N make it the thread's current CUDA
+    device (else stray allocations, library handles and the DataLoader's pinned buffers land on
+    GPU 0), and let cuDNN pick its fastest convolution algorithms for the run's fixed shapes.
+    Nothing on the CPU. Other threads that touch CUDA set the device themselves (IOThread)."""
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+
+
 def resolve_precision(precision: Precision, device: torch.device) -> Precision:
-    """"auto": bf16 on CUDA where supported, else fp16 on CUDA, else 32 (CPU)."""
+    """"auto": bf16 on CUDA where the hardware has it (Ampere on), else fp16 on CUDA, else 32
+    (CPU). Emulated bf16 (V100, T4) does not count: it runs at fp32 speed or worse."""
     if device.type != "cuda":
         return "32"
     if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "16"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "16"
     return precision
 
 

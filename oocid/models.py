@@ -23,6 +23,25 @@ from torch import Tensor, nn
 ARCHS = ("small", "resnet18", "resnet50", "cifar_resnet18")
 
 
+class Float32Linear(nn.Linear):
+    """nn.Linear computed in float32 whatever autocast says: the head's output is L2-normalised
+    and compared against bank rows at temperature 0.07, so rounding it to bf16 (8 bits of
+    mantissa) first would cost the scores their precision. Same parameters and names as
+    nn.Linear; identical to it outside autocast."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight, self.bias)
+
+
+def _float32_head(fc: nn.Module) -> nn.Module:
+    """The backbone's fc layer made a Float32Linear in place (no new parameters drawn, so the
+    initialisation and the RNG stream are untouched)."""
+    if type(fc) is nn.Linear:
+        fc.__class__ = Float32Linear
+    return fc
+
+
 class SmallConvNet(nn.Module):
     """conv3x3-BN-ReLU blocks of the given widths; 2x2 max-pool after all but the last;
     global average pool; `fc` to `out_dim`."""
@@ -39,7 +58,7 @@ class SmallConvNet(nn.Module):
                 layers.append(nn.MaxPool2d(2))
             c = w
         self.features = nn.Sequential(*layers)
-        self.fc = nn.Linear(c, out_dim)
+        self.fc = Float32Linear(c, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.features(x).mean(dim=(2, 3))  # (B, C)
@@ -60,6 +79,7 @@ def _torchvision_resnet(arch: str, in_channels: int, out_dim: int) -> nn.Module:
         net.maxpool = nn.Identity()
     elif in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    _float32_head(net.fc)
     return cast(nn.Module, net)
 
 
@@ -74,6 +94,7 @@ class Embedder(nn.Module):
         self.backbone = backbone
 
     def forward(self, x: Tensor) -> Tensor:
+        # the backbone's fc is a Float32Linear: its output, and so the norm, are float32
         return F.normalize(self.backbone(x).float(), dim=1)
 
 

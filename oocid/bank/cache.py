@@ -75,7 +75,7 @@ class ChunkCache:
         self.chunk_loads = 0
         self.writebacks = 0
         self.peak_resident_rows = 0
-        self.io = IOThread(store, pin=device.type == "cuda") if prefetch and not self.full \
+        self.io = IOThread(store, device if device.type == "cuda" else None) if prefetch and not self.full \
             else None
         self.ahead = prefetch_ahead
         if self.full:

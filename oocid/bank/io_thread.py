@@ -24,11 +24,14 @@ Job = Literal["read", "write", "stop"]
 
 
 class IOThread:
-    """One background thread: reads chunks ahead, writes evicted chunks back."""
+    """One background thread: reads chunks ahead, writes evicted chunks back. With a CUDA
+    `pin_device`, read chunks come back in pinned host memory, allocated with that device
+    current in the thread (a new thread's current device is GPU 0, whatever the caller's)."""
 
-    def __init__(self, store: BankStore, pin: bool) -> None:
+    def __init__(self, store: BankStore, pin_device: torch.device | None = None) -> None:
         self.store = store
-        self.pin = pin
+        self.pin_device = pin_device
+        self.pin = pin_device is not None
         self.jobs: queue.Queue[tuple[Job, tuple[int, int] | None]] = queue.Queue()
         self.ready: dict[int, tuple[int, np.ndarray | Tensor]] = {}  # chunk -> (version read, rows)
         self.version: dict[int, int] = {}  # bumped when a chunk's newer rows are queued to write
@@ -41,6 +44,12 @@ class IOThread:
         self.thread.start()
 
     def _run(self) -> None:
+        if self.pin_device is not None and self.pin_device.index is not None:
+            try:
+                torch.cuda.set_device(self.pin_device)
+            except BaseException as e:  # reported by the next check(), as a job's error is
+                with self.cond:
+                    self.error = e
         while True:
             kind, arg = self.jobs.get()
             if kind == "stop":

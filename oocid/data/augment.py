@@ -18,6 +18,7 @@ Dimension letters: B batch, C channels, H, W input size, S output size.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -35,8 +36,7 @@ class BatchAugment:
                  flip: bool = True, brightness: float = 0.4, contrast: float = 0.4,
                  saturation: float = 0.0, hue: float = 0.0, grayscale_p: float = 0.0) -> None:
         self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.mean_std = (tuple(mean), tuple(std))
         self.scale = scale
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.flip = flip
@@ -96,7 +96,8 @@ class BatchAugment:
             gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
             x = torch.where(pick, gray, x)
         x = x.clamp_(0.0, 1.0)
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+        m, s = norm_constants(*self.mean_std, dev)
+        return (x - m) / s
 
 
 def adjust_hue_batch(x: Tensor, shift: Tensor) -> Tensor:
@@ -140,15 +141,15 @@ def batch_augment_for(recipe: str, size: int, mean: Sequence[float], std: Sequen
 def batch_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]
                          ) -> Callable[[Tensor], Tensor]:
     """uint8 (B, C, H, W) -> normalised float (B, C, S, S): resize only if the size differs."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_std = (tuple(mean), tuple(std))
 
     def apply(images: Tensor) -> Tensor:
         x = images.float().div_(255.0)
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False)
-        return (x - m.to(x.device)) / s.to(x.device)
+        m, s = norm_constants(*mean_std, x.device)
+        return (x - m) / s
 
     return apply
 
@@ -179,6 +180,15 @@ def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequenc
 
 def normalize_batch(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 (B, C, S, S) -> float (x / 255 - mean) / std, in two passes over the batch."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    m, s = norm_constants(tuple(mean), tuple(std), x.device)
     return x.float().sub_(m * 255.0).mul_(1.0 / (255.0 * s))
+
+
+@functools.lru_cache(maxsize=16)
+def norm_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+                   ) -> tuple[Tensor, Tensor]:
+    """mean and std as float32 (1, C, 1, 1) tensors on `device`, made once per device (a
+    fresh tensor per batch is a blocking host-to-device copy on a GPU). Shared: read only."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return m, s

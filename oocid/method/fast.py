@@ -88,7 +88,19 @@ def infonce_shared(x: Tensor, positives: Tensor, negatives: Tensor, temperature:
     return cast(Tensor, out)
 
 
-GATHER_BLOCK_BYTES = 4 * 2**20  # rows gathered at once by `gathered_scores` (cache-sized)
+GATHER_BLOCK_BYTES = 4 * 2**20  # rows gathered at once by `gathered_scores` on the CPU
+# (sized for its cache); on a GPU the gather is bandwidth-bound and each block is a kernel
+# launch, so a block is as large as this (the whole batch at B 256, K 4096, D 128: 512 MiB)
+GATHER_BLOCK_BYTES_CUDA = 2**30
+
+
+def gather_block(b: int, k: int, d: int, device: torch.device) -> int:
+    """Samples per block of `gathered_scores` for (b, k) draws of d-dim float32 rows gathered
+    on `device`: a few MiB on the CPU, up to GATHER_BLOCK_BYTES_CUDA (whole batch) elsewhere."""
+    per_sample = max(1, k * d * 4)
+    if device.type == "cpu":
+        return max(1, GATHER_BLOCK_BYTES // per_sample)
+    return max(1, min(b, GATHER_BLOCK_BYTES_CUDA // per_sample))
 
 
 def _keep_table(ctx: Any, table: Tensor) -> None:
@@ -114,13 +126,15 @@ class _GatheredScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
         b, k = pos.shape
-        block = max(1, GATHER_BLOCK_BYTES // max(1, k * table.shape[1] * 4))
+        block = gather_block(b, k, table.shape[1], table.device)
         out = torch.empty(b, k, dtype=torch.float32, device=x.device)
         buf = torch.empty(min(block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
-        for s in range(0, b, block):
-            e = min(b, s + block)
-            rows = take_rows(table, pos[s:e], buf)
-            out[s:e] = torch.bmm(rows.view(e - s, k, -1).float(), x[s:e].unsqueeze(2)).squeeze(2)
+        with torch.autocast(x.device.type, enabled=False):  # float32 scores under autocast too
+            for s in range(0, b, block):
+                e = min(b, s + block)
+                rows = take_rows(table, pos[s:e], buf)
+                out[s:e] = torch.bmm(rows.view(e - s, k, -1).float(),
+                                     x[s:e].unsqueeze(2)).squeeze(2)
         ctx.save_for_backward(pos)
         _keep_table(ctx, table)
         ctx.block = block
@@ -133,10 +147,12 @@ class _GatheredScores(torch.autograd.Function):
         b, k = pos.shape
         gx = torch.empty(b, table.shape[1], dtype=torch.float32, device=grad.device)
         buf = torch.empty(min(ctx.block, b), k, table.shape[1], dtype=table.dtype, device=table.device)
-        for s in range(0, b, ctx.block):
-            e = min(b, s + ctx.block)
-            rows = take_rows(table, pos[s:e], buf)
-            gx[s:e] = torch.bmm(grad[s:e].unsqueeze(1).float(), rows.view(e - s, k, -1).float()).squeeze(1)
+        with torch.autocast(grad.device.type, enabled=False):
+            for s in range(0, b, ctx.block):
+                e = min(b, s + ctx.block)
+                rows = take_rows(table, pos[s:e], buf)
+                gx[s:e] = torch.bmm(grad[s:e].unsqueeze(1).float(),
+                                    rows.view(e - s, k, -1).float()).squeeze(1)
         return gx, None, None
 
 

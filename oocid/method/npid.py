@@ -166,6 +166,7 @@ class NPIDStep:
     precision: Precision = "32"
     skipped: int = 0  # steps skipped for non-finite features or loss, over the run
     skipped_in_a_row: int = 0
+    scaler_skips: int = 0  # fp16: optimiser steps the loss scaler skipped (inf/nan gradients)
 
     def __post_init__(self) -> None:
         self.scaler = make_grad_scaler(self.precision)  # fp16 only; None otherwise
@@ -208,8 +209,11 @@ class NPIDStep:
             total += value * b.index.numel()
         self.last_features = feats[-1]
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped if a gradient is inf/nan
+            self.scaler.update()  # ... and then the scale is lowered: count those
+            if self.scaler.get_scale() < scale:
+                self.scaler_skips += 1
         else:
             self.optimizer.step()
         with torch.no_grad():  # the memory update, after the optimiser step

@@ -26,7 +26,7 @@ from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
-from oocid.device import keep_large_buffers, resolve_device, resolve_precision
+from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import (
     check_same_classes,
@@ -75,6 +75,7 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     if val_manifest is not None:
         check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
     device = resolve_device(cfg.train.device)
+    use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
     cfg = resolve_loss(cfg, manifest.n, device, say)
     lc = cfg.loss
     if lc.kind in ("nce", "infonce") and lc.nce_k >= manifest.n:
@@ -109,7 +110,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum) if cfg.loss.kind == "nce" else None
-    epoch, step, bank_state, partial = 0, 0, None, None
+    epoch, step, bank_state, partial, scaler_state = 0, 0, None, None, None
     if resume and store.meta.committed_step < 0:
         # killed before the first bank commit: any checkpoint here was never paired with the bank
         say(f"oocid: {store.path} has no committed step yet; starting {run_dir} from the beginning")
@@ -118,6 +119,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         state = _restore(cfg, manifest, store, run_dir, model, optimizer, zest)
         epoch, step = int(state["epoch"]), int(state["step"])
         bank_state, partial = state.get("bank_cache"), state.get("partial_epoch")
+        scaler_state = state.get("scaler")
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
 
@@ -135,7 +137,8 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         bank.load_state_dict(bank_state)
     tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard else None
     run = RunState(cfg, manifest, val_manifest, run_dir, device, say, model, optimizer, zest, bank,
-                   data, epoch, step, partial, tb, progress, max_epochs, max_steps)
+                   data, epoch, step, partial, tb, progress, max_epochs, max_steps,
+                   scaler_state=scaler_state)
     try:
         return _loop(run)
     finally:
@@ -177,6 +180,9 @@ def _loop(run: RunState) -> RunResult:
     net = cast(Embedder, torch.compile(run.model)) if cfg.train.compile else run.model
     npid = NPIDStep(cfg, net, run.optimizer, run.bank, run.manifest.n, run.zest, cfg.train.seed,
                     precision)
+    run.scaler = npid.scaler
+    if npid.scaler is not None and run.scaler_state is not None:
+        npid.scaler.load_state_dict(run.scaler_state)  # fp16: resume at the saved loss scale
     watch = CollapseWatch(cfg, run.say)
     acc_n = cfg.optim.accumulate
     spe = -(-data.steps_per_epoch() // acc_n)  # optimiser steps per epoch
@@ -191,6 +197,7 @@ def _loop(run: RunState) -> RunResult:
         totals = EpochTotals(**run.partial) if run.partial else EpochTotals()
         run.partial = None
         skipped0 = npid.skipped - totals.skipped_steps
+        scaler0 = npid.scaler_skips - totals.scaler_skips
         skips0 = data.skips.count - totals.bad_samples
         start = totals.steps_done
         bar = tqdm(total=spe, initial=start, desc=f"epoch {run.epoch + 1}/{cfg.optim.epochs}",
@@ -208,6 +215,7 @@ def _loop(run: RunState) -> RunResult:
             if i < spe and (stop or (cfg.train.checkpoint_every > 0
                                      and run.step % cfg.train.checkpoint_every == 0)):
                 totals.skipped_steps = npid.skipped - skipped0
+                totals.scaler_skips = npid.scaler_skips - scaler0
                 totals.bad_samples = data.skips.count - skips0
                 run.checkpoint(totals)
                 if stop:
@@ -226,6 +234,8 @@ def _loop(run: RunState) -> RunResult:
             "images_per_s": (totals.images - totals.images_at_start) / max(dt, 1e-9),
             "epoch_s": dt, "skipped_steps": npid.skipped - skipped0,
             "bad_samples": data.skips.count - skips0}
+        if npid.scaler is not None:  # fp16: optimiser steps the loss scaler skipped
+            rec["scaler_skips"] = npid.scaler_skips - scaler0
         if totals.z is not None:
             rec["z"] = totals.z
             rec["z_drift"] = run.zest.drift() if run.zest is not None else 1.0

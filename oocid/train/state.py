@@ -33,6 +33,7 @@ class EpochTotals:
     images_at_start: int = 0
     skipped_steps: int = 0
     bad_samples: int = 0
+    scaler_skips: int = 0
     z: float | None = None
 
     def __post_init__(self) -> None:
@@ -62,6 +63,8 @@ class RunState:
     progress: bool = True
     max_epochs: int | None = None  # of this call (the schedule still spans cfg.optim.epochs)
     max_steps: int | None = None
+    scaler: Any = None  # fp16's GradScaler (NPIDStep.scaler), saved with the checkpoint
+    scaler_state: dict[str, Any] | None = None  # a resumed checkpoint's, for the loop to load
 
     def checkpoint(self, totals: EpochTotals | None, record: dict[str, Any] | None = None) -> None:
         """Checkpoint after `epoch` whole epochs and `step` optimiser steps; `totals` when it is
@@ -78,6 +81,7 @@ class RunState:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "z": self.zest.state_dict() if self.zest is not None else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": self.epoch,
             "step": self.step,
             "manifest_id": self.manifest.identity,

@@ -16,6 +16,9 @@ class CollapseWatch:
     collapsing to one direction (mean pairwise cosine > 0.95)."""
 
     EARLY_STEPS = 5
+    # the features' check reads a number back from the device: on a GPU a host sync that
+    # stalls the queued work, so done every this many steps there (every step on the CPU)
+    FEATURE_CHECK_EVERY = 50
 
     def __init__(self, cfg: Config, say: Say) -> None:
         self.cfg = cfg
@@ -45,8 +48,9 @@ class CollapseWatch:
             if d > 100 or d < 0.01:
                 self._fire("z", f"NCE normaliser Z drifted {d:.3g}x from its first estimate at "
                                 f"step {step}; {remedy}")
-        if npid.last_features is not None and npid.last_features.shape[0] > 1:
-            f = npid.last_features
+        f = npid.last_features
+        every = 1 if f is None or f.device.type == "cpu" else self.FEATURE_CHECK_EVERY
+        if f is not None and f.shape[0] > 1 and step % every == 0:
             b = f.shape[0]
             m = f.mean(0)
             sim = float((b * b * (m @ m) - b) / (b * (b - 1)))  # mean pairwise cosine

@@ -352,3 +352,20 @@ def test_batch_augment_colour_recipe_jitters_hue() -> None:
     want = adjust_hue_batch(x.float() / 255.0, shift)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=0)
     assert float((got - x.float() / 255.0).abs().max()) > 0.05
+
+
+def test_normalisation_constants_are_made_once_per_device() -> None:
+    """mean/std tensors are built once per (mean, std, device), not per batch (on a GPU each
+    would be a blocking copy); the normalised batch is the formula's, bit for bit."""
+    from oocid.data.augment import norm_constants, normalize_batch
+
+    mean, std = (0.5, 0.25, 0.125), (0.2, 0.3, 0.4)
+    x = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    before = norm_constants.cache_info().misses
+    a, b = normalize_batch(x, mean, std), normalize_batch(x, list(mean), list(std))
+    assert norm_constants.cache_info().misses <= before + 1
+    assert norm_constants(mean, std, x.device)[0] is norm_constants(mean, std, x.device)[0]
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    want = x.float().sub_(m * 255.0).mul_(1.0 / (255.0 * s))
+    assert torch.equal(a, want) and torch.equal(b, want)

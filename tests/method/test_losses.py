@@ -248,3 +248,47 @@ def test_infonce_shared_equals_cross_entropy_over_shared_scores(b: int, k: int, 
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
     assert pos.grad is None and neg.grad is None
+
+
+def test_per_sample_scores_are_float32_under_bf16_autocast() -> None:
+    """The custom Functions turn autocast off: under a bf16 autocast their scores and
+    gradients are float32 and match a float64 reference to float32 rounding, by either path
+    (dense GEMM over a small table, or the gathered blocks over a large one)."""
+    import oocid.method.fast as L
+
+    g = torch.Generator().manual_seed(3)
+    for rows in (50, 10_000):
+        table = F.normalize(torch.randn(rows, 64, generator=g), dim=1)
+        pos = torch.randint(0, rows, (9, 13), generator=g)
+        x0 = F.normalize(torch.randn(9, 64, generator=g), dim=1)
+        w = torch.randn(9, 13, generator=g)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            s = L.negative_scores(x, table, pos)
+            (s * w).sum().backward()
+        xr = x0.double().requires_grad_()
+        ref = torch.bmm(table.double()[pos], xr.unsqueeze(2)).squeeze(2)
+        (ref * w.double()).sum().backward()
+        assert s.dtype == torch.float32 and x.grad is not None and xr.grad is not None
+        torch.testing.assert_close(s.double(), ref.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
+    neg = F.normalize(torch.randn(300, 64, generator=g), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = L.infonce_shared(x0, table[:9], neg, 0.07)
+    logits = torch.cat([(x0.double() * table[:9].double()).sum(1, keepdim=True),
+                        x0.double() @ neg.double().t()], 1) / 0.07
+    want = F.cross_entropy(logits, torch.zeros(9, dtype=torch.long))
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_gather_block_is_cache_sized_on_cpu_and_the_batch_on_cuda() -> None:
+    from oocid.method.fast import GATHER_BLOCK_BYTES, GATHER_BLOCK_BYTES_CUDA, gather_block
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:1")
+    per = 4096 * 128 * 4  # bytes of one sample's K = 4096 rows of D = 128
+    assert gather_block(256, 4096, 128, cpu) == GATHER_BLOCK_BYTES // per == 2
+    assert gather_block(256, 4096, 128, cuda) == 256  # 512 MiB: the whole batch at once
+    assert gather_block(1024, 4096, 128, cuda) == GATHER_BLOCK_BYTES_CUDA // per == 512
+    assert gather_block(7, 10**9, 128, cuda) == gather_block(7, 10**9, 128, cpu) == 1
+    assert gather_block(3, 0, 128, cuda) == 3

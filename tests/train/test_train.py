@@ -235,3 +235,64 @@ def test_auto_loss_is_softmax_when_the_bank_fits_and_infonce_when_not(
     res = train(cfg, tr, tmp_path / "b.npy", tmp_path / "run", progress=False, resume=True,
                 log=lambda m: None)
     assert res.epochs == 2
+
+
+def _cpu_scalers(monkeypatch: pytest.MonkeyPatch, **kw: Any) -> list[Any]:
+    """Give every NPIDStep a CPU GradScaler (fp16's scaler, testable without CUDA)."""
+    from oocid.method import npid
+
+    made: list[Any] = []
+
+    def make(precision: str) -> Any:
+        made.append(torch.amp.GradScaler("cpu", **kw))
+        return made[-1]
+
+    monkeypatch.setattr(npid, "make_grad_scaler", make)
+    return made
+
+
+def test_grad_scaler_state_is_checkpointed_and_restored(
+        tmp_path: Path, shards: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp16 resumes at the saved loss scale, not the initial one (the scale doubles each step
+    here, so it tells how many steps the scaler has seen)."""
+    tr, _ = shards
+    made = _cpu_scalers(monkeypatch, init_scale=2.0**4, growth_interval=1)
+    cfg = tiny_config()
+    res = train(cfg, tr, tmp_path / "a.npy", tmp_path / "a", progress=False, log=lambda m: None)
+    assert [m["scaler_skips"] for m in res.metrics] == [0, 0, 0]  # reported with a scaler
+    full_scale = made[-1].get_scale()
+    assert full_scale == 2.0 ** (4 + 9)
+    train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, max_steps=4,
+          log=lambda m: None)
+    saved = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["scaler"]
+    assert saved["scale"] == 2.0 ** (4 + 4)
+    train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
+          log=lambda m: None)
+    assert made[-1].get_scale() == full_scale
+
+
+def test_steps_the_grad_scaler_skips_are_counted(tmp_path: Path) -> None:
+    """An inf gradient (injected): the scaler skips the optimiser step (the weights stay),
+    lowers the scale, and the step counts it; a finite step after it is not counted."""
+    n = 256
+    cfg = tiny_config(kind="infonce", nce_k=32)
+    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=128)
+    bank = InCoreBank(store, torch.device("cpu"))
+    model = build_model("small", 1, 128)
+    step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, None, 0)
+    step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=1000)
+    poison = {"on": True}
+    first = next(model.parameters())
+    first.register_hook(lambda g: g * float("inf") if poison["on"] else g)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(16, 1, 16, 16, generator=g), torch.arange(16), torch.zeros(16))
+    before = [p.detach().clone() for p in model.parameters()]
+    out = step(batch, 0, 0.05)
+    assert not out.skipped and step.scaler_skips == 1 and step.skipped == 0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert step.scaler.get_scale() == 2.0**15
+    poison["on"] = False
+    step(batch, 1, 0.05)
+    assert step.scaler_skips == 1 and step.scaler.get_scale() == 2.0**15
+    assert not torch.equal(before[0], first)
+    store.close()
