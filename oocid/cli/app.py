@@ -306,8 +306,15 @@ def plot(
     print(f"wrote {plot_run(run_dir, out)}")
 
 
+HELP_WIDTH = 120  # help text width when stdout is no terminal (rich would assume 80)
+
+
 def main() -> None:
     """Entry point: one-line errors with documented exit codes, no tracebacks."""
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        # At rich's 80 columns the options table leaves ~18 for the help text: one word a line
+        # in a pipe or a file. COLUMNS set by the user still wins.
+        os.environ["COLUMNS"] = str(HELP_WIDTH)
     try:
         app()
     except OocidError as e:
