@@ -39,12 +39,14 @@ def shard(
                                             "given.")] = 256,
     quality: Annotated[int, typer.Option(help="JPEG quality of the resized images.")] = 90,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace the shards already in OUT.")
+                     ] = False,
 ) -> None:
     """Write images as shuffled WebDataset tar shards plus manifest.json."""
     from oocid.data.writer import write_shards
 
     m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress,
-                     short_side=short_side, quality=quality)
+                     short_side=short_side, quality=quality, force=force)
     cls = f", {len(m.classes)} classes" if m.classes else ", unlabeled"
     print(f"wrote {m.n} samples in {len(m.shards)} shards to {out}{cls}; "
           f"skipped {len(m.skipped)} unreadable")

@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+from helpers import tiny_npz
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("OOCID_DEBUG", "COLUMNS")}
 
@@ -31,3 +34,26 @@ def test_help_keeps_a_width_the_user_set() -> None:
     p = oocid("train", "--help", env={**ENV, "COLUMNS": "90"})
     assert p.returncode == 0, p.stderr
     assert max(len(line) for line in p.stdout.splitlines()) <= 90, p.stdout
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], *names: str) -> str:
+    """Exit 2 and exactly one stderr line `oocid: error: ...` naming each of `names`."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr)
+    assert lines[0].startswith("oocid: error: "), lines
+    for name in names:
+        assert name in lines[0], lines
+    return lines[0]
+
+
+def test_shard_into_existing_shards_needs_force(tmp_path: Path) -> None:
+    src, out = tiny_npz(tmp_path / "a.npz", n=20), tmp_path / "shards"
+    assert oocid("shard", src, out, "--shard-size", 8, "--no-progress").returncode == 0
+    before = (out / "manifest.json").read_bytes()
+    p = oocid("shard", src, out, "--shard-size", 4, "--no-progress")
+    assert "--force" in one_line_error(p, str(out))
+    assert (out / "manifest.json").read_bytes() == before  # untouched
+    p = oocid("shard", src, out, "--shard-size", 4, "--no-progress", "--force")
+    assert p.returncode == 0, p.stderr
+    assert "in 5 shards" in p.stdout
+    assert sorted(x.name for x in out.glob("shard-*.tar")) == [f"shard-{i:06d}.tar" for i in range(5)]
