@@ -73,6 +73,12 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     manifest = read_manifest(shards)
     val_manifest = read_manifest(val) if val is not None else None
     if val_manifest is not None:
+        # Refused before any training: the kNN check would fail only after the first epoch.
+        if not val_manifest.labeled:
+            raise InputError(f"{val}: validation shards are unlabeled; --val needs labeled shards")
+        if not manifest.labeled:
+            raise InputError(f"{shards}: training shards are unlabeled; the kNN check of --val "
+                             "needs labels (train without --val)")
         check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
     device = resolve_device(cfg.train.device)
     cfg = resolve_loss(cfg, manifest.n, device, say)

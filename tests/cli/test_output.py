@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from helpers import tiny_npz
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("OOCID_DEBUG", "COLUMNS")}
@@ -57,3 +58,22 @@ def test_shard_into_existing_shards_needs_force(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stderr
     assert "in 5 shards" in p.stdout
     assert sorted(x.name for x in out.glob("shard-*.tar")) == [f"shard-{i:06d}.tar" for i in range(5)]
+
+
+def unlabeled_npz(path: Path, n: int = 20) -> Path:
+    images = np.random.default_rng(0).integers(0, 256, (n, 16, 16), dtype=np.uint8)
+    np.savez(path, images=images)
+    return path
+
+
+def test_train_val_on_unlabeled_shards_is_refused_up_front(tmp_path: Path) -> None:
+    tr, va = tmp_path / "train", tmp_path / "val"
+    assert oocid("shard", tiny_npz(tmp_path / "t.npz", n=20), tr, "--no-progress").returncode == 0
+    assert oocid("shard", unlabeled_npz(tmp_path / "u.npz"), va, "--no-progress").returncode == 0
+    p = oocid("train", "--shards", tr, "--bank", tmp_path / "b.zarr", "--out", tmp_path / "run",
+              "--val", va, "--no-progress")
+    one_line_error(p, str(va), "unlabeled")
+    assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "run").exists()
+    p = oocid("train", "--shards", va, "--bank", tmp_path / "b.zarr", "--out", tmp_path / "run",
+              "--val", tr, "--no-progress")
+    one_line_error(p, str(va), "unlabeled")
