@@ -191,7 +191,9 @@ def knn(
                           recompute=recompute, progress=progress)
     for kk in res["ks"]:
         r = res["by_k"][str(kk)]
-        print(f"kNN top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  (k={kk}, t={temperature}, "
+        top5 = f"  top-5 {r['top5']:.4f}" if "top5" in r else ""  # only with more than 5 classes
+        used = f"k={r['k']}" if r["k"] == kk else f"k={r['k']}, all rows; asked {kk}"
+        print(f"kNN top-1 {r['top1']:.4f}{top5}  ({used}, t={temperature}, "
               f"{res['queries']} queries, {res['bank_rows']} training rows, {res['features']})")
     print(knn_cli.format_per_class(res["per_class"], res["k"]))
     if out is not None:
