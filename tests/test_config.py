@@ -9,7 +9,7 @@ import pytest
 from oocid.config import Config, config_from_dict, demo_config, load_config
 from oocid.errors import InputError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_are_the_papers_imagenet_settings() -> None:
