@@ -77,3 +77,8 @@ def test_train_val_on_unlabeled_shards_is_refused_up_front(tmp_path: Path) -> No
     p = oocid("train", "--shards", va, "--bank", tmp_path / "b.zarr", "--out", tmp_path / "run",
               "--val", tr, "--no-progress")
     one_line_error(p, str(va), "unlabeled")
+
+
+def test_negative_worker_count_is_a_config_error(tmp_path: Path) -> None:
+    p = oocid("train", "--shards", tmp_path, "--bank", tmp_path / "b.zarr", "--set", "data.workers=-3")
+    one_line_error(p, "data.workers")
