@@ -40,6 +40,7 @@ from oocid.atomic import AtomicFile, write_error
 from oocid.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_identity, write_manifest
 from oocid.data.sources import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE, Encoded, open_source
 from oocid.errors import InputError, WriteError
+from oocid.progress import progress_bar
 
 DEFAULT_SHARD_SIZE = 4096
 _OWN_NAME = re.compile(r"^(manifest\.json(\.tmp)?|shard-[0-9]+\.tar(\.tmp)?)$")
@@ -214,9 +215,9 @@ def write_shards(
     sizes: list[Encoded] = []
     order = np.random.default_rng(seed).permutation(len(source.paths))
     try:
-        for j in tqdm(
-            order.tolist(), desc="shard", unit="img", file=sys.stderr, disable=not progress
-        ):
+        bar = progress_bar(len(order), "shard", "img", enabled=progress)
+        for j in order.tolist():
+            bar.update(1)
             path = source.paths[j]
             try:
                 enc = source.encode(j, short_side, quality)
@@ -229,6 +230,7 @@ def write_shards(
             enc.data = b""  # written; keep only the sizes
             sizes.append(enc)
         writer.finish()
+        bar.close()
     except OSError as e:
         writer.abort()
         raise write_error(writer.path(), "shard", e) from None

@@ -39,6 +39,7 @@ from oocid.eval.evaluate import (
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
+from oocid.progress import Progress, progress_bar
 from oocid.train.setup import (
     Say,
     build_optimizer,
@@ -176,8 +177,6 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
 
 
 def _loop(run: RunState) -> RunResult:
-    from tqdm import tqdm
-
     cfg, data = run.cfg, run.data
     precision = resolve_precision(cfg.train.precision, run.device)
     net = cast(Embedder, torch.compile(run.model)) if cfg.train.compile else run.model
@@ -199,8 +198,8 @@ def _loop(run: RunState) -> RunResult:
         skipped0 = npid.skipped - totals.skipped_steps
         skips0 = data.skips.count - totals.bad_samples
         start = totals.steps_done
-        bar = tqdm(total=spe, initial=start, desc=f"epoch {run.epoch + 1}/{cfg.optim.epochs}",
-                   unit="step", disable=not run.progress, leave=False, file=sys.stderr)
+        bar = progress_bar(spe, f"epoch {run.epoch + 1}/{cfg.optim.epochs}", "step",
+                           enabled=run.progress, initial=start, leave=False)
         micro: list[Batch] = []
         i = start
         for batch in data.epoch_batches(run.epoch, start * acc_n):
@@ -278,7 +277,7 @@ class _Evaluator:
 
 
 def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch], epoch: int, i: int, spe: int,
-                step: int, run: EpochTotals, watch: CollapseWatch, bar: Any, t0: float) -> int:
+                step: int, run: EpochTotals, watch: CollapseWatch, bar: Progress, t0: float) -> int:
     lr = lr_at(cfg, epoch, i, spe)
     out = npid(micro if len(micro) > 1 else micro[0], step, lr)
     n = sum(int(b.index.numel()) for b in micro)

@@ -82,3 +82,56 @@ def test_train_val_on_unlabeled_shards_is_refused_up_front(tmp_path: Path) -> No
 def test_negative_worker_count_is_a_config_error(tmp_path: Path) -> None:
     p = oocid("train", "--shards", tmp_path, "--bank", tmp_path / "b.zarr", "--set", "data.workers=-3")
     one_line_error(p, "data.workers")
+
+
+DEMO_TOML = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
+
+
+def assert_no_bar_frames(text: str) -> None:
+    assert "\r" not in text and "it/s" not in text and "%|" not in text, text
+    assert "\x1b[" not in text, text  # no cursor movement either
+
+
+def test_piped_train_and_knn_print_plain_lines(tmp_path: Path) -> None:
+    """Progress on (the default) but stderr a pipe: plain lines only; then `oocid knn` with 4
+    classes (no top-5) and a k above the training rows (the k used is said)."""
+    tr, va = tmp_path / "train", tmp_path / "val"
+    p = oocid("shard", tiny_npz(tmp_path / "t.npz", n=48), tr, "--shard-size", 16)
+    assert p.returncode == 0, p.stderr
+    assert_no_bar_frames(p.stderr)
+    assert "oocid: shard 48/48 img (100%)" in p.stderr, p.stderr
+    assert oocid("shard", tiny_npz(tmp_path / "v.npz", n=20, seed=1), va).returncode == 0
+    run = tmp_path / "run"
+    p = oocid("train", "--shards", tr, "--bank", tmp_path / "b.zarr", "--out", run, "--val", va,
+              "--config", DEMO_TOML, "--epochs", 2, "--batch-size", 16, "--set",
+              "data.image_size=16")
+    assert p.returncode == 0, p.stderr
+    assert_no_bar_frames(p.stderr)
+    epochs = [ln for ln in p.stderr.splitlines() if ln.startswith("oocid: epoch=")]
+    assert len(epochs) == 2, p.stderr
+    assert "knn_top1=" in epochs[-1] and "knn_top5" not in p.stderr + p.stdout  # 4 classes
+    p = oocid("knn", "--bank", tmp_path / "b.zarr", "--checkpoint", run / "last.pt", "--shards",
+              va, "--k", 10000, "--k", 5, "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert_no_bar_frames(p.stderr)
+    assert "(k=48, all rows; asked 10000," in p.stdout, p.stdout
+    assert "(k=5, t=" in p.stdout and "top-5" not in p.stdout, p.stdout
+
+
+def test_plain_progress_lines_every_tenth_of_a_long_total() -> None:
+    import io
+
+    from oocid.progress import PlainProgress
+
+    out = io.StringIO()
+    bar = PlainProgress(200, "epoch 1/3", "step", leave=False, file=out)
+    for _ in range(200):
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines == [f"oocid: epoch 1/3 {n}/200 step ({n // 2}%)" for n in range(20, 200, 20)]
+    out = io.StringIO()
+    with PlainProgress(5, "shard", "img", file=out) as short:  # short: one line, at the end
+        for _ in range(5):
+            short.update(1)
+    assert out.getvalue() == "oocid: shard 5/5 img (100%)\n"
