@@ -57,6 +57,7 @@ class DataConfig:
     image_size: int = 224  # training crop size (small images: their own size)
     augment: AugmentKind = "imagenet"  # imagenet | cifar | gray
     crop_scale_min: float = 0.2  # RandomResizedCrop area scale lower bound
+    flip: bool = True  # random horizontal flip (off for text, digits, oriented scenes)
     in_memory: InMemory = "auto"  # auto | yes | no: decode the whole set into memory once
     in_memory_max_mb: int = 2048
     # streamed sets: "batch" augments whole batches in the workers (BatchAugment, as in memory),
