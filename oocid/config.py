@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,18 +40,31 @@ class ModelConfig:
     channels_last: bool = True
 
 
+AUTO_WORKERS = -1  # data.workers: as many DataLoader workers as the CPUs allow (data_workers)
+
+
+def data_workers(workers: int) -> int:
+    """The DataLoader worker count of `data.workers`: itself, or for -1 (the default) one CPU
+    left to the training process and at most 4 (more rarely pays at the usual batch sizes)."""
+    if workers != AUTO_WORKERS:
+        return workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
 @dataclass
 class DataConfig:
     image_size: int = 224  # training crop size (small images: their own size)
     augment: AugmentKind = "imagenet"  # imagenet | cifar | gray
     crop_scale_min: float = 0.2  # RandomResizedCrop area scale lower bound
+    flip: bool = True  # random horizontal flip (off for text, digits, oriented scenes)
     in_memory: InMemory = "auto"  # auto | yes | no: decode the whole set into memory once
     in_memory_max_mb: int = 2048
     # streamed sets: "batch" augments whole batches in the workers (BatchAugment, as in memory),
     # "sample" per image (the torchvision recipes); auto: batch for same-size images <= 64 px
     stream_augment: StreamAugment = "auto"
     batch_size: int = 256
-    workers: int = 4
+    workers: int = AUTO_WORKERS  # DataLoader workers; -1 (auto): min(4, CPUs - 1), see data_workers
     shuffle_buffer: int = 2048
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -208,6 +222,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: loss.temperature must be > 0")
     if cfg.optim.lr <= 0:
         raise InputError(f"{where}: optim.lr must be > 0")
+    if cfg.data.workers < AUTO_WORKERS:
+        raise InputError(f"{where}: data.workers must be >= 0, or -1 for as many as the CPUs allow")
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise InputError(f"{where}: data.crop_scale_min must be in (0, 1]")
 

@@ -61,3 +61,18 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_demo_toml_mirrors_demo_config() -> None:
     assert load_config(ROOT / "configs" / "demo.toml").to_dict() == demo_config().to_dict()
+
+
+def test_data_workers_auto_by_default_and_negative_counts_refused(monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    import oocid.config as config
+
+    assert Config().data.workers == config.AUTO_WORKERS == -1
+    for cpus, want in ((1, 0), (2, 1), (3, 2), (16, 4)):
+        monkeypatch.setattr(config.os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)),
+                            raising=False)
+        assert config.data_workers(-1) == want
+    assert (config.data_workers(0), config.data_workers(7)) == (0, 7)  # set ones are kept
+    assert load_config(None, ["data.workers=-1"]).data.workers == -1
+    with pytest.raises(InputError, match=r"data\.workers must be >= 0, or -1"):
+        load_config(None, ["data.workers=-2"])

@@ -29,16 +29,15 @@ from oocid.bank.journal import Journal, read_journal, write_journal
 from oocid.bank.meta import DTYPES, BankMeta
 from oocid.bank.rows import _layout, _NpyRows, _ZarrRows
 from oocid.errors import DataError, InputError, WriteError
+from oocid.progress import Progress, progress_bar
 
 _SETTABLE = ("manifest_id", "momentum", "committed_step")
 _ABSENT = "no bank here (create one with `oocid bank init` or `oocid train`)"
 
 
-def chunk_bar(total: int, desc: str, on: bool) -> Any:
-    """A progress bar over a bank's chunks (disabled unless `on`)."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="chunk", disable=not on)
+def chunk_bar(total: int, desc: str, on: bool) -> Progress:
+    """A progress bar over a bank's chunks (none unless `on`; oocid.progress)."""
+    return progress_bar(total, desc, "chunk", enabled=on)
 
 
 class BankStore:

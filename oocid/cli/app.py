@@ -39,12 +39,14 @@ def shard(
                                             "given.")] = 256,
     quality: Annotated[int, typer.Option(help="JPEG quality of the resized images.")] = 90,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    force: Annotated[bool, typer.Option("--force", help="Replace the shards already in OUT.")
+                     ] = False,
 ) -> None:
     """Write images as shuffled WebDataset tar shards plus manifest.json."""
     from oocid.data.writer import write_shards
 
     m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress,
-                     short_side=short_side, quality=quality)
+                     short_side=short_side, quality=quality, force=force)
     cls = f", {len(m.classes)} classes" if m.classes else ", unlabeled"
     print(f"wrote {m.n} samples in {len(m.shards)} shards to {out}{cls}; "
           f"skipped {len(m.skipped)} unreadable")
@@ -189,7 +191,9 @@ def knn(
                           recompute=recompute, progress=progress)
     for kk in res["ks"]:
         r = res["by_k"][str(kk)]
-        print(f"kNN top-1 {r['top1']:.4f}  top-5 {r['top5']:.4f}  (k={kk}, t={temperature}, "
+        top5 = f"  top-5 {r['top5']:.4f}" if "top5" in r else ""  # only with more than 5 classes
+        used = f"k={r['k']}" if r["k"] == kk else f"k={r['k']}, all rows; asked {kk}"
+        print(f"kNN top-1 {r['top1']:.4f}{top5}  ({used}, t={temperature}, "
               f"{res['queries']} queries, {res['bank_rows']} training rows, {res['features']})")
     print(knn_cli.format_per_class(res["per_class"], res["k"]))
     if out is not None:
@@ -306,8 +310,15 @@ def plot(
     print(f"wrote {plot_run(run_dir, out)}")
 
 
+HELP_WIDTH = 120  # help text width when stdout is no terminal (rich would assume 80)
+
+
 def main() -> None:
     """Entry point: one-line errors with documented exit codes, no tracebacks."""
+    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
+        # At rich's 80 columns the options table leaves ~18 for the help text: one word a line
+        # in a pipe or a file. COLUMNS set by the user still wins.
+        os.environ["COLUMNS"] = str(HELP_WIDTH)
     try:
         app()
     except OocidError as e:

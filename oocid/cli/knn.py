@@ -57,17 +57,20 @@ def per_class_top1(confusion: Tensor) -> list[float | None]:
 
 def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: int,
                temperature: float, classes: Sequence[str]) -> dict[str, Any]:
-    """top-1/top-5, per-class top-1 and confusion matrix at k, from the sorted top-k
-    (sims, neighbour_labels (Q, >=k'), k' = min(k, N))."""
+    """top-1 (and top-5 with more than 5 classes: with 5 or fewer it is always 1), per-class
+    top-1 and confusion matrix at k' = min(k, N), from the sorted top-k (sims,
+    neighbour_labels (Q, >=k'))."""
     c = len(classes)
-    scores = knn_scores_from_topk(sims, neighbour_labels, min(k, sims.shape[1]), temperature, c)
+    used = min(k, sims.shape[1])
+    scores = knn_scores_from_topk(sims, neighbour_labels, used, temperature, c)
     acc = topk_accuracy(scores, query_labels, (1, 5))
     pred = scores.argsort(dim=1, descending=True, stable=True)[:, 0]  # as topk_accuracy ranks
     conf = confusion_matrix(pred, query_labels, c)
     n = conf.sum(dim=1).tolist()
     per = [{"class": name, "n": int(n[i]), "top1": a}
            for i, (name, a) in enumerate(zip(classes, per_class_top1(conf), strict=True))]
-    return {"top1": acc[1], "top5": acc[5], "per_class": per, "confusion": conf.tolist()}
+    top5 = {"top5": acc[5]} if c > 5 else {}
+    return {"top1": acc[1], **top5, "k": used, "per_class": per, "confusion": conf.tolist()}
 
 
 def _check_ks(ks: Sequence[int], temperature: float) -> list[int]:
@@ -82,7 +85,8 @@ def run_knn(bank: Path | None, checkpoint: Path, val: Path, train_shards: Path |
             k: int | Sequence[int], temperature: float, device_name: str = "auto", *,
             recompute: bool = False, progress: bool = False) -> dict[str, Any]:
     """Weighted kNN accuracy of `val` for every k; the top-level numbers are those of the
-    largest k, `by_k` holds each."""
+    largest k, `by_k` holds each (keyed by the k asked for; "k" in each is the k used,
+    min(k, training rows))."""
     ks = _check_ks([k] if isinstance(k, int) else list(k), temperature)
     side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress)
     tm = side.manifest
@@ -102,7 +106,7 @@ def run_knn(bank: Path | None, checkpoint: Path, val: Path, train_shards: Path |
     sims, index = topk_indexed(feats, side.chunks(), max(ks))  # (Q, k'), once at the largest k
     nl = torch.from_numpy(labels).to(index.device)[index]
     by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes) for kk in ks}
-    return {**by_k[str(max(ks))], "k": max(ks), "ks": ks, "temperature": temperature,
+    return {**by_k[str(max(ks))], "ks": ks, "temperature": temperature,
             "queries": int(feats.shape[0]), "bank_rows": tm.n,
             "bank": str(bank) if bank is not None else None,
             "checkpoint": str(checkpoint), "train_shards": str(tm.root),

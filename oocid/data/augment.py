@@ -130,12 +130,13 @@ def adjust_hue_batch(x: Tensor, shift: Tensor) -> Tensor:
 
 
 def batch_augment_for(recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
-                      scale_min: float) -> BatchAugment:
-    """The batched version of a named recipe (imagenet | cifar | gray)."""
+                      scale_min: float, flip: bool = True) -> BatchAugment:
+    """The batched version of a named recipe (imagenet | cifar | gray); `flip`: data.flip."""
     if recipe == "gray":
-        return BatchAugment(size, mean, std, scale=(scale_min, 1.0), brightness=0.4, contrast=0.4)
-    return BatchAugment(size, mean, std, scale=(scale_min, 1.0), brightness=0.4, contrast=0.4,
-                        saturation=0.4, hue=0.4, grayscale_p=0.2)
+        return BatchAugment(size, mean, std, scale=(scale_min, 1.0), flip=flip, brightness=0.4,
+                            contrast=0.4)
+    return BatchAugment(size, mean, std, scale=(scale_min, 1.0), flip=flip, brightness=0.4,
+                        contrast=0.4, saturation=0.4, hue=0.4, grayscale_p=0.2)
 
 
 def batch_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]
@@ -155,8 +156,9 @@ def batch_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]
 
 
 def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequence[float],
-                     scale_min: float, train: bool) -> Callable:
-    """Per-sample torchvision transform on a PIL image -> float tensor (C, S, S)."""
+                     scale_min: float, train: bool, flip: bool = True) -> Callable:
+    """Per-sample torchvision transform on a PIL image -> float tensor (C, S, S); `flip`:
+    data.flip (the random horizontal flip of training)."""
     from torchvision import transforms as T  # lazily: slow to import
 
     norm = [T.ToTensor(), T.Normalize(list(mean), list(std))]
@@ -174,6 +176,8 @@ def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequenc
                      T.RandomHorizontalFlip(), *norm]
         else:
             steps = [crop, T.RandomHorizontalFlip(), T.ColorJitter(0.4, 0.4), *norm]
+        if not flip:
+            steps = [s for s in steps if not isinstance(s, T.RandomHorizontalFlip)]
     tf: Callable = T.Compose(steps)
     return tf
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from oocid.config import DataConfig
+from oocid.config import DataConfig, data_workers
 from oocid.data.augment import batch_eval_transform
 from oocid.data.batch import Batch, fits_in_memory, image_channels, normalization_stats
 from oocid.data.manifest import Manifest
@@ -41,7 +41,7 @@ def eval_batches(manifest: Manifest, data_cfg: DataConfig, device: torch.device,
         return
     eval_tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min,
                                channels, train=False)
-    sd = StreamData(manifest, channels, batch_size, eval_tf, 0, device, data_cfg.workers,
+    sd = StreamData(manifest, channels, batch_size, eval_tf, 0, device, data_workers(data_cfg.workers),
                     shuffle=False, size=data_cfg.image_size, normalize=(mean, std))
     yield from sd.epoch_batches(0)
 

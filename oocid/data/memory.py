@@ -19,6 +19,7 @@ from oocid.data.decode import decode_image
 from oocid.data.manifest import Manifest
 from oocid.data.reader import iter_samples
 from oocid.errors import DataError
+from oocid.progress import progress_bar
 
 
 def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips: SkipLog | None = None
@@ -34,9 +35,7 @@ def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips:
     labels = np.full(manifest.n, -1, dtype=np.int64)
     valid = np.zeros(manifest.n, dtype=bool)
     skips = skips if skips is not None else SkipLog()
-    from tqdm import tqdm
-
-    bar = tqdm(total=manifest.n, desc="decode", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(manifest.n, "decode", "img", enabled=progress, leave=False)
     for path in manifest.shard_paths():
         for s in iter_samples(path, manifest.spans[path.name]):
             try:

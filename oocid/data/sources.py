@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from oocid.data.manifest import IMAGE_EXTS
 from oocid.errors import InputError, OocidError
@@ -60,13 +60,28 @@ def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
+_ORIENTATION = 0x0112  # the EXIF tag; 2..8 mirror and/or rotate, 5..8 swap width and height
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: the image as stored
+        return 1
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
 def _shrink(img: Image.Image, short: int, quality: int) -> Encoded:
-    """Decode (a JPEG at reduced size down to 2x the target, like Image.thumbnail), resize with
-    bicubic antialiasing to the shorter side `short`, encode as JPEG (mode L or RGB)."""
-    width, height = img.size
+    """Decode (a JPEG at reduced size down to 2x the target, like Image.thumbnail), turn it
+    upright by its EXIF orientation, resize with bicubic antialiasing to the shorter side
+    `short`, encode as JPEG (mode L or RGB)."""
+    orient = _orientation(img)
+    width, height = img.size if orient < 5 else img.size[::-1]  # as shown
     nw, nh = _resized_size(width, height, short)
-    img.draft(img.mode, (2 * nw, 2 * nh))
+    img.draft(img.mode, (2 * nw, 2 * nh) if orient < 5 else (2 * nh, 2 * nw))
     img.load()
+    if orient != 1:
+        img = ImageOps.exif_transpose(img)
     mode = "L" if img.mode in _GRAY_MODES or img.mode == "LA" else "RGB"
     small = img.convert(mode).resize((nw, nh), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
@@ -81,12 +96,30 @@ def _encode_bytes(data: bytes, short: int = 0, quality: int = DEFAULT_QUALITY) -
         if short > 0 and min(img.size) > short:
             return _shrink(img, short, quality)
         img.load()
+        if _orientation(img) != 1:  # stored upright: the readers do not look at EXIF
+            return _upright(img, quality)
         width, height = img.size
         if img.format in _KEEP:
             channels = {"P": 3, "PA": 4}.get(img.mode, len(img.getbands()))
             return Encoded(data, _KEEP[img.format], height, width, channels)
         mode = "L" if img.mode in _GRAY_MODES else "RGB"
         return Encoded(_png(img.convert(mode)), "png", height, width, 1 if mode == "L" else 3)
+
+
+def _upright(img: Image.Image, quality: int) -> Encoded:
+    """An image with an EXIF orientation, turned as it is shown: a JPEG re-encoded as JPEG
+    (`quality`), other formats as PNG."""
+    jpeg = img.format == "JPEG"
+    up = ImageOps.exif_transpose(img)
+    mode = "L" if up.mode in _GRAY_MODES else "RGB"
+    up = up.convert(mode)
+    if jpeg:
+        buf = io.BytesIO()
+        up.save(buf, format="JPEG", quality=quality)
+        data = buf.getvalue()
+    else:
+        data = _png(up)
+    return Encoded(data, "jpg" if jpeg else "png", up.height, up.width, 1 if mode == "L" else 3)
 
 
 def _png(img: Image.Image) -> bytes:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from oocid.config import DataConfig
+from oocid.config import DataConfig, data_workers
 from oocid.data.augment import BatchAugment, normalize_batch
 from oocid.data.batch import (
     Batch,
@@ -251,7 +251,7 @@ def make_train_data(manifest: Manifest, data_cfg: DataConfig, seed: int, device:
         from oocid.data.augment import batch_augment_for
 
         aug = batch_augment_for(data_cfg.augment, data_cfg.image_size, mean, std,
-                                data_cfg.crop_scale_min)
+                                data_cfg.crop_scale_min, data_cfg.flip)
         group = -(-data_cfg.batch_size // chunk_rows) if chunk_rows > 0 else 1
         return InMemoryData(manifest, channels, data_cfg.batch_size, aug, seed, device, progress,
                             chunk_rows, group)
@@ -265,11 +265,12 @@ def make_train_data(manifest: Manifest, data_cfg: DataConfig, seed: int, device:
         from oocid.data.augment import batch_augment_for
 
         aug = batch_augment_for(data_cfg.augment, data_cfg.image_size, mean, std,
-                                data_cfg.crop_scale_min)
+                                data_cfg.crop_scale_min, data_cfg.flip)
         return StreamData(manifest, channels, data_cfg.batch_size, DecodeFixed(channels, *hw), seed,
-                          device, data_cfg.workers, True, data_cfg.shuffle_buffer,
+                          device, data_workers(data_cfg.workers), True, data_cfg.shuffle_buffer,
                           data_cfg.image_size, batch_augment=aug)
     tf = stream_transform(data_cfg.augment, data_cfg.image_size, data_cfg.crop_scale_min, channels,
-                          train=True)
-    return StreamData(manifest, channels, data_cfg.batch_size, tf, seed, device, data_cfg.workers,
-                      True, data_cfg.shuffle_buffer, data_cfg.image_size, normalize=(mean, std))
+                          train=True, flip=data_cfg.flip)
+    return StreamData(manifest, channels, data_cfg.batch_size, tf, seed, device,
+                      data_workers(data_cfg.workers), True, data_cfg.shuffle_buffer, data_cfg.image_size,
+                      normalize=(mean, std))

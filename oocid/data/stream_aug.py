@@ -141,7 +141,8 @@ class StreamTrain:
 
     decodes = True  # takes an undecoded image (stream.ShardStream checks this)
 
-    def __init__(self, recipe: str, size: int, scale_min: float, channels: int) -> None:
+    def __init__(self, recipe: str, size: int, scale_min: float, channels: int,
+                 flip: bool = True) -> None:
         from torchvision.transforms import RandomResizedCrop
 
         self.get_params = RandomResizedCrop.get_params
@@ -155,7 +156,7 @@ class StreamTrain:
             after = [_Jitter(0.4, 0.4, 0.4, 0.4), _Gray(0.2), _flip]
         else:
             after = [_flip, _Jitter(0.4, 0.4, 0.0, 0.0)]
-        self.after = after
+        self.after = after if flip else [step for step in after if step is not _flip]
 
     def __call__(self, img: Image.Image) -> Tensor:
         width, height = img.size
@@ -194,9 +195,9 @@ class StreamEval:
         return _to_uint8(img, self.channels)
 
 
-def stream_transform(recipe: str, size: int, scale_min: float, channels: int, train: bool
-                     ) -> StreamTrain | StreamEval:
-    """The per-sample transform of `stream.StreamData` (uint8 out)."""
-    return StreamTrain(recipe, size, scale_min, channels) if train else StreamEval(recipe, size,
-                                                                                    channels)
+def stream_transform(recipe: str, size: int, scale_min: float, channels: int, train: bool,
+                     flip: bool = True) -> StreamTrain | StreamEval:
+    """The per-sample transform of `stream.StreamData` (uint8 out); `flip`: data.flip."""
+    return StreamTrain(recipe, size, scale_min, channels, flip) if train else StreamEval(
+        recipe, size, channels)
 

@@ -40,6 +40,7 @@ from oocid.atomic import AtomicFile, write_error
 from oocid.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_identity, write_manifest
 from oocid.data.sources import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE, Encoded, open_source
 from oocid.errors import InputError, WriteError
+from oocid.progress import progress_bar
 
 DEFAULT_SHARD_SIZE = 4096
 _OWN_NAME = re.compile(r"^(manifest\.json(\.tmp)?|shard-[0-9]+\.tar(\.tmp)?)$")
@@ -123,12 +124,15 @@ def _is_shard_dir(out: Path) -> bool:
     return all(_OWN_NAME.match(name) for name in names)
 
 
-def _prepare_out(out: Path, src: Path) -> None:
-    """Create `out`, or clear an earlier oocid shard dir there (manifest first)."""
+def _prepare_out(out: Path, src: Path, force: bool) -> None:
+    """Create `out`, or clear an earlier oocid shard dir there (manifest first) when `force`."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not _is_shard_dir(out):
         raise InputError(f"{out}: not empty and not an oocid shard folder; refusing to overwrite")
+    if not force and out.is_dir() and any(p.name == MANIFEST_NAME or p.suffix == ".tar"
+                                          for p in out.iterdir() if _OWN_NAME.match(p.name)):
+        raise InputError(f"{out}: already holds shards; pass --force to replace them")
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -180,12 +184,15 @@ def write_shards(
     progress: bool = True,
     short_side: int = DEFAULT_SHORT_SIDE,
     quality: int = DEFAULT_QUALITY,
+    force: bool = True,
 ) -> Manifest:
     """Shard `src` (folder or .npz) into `out`; return the manifest written last.
 
     `split` picks `{split}_images`/`{split}_labels` of an npz that has no `images` array.
     Images whose shorter side exceeds `short_side` are stored resized to it (JPEG `quality`);
-    the others byte for byte; `short_side` 0 stores every image as given.
+    the others byte for byte; `short_side` 0 stores every image as given. An earlier shard set
+    in `out` is replaced when `force` (the library's default), an InputError otherwise (the
+    default of `oocid shard`, which has --force).
     """
     src, out = Path(src), Path(out)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
@@ -202,15 +209,15 @@ def write_shards(
     skipped = list(source.skipped)
     for s in skipped:
         _warn(f"skipped {_shown(src, s['path'])}: {s['error']}")
-    _prepare_out(out, src)
+    _prepare_out(out, src, force)
 
     writer = _ShardWriter(out, shard_size)
     sizes: list[Encoded] = []
     order = np.random.default_rng(seed).permutation(len(source.paths))
     try:
-        for j in tqdm(
-            order.tolist(), desc="shard", unit="img", file=sys.stderr, disable=not progress
-        ):
+        bar = progress_bar(len(order), "shard", "img", enabled=progress)
+        for j in order.tolist():
+            bar.update(1)
             path = source.paths[j]
             try:
                 enc = source.encode(j, short_side, quality)
@@ -223,6 +230,7 @@ def write_shards(
             enc.data = b""  # written; keep only the sizes
             sizes.append(enc)
         writer.finish()
+        bar.close()
     except OSError as e:
         writer.abort()
         raise write_error(writer.path(), "shard", e) from None

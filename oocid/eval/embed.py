@@ -27,6 +27,7 @@ from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import Manifest, read_manifest
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError, WriteError
+from oocid.progress import progress_bar
 
 
 @torch.no_grad()
@@ -34,12 +35,10 @@ def iter_features(model: nn.Module, batches: Iterator[Batch], channels_last: boo
                   progress: bool = False, total: int | None = None, desc: str = "embed"
                   ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """Stream (index (B,), features (B, F) float32, label (B,)) batch by batch (eval mode)."""
-    from tqdm import tqdm
-
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        with progress_bar(total, desc, "img", enabled=progress, leave=False) as bar:
             for b in batches:
                 x = b.images.contiguous(memory_format=torch.channels_last) if channels_last \
                     else b.images

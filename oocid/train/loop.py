@@ -39,6 +39,7 @@ from oocid.eval.evaluate import (
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
+from oocid.progress import Progress, progress_bar
 from oocid.train.setup import (
     Say,
     build_optimizer,
@@ -73,6 +74,12 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     manifest = read_manifest(shards)
     val_manifest = read_manifest(val) if val is not None else None
     if val_manifest is not None:
+        # Refused before any training: the kNN check would fail only after the first epoch.
+        if not val_manifest.labeled:
+            raise InputError(f"{val}: validation shards are unlabeled; --val needs labeled shards")
+        if not manifest.labeled:
+            raise InputError(f"{shards}: training shards are unlabeled; the kNN check of --val "
+                             "needs labels (train without --val)")
         check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
     device = resolve_device(cfg.train.device)
     use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
@@ -173,8 +180,6 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
 
 
 def _loop(run: RunState) -> RunResult:
-    from tqdm import tqdm
-
     cfg, data = run.cfg, run.data
     precision = resolve_precision(cfg.train.precision, run.device)
     net = cast(Embedder, torch.compile(run.model)) if cfg.train.compile else run.model
@@ -200,8 +205,8 @@ def _loop(run: RunState) -> RunResult:
         scaler0 = npid.scaler_skips - totals.scaler_skips
         skips0 = data.skips.count - totals.bad_samples
         start = totals.steps_done
-        bar = tqdm(total=spe, initial=start, desc=f"epoch {run.epoch + 1}/{cfg.optim.epochs}",
-                   unit="step", disable=not run.progress, leave=False, file=sys.stderr)
+        bar = progress_bar(spe, f"epoch {run.epoch + 1}/{cfg.optim.epochs}", "step",
+                           enabled=run.progress, initial=start, leave=False)
         micro: list[Batch] = []
         i = start
         for batch in data.epoch_batches(run.epoch, start * acc_n):
@@ -274,14 +279,15 @@ class _Evaluator:
         bank.flush()
         chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else (
             lambda: store_chunks(bank.store, run.device))
+        c = num_classes_of(run.manifest, self.train_labels.numpy())
         acc = knn_against(feats, labels, chunks, self.train_labels, cfg.train.knn_k,
-                          cfg.train.knn_temperature,
-                          num_classes_of(run.manifest, self.train_labels.numpy()))
-        return {"knn_top1": acc["top1"], "knn_top5": acc["top5"]}
+                          cfg.train.knn_temperature, c)
+        # With 5 classes or fewer every query's class is within the top 5: not worth a column.
+        return {"knn_top1": acc["top1"], **({"knn_top5": acc["top5"]} if c > 5 else {})}
 
 
 def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch], epoch: int, i: int, spe: int,
-                step: int, run: EpochTotals, watch: CollapseWatch, bar: Any, t0: float) -> int:
+                step: int, run: EpochTotals, watch: CollapseWatch, bar: Progress, t0: float) -> int:
     lr = lr_at(cfg, epoch, i, spe)
     out = npid(micro if len(micro) > 1 else micro[0], step, lr)
     n = sum(int(b.index.numel()) for b in micro)

@@ -14,7 +14,7 @@ from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
 from oocid.bank.sizing import default_cache_rows, default_pool_chunks
 from oocid.bank.store import BankStore, check_matches, open_store
-from oocid.config import Config, auto_loss
+from oocid.config import Config, auto_loss, data_workers
 from oocid.data.manifest import Manifest
 from oocid.errors import InputError
 
@@ -102,6 +102,6 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
         if in_memory:
             pool = 2 * -(-cfg.data.batch_size // store.chunk_rows) + 1  # + a short group
         else:
-            pool = default_pool_chunks(budget, store.chunk_rows, cfg.data.workers,
+            pool = default_pool_chunks(budget, store.chunk_rows, data_workers(cfg.data.workers),
                                        cfg.data.shuffle_buffer)
     return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)

@@ -454,3 +454,26 @@ def test_cli_short_side_option(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     (s,) = all_samples(read_manifest(tmp_path / "k"))
     assert s.image == (src / "a.jpg").read_bytes()
+
+
+@pytest.mark.parametrize("short_side", [0, 8], ids=["kept-size", "resized"])
+def test_exif_orientation_is_applied_when_sharding(tmp_path: Path, short_side: int) -> None:
+    """A 30 x 20 (w x h) JPEG tagged orientation 6 (shown rotated 90 degrees) is stored upright:
+    20 wide, 30 high (resized: 8 x 12), its left column (red) on top; an untagged one as is."""
+    src = tmp_path / "imgs"
+    src.mkdir()
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :6] = (255, 0, 0)  # left edge red: after a 90-degree clockwise turn, the top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(src / "a.jpg", quality=95, exif=exif.tobytes())
+    Image.fromarray(pixels).save(src / "b.jpg", quality=95)
+    m = write_shards(src, tmp_path / "out", short_side=short_side, progress=False)
+    by_path = {Path(s.path).name: s for s in all_samples(m)}
+    up = Image.open(io.BytesIO(by_path["a.jpg"].image))
+    assert up.size == ((20, 30) if short_side == 0 else (8, 12))
+    assert up.getexif().get(0x0112, 1) == 1  # nothing left to turn it again
+    top = np.asarray(up.convert("RGB"))[0].mean(axis=0)
+    assert top[0] > 200 and top[1] < 60, top
+    assert Image.open(io.BytesIO(by_path["b.jpg"].image)).size == ((30, 20) if short_side == 0
+                                                                   else (12, 8))

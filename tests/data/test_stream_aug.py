@@ -369,3 +369,32 @@ def test_normalisation_constants_are_made_once_per_device() -> None:
     s = torch.tensor(std).view(1, -1, 1, 1)
     want = x.float().sub_(m * 255.0).mul_(1.0 / (255.0 * s))
     assert torch.equal(a, want) and torch.equal(b, want)
+
+
+@pytest.mark.parametrize("flip", [True, False], ids=["flip", "no-flip"])
+def test_data_flip_false_never_mirrors(flip: bool) -> None:
+    """A left-to-right ramp stays dark-left after every augmentation path with flip=False (the
+    gray recipe's brightness/contrast keep the order); with flip=True about half are mirrored."""
+    from oocid.config import Config
+    from oocid.data.augment import batch_augment_for
+
+    assert Config().data.flip is True  # the default keeps the recipes' flip
+    ramp = np.tile(np.linspace(0, 255, 24).astype(np.uint8), (24, 1))  # (H, W), dark left
+    n = 64
+
+    def mirrored(x: torch.Tensor) -> int:  # (N, C, S, S) float
+        left, right = x[..., :, :4].mean(dim=(1, 2, 3)), x[..., :, -4:].mean(dim=(1, 2, 3))
+        return int((left > right).sum())
+
+    aug = batch_augment_for("gray", 16, [0.5], [0.25], 0.5, flip=flip)
+    batch = torch.from_numpy(ramp)[None, None].expand(n, 1, 24, 24).contiguous()
+    counts = [mirrored(aug(batch, torch.Generator().manual_seed(0)))]
+    torch.manual_seed(0)
+    ours = stream_transform("gray", 16, 0.5, 1, train=True, flip=flip)
+    counts.append(mirrored(torch.stack([ours(Image.fromarray(ramp)) for _ in range(n)]).float()))
+    ref = sample_transform("gray", 16, [0.5], [0.25], 0.5, train=True, flip=flip)
+    counts.append(mirrored(torch.stack([ref(Image.fromarray(ramp)) for _ in range(n)])))
+    if flip:
+        assert all(10 < c < n - 10 for c in counts), counts
+    else:
+        assert counts == [0, 0, 0]

@@ -149,6 +149,11 @@ def test_knn_report_hand_built_topk() -> None:
     assert r3["confusion"] == [[1, 0, 0], [0, 0, 0], [0, 0, 1]]
     assert [p["top1"] for p in r1["per_class"]] == [0.0, None, 1.0]
     assert [(p["class"], p["n"]) for p in r3["per_class"]] == [("a", 1), ("b", 0), ("c", 1)]
+    assert "top5" not in r1 and (r1["k"], r3["k"]) == (1, 3)  # 3 classes: top-5 is always 1
+    r9 = knn_report(sims, nl, y, 9, 1.0, ["a", "b", "c"])
+    assert r9["k"] == 3 and r9["top1"] == r3["top1"]  # k beyond the rows: all 3 used, and said
+    six = knn_report(sims, nl, y, 3, 1.0, ["a", "b", "c", "d", "e", "f"])
+    assert six["top5"] == 1.0
 
 
 def test_topk_indexed_chunks_in_any_order() -> None:

@@ -1,0 +1,137 @@
+"""The `oocid` command where its output goes to a pipe or a file, and the first-hour rough
+edges of issue 14: help readable without a terminal, no progress-bar frames in a log, refusals
+that name what is wrong (one line, exit 2), kNN output that suits the data.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from helpers import tiny_npz
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("OOCID_DEBUG", "COLUMNS")}
+
+
+def oocid(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m oocid ARGS` with stdout and stderr piped, as in a log or a CI job."""
+    return subprocess.run([sys.executable, "-m", "oocid", *map(str, args)], capture_output=True,
+                          text=True, env=env or ENV, timeout=300, check=False)
+
+
+def test_help_piped_is_wide_enough_to_read() -> None:
+    p = oocid("train", "--help")
+    assert p.returncode == 0, p.stderr
+    # Whole phrases on one line, not one or two words a line.
+    assert "Bank path: DIR.zarr (Zarr v3) or FILE.npy" in p.stdout, p.stdout
+    assert "Continue from the run folder's last checkpoint." in p.stdout, p.stdout
+    assert max(len(line) for line in p.stdout.splitlines()) > 100, p.stdout
+
+
+def test_help_keeps_a_width_the_user_set() -> None:
+    p = oocid("train", "--help", env={**ENV, "COLUMNS": "90"})
+    assert p.returncode == 0, p.stderr
+    assert max(len(line) for line in p.stdout.splitlines()) <= 90, p.stdout
+
+
+def one_line_error(p: subprocess.CompletedProcess[str], *names: str) -> str:
+    """Exit 2 and exactly one stderr line `oocid: error: ...` naming each of `names`."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1, (p.returncode, p.stderr)
+    assert lines[0].startswith("oocid: error: "), lines
+    for name in names:
+        assert name in lines[0], lines
+    return lines[0]
+
+
+def test_shard_into_existing_shards_needs_force(tmp_path: Path) -> None:
+    src, out = tiny_npz(tmp_path / "a.npz", n=20), tmp_path / "shards"
+    assert oocid("shard", src, out, "--shard-size", 8, "--no-progress").returncode == 0
+    before = (out / "manifest.json").read_bytes()
+    p = oocid("shard", src, out, "--shard-size", 4, "--no-progress")
+    assert "--force" in one_line_error(p, str(out))
+    assert (out / "manifest.json").read_bytes() == before  # untouched
+    p = oocid("shard", src, out, "--shard-size", 4, "--no-progress", "--force")
+    assert p.returncode == 0, p.stderr
+    assert "in 5 shards" in p.stdout
+    assert sorted(x.name for x in out.glob("shard-*.tar")) == [f"shard-{i:06d}.tar" for i in range(5)]
+
+
+def unlabeled_npz(path: Path, n: int = 20) -> Path:
+    images = np.random.default_rng(0).integers(0, 256, (n, 16, 16), dtype=np.uint8)
+    np.savez(path, images=images)
+    return path
+
+
+def test_train_val_on_unlabeled_shards_is_refused_up_front(tmp_path: Path) -> None:
+    tr, va = tmp_path / "train", tmp_path / "val"
+    assert oocid("shard", tiny_npz(tmp_path / "t.npz", n=20), tr, "--no-progress").returncode == 0
+    assert oocid("shard", unlabeled_npz(tmp_path / "u.npz"), va, "--no-progress").returncode == 0
+    p = oocid("train", "--shards", tr, "--bank", tmp_path / "b.zarr", "--out", tmp_path / "run",
+              "--val", va, "--no-progress")
+    one_line_error(p, str(va), "unlabeled")
+    assert not (tmp_path / "b.zarr").exists() and not (tmp_path / "run").exists()
+    p = oocid("train", "--shards", va, "--bank", tmp_path / "b.zarr", "--out", tmp_path / "run",
+              "--val", tr, "--no-progress")
+    one_line_error(p, str(va), "unlabeled")
+
+
+def test_negative_worker_count_is_a_config_error(tmp_path: Path) -> None:
+    p = oocid("train", "--shards", tmp_path, "--bank", tmp_path / "b.zarr", "--set", "data.workers=-3")
+    one_line_error(p, "data.workers")
+
+
+DEMO_TOML = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
+
+
+def assert_no_bar_frames(text: str) -> None:
+    assert "\r" not in text and "it/s" not in text and "%|" not in text, text
+    assert "\x1b[" not in text, text  # no cursor movement either
+
+
+def test_piped_train_and_knn_print_plain_lines(tmp_path: Path) -> None:
+    """Progress on (the default) but stderr a pipe: plain lines only; then `oocid knn` with 4
+    classes (no top-5) and a k above the training rows (the k used is said)."""
+    tr, va = tmp_path / "train", tmp_path / "val"
+    p = oocid("shard", tiny_npz(tmp_path / "t.npz", n=48), tr, "--shard-size", 16)
+    assert p.returncode == 0, p.stderr
+    assert_no_bar_frames(p.stderr)
+    assert "oocid: shard 48/48 img (100%)" in p.stderr, p.stderr
+    assert oocid("shard", tiny_npz(tmp_path / "v.npz", n=20, seed=1), va).returncode == 0
+    run = tmp_path / "run"
+    p = oocid("train", "--shards", tr, "--bank", tmp_path / "b.zarr", "--out", run, "--val", va,
+              "--config", DEMO_TOML, "--epochs", 2, "--batch-size", 16, "--set",
+              "data.image_size=16")
+    assert p.returncode == 0, p.stderr
+    assert_no_bar_frames(p.stderr)
+    epochs = [ln for ln in p.stderr.splitlines() if ln.startswith("oocid: epoch=")]
+    assert len(epochs) == 2, p.stderr
+    assert "knn_top1=" in epochs[-1] and "knn_top5" not in p.stderr + p.stdout  # 4 classes
+    p = oocid("knn", "--bank", tmp_path / "b.zarr", "--checkpoint", run / "last.pt", "--shards",
+              va, "--k", 10000, "--k", 5, "--device", "cpu")
+    assert p.returncode == 0, p.stderr
+    assert_no_bar_frames(p.stderr)
+    assert "(k=48, all rows; asked 10000," in p.stdout, p.stdout
+    assert "(k=5, t=" in p.stdout and "top-5" not in p.stdout, p.stdout
+
+
+def test_plain_progress_lines_every_tenth_of_a_long_total() -> None:
+    import io
+
+    from oocid.progress import PlainProgress
+
+    out = io.StringIO()
+    bar = PlainProgress(200, "epoch 1/3", "step", leave=False, file=out)
+    for _ in range(200):
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert lines == [f"oocid: epoch 1/3 {n}/200 step ({n // 2}%)" for n in range(20, 200, 20)]
+    out = io.StringIO()
+    with PlainProgress(5, "shard", "img", file=out) as short:  # short: one line, at the end
+        for _ in range(5):
+            short.update(1)
+    assert out.getvalue() == "oocid: shard 5/5 img (100%)\n"
