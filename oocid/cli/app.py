@@ -134,7 +134,7 @@ def train(
         from oocid.train.recipe import recipe_for
 
         base, note = recipe_for(read_manifest(shards))
-        print(note, file=sys.stderr)
+        print(note + (f"; then {', '.join(overrides)}" if overrides else ""), file=sys.stderr)
         cfg = load_config(None, overrides, base=base)
     else:
         cfg = load_config(config, overrides)
