@@ -57,11 +57,7 @@ def train(
     shards: Annotated[Path, typer.Option(help="Training shard folder (from `oocid shard`).")],
     bank: Annotated[Path, typer.Option(help="Bank path: DIR.zarr (Zarr v3) or FILE.npy (memmap); "
                                        "created when missing.")],
-    config: Annotated[Path | None, typer.Option(
-        help="TOML config (see configs/). Without one, a recipe that fits the data: images up "
-             "to 64 px get the small net at their own size (no flips for grayscale); larger "
-             "ones the paper's ImageNet recipe. The choice is printed and saved in "
-             "RUN/config.json.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config (see configs/).")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, config.json.")
                    ] = Path("runs/oocid"),
     val: Annotated[Path | None, typer.Option(help="Labeled validation shards for a kNN check "
@@ -129,13 +125,6 @@ def train(
     elif resume and config is None:  # killed before config.json: the defaults may be wrong
         raise InputError(f"{out / 'config.json'}: missing, so --resume cannot tell the run's "
                          "config; pass its --config, or start the run again without --resume")
-    elif config is None:  # no config: a recipe that fits the data (oocid.train.recipe)
-        from oocid.data.manifest import read_manifest
-        from oocid.train.recipe import recipe_for
-
-        base, note = recipe_for(read_manifest(shards))
-        print(note + (f"; then {', '.join(overrides)}" if overrides else ""), file=sys.stderr)
-        cfg = load_config(None, overrides, base=base)
     else:
         cfg = load_config(config, overrides)
     from oocid.train.loop import train as run_train  # torch: imported once the config is known good
