@@ -1,8 +1,14 @@
-"""Small synthetic data and configs shared by the tests."""
+"""Small synthetic data and configs shared by the tests, and a runner for `oocid` processes."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,3 +40,32 @@ def tiny_config(**loss: object) -> Config:
     for key, value in loss.items():
         setattr(cfg.loss, key, value)
     return cfg
+
+
+ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+SLOTS = threading.BoundedSemaphore(max(2, CPUS))  # `oocid` processes running at once
+
+
+@dataclass(repr=False)
+class Run:
+    """One finished `oocid` process."""
+
+    args: list[str]
+    rc: int
+    out: str
+    err: str
+
+    def __repr__(self) -> str:
+        return (f"oocid {' '.join(self.args)}\n-> exit {self.rc}\n"
+                f"--- stdout\n{self.out}\n--- stderr\n{self.err}")
+
+    def last_json(self) -> dict[str, Any]:
+        return dict(json.loads(self.out.strip().splitlines()[-1]))
+
+
+def run_process(cmd: list[str], argv: list[str], env: dict[str, str]) -> Run:
+    """Run `cmd` (an `oocid` invocation whose arguments are `argv`), at most SLOTS at once."""
+    with SLOTS:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    return Run(argv, p.returncode, p.stdout, p.stderr)

@@ -10,28 +10,24 @@ in the background, as many at a time as there are CPUs, and each test waits for 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import helpers
 import numpy as np
 import pytest
+from helpers import Run, run_process
 from PIL import Image
 
 from oocid.bank.create import create_store
 
-ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
-ENV["COLUMNS"] = "200"  # help text unwrapped, whatever the terminal
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-SLOTS = threading.BoundedSemaphore(max(2, CPUS))  # `oocid` processes running at once
+ENV = {**helpers.ENV, "COLUMNS": "200"}  # help text unwrapped, whatever the terminal
 
 # ImageFolder images: class c is colour COLOURS[c] with pattern c, plus noise. H x W = 20 x 24.
 COLOURS = ((200, 40, 40), (40, 180, 60), (50, 60, 210))
@@ -50,29 +46,9 @@ BASE_CONFIG: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass(repr=False)
-class Run:
-    """One finished `oocid` process."""
-
-    args: list[str]
-    rc: int
-    out: str
-    err: str
-
-    def __repr__(self) -> str:
-        return (f"oocid {' '.join(self.args)}\n-> exit {self.rc}\n"
-                f"--- stdout\n{self.out}\n--- stderr\n{self.err}")
-
-    def last_json(self) -> dict[str, Any]:
-        return json.loads(self.out.strip().splitlines()[-1])
-
-
 def oocid(*args: object) -> Run:
     argv = [str(a) for a in args]
-    with SLOTS:
-        p = subprocess.run([sys.executable, "-m", "oocid", *argv], capture_output=True,
-                           text=True, env=ENV, timeout=300, check=False)
-    return Run(argv, p.returncode, p.stdout, p.stderr)
+    return run_process([sys.executable, "-m", "oocid", *argv], argv, ENV)
 
 
 def succeeded(run: Run) -> Run:

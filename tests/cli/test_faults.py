@@ -21,14 +21,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +37,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import ENV, Run, run_process
 
 from oocid.bank.store import open_store
 from oocid.bank.verify import verify_store
@@ -46,9 +45,6 @@ from oocid.checkpoint import load_checkpoint
 from oocid.data.manifest import MANIFEST_NAME, manifest_identity
 from oocid.data.writer import write_shards
 
-ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-SLOTS = threading.BoundedSemaphore(max(2, CPUS))  # `oocid` processes running at once
 N, SHARD = 48, 16
 
 CONFIG = """
@@ -101,18 +97,6 @@ main()
 """
 
 
-@dataclass(repr=False)
-class Run:
-    args: list[str]
-    rc: int
-    out: str
-    err: str
-
-    def __repr__(self) -> str:
-        return (f"oocid {' '.join(self.args)}\n-> exit {self.rc}\n--- stdout\n{self.out}\n"
-                f"--- stderr\n{self.err}")
-
-
 def oocid(*args: object, fsize: int | None = None, poison: tuple[str, str] | None = None) -> Run:
     """`python -m oocid ARGS`, or with `fsize` (RLIMIT_FSIZE in bytes) or `poison`
     ((FAULT_CALLS, FAULT_VALUE)) the same through FAULTS (no preexec_fn: threads run here)."""
@@ -125,10 +109,7 @@ def oocid(*args: object, fsize: int | None = None, poison: tuple[str, str] | Non
         env.update(FAULT_CALLS=poison[0], FAULT_VALUE=poison[1])
     if fsize is not None or poison is not None:
         cmd = [sys.executable, "-c", FAULTS, *argv]
-    with SLOTS:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
-                           check=False)
-    return Run(argv, p.returncode, p.stdout, p.stderr)
+    return run_process(cmd, argv, env)
 
 
 def ok(run: Run) -> Run:
