@@ -22,7 +22,7 @@ from torch import Tensor
 
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
-from oocid.bank.sizing import default_cache_rows
+from oocid.bank.sizing import cache_rows
 from oocid.bank.store import BankStore, open_store
 from oocid.config import BankDtype, LossConfig, LossKind, Negatives, ZMode
 from oocid.data.batch import mix_seed
@@ -53,8 +53,7 @@ class OnDiskBank(ChunkCache):
         else:
             store = create_store(path, n_rows, dim, dtype=dtype, chunk_rows=chunk_rows,
                                  seed=seed, progress=False)
-        budget = int(cache_mb * 2**20) // (4 * store.dim) if cache_mb > 0 else \
-            default_cache_rows(store.n_rows, store.dim, dev)
+        budget = cache_rows(cache_mb, store.n_rows, store.dim, dev)
         return cls(store, budget, dev, steps_per_epoch=steps_per_epoch)
 
     def __init__(self, store: BankStore, budget_rows: int, device: torch.device, *,
@@ -90,8 +89,7 @@ class NPIDLoss:
         self.cfg = LossConfig(kind=kind, nce_k=k, temperature=temperature, z=z,
                               negatives=negatives)
         self.zest = ZEstimator(z) if kind == "nce" else None
-        self.n_data = int(bank.all_rows().shape[0]) if kind == "softmax" else \
-            int(getattr(bank, "n"))  # noqa: B009 - the protocol does not promise N
+        self.n_data = bank.n
         self._positives: Tensor | None = None
 
     def __call__(self, features: Tensor, index: Tensor) -> Tensor:

@@ -8,6 +8,13 @@ import torch
 from torch import Tensor
 
 
+def cache_rows(cache_mb: float, n_rows: int, dim: int, device: torch.device) -> int:
+    """Rows the device cache may hold: `cache_mb` MB of float32 rows, or (0) the default."""
+    if cache_mb > 0:
+        return int(cache_mb * 2**20) // (dim * 4)
+    return default_cache_rows(n_rows, dim, device)
+
+
 def default_cache_rows(n_rows: int, dim: int, device: torch.device) -> int:
     """The whole bank when it fits in a quarter of free device memory, else that quarter."""
     if device.type == "cuda":

@@ -17,6 +17,8 @@ from torch import Tensor
 
 
 class Bank(Protocol):
+    n: int  # rows N
+
     @property
     def device(self) -> torch.device:
         """Where the rows (and the draws' random generator) live."""

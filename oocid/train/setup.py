@@ -12,7 +12,7 @@ import torch
 
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
-from oocid.bank.sizing import default_cache_rows, default_pool_chunks
+from oocid.bank.sizing import cache_rows, default_pool_chunks
 from oocid.bank.store import BankStore, check_matches, open_store
 from oocid.config import Config, auto_loss, data_workers
 from oocid.data.manifest import Manifest
@@ -70,9 +70,7 @@ def cache_budget_rows(cfg: Config, store: BankStore | None, device: torch.device
                       n_rows: int = 0) -> int:
     """Rows the device cache may hold: --cache-mb / (4 D), or the default budget."""
     n, dim = (store.n_rows, store.dim) if store is not None else (n_rows, cfg.model.dim)
-    if cfg.bank.cache_mb > 0:
-        return int(cfg.bank.cache_mb * 2**20) // (dim * 4)
-    return default_cache_rows(n, dim, device)
+    return cache_rows(cfg.bank.cache_mb, n, dim, device)
 
 
 def resolve_loss(cfg: Config, n_rows: int, device: torch.device, say: Say | None = None) -> Config:
