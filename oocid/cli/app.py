@@ -102,6 +102,7 @@ def train(
     from oocid.config import load_config
 
     overrides = list(set_ or [])
+    recipe = None  # the line saying how the config was chosen, when no --config was given
     for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
                        ("optim.lr", lr), ("loss.nce_k", nce_k), ("bank.cache_mb", cache_mb),
                        ("train.checkpoint_every", checkpoint_every)):
@@ -125,12 +126,20 @@ def train(
     elif resume and config is None:  # killed before config.json: the defaults may be wrong
         raise InputError(f"{out / 'config.json'}: missing, so --resume cannot tell the run's "
                          "config; pass its --config, or start the run again without --resume")
+    elif config is None:  # no config: a recipe that fits the data (oocid.train.recipe)
+        from oocid.data.manifest import read_manifest
+        from oocid.train.recipe import recipe_for
+
+        load_config(None, overrides)  # bad overrides are reported before the shards are read
+        base, recipe = recipe_for(read_manifest(shards))
+        recipe += f"; then {', '.join(overrides)}" if overrides else ""
+        cfg = load_config(None, overrides, base=base)
     else:
         cfg = load_config(config, overrides)
     from oocid.train.loop import train as run_train  # torch: imported once the config is known good
 
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,
-                    max_steps=max_steps)
+                    max_steps=max_steps, announce=recipe)
     last = res.metrics[-1] if res.metrics else {}
     print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
 

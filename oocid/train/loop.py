@@ -65,11 +65,13 @@ class RunResult:
 
 def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Path | None = None,
           resume: bool = False, progress: bool = True, max_epochs: int | None = None,
-          max_steps: int | None = None, log: Say | None = None) -> RunResult:
+          max_steps: int | None = None, log: Say | None = None, announce: str | None = None
+          ) -> RunResult:
     """Train NPID on a shard set with the bank at `bank_path`; outputs go to `run_dir`.
 
     `max_epochs` / `max_steps` stop after that many epochs / optimiser steps of this call with
-    a checkpoint (the schedule still spans cfg.optim.epochs); `--resume` continues exactly."""
+    a checkpoint (the schedule still spans cfg.optim.epochs); `--resume` continues exactly.
+    `announce` (how the config was chosen) is said once the inputs have passed their checks."""
     say: Say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
     manifest = read_manifest(shards)
     val_manifest = read_manifest(val) if val is not None else None
@@ -96,6 +98,8 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     if not resume and list_checkpoints(run_dir):
         raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                          "another --out")
+    if announce is not None:
+        say(announce)
     with BankLock(bank_path) as lock:
         if lock.took_over:
             say(f"oocid: took over the stale lock of a trainer that died ({lock.path})")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
-from helpers import tiny_npz
+from helpers import ENV, run_process, tiny_npz
 
 from oocid.config import Config
 from oocid.data.manifest import read_manifest
@@ -46,3 +48,20 @@ def test_large_images_get_the_papers_imagenet_recipe(tmp_path: Path) -> None:
     cfg, note = recipe_for(read_manifest(tmp_path / "l"))
     assert cfg.to_dict() == Config().to_dict()
     assert "80 px images" in note and "ImageNet" in note
+
+
+def test_train_without_a_config_says_and_saves_its_recipe(tmp_path: Path) -> None:
+    """As a user runs it, output piped: one line names the recipe and the overrides after it;
+    config.json holds the recipe with the override applied."""
+    write_shards(tiny_npz(tmp_path / "g.npz", n=64, size=16), tmp_path / "s", shard_size=32,
+                 progress=False)
+    argv = ["train", "--shards", tmp_path / "s", "--bank", tmp_path / "b.npy", "--out",
+            tmp_path / "run", "--epochs", "1"]
+    run = run_process([sys.executable, "-m", "oocid", *map(str, argv)], list(map(str, argv)),
+                      {**ENV, "OMP_NUM_THREADS": "1"})
+    assert run.rc == 0, run
+    said = [ln for ln in run.err.splitlines() if "recipe for" in ln]
+    assert len(said) == 1 and said[0].endswith("; then optim.epochs=1"), run
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["arch"] == "small" and saved["data"]["image_size"] == 16
+    assert saved["data"]["flip"] is False and saved["optim"]["epochs"] == 1
