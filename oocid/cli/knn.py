@@ -23,6 +23,7 @@ from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import check_same_classes, num_classes_of, read_labels
+from oocid.eval.plot import save_png
 from oocid.eval.retrieval import (
     contact_sheet,
     embed_images,
@@ -30,7 +31,6 @@ from oocid.eval.retrieval import (
     load_training_side,
     lookup_samples,
     query_files,
-    save_png,
     shard_of,
     source_path,
     thumbnail,

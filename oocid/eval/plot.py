@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from oocid.atomic import atomic_open
 from oocid.errors import DataError, InputError
 
 W, H, PAD_L, PAD_R, PAD_T, PAD_B = 640, 300, 70, 20, 34, 44
@@ -95,7 +96,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     for i, p in enumerate(panels):
         img.paste(p, (0, i * H))
     out = out if out is not None else run_dir / "metrics.png"
-    img.save(out)
+    save_png(img, out)
     return out
 
 
@@ -158,5 +159,11 @@ def line_chart(out: Path, series: dict[str, list[tuple[float, float]]], flat: di
         d.line([width + 5, ly + 6, width + 25, ly + 6], fill=color, width=1)
         d.text((width + 30, ly), f"{label} ({y:.3f})", fill="black", font=font)
         ly += 16
-    img.save(out)
+    save_png(img, out)
     return out
+
+
+def save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG all or nothing (oocid.atomic); WriteError naming the path on failure."""
+    with atomic_open(path, "image") as f:
+        img.save(f, format="PNG")

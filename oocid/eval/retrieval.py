@@ -9,7 +9,6 @@ Q queries, N training samples, D feature dims, k neighbours.
 from __future__ import annotations
 
 import bisect
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import IMAGE_EXTS, Manifest, read_manifest
 from oocid.data.reader import RawSample, iter_samples
 from oocid.device import resolve_device
-from oocid.errors import DataError, InputError, WriteError
+from oocid.errors import DataError, InputError
 from oocid.eval.embed import iter_features
 from oocid.method.knn import topk_streaming
 from oocid.models import Embedder
@@ -271,14 +270,3 @@ def contact_sheet(rows: Sequence[Sequence[tuple[Image.Image, str]]], tile: int =
                 draw.rectangle((x0 - 2, y0 - 2, x0 + tile + 1, y0 + tile + 1), outline=(200, 0, 0))
             draw.text((x0 + 2, y0 + tile + 1), caption, fill="black", font=font)
     return sheet
-
-
-def save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG via a temporary name; WriteError on failure."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{path}: could not write: {e.strerror or e}") from None
