@@ -16,8 +16,8 @@ from oocid.config import Config, demo_config
 from oocid.data.manifest import Manifest
 
 SMALL_SIDE = 64
-STEPS = 2400  # optimiser steps of a small-image run (where the measured sets stopped gaining)
-MIN_EPOCHS, MAX_EPOCHS = 30, 400
+STEPS = 3000  # optimiser steps of a small-image run (where the measured sets stopped gaining)
+MIN_EPOCHS, MAX_EPOCHS = 80, 400
 
 
 def _side(manifest: Manifest) -> int:

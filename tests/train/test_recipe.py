@@ -29,7 +29,7 @@ def test_small_grayscale_gets_the_small_net_at_its_size_without_flips(tmp_path: 
     assert cfg.model.arch == "small" and cfg.data.image_size == 16
     assert cfg.data.augment == "gray" and cfg.data.flip is False
     assert cfg.loss.kind == "softmax" and cfg.optim.schedule == "cosine"
-    assert cfg.optim.epochs == MAX_EPOCHS  # 1 step an epoch: STEPS would be 2400 epochs
+    assert cfg.optim.epochs == MAX_EPOCHS  # 1 step an epoch: STEPS would be 3000 epochs
     assert "16 px grayscale" in note and "flip off" in note
 
 
