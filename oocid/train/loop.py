@@ -200,6 +200,8 @@ def _loop(run: RunState) -> RunResult:
     last_epoch = cfg.optim.epochs if run.max_epochs is None \
         else min(cfg.optim.epochs, run.epoch + run.max_epochs)
     stop_step = None if run.max_steps is None else run.step + run.max_steps
+    eta = _Eta(run.step, last_epoch * spe if stop_step is None else min(stop_step, last_epoch * spe),
+               run.say)
     run.model.train()
     while run.epoch < last_epoch:
         t0 = time.perf_counter()
@@ -219,6 +221,7 @@ def _loop(run: RunState) -> RunResult:
                 continue
             i = _train_step(cfg, npid, micro, run.epoch, i, spe, run.step, totals, watch, bar, t0)
             run.step += 1
+            eta.tick(run.step)
             micro = []
             stop = stop_step is not None and run.step >= stop_step
             if i < spe and (stop or (cfg.train.checkpoint_every > 0
@@ -265,6 +268,32 @@ def _loop(run: RunState) -> RunResult:
             break
     result.epochs, result.step = run.epoch, run.step
     return result
+
+
+class _Eta:
+    """Says once, after the first steps, about how long the rest of this run's steps take (the
+    steps alone: evaluations and checkpoints come on top)."""
+
+    WARMUP, MEASURE = 3, 20  # steps skipped (first-call costs), then steps timed
+
+    def __init__(self, first_step: int, last_step: int, say: Say) -> None:
+        self.first, self.last, self.say = first_step, last_step, say
+        self.t: float | None = None
+
+    def tick(self, step: int) -> None:
+        done = step - self.first
+        if done == self.WARMUP:
+            self.t = time.perf_counter()
+        elif done == self.WARMUP + self.MEASURE and self.t is not None:
+            per = (time.perf_counter() - self.t) / self.MEASURE
+            left = self.last - step
+            if left > 0:
+                self.say(f"oocid: about {_duration(per * left)} for the {left} steps left "
+                         f"({per * 1e3:.0f} ms a step)")
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 class _Evaluator:
