@@ -57,9 +57,10 @@ class Check:
         self.cuda = self.device.type == "cuda"
         self.failed = False
 
-    def record(self, check: str, status: str, **fields: Any) -> None:
-        rec = {"part": self.part, "check": check, "status": status, **fields}
-        self.failed |= status == "fail"
+    def record(self, check: str, status: str, *, part: str | None = None, **fields: Any) -> None:
+        """One result line; `part` files it under another part (this part's status unchanged)."""
+        rec = {"part": part or self.part, "check": check, "status": status, **fields}
+        self.failed |= status == "fail" and part is None
         with open(self.out / "results.jsonl", "a") as fh:
             fh.write(json.dumps(rec, default=str) + "\n")
         print(json.dumps(rec, default=str), flush=True)
@@ -76,14 +77,21 @@ class Check:
 def part_preflight(c: Check) -> None:
     """Imports, versions, the CUDA device, /dev/shm: a failure here stops the whole check."""
     versions: dict[str, str] = {}
-    for mod in ("oocid", "zarr", "numcodecs", "google_crc32c", "webdataset", "typer", "torch"):
+    needed = ("oocid", "zarr", "numcodecs", "google_crc32c", "webdataset", "yaml", "tqdm", "PIL",
+              "torchvision", "torch")
+    for mod in needed:
         try:
             m = __import__(mod)
             versions[mod] = str(getattr(m, "__version__", "?"))
         except Exception as e:  # anything an import raises is the message to show
             c.record(f"import {mod}", "fail", error=f"{type(e).__name__}: {e}",
                      hint="carry the wheels in .whl/ (tools/gpu_check.sh's header)")
-    c.expect("imports", len(versions) == 7, versions=versions, python=sys.version.split()[0])
+    c.expect("imports", len(versions) == len(needed), versions=versions, python=sys.version.split()[0])
+    try:  # the CLI (typer) only serves the pipeline part's `oocid shard`: not a reason to stop
+        import oocid.cli.app  # noqa: F401
+        c.record("import oocid.cli.app (typer)", "pass", part="pipeline")
+    except Exception as e:
+        c.record("import oocid.cli.app (typer)", "fail", part="pipeline", error=f"{type(e).__name__}: {e}")
     shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
     shm_gb = None if shm is None else round(shm.f_blocks * shm.f_frsize / 2**30, 2)
     c.expect("/dev/shm", shm_gb is not None and shm_gb >= 1.0, gib=shm_gb,

@@ -4,7 +4,8 @@
 # parts live in tools/gpu_check.py (read its docstrings); this script installs the carried
 # wheels, runs each part under `timeout`, and ends with the table:
 #
-#   preflight    imports (oocid, zarr, numcodecs, google_crc32c, webdataset, typer, torch),
+#   preflight    imports (oocid, zarr, numcodecs, google_crc32c, webdataset, yaml, tqdm, PIL,
+#                torchvision, torch; the CLI's typer is filed under pipeline),
 #                versions, CUDA device and capability, /dev/shm; a failure stops the check here
 #   parity       every custom autograd Function against float64 on the CPU, forward and gradient,
 #                under fp32, bf16 and fp16 autocast
@@ -28,8 +29,10 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl zarr==3.1.6 numcodecs==0.16.6 webdataset==1.0.2 \
-#     donfig==0.8.1.post1 braceexpand==0.1.7 typer==0.29.2 google-crc32c==1.9.0
-# (zarr 3 imports google_crc32c when it is imported), then run the device tool with carry
+#     donfig==0.8.1.post1 braceexpand==0.1.7 typer==0.29.2 google-crc32c==1.9.0 \
+#     pyyaml==6.0.3 tqdm==4.70.1 annotated-doc==0.0.7 shellingham==1.5.4
+# (zarr 3 imports google_crc32c when it is imported, webdataset yaml, the shard writer tqdm,
+# typer annotated_doc and shellingham), then run the device tool with carry
 # [".whl"], timeout_s 600 and the command
 #   bash tools/gpu_check.sh
 # Without CUDA, or with GPU_CHECK_SMALL=1, it is a dry run: the same parts at a toy size on the
@@ -40,7 +43,12 @@ export OUT=${OUT:-/tmp/oocid-gpu-check}
 export WORK=${WORK:-/tmp/oocid-gpu-work}
 mkdir -p "$OUT"
 rm -rf "$WORK" "$OUT/results.jsonl" && mkdir -p "$WORK"
-if compgen -G ".whl/*.whl" > /dev/null; then
+small=0
+python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || small=1
+[ "${GPU_CHECK_SMALL:-0}" = 1 ] && small=1
+[ "$small" = 1 ] && export GPU_CHECK_SMALL=1
+# the wheels are for the device machine's Python 3.12; a dry run uses what this machine has
+if [ "$small" = 0 ] && compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/oocid-site .whl/*.whl || { echo "== preflight: installing .whl/ failed"; exit 1; }
     export PYTHONPATH=/tmp/oocid-site:$PWD
@@ -48,10 +56,6 @@ else
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
-small=0
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null || small=1
-[ "${GPU_CHECK_SMALL:-0}" = 1 ] && small=1
-[ "$small" = 1 ] && export GPU_CHECK_SMALL=1
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   git log -1 --format='commit %h %s' 2>/dev/null; } > "$OUT/env.txt" 2>&1
 
