@@ -158,6 +158,7 @@ def make_cfg(a: argparse.Namespace, arch: str, negatives: str, size: int) -> Any
     cfg.optim.weight_decay = 5e-4
     # make_cache: budget rows = int(cache_mb * 2**20) // (4 D) = the fraction of the rows
     cfg.bank.cache_mb = a.cache_fraction * a.rows * DIM * 4 / 2**20
+    cfg.bank.pool_chunks = a.pool_chunks
     cfg.train.threads = a.threads
     validate(cfg, "bench_train")
     return cfg
@@ -431,9 +432,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "CUDA]); 'resnet18' is accepted as cifar_resnet18 at 32 px")
     p.add_argument("--negatives", default="per-sample,shared",
                    help="comma-separated: per-sample (official), shared")
-    p.add_argument("--loss", choices=("infonce", "nce"), default=auto_loss(fits=False),
+    p.add_argument("--loss", choices=("infonce", "nce", "softmax"), default=auto_loss(fits=False),
                    help="the loss over sampled negatives (default: the trainer's out-of-core "
-                        "default, loss.kind auto for a bank larger than its cache)")
+                        "default, loss.kind auto for a bank larger than its cache); softmax: the "
+                        "exact softmax over the whole bank (needs --cache-fraction 1)")
     p.add_argument("--steps", type=int, default=0,
                    help="timed steps per configuration (default: per model, see CPU_STEPS)")
     p.add_argument("--warmup", type=int, default=-1, help="untimed steps first (default: per model)")
@@ -443,6 +445,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "machine's load hits all of them alike")
     p.add_argument("--rows", type=int, default=1_280_000, help="bank rows N")
     p.add_argument("--cache-fraction", type=float, default=0.1)
+    p.add_argument("--pool-chunks", type=int, default=0,
+                   help="cache chunks for the positives (bank.pool_chunks; 0: make_cache's "
+                        "default); the rest of the cache is the negatives' window")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--threads", type=int, default=2)
