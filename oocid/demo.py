@@ -10,12 +10,14 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from oocid.config import Config, demo_config
 from oocid.data.batch import image_channels
@@ -25,6 +27,8 @@ from oocid.data.writer import write_shards
 from oocid.device import resolve_device
 from oocid.errors import InputError
 from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
+from oocid.eval.plot import plot_run, save_png
+from oocid.eval.retrieval import contact_sheet
 from oocid.models import build_model
 from oocid.train.loop import train
 
@@ -125,14 +129,36 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
     res["pixels_centered_top1"] = knn(pixel_features(vimgs, mean), torch.from_numpy(vlab),
                                       pixel_features(timgs, mean))
     data.close()
+    pictures = _pictures(out, fq, ql, ft, timgs, vimgs, train_labels, tm.classes or ())
     res.update({"k": k, "temperature": t, "epochs": cfg.optim.epochs, "loss": cfg.loss.kind,
                 "arch": cfg.model.arch, "train_images": tm.n, "test_images": vm.n,
                 "train_seconds": round(train_s, 1),
                 "total_seconds": round(time.perf_counter() - t_start, 1),
                 "learned_features": "training features recomputed with the test transform",
-                "pixels": "raw pixels scaled to [0,1], L2-normalised"})
+                "pixels": "raw pixels scaled to [0,1], L2-normalised",
+                "pictures": [str(p) for p in pictures]})
     (out / "demo.json").write_text(json.dumps(res, indent=2) + "\n")
     return res
+
+
+def _pictures(out: Path, fq: torch.Tensor, ql: torch.Tensor, ft: torch.Tensor,
+              timgs: np.ndarray, vimgs: np.ndarray, train_labels: torch.Tensor,
+              classes: Sequence[str], per_row: int = 8) -> list[Path]:
+    """OUT/learning_curve.png (the loss over epochs) and OUT/neighbours.png: one held-out query
+    of each class (framed) with its nearest training images by the learned features."""
+    curve = plot_run(out / "run", out / "learning_curve.png")
+    queries = [int((ql == c).nonzero()[0]) for c in range(len(classes)) if bool((ql == c).any())]
+    sims = fq[queries] @ ft.t()  # (Q, N) cosine similarities
+    near = sims.topk(per_row, dim=1).indices
+    rows = []
+    for q, nn in zip(queries, near.tolist(), strict=True):
+        row = [(Image.fromarray(vimgs[q].squeeze()), classes[int(ql[q])][:14])]
+        row += [(Image.fromarray(timgs[j].squeeze()), classes[int(train_labels[j])][:14])
+                for j in nn]
+        rows.append(row)
+    sheet = out / "neighbours.png"
+    save_png(contact_sheet(rows, tile=56), sheet)
+    return [curve, sheet]
 
 
 def format_demo(res: dict[str, Any]) -> str:
@@ -147,4 +173,5 @@ def format_demo(res: dict[str, Any]) -> str:
     lines += [f"  {name:<40} {acc:>6.3f}" for name, acc in rows]
     lines.append(f"  trained {res['epochs']} epochs in {res['train_seconds']} s; "
                  f"total {res['total_seconds']} s")
+    lines += [f"  picture: {p}" for p in res.get("pictures", [])]
     return "\n".join(lines)
