@@ -33,7 +33,6 @@ from oocid.eval.evaluate import (
     knn_against,
     num_classes_of,
     read_labels,
-    store_chunks,
     tensor_chunks,
 )
 from oocid.method.npid import NPIDStep
@@ -280,9 +279,9 @@ class _Evaluator:
         run, cfg, bank = self.run, self.run.cfg, self.run.bank
         feats, _, labels = extract_features(run.model, iter(self.val_batches),
                                             cfg.model.channels_last)
-        bank.flush()
-        chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else (
-            lambda: store_chunks(bank.store, run.device))
+        # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
+        # scan loses nothing (docs/design.md, "Checkpoints and resume").
+        chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
         c = num_classes_of(run.manifest, self.train_labels.numpy())
         acc = knn_against(feats, labels, chunks, self.train_labels, cfg.train.knn_k,
                           cfg.train.knn_temperature, c)
