@@ -377,15 +377,18 @@ class ChunkCache:
         return {"window": list(self.window), "next_chunk": self.next_chunk, "acc": self.acc}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the window (which rows are negatives) of a checkpoint."""
+        """Restore the window (which rows are negatives) of a checkpoint by position: it starts
+        at the saved window's first chunk and holds this cache's W chunks, so a resume under
+        another budget (a saved full cache has no window) refills it to the current size."""
         if self.full:
             return
         while self.window:
             self._window_pop()
-        self.next_chunk = int(state["window"][0]) if state["window"] else int(state["next_chunk"])
-        for _ in range(len(state["window"])):
+        start = int(state["window"][0]) if state["window"] else int(state["next_chunk"])
+        self.next_chunk = start % self.n_chunks
+        for _ in range(self.w):
             self._window_push()
-        self.next_chunk, self.acc = int(state["next_chunk"]), float(state["acc"])
+        self.acc = float(state["acc"])
 
     def stats(self) -> dict[str, int]:
         return {"chunk_loads": self.chunk_loads, "writebacks": self.writebacks,
