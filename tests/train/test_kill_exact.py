@@ -68,6 +68,13 @@ def run_args(shards: Path, bank: Path, run: Path, cfg: Path, every: int) -> list
                  "--config", str(cfg), "--no-progress", "--checkpoint-every", str(every))
 
 
+def inode(path: Path) -> int:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return -1
+
+
 def final(bank: Path, run: Path) -> tuple[np.ndarray, dict[str, torch.Tensor], int]:
     assert verify_store(bank).ok
     with open_store(bank, read_only=True) as s:
@@ -88,13 +95,13 @@ def test_killed_and_resumed_partial_cache_run_is_bit_identical(tmp_path: Path, e
     bank, run = tmp_path / "bank.npy", tmp_path / "run"
     rng = random.Random(every)
     kills = 0
-    for attempt in range(8):
+    for attempt in range(6):
         args = run_args(shards, bank, run, cfg, every) + (["--resume"] if attempt else [])
         proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 120
-        while not (run / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.5))
+        deadline, before = time.time() + 120, inode(run / "last.pt")
+        while inode(run / "last.pt") == before and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # until this attempt has written a checkpoint: training under way
+        time.sleep(rng.uniform(0.0, 0.5))
         if proc.poll() is not None:
             assert proc.returncode == 0, proc.stderr.read().decode() if proc.stderr else ""
             break
