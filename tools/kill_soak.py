@@ -262,6 +262,10 @@ def landed_from_files(case: Case) -> str:
         return "bank journal write (uncommitted journal left)"
     if (bank / "journal").exists() or Path(str(bank) + ".journal").exists():
         return "bank journal apply (committed journal left)"
+    if list(sidecar.glob("*journal.part-*.tmp")):
+        return "bank journal part write (uncommitted part left)"
+    if list(sidecar.glob("*journal.part-*")):
+        return "step (uncommitted journal parts of evictions left)"
     if list(sidecar.glob("*.json.tmp")):
         return "bank metadata write"
     if list(bank.parent.glob("*.creating")):
