@@ -278,10 +278,8 @@ def committed_step(bank: Path) -> int:
     from oocid.bank.store import open_store
 
     with open_store(bank, read_only=True) as st:
-        ov = st._overlay
-        if ov is not None and ov.step is not None:
-            return int(ov.step)
-        return int(st.meta.committed_step)
+        pending = st.pending_step
+        return int(pending if pending is not None else st.meta.committed_step)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -12,8 +12,7 @@ a committed record with all its parts and discards parts no record names, so aft
 bank is exactly its old or its new committed state, whatever the commit's size. Chunks written
 with `write_part` between commits (a cache's evictions) stay in their parts, read back from
 there, until the next commit: the rows on disk only ever hold committed content. A read-only
-open serves a committed record's chunks from its files. `oocid.bank.create` makes new banks,
-`oocid.bank.verify` checks them.
+open serves a committed record's chunks from its files. `create` makes banks, `verify` checks them.
 """
 
 from __future__ import annotations
@@ -93,6 +92,11 @@ class BankStore:
     def pending_journal(self) -> bool:
         """True when reads are served partly from a committed journal not yet replayed."""
         return self._overlay is not None
+
+    @property
+    def pending_step(self) -> int | None:
+        """The step a committed record not yet replayed carries (None: none, or no step)."""
+        return self._overlay[-1].step if self._overlay else None
 
     def chunk_range(self, c: int) -> tuple[int, int]:
         """[start, stop) rows of chunk c."""
