@@ -269,14 +269,14 @@ class NPIDRunner:
                  device: torch.device, precision: str, profile: bool = False) -> None:
         from oocid.method.npid import NPIDStep
         from oocid.method.zest import ZEstimator
-        from oocid.train.setup import make_cache
+        from oocid.train.setup import cache_budget_rows, make_cache
 
         self.cfg = cfg = make_cfg(a, arch, negatives, size)
         torch.manual_seed(0)
         model, opt = new_model(arch, device)
         self.store = store
         spe = -(-a.rows // a.batch)  # StreamData.steps_per_epoch
-        self.bank = bank = make_cache(cfg, store, device, spe)
+        self.bank = bank = make_cache(cfg, store, device, spe, cache_budget_rows(cfg, store, device))
         self.info: dict[str, Any] = {
             "cache_rows": bank.n_slots * bank.r, "slots": bank.n_slots, "window_chunks": bank.w,
             "pool_chunks": bank.n_slots - bank.w, "full": bank.full, "steps_per_epoch": spe,

@@ -262,6 +262,10 @@ def landed_from_files(case: Case) -> str:
         return "bank journal write (uncommitted journal left)"
     if (bank / "journal").exists() or Path(str(bank) + ".journal").exists():
         return "bank journal apply (committed journal left)"
+    if list(sidecar.glob("*journal.part-*.tmp")):
+        return "bank journal part write (uncommitted part left)"
+    if list(sidecar.glob("*journal.part-*")):
+        return "step (uncommitted journal parts of evictions left)"
     if list(sidecar.glob("*.json.tmp")):
         return "bank metadata write"
     if list(bank.parent.glob("*.creating")):
@@ -274,10 +278,8 @@ def committed_step(bank: Path) -> int:
     from oocid.bank.store import open_store
 
     with open_store(bank, read_only=True) as st:
-        ov = st._overlay
-        if ov is not None and ov.step is not None:
-            return int(ov.step)
-        return int(st.meta.committed_step)
+        pending = st.pending_step
+        return int(pending if pending is not None else st.meta.committed_step)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

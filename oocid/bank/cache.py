@@ -7,7 +7,8 @@ B batch; K negatives. The cache holds S slots of R rows on the device, S*R <= th
   per epoch (each chunk stays W/rate steps). Negatives are drawn uniformly from the window's
   rows only, so over an epoch every row has the same chance of being a negative.
 - P = S - W *pool* slots hold the chunks of the batch's positives, LRU; a chunk evicted dirty is
-  written back (in a background thread, `oocid.bank.io_thread`, batched into journals).
+  written back (in a background thread, `oocid.bank.io_thread`) into journal parts of the next
+  commit, not into the rows: the rows on disk stay those of the last commit.
 - The window's next chunks are read ahead by the same background thread (host buffers, pinned
   on CUDA), so disk I/O overlaps compute. Disk traffic per epoch is O(bank size).
 When the budget covers the whole bank, every chunk is loaded in order once and never evicted,
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from oocid.bank.io_thread import IOThread, write_batched
+from oocid.bank.io_thread import IOThread
 from oocid.bank.sizing import zeroed_slots
 from oocid.bank.store import BankStore
 from oocid.errors import InputError
@@ -139,7 +140,7 @@ class ChunkCache:
             if self.io is not None:
                 self.io.write_back(c, rows)
             else:
-                self.store.write_chunks({c: rows})
+                self.store.write_part({c: rows})
             self.writebacks += 1
         self._set_slot(c, -1)
         self.chunk_of[s] = -1
@@ -350,26 +351,44 @@ class ChunkCache:
                 chunks[c] = self.slots[s, : b - a].cpu().numpy()
         if self.io is not None:  # read-aheads from before this write are stale now
             self.io.invalidate(list(chunks))
-        write_batched(self.store, chunks, step)
+        self.store.write_chunks(chunks, step)
         for s in range(self.n_slots):
             self.dirty[s] = False
 
     def commit(self, step: int) -> None:
         self.flush(step)
 
+    def rows_now(self) -> Iterator[tuple[int, Tensor]]:
+        """(first row, rows) of each chunk as the cache holds it now, writing nothing to the
+        bank (a kNN scan between commits): resident chunks from their slots, the others from
+        the store, whose pending parts hold the evicted ones."""
+        if self.full:
+            yield 0, self.rows
+            return
+        if self.io is not None:  # pending write-backs land in parts, which the store reads
+            self.io.drain()
+        for c in range(self.n_chunks):
+            a, b = self.store.chunk_range(c)
+            s = int(self.slot_host[c])
+            yield a, self.slots[s, : b - a] if s >= 0 else \
+                torch.from_numpy(self.store.read_chunk(c)).to(self.device, self.flat.dtype)
+
     def state_dict(self) -> dict[str, Any]:
         return {"window": list(self.window), "next_chunk": self.next_chunk, "acc": self.acc}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the window (which rows are negatives) of a checkpoint."""
+        """Restore the window (which rows are negatives) of a checkpoint by position: it starts
+        at the saved window's first chunk and holds this cache's W chunks, so a resume under
+        another budget (a saved full cache has no window) refills it to the current size."""
         if self.full:
             return
         while self.window:
             self._window_pop()
-        self.next_chunk = int(state["window"][0]) if state["window"] else int(state["next_chunk"])
-        for _ in range(len(state["window"])):
+        start = int(state["window"][0]) if state["window"] else int(state["next_chunk"])
+        self.next_chunk = start % self.n_chunks
+        for _ in range(self.w):
             self._window_push()
-        self.next_chunk, self.acc = int(state["next_chunk"]), float(state["acc"])
+        self.acc = float(state["acc"])
 
     def stats(self) -> dict[str, int]:
         return {"chunk_loads": self.chunk_loads, "writebacks": self.writebacks,

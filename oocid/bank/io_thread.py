@@ -1,5 +1,6 @@
 """The device cache's background I/O thread: reads the window's next chunks ahead and writes
-evicted dirty chunks back, so disk I/O overlaps compute (`oocid.bank.cache.ChunkCache`).
+evicted dirty chunks back into journal parts of the next commit (`BankStore.write_part`), so disk
+I/O overlaps compute (`oocid.bank.cache.ChunkCache`).
 
 Each chunk has a version, bumped whenever newer rows of it are queued for write-back or written;
 a read-ahead is used only if no newer rows were queued after it started, and a chunk with a
@@ -17,8 +18,6 @@ import torch
 from torch import Tensor
 
 from oocid.bank.store import BankStore
-
-MAX_WRITE_BYTES = 256 * 2**20  # cap one journal at this many bytes of rows
 
 Job = Literal["read", "write", "stop"]
 
@@ -67,7 +66,7 @@ class IOThread:
                     with self.cond:
                         batch = dict(self.pending)
                     if batch:
-                        write_batched(self.store, batch, None)
+                        self.store.write_part(batch)
                         with self.cond:
                             for c, rows in batch.items():
                                 if self.pending.get(c) is rows:
@@ -129,17 +128,3 @@ class IOThread:
         self.jobs.put(("stop", None))
         self.thread.join()
 
-
-def write_batched(store: BankStore, chunks: dict[int, np.ndarray], step: int | None) -> None:
-    """store.write_chunks in journals of at most MAX_WRITE_BYTES; `step` commits with the last."""
-    items = sorted(chunks.items())
-    batch: dict[int, np.ndarray] = {}
-    size = 0
-    for c, rows in items:
-        if batch and size + rows.nbytes > MAX_WRITE_BYTES:
-            store.write_chunks(batch)
-            batch, size = {}, 0
-        batch[c] = rows
-        size += rows.nbytes
-    if batch or step is not None:
-        store.write_chunks(batch, step=step)

@@ -1,13 +1,17 @@
-"""The bank's redo journal: how a write of several chunks commits all or none.
+"""The bank's redo journal: how a commit of any number of chunks applies all or none.
 
-`BankStore.write_chunks` writes every chunk of the call into one journal file under its
-temporary name, fsyncs it and renames it to its committed name (the rename is the commit point),
-then applies the chunks to the rows (docs/design.md, "Journal and crash safety"). A committed
-journal found on open is replayed; an uncommitted one is discarded.
+A commit is made of *parts* and one *record* (docs/design.md, "Journal and crash safety"). Each
+part is a journal file of some chunks, written under a temporary name, fsynced and renamed to
+`<journal>.part-<writer>-<seq>`: durable, but not yet committed. The record is a journal file at
+`<journal>` itself that names the step, the parts (in apply order) and may carry chunks of its
+own (applied last); its rename is the commit point. A record found on open is replayed with all
+its parts; parts no record names are discarded. Several writers can each write parts of one step
+(distinct `writer` names), then one record commits them all.
 
-File format: MAGIC | u64 header length | header json (dtype, dim, step, [[chunk, rows], ...]) |
-payload (the chunks' rows, in header order, store dtype, C order) | END | u32 crc32 of header +
-payload.
+File format (parts and record): MAGIC | u64 header length | header json (dtype, dim, step,
+chunks [[chunk, rows], ...], parts [names]) | payload (the chunks' rows, in header order, store
+dtype, C order) | END | u32 crc32 of header + payload. A header without "parts" (bank version 1)
+names none.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Journal:
     step: int | None
     offsets: dict[int, tuple[int, int]]  # c -> (byte offset, rows)
     data: dict[int, np.ndarray] | None = None
+    parts: tuple[str, ...] = ()  # a record's parts, by file name, in apply order
 
     @property
     def chunk_ids(self) -> list[int]:
@@ -53,15 +58,18 @@ class Journal:
 
 
 def write_journal(tmp: Path, final: Path, items: list[tuple[int, np.ndarray]], dtype: str,
-                  dim: int, step: int | None, where: Path) -> Journal:
+                  dim: int, step: int | None, where: Path, parts: tuple[str, ...] = ()) -> Journal:
     """Write chunks [(c, (chunk_len, D) C-order rows)] to `tmp`, fsync, rename to `final`.
 
     The rename is the commit point. On OSError nothing is committed and WriteError (naming the
     bank `where`, not the journal file) is raised. The rows are streamed into the file chunk by
     chunk with a running crc32, so no second copy of them is made in memory.
     """
-    head = json.dumps({"dtype": dtype, "dim": dim, "step": step,
-                       "chunks": [[c, len(a)] for c, a in items]}).encode()
+    obj: dict[str, object] = {"dtype": dtype, "dim": dim, "step": step,
+                              "chunks": [[c, len(a)] for c, a in items]}
+    if parts:
+        obj["parts"] = list(parts)
+    head = json.dumps(obj).encode()
     pos, offsets = len(_MAGIC) + 8 + len(head), {}
     for c, a in items:
         offsets[c] = (pos, len(a))
@@ -85,7 +93,7 @@ def write_journal(tmp: Path, final: Path, items: list[tuple[int, np.ndarray]], d
             pass
         raise write_error(where, "bank journal", e) from e
     fsync_dir(final.parent)
-    return Journal(final, DTYPES[dtype], dim, step, offsets, dict(items))
+    return Journal(final, DTYPES[dtype], dim, step, offsets, dict(items), parts)
 
 
 def read_journal(path: Path, meta: BankMeta) -> Journal:
@@ -113,6 +121,45 @@ def read_journal(path: Path, meta: BankMeta) -> Journal:
                 crc, left = zlib.crc32(block, crc), left - len(block)
             if f.read(len(_END) + 4) != _END + struct.pack("<I", crc):
                 raise ValueError("checksum mismatch")
+            parts = tuple(str(p) for p in h.get("parts", []))
+            if any("/" in p or not p.startswith(path.name + ".part-") for p in parts):
+                raise ValueError(f"bad part names {list(parts)}")
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise DataError(f"{path}: bank journal is corrupt ({e})") from e
-    return Journal(path, DTYPES[meta.dtype], meta.dim, h["step"], offsets)
+    return Journal(path, DTYPES[meta.dtype], meta.dim, h["step"], offsets, None, parts)
+
+
+class PendingParts:
+    """Journal parts written since the last commit (`BankStore.write_part`), oldest first, with
+    which part holds each chunk's newest rows. A part whose every chunk was written again later
+    is deleted: no commit needs it."""
+
+    def __init__(self) -> None:
+        self.parts: list[Journal] = []
+        self.newest: dict[int, Journal] = {}  # chunk -> the part with its newest rows
+        self._live: dict[Path, set[int]] = {}  # part -> chunks it is the newest for
+
+    def add(self, journal: Journal) -> None:
+        self.parts.append(journal)
+        self._live[journal.path] = set(journal.chunk_ids)
+        for c in journal.chunk_ids:
+            old = self.newest.get(c)
+            self.newest[c] = journal
+            if old is not None:
+                live = self._live[old.path]
+                live.discard(c)
+                if not live:
+                    self.parts.remove(old)
+                    del self._live[old.path]
+                    old.path.unlink(missing_ok=True)
+
+    def load(self, c: int) -> np.ndarray | None:
+        """Chunk c's newest pending rows (None: no part has them)."""
+        while True:
+            journal = self.newest.get(c)
+            if journal is None:
+                return None
+            try:
+                return journal.load(c)
+            except FileNotFoundError:  # superseded and deleted meanwhile: a newer part has it
+                continue

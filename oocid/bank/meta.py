@@ -13,7 +13,8 @@ import numpy as np
 from oocid.errors import DataError
 
 BANK_FORMAT = "oocid-bank"
-BANK_VERSION = 1
+BANK_VERSION = 2  # 2: journals in parts named by a commit record (1: one journal; still read)
+READABLE_VERSIONS = (1, 2)
 DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
@@ -38,7 +39,7 @@ class BankMeta:
         """Parse and check a decoded metadata object; DataError naming `where` if malformed."""
         if not isinstance(obj, dict) or obj.get("format") != BANK_FORMAT:
             raise DataError(f"{where}: not an oocid bank metadata file")
-        if obj.get("version") != BANK_VERSION:
+        if obj.get("version") not in READABLE_VERSIONS or type(obj.get("version")) is not int:
             raise DataError(f"{where}: unsupported bank version {obj.get('version')!r}")
         names = {f.name for f in fields(cls)}
         if set(obj) != names:

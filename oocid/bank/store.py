@@ -4,20 +4,22 @@ Dimension letters: N rows (one per instance), D feature dimension, C rows per ch
 (`chunk_rows`); chunk c holds rows [c*C, min((c+1)*C, N)). Rows are stored as float32 or
 float16 and always read back as float32.
 
-Crash safety: `write_chunks` writes every chunk of the call into one journal file, fsyncs it and
-renames it to its committed name (the commit point, `oocid.bank.journal`), then applies the
-chunks to the rows, fsyncs them, updates `committed_step` and deletes the journal. Opening a
-bank for writing replays a committed journal and discards an uncommitted one, so after a kill
-every chunk is either its old or its new content. A read-only open serves a committed journal's
-chunks from the journal file. `oocid.bank.create` makes new banks, `oocid.bank.verify` checks
-them.
+Crash safety: a commit writes its chunks as journal *parts* (at most MAX_WRITE_BYTES of rows
+each), makes them durable, then one small *record* names the step and the parts; the record's
+rename is the commit point (`oocid.bank.journal`). Then the parts are applied to the rows, fsynced,
+`committed_step` is updated and the journal files are deleted. Opening a bank for writing replays
+a committed record with all its parts and discards parts no record names, so after a kill the
+bank is exactly its old or its new committed state, whatever the commit's size. Chunks written
+with `write_part` between commits (a cache's evictions) stay in their parts, read back from
+there, until the next commit: the rows on disk only ever hold committed content. A read-only
+open serves a committed record's chunks from its files. `create` makes banks, `verify` checks them.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,14 @@ from typing import Any
 import numpy as np
 
 from oocid.atomic import atomic_write
-from oocid.bank.journal import Journal, read_journal, write_journal
-from oocid.bank.meta import DTYPES, BankMeta
+from oocid.bank.journal import Journal, PendingParts, read_journal, write_journal
+from oocid.bank.meta import BANK_VERSION, DTYPES, BankMeta
 from oocid.bank.rows import _layout, _NpyRows, _ZarrRows
 from oocid.errors import DataError, InputError, WriteError
 from oocid.progress import Progress, progress_bar
 
 _SETTABLE = ("manifest_id", "momentum", "committed_step")
+MAX_WRITE_BYTES = 256 * 2**20  # cap one journal part at this many bytes of rows
 _ABSENT = "no bank here (create one with `oocid bank init` or `oocid train`)"
 
 
@@ -53,7 +56,10 @@ class BankStore:
         self._rows, self._meta_path = rows, meta_path
         self._journal, self._journal_tmp = journal, journal_tmp
         self.bytes_read = self.bytes_written = self.journal_bytes_written = 0
-        self._overlay: Journal | None = None  # a committed journal not yet in the rows
+        self._overlay: list[Journal] | None = None  # a committed record (+ parts) not yet in the rows
+        self._pending = PendingParts()  # written since the last commit, not yet in the rows
+        self._seq = 0
+        self.writer = "0"  # names this writer's parts (several writers may write one step's parts)
         self._lock = threading.RLock()
         self._count_lock = threading.Lock()
 
@@ -87,6 +93,11 @@ class BankStore:
         """True when reads are served partly from a committed journal not yet replayed."""
         return self._overlay is not None
 
+    @property
+    def pending_step(self) -> int | None:
+        """The step a committed record not yet replayed carries (None: none, or no step)."""
+        return self._overlay[-1].step if self._overlay else None
+
     def chunk_range(self, c: int) -> tuple[int, int]:
         """[start, stop) rows of chunk c."""
         if not 0 <= c < self.n_chunks:
@@ -104,15 +115,24 @@ class BankStore:
         if not 0 <= start <= stop <= self.n_rows:
             raise IndexError(f"rows [{start}, {stop}) out of range [0, {self.n_rows})")
         out = self._rows.read(start, stop)
-        overlay = self._overlay
-        if overlay is not None:
-            for c in overlay.chunk_ids:
-                lo, hi = self.chunk_range(c)
-                if lo < stop and start < hi:
-                    a, b = max(lo, start), min(hi, stop)
-                    out[a - start:b - start] = overlay.load(c)[a - lo:b - lo]
+        for journal in self._overlay or ():
+            for c in journal.chunk_ids:
+                self._patch(out, start, stop, c, journal.load)
+        if self._pending.newest:
+            for c in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+                self._patch(out, start, stop, c, self._pending.load)
         self._count_read(stop - start)
         return out
+
+    def _patch(self, out: np.ndarray, start: int, stop: int, c: int,
+               load: Callable[[int], np.ndarray | None]) -> None:
+        """Overwrite the part of out (rows [start, stop)) that chunk c covers with load(c)."""
+        lo, hi = self.chunk_range(c)
+        if lo < stop and start < hi:
+            rows = load(c)
+            if rows is not None:
+                a, b = max(lo, start), min(hi, stop)
+                out[a - start:b - start] = rows[a - lo:b - lo]
 
     def read_chunk(self, c: int) -> np.ndarray:
         """Chunk c as a fresh (chunk_len, D) float32 array."""
@@ -125,7 +145,7 @@ class BankStore:
             return np.empty((0, self.dim), dtype=np.float32)
         if idx.min() < 0 or idx.max() >= self.n_rows:
             raise IndexError(f"row index out of range [0, {self.n_rows})")
-        fast = self._rows.take(idx) if self._overlay is None else None
+        fast = self._rows.take(idx) if self._overlay is None and not self._pending.newest else None
         if fast is not None:
             self._count_read(len(idx))
             return fast
@@ -149,13 +169,7 @@ class BankStore:
         if self.read_only:
             raise InputError(f"{self.path}: bank is open read-only")
 
-    def write_chunks(self, chunks: Mapping[int, np.ndarray], step: int | None = None) -> None:
-        """Replace whole chunks {c: (chunk_len, D) rows}, all or none, crash-safe.
-
-        If `step` is given, `meta.committed_step` becomes `step` together with the rows.
-        Raises WriteError if the journal cannot be written (the bank is then unchanged).
-        """
-        self._check_writable()
+    def _items(self, chunks: Mapping[int, np.ndarray]) -> list[tuple[int, np.ndarray]]:
         items = []
         for c, rows in sorted(chunks.items()):
             lo, hi = self.chunk_range(int(c))
@@ -165,42 +179,115 @@ class BankStore:
             if not np.isfinite(arr).all():
                 raise DataError(f"{self.path}: refusing to write non-finite values to chunk {c}")
             items.append((int(c), arr))
-        if not items and step is None:
+        return items
+
+    def write_chunks(self, chunks: Mapping[int, np.ndarray], step: int | None = None) -> None:
+        """Replace whole chunks {c: (chunk_len, D) rows}, all or none, crash-safe, any size.
+
+        Commits these chunks together with every part written by `write_part` since the last
+        commit. If `step` is given, `meta.committed_step` becomes `step` together with the rows.
+        Raises WriteError if the journal cannot be written (the bank is then unchanged).
+        """
+        self._check_writable()
+        items = self._items(chunks)
+        if not items and step is None and not self._pending.parts:
             return
         with self._lock:
             if self._overlay is not None:
                 self._recover()  # a previous apply failed: finish it first
-            journal = write_journal(self._journal_tmp, self._journal, items, self.meta.dtype,
-                                    self.dim, step, self.path)
-            self.journal_bytes_written += sum(a.nbytes for _, a in items)
-            self._apply(journal)
+            batch: list[tuple[int, np.ndarray]] = []
+            size = 0
+            for c, arr in items:  # all but the last MAX_WRITE_BYTES go into parts
+                if batch and size + arr.nbytes > MAX_WRITE_BYTES:
+                    self._write_part(batch)
+                    batch, size = [], 0
+                batch.append((c, arr))
+                size += arr.nbytes
+            parts = tuple(j.path.name for j in self._pending.parts)
+            record = write_journal(self._journal_tmp, self._journal, batch, self.meta.dtype,
+                                   self.dim, step, self.path, parts)
+            self.journal_bytes_written += size
+            journals = [*self._pending.parts, record]
+            self._overlay = journals  # reads see the commit while it is applied
+            self._pending = PendingParts()
+            self._apply(journals)
 
-    def _apply(self, journal: Journal) -> None:
-        """Copy a committed journal's chunks into the rows, fsync, set the step, drop it."""
+    def write_part(self, chunks: Mapping[int, np.ndarray]) -> None:
+        """Write chunks into a durable journal part of the next commit, not into the rows.
+
+        Reads see them at once; the next `write_chunks` commits them, and a kill before that
+        discards them (the rows keep the last committed content)."""
+        self._check_writable()
+        items = self._items(chunks)
+        if items:
+            with self._lock:
+                self._write_part(items)
+
+    def _write_part(self, items: list[tuple[int, np.ndarray]]) -> None:
+        self._seq += 1
+        final = self._journal.with_name(f"{self._journal.name}.part-{self.writer}-{self._seq:06d}")
+        tmp = final.with_name(final.name + ".tmp")
+        journal = replace(write_journal(tmp, final, items, self.meta.dtype, self.dim, None,
+                                        self.path), data=None)
+        self.journal_bytes_written += sum(a.nbytes for _, a in items)
+        self._pending.add(journal)
+
+    def _part_files(self) -> list[Path]:
+        return sorted(self._journal.parent.glob(self._journal.name + ".part-*"))
+
+    def _apply(self, journals: list[Journal]) -> None:
+        """Copy a committed record's parts and chunks into the rows (in order), fsync, set the
+        step, then delete the record and its parts."""
+        record = journals[-1]
         try:
-            for c in journal.chunk_ids:
-                rows = journal.load(c)
-                self._rows.write(self.chunk_range(c)[0], rows)
-                self.bytes_written += rows.nbytes
-            self._rows.sync(journal.chunk_ids)
-            if journal.step is not None:
-                self._set_meta(committed_step=journal.step)
-            # No directory fsync for the unlink: if a power cut brings the journal back, it is
-            # the latest committed one (each commit fsyncs its name), so replaying is harmless.
+            touched: set[int] = set()
+            for journal in journals:
+                for c in journal.chunk_ids:
+                    rows = journal.load(c)
+                    self._rows.write(self.chunk_range(c)[0], rows)
+                    self.bytes_written += rows.nbytes
+                    touched.add(c)
+            self._rows.sync(sorted(touched))
+            if record.step is not None:
+                self._set_meta(committed_step=record.step)
+            # No directory fsync for the unlinks: if a power cut brings the record back, it is
+            # the latest committed one (each commit fsyncs its name), so replaying is harmless;
+            # parts it no longer names are discarded on open.
             self._journal.unlink()
+            for journal in journals[:-1]:
+                journal.path.unlink(missing_ok=True)
         except (OSError, WriteError) as e:
-            # Reads see the committed content (from the durable journal file) until it is replayed.
-            self._overlay = replace(journal, data=None)
+            # Reads see the committed content (from the durable journal files) until replayed.
+            self._overlay = [replace(j, data=None) for j in journals]
             reason = e.strerror if isinstance(e, OSError) else str(e)
             raise WriteError(f"{self.path}: could not apply bank journal {self._journal.name} "
                              f"(it is replayed when the bank is next opened): {reason}") from e
         self._overlay = None
 
+    def _committed(self) -> list[Journal] | None:
+        """The committed record's parts and the record, in apply order (None: no record)."""
+        if not self._journal.exists():
+            return None
+        record = read_journal(self._journal, self.meta)
+        parts = []
+        for name in record.parts:
+            part = self._journal.with_name(name)
+            if not part.is_file():
+                raise DataError(f"{part}: bank journal is corrupt (a committed part is missing)")
+            parts.append(read_journal(part, self.meta))
+        return [*parts, record]
+
     def _recover(self) -> None:
-        """Discard an uncommitted journal; replay a committed one (idempotent)."""
+        """Discard uncommitted parts; replay a committed record with its parts (idempotent)."""
         self._journal_tmp.unlink(missing_ok=True)
-        if self._journal.exists():
-            self._apply(read_journal(self._journal, self.meta))
+        journals = self._committed()
+        named = {j.path for j in journals or ()}
+        for p in self._part_files():
+            if p not in named:
+                p.unlink()
+        self._pending = PendingParts()
+        if journals is not None:
+            self._apply(journals)
             self._rows.cleanup()
         self._overlay = None
 
@@ -245,7 +332,7 @@ class BankStore:
         """Bytes of all the bank's files (rows, metadata, journal)."""
         if self.kind == "zarr":
             return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        paths = (self.path, self._meta_path, self._journal)
+        paths = (self.path, self._meta_path, self._journal, *self._part_files())
         return sum(p.stat().st_size for p in paths if p.exists())
 
     def close(self) -> None:
@@ -285,10 +372,11 @@ def open_store(path: Path | str, *, read_only: bool = False) -> BankStore:
     store = BankStore(path, meta, read_only, rows, meta_path, journal, journal_tmp)
     try:
         if read_only:
-            if journal.exists():
-                store._overlay = read_journal(journal, meta)
+            store._overlay = store._committed()
         else:
             store._recover()
+            if store.meta.version < BANK_VERSION:  # its journals are now written as parts
+                store._set_meta(version=BANK_VERSION)
     except BaseException:
         store.close()
         raise

@@ -33,7 +33,6 @@ from oocid.eval.evaluate import (
     knn_against,
     num_classes_of,
     read_labels,
-    store_chunks,
     tensor_chunks,
 )
 from oocid.method.npid import NPIDStep
@@ -41,6 +40,7 @@ from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
 from oocid.progress import Progress, progress_bar
 from oocid.train.setup import (
+    RESUME_MAY_CHANGE,
     Say,
     build_optimizer,
     cache_budget_rows,
@@ -85,7 +85,9 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
     device = resolve_device(cfg.train.device)
     use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
-    cfg = resolve_loss(cfg, manifest.n, device, say)
+    # Measured once: the default budget follows free memory, which changes from call to call.
+    budget = cache_budget_rows(cfg, None, device, manifest.n)
+    cfg = resolve_loss(cfg, manifest.n, budget, say)
     lc = cfg.loss
     if lc.kind in ("nce", "infonce") and lc.nce_k >= manifest.n:
         raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {manifest.n} samples "
@@ -106,14 +108,14 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         store = open_or_create_bank(cfg, manifest, bank_path, resume)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            return _train(cfg, manifest, val_manifest, store, run_dir, device, resume, progress,
-                          max_epochs, max_steps, say)
+            return _train(cfg, manifest, val_manifest, store, run_dir, device, budget, resume,
+                          progress, max_epochs, max_steps, say)
         finally:
             store.close()
 
 
 def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store: BankStore,
-           run_dir: Path, device: torch.device, resume: bool, progress: bool,
+           run_dir: Path, device: torch.device, budget: int, resume: bool, progress: bool,
            max_epochs: int | None, max_steps: int | None, say: Say) -> RunResult:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, image_channels(manifest), cfg.model.dim).to(device)
@@ -134,11 +136,11 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     (run_dir / "config.json").write_text(cfg.to_json() + "\n")
 
-    cache_partial = cache_budget_rows(cfg, store, device) < store.n_rows
+    cache_partial = budget < store.n_rows
     data = make_train_data(manifest, cfg.data, cfg.train.seed, device, progress,
                            chunk_rows=store.chunk_rows if cache_partial else 0)
     spe = -(-data.steps_per_epoch() // cfg.optim.accumulate)  # optimiser steps (end_step calls)
-    bank = make_cache(cfg, store, device, spe, in_memory=isinstance(data, InMemoryData))
+    bank = make_cache(cfg, store, device, spe, budget, in_memory=isinstance(data, InMemoryData))
     window_rows = bank.w * bank.r
     if not bank.full and cfg.loss.kind != "softmax" and window_rows < cfg.loss.nce_k:
         say(f"oocid: warning: the cache's window of negatives holds {window_rows} rows, fewer than "
@@ -165,7 +167,7 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
     path = checkpoint_for_step(run_dir, store.meta.committed_step)
     state = load_checkpoint(path)
     saved = config_from_dict(state["config"], str(path))
-    diff = config_diff(saved, cfg, ignore=("optim.epochs", "train.tensorboard"))
+    diff = config_diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
     if diff:
         raise InputError(f"{path}: was written with a different config ({', '.join(diff)}); "
                          f"resume with the config saved in {run_dir / 'config.json'}")
@@ -309,9 +311,9 @@ class _Evaluator:
         run, cfg, bank = self.run, self.run.cfg, self.run.bank
         feats, _, labels = extract_features(run.model, iter(self.val_batches),
                                             cfg.model.channels_last)
-        bank.flush()
-        chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else (
-            lambda: store_chunks(bank.store, run.device))
+        # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
+        # scan loses nothing (docs/design.md, "Checkpoints and resume").
+        chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
         c = num_classes_of(run.manifest, self.train_labels.numpy())
         acc = knn_against(feats, labels, chunks, self.train_labels, cfg.train.knn_k,
                           cfg.train.knn_temperature, c)

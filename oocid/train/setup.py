@@ -21,6 +21,11 @@ from oocid.errors import InputError
 Say = Callable[[str], None]  # where a run's one-line messages go (stderr by default)
 
 
+# Performance settings a resume may change: they change how fast a run goes, not its result.
+RESUME_MAY_CHANGE = ("optim.epochs", "train.tensorboard", "bank.cache_mb", "data.workers",
+                     "train.device", "train.threads", "train.checkpoint_every")
+
+
 def config_diff(old: Config, new: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     """['optim.lr 0.03 -> 0.1', ...] for every key that differs (dotted names)."""
     out = []
@@ -73,13 +78,14 @@ def cache_budget_rows(cfg: Config, store: BankStore | None, device: torch.device
     return cache_rows(cfg.bank.cache_mb, n, dim, device)
 
 
-def resolve_loss(cfg: Config, n_rows: int, device: torch.device, say: Say | None = None) -> Config:
+def resolve_loss(cfg: Config, n_rows: int, budget_rows: int, say: Say | None = None) -> Config:
     """`loss.kind = "auto"` -> the measured default of the size regime (`config.auto_loss`):
-    the exact softmax when the whole bank fits the device cache, sampled negatives otherwise.
-    Returns a copy with the kind set (what config.json and the checkpoints record)."""
+    the exact softmax when the whole bank fits the device cache (`budget_rows`, computed once
+    per start), sampled negatives otherwise. Returns a copy with the kind set (what config.json
+    and the checkpoints record)."""
     if cfg.loss.kind != "auto":
         return cfg
-    fits = cache_budget_rows(cfg, None, device, n_rows) >= n_rows
+    fits = budget_rows >= n_rows
     out = copy.deepcopy(cfg)
     out.loss.kind = auto_loss(fits)
     if say is not None:
@@ -89,12 +95,11 @@ def resolve_loss(cfg: Config, n_rows: int, device: torch.device, say: Say | None
 
 
 def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_epoch: int,
-               in_memory: bool = False) -> ChunkCache:
-    """The device cache with the configured budget (rows = MB / (4 D)).
+               budget: int, in_memory: bool = False) -> ChunkCache:
+    """The device cache of `budget` rows (`cache_budget_rows`, computed once per start).
 
     The pool for the positives is sized for the data order: a stream's shuffle buffers, or the
     two groups of chunks that a chunk-local in-memory batch can span (`oocid.data.memory.local_order`)."""
-    budget = cache_budget_rows(cfg, store, device)
     pool = cfg.bank.pool_chunks or None
     if pool is None and budget < store.n_rows:
         if in_memory:

@@ -216,15 +216,15 @@ def test_in_memory_data_with_a_partial_cache_reads_each_chunk_few_times(
 def test_auto_loss_is_softmax_when_the_bank_fits_and_infonce_when_not(
         tmp_path: Path, shards: tuple[Path, Path]) -> None:
     from oocid.config import LossConfig
-    from oocid.train.setup import resolve_loss
+    from oocid.train.setup import cache_budget_rows, resolve_loss
 
     assert LossConfig().kind == "auto"
     cfg = tiny_config(kind="auto")
     cpu = torch.device("cpu")
-    assert resolve_loss(cfg, 96, cpu).loss.kind == "softmax"
+    assert resolve_loss(cfg, 96, cache_budget_rows(cfg, None, cpu, 96)).loss.kind == "softmax"
     cfg.bank.cache_mb = 16 * 5 * 128 * 4 / 2**20  # 5 chunks of 16 rows out of 96: does not fit
     said: list[str] = []
-    out = resolve_loss(cfg, 96, cpu, said.append)
+    out = resolve_loss(cfg, 96, cache_budget_rows(cfg, None, cpu, 96), said.append)
     assert out.loss.kind == "infonce" and cfg.loss.kind == "auto" and "does not fit" in said[0]
     # a run records the resolved kind and resumes with "auto" again
     tr = tmp_path / "s16"
