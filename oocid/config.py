@@ -284,7 +284,7 @@ def demo_config() -> Config:
     cfg.data.workers = 0
     cfg.loss.kind = "softmax"
     cfg.loss.temperature = 0.1
-    cfg.optim.epochs = 45
+    cfg.optim.epochs = 90
     cfg.optim.lr = 0.03
     cfg.optim.weight_decay = 5e-4
     cfg.optim.schedule = "cosine"
