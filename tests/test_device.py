@@ -73,7 +73,7 @@ def test_train_makes_its_device_current(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setattr(loop, "read_manifest", lambda path: SimpleNamespace(n=10))
     monkeypatch.setattr(loop, "resolve_device", lambda name: torch.device("cuda:1"))
     monkeypatch.setattr(loop, "use_device", seen.append)
-    monkeypatch.setattr(loop, "resolve_loss", stop)  # the next thing train() does
+    monkeypatch.setattr(loop, "cache_budget_rows", stop)  # the next thing train() does
     with pytest.raises(_Stop):
         loop.train(Config(), tmp_path / "shards", tmp_path / "bank", tmp_path / "run",
                    progress=False, log=lambda m: None)
