@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,3 +70,52 @@ def run_process(cmd: list[str], argv: list[str], env: dict[str, str]) -> Run:
     with SLOTS:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
     return Run(argv, p.returncode, p.stdout, p.stderr)
+
+
+# A partial-cache NCE run on 16 px noise images, for the kill tests (SIGKILL at any moment).
+KILL_CONFIG = """
+[model]
+arch = "small"
+[data]
+image_size = 16
+augment = "gray"
+in_memory = "no"
+workers = 0
+batch_size = 16
+shuffle_buffer = 16
+mean = [0.5]
+std = [0.25]
+[loss]
+kind = "nce"
+nce_k = 32
+z = "ema"
+temperature = 0.1
+[optim]
+epochs = {epochs}
+schedule = "cosine"
+lr = 0.03
+[bank]
+cache_mb = 0.05
+[train]
+eval_every = 0
+"""
+
+
+def kill_config(epochs: int) -> str:
+    return KILL_CONFIG.format(epochs=epochs)
+
+
+def kill_shards(root: Path, n: int = 192) -> Path:
+    """n 16 x 16 noise images in shards of 16 (one bank chunk each) under root/shards."""
+    from oocid.data.writer import write_shards
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (n, 16, 16), dtype=np.uint8)
+    np.savez(root / "data.npz", images=images, labels=np.arange(n) % 3)
+    write_shards(root / "data.npz", root / "shards", shard_size=16, progress=False)
+    return root / "shards"
+
+
+def oocid_argv(*args: str) -> list[str]:
+    """The command line of `python -m oocid ARGS` with this interpreter."""
+    return [sys.executable, "-m", "oocid", *args]

@@ -9,62 +9,24 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import kill_config, kill_shards, oocid_argv
 
 from oocid.bank.store import open_store
 from oocid.bank.verify import verify_store
-from oocid.data.writer import write_shards
 
-CONFIG = """
-[model]
-arch = "small"
-[data]
-image_size = 16
-augment = "gray"
-in_memory = "no"
-workers = 0
-batch_size = 16
-shuffle_buffer = 16
-mean = [0.5]
-std = [0.25]
-[loss]
-kind = "nce"
-nce_k = 32
-z = "ema"
-temperature = 0.1
-[optim]
-epochs = 25
-schedule = "cosine"
-lr = 0.03
-[bank]
-cache_mb = 0.05
-[train]
-eval_every = 0
-"""
-
-
-def make_shards(root: Path, n: int = 192) -> Path:
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (n, 16, 16), dtype=np.uint8)
-    np.savez(root / "data.npz", images=images, labels=np.arange(n) % 3)
-    write_shards(root / "data.npz", root / "shards", shard_size=16, progress=False)
-    return root / "shards"
-
-
-def oocid(*args: str) -> list[str]:
-    return [sys.executable, "-m", "oocid", *args]
+CONFIG = kill_config(25)
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"} | {"OMP_NUM_THREADS": "1"}
 
 
 def run_args(shards: Path, bank: Path, run: Path, cfg: Path, every: int) -> list[str]:
-    return oocid("train", "--shards", str(shards), "--bank", str(bank), "--out", str(run),
+    return oocid_argv("train", "--shards", str(shards), "--bank", str(bank), "--out", str(run),
                  "--config", str(cfg), "--no-progress", "--checkpoint-every", str(every))
 
 
@@ -85,7 +47,7 @@ def final(bank: Path, run: Path) -> tuple[np.ndarray, dict[str, torch.Tensor], i
 
 @pytest.mark.parametrize("every", [5, 40])
 def test_killed_and_resumed_partial_cache_run_is_bit_identical(tmp_path: Path, every: int) -> None:
-    shards = make_shards(tmp_path)
+    shards = kill_shards(tmp_path)
     cfg = tmp_path / "cfg.toml"
     cfg.write_text(CONFIG)
     ref = subprocess.run(run_args(shards, tmp_path / "ref.npy", tmp_path / "ref", cfg, every),
