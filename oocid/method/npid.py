@@ -194,14 +194,15 @@ class NPIDStep:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(self.precision, x.device):
                 f = self.model(x)  # (B, D) unit, float32 (Embedder normalises in float32)
-            # f's rows are unit, so its sum is finite iff every entry is (one reduction); a
-            # non-finite feature is caught before it reaches Z's estimate or the bank
-            finite = math.isfinite(float(f.detach().sum()))
-            loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i) if finite \
-                else (torch.tensor(float("nan")), None, None)
-            value = float(loss.item())
-            if not finite or not math.isfinite(value):
-                return self._skip(step, z)
+            z_before = self.zest.state_dict() if self.zest is not None else None
+            loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i)
+            # one host sync checks both: f's rows are unit, so its sum is finite iff every
+            # entry is; a non-finite feature never reaches the bank, nor Z's estimate (undone)
+            f_sum, value = torch.stack([f.detach().sum(), loss.detach().float()]).tolist()
+            if not math.isfinite(f_sum) or not math.isfinite(value):
+                if self.zest is not None and z_before is not None:
+                    self.zest.load_state_dict(z_before)
+                return self._skip(step, z if math.isfinite(f_sum) else None)
             weighted = loss * (b.index.numel() / n_all)
             (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
             feats.append(f.detach())

@@ -177,6 +177,32 @@ def test_non_finite_batch_does_not_poison_z(tmp_path: Path) -> None:
     store.close()
 
 
+def test_a_skipped_batch_leaves_the_moving_average_z_as_it_was(tmp_path: Path) -> None:
+    """The loss (and Z's estimate) runs before the one host sync that finds the NaN; the
+    skipped step restores Z, so an EMA Z after good, NaN, good equals good, good."""
+    n = 512
+    cfg = tiny_config(kind="nce", nce_k=32, z="ema")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 16, 16, generator=g)
+    values = []
+    for with_nan in (False, True):
+        store = create_store(tmp_path / f"b{with_nan}.npy", n, 128, chunk_rows=128)
+        bank = InCoreBank(store, torch.device("cpu"))
+        torch.manual_seed(0)
+        model = build_model("small", 1, 128)
+        zest = ZEstimator("ema")
+        step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, zest, 0)
+        step(Batch(x, torch.arange(16), torch.zeros(16)), 0, 0.03)
+        if with_nan:
+            before = zest.state_dict()
+            assert step(Batch(x * float("nan"), torch.arange(16), torch.zeros(16)), 1, 0.03).skipped
+            assert zest.state_dict() == before
+        step(Batch(x, torch.arange(16, 32), torch.zeros(16)), 2, 0.03)
+        values.append(zest.value)
+        store.close()
+    assert values[0] == values[1] and values[0] is not None
+
+
 def test_local_order_is_a_permutation_that_keeps_batches_on_few_chunks() -> None:
     from oocid.data.memory import local_order
 
