@@ -140,7 +140,7 @@ def bank_loss(f: Tensor, index: Tensor, bank: Bank, lc: LossConfig, n_data: int,
         raise ValueError("NCE needs a ZEstimator for its normalising constant Z")
     z = zest(scores, n_data, lc.temperature)
     probs, _ = nce_probs(scores, n_data, lc.temperature, z)
-    return nce_criterion(probs, n_data, lc.eps), float(z.item()), pos
+    return nce_criterion(probs, n_data, lc.eps), zest.value, pos  # Z as a float: no host sync
 
 
 @dataclass
