@@ -20,8 +20,10 @@ import json
 import os
 import struct
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -96,10 +98,15 @@ def write_journal(tmp: Path, final: Path, items: list[tuple[int, np.ndarray]], d
     return Journal(final, DTYPES[dtype], dim, step, offsets, dict(items), parts)
 
 
-def read_journal(path: Path, meta: BankMeta) -> Journal:
-    """Parse a committed journal and check its crc32; DataError if it is damaged."""
+def read_journal(path: Path, meta: BankMeta, *, keep: bool = False,
+                 f: BinaryIO | None = None) -> Journal:
+    """Parse a committed journal and check its crc32; DataError if it is damaged.
+
+    `keep`: hold its rows in memory (a reader's snapshot: the file may be deleted and its name
+    reused once it is applied). `f`: the file, already open at its start."""
+    kept: dict[int, np.ndarray] = {}
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") if f is None else nullcontext(f) as f:
             if f.read(len(_MAGIC)) != _MAGIC:
                 raise ValueError("bad magic")
             (hlen,) = struct.unpack("<Q", f.read(8))
@@ -114,6 +121,14 @@ def read_journal(path: Path, meta: BankMeta) -> Journal:
                 offsets[int(c)] = (pos, int(n))
                 pos += n * meta.dim * itemsize
             crc, left = zlib.crc32(head), pos - f.tell()
+            if keep:
+                start, payload = f.tell(), f.read(left)
+                if len(payload) != left:
+                    raise ValueError("truncated")
+                crc, left = zlib.crc32(payload, crc), 0
+                for c, (off, n) in offsets.items():
+                    kept[c] = np.frombuffer(payload, DTYPES[meta.dtype], n * meta.dim,
+                                            off - start).reshape(n, meta.dim)
             while left > 0:
                 block = f.read(min(left, 1 << 24))
                 if not block:
@@ -126,7 +141,8 @@ def read_journal(path: Path, meta: BankMeta) -> Journal:
                 raise ValueError(f"bad part names {list(parts)}")
     except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
         raise DataError(f"{path}: bank journal is corrupt ({e})") from e
-    return Journal(path, DTYPES[meta.dtype], meta.dim, h["step"], offsets, None, parts)
+    return Journal(path, DTYPES[meta.dtype], meta.dim, h["step"], offsets, kept if keep else None,
+                   parts)
 
 
 class PendingParts:

@@ -32,6 +32,7 @@ class _ZarrRows:
         # An all-zero chunk must still be written as a file (it is fsynced by name).
         self.arr = arr.with_config({"write_empty_chunks": True})
         self.shape, self.dtype, self.chunks = arr.shape, np.dtype(arr.dtype), arr.chunks
+        self.stable = False  # unused: each chunk file is replaced whole
 
     @staticmethod
     def create(path: Path, n: int, dim: int, dtype: np.dtype, chunk_rows: int) -> None:
@@ -84,6 +85,7 @@ class _NpyRows:
         # contiguous reads use pread, not the memmap: mapped pages would count in the process's
         # RSS and grow it to the whole bank over an epoch (the out-of-core budget forbids that)
         self.rfd = os.open(path, os.O_RDONLY)
+        self.stable = False  # read twice until two reads agree (a trainer may write in place)
 
     @staticmethod
     def create(path: Path, n: int, dim: int, dtype: np.dtype, chunk_rows: int) -> None:
@@ -91,6 +93,15 @@ class _NpyRows:
         del mm
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        out = self._read(start, stop)
+        for _ in range(100 if self.stable else 0):
+            again = self._read(start, stop)
+            if np.array_equal(out, again):
+                break
+            out = again
+        return out.astype(np.float32, copy=False)
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
         dim = self.shape[1]
         out = np.empty((stop - start, dim), dtype=self.dtype)
         view = memoryview(out.data).cast("B")
@@ -100,9 +111,11 @@ class _NpyRows:
             if k <= 0:
                 raise OSError(f"{self.path}: short read at byte {pos}")
             view, pos = view[k:], pos + k
-        return out.astype(np.float32, copy=False)
+        return out
 
     def take(self, index: np.ndarray) -> np.ndarray | None:
+        if self.stable:
+            return None  # grouped by chunk in BankStore, through read()
         rows: np.ndarray = self.mm[index].astype(np.float32, copy=False)
         return rows
 

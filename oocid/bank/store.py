@@ -10,9 +10,8 @@ rename is the commit point (`oocid.bank.journal`). Then the parts are applied to
 `committed_step` is updated and the journal files are deleted. Opening a bank for writing replays
 a committed record with all its parts and discards parts no record names, so after a kill the
 bank is exactly its old or its new committed state, whatever the commit's size. Chunks written
-with `write_part` between commits (a cache's evictions) stay in their parts, read back from
-there, until the next commit: the rows on disk only ever hold committed content. A read-only
-open serves a committed record's chunks from its files. `create` makes banks, `verify` checks them.
+with `write_part` between commits (a cache's evictions) stay in their parts until the next
+commit. A read-only open sees committed chunks only, while a trainer writes (`bank.snapshot`).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from oocid.atomic import atomic_write
 from oocid.bank.journal import Journal, PendingParts, read_journal, write_journal
 from oocid.bank.meta import BANK_VERSION, DTYPES, BankMeta
 from oocid.bank.rows import _layout, _NpyRows, _ZarrRows
+from oocid.bank.snapshot import committed_snapshot, file_size, trainer_may_write
 from oocid.errors import DataError, InputError, WriteError
 from oocid.progress import Progress, progress_bar
 
@@ -330,10 +330,9 @@ class BankStore:
 
     def nbytes_on_disk(self) -> int:
         """Bytes of all the bank's files (rows, metadata, journal)."""
-        if self.kind == "zarr":
-            return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        paths = (self.path, self._meta_path, self._journal, *self._part_files())
-        return sum(p.stat().st_size for p in paths if p.exists())
+        paths = [*(self.path.rglob("*") if self.kind == "zarr" else (self.path, self._meta_path)),
+                 self._journal, *self._part_files()]  # a trainer may delete some meanwhile
+        return sum(file_size(p) for p in dict.fromkeys(paths))
 
     def close(self) -> None:
         with self._lock:
@@ -372,7 +371,8 @@ def open_store(path: Path | str, *, read_only: bool = False) -> BankStore:
     store = BankStore(path, meta, read_only, rows, meta_path, journal, journal_tmp)
     try:
         if read_only:
-            store._overlay = store._committed()
+            store._overlay = committed_snapshot(journal, meta)
+            rows.stable = isinstance(rows, _NpyRows) and trainer_may_write(path)
         else:
             store._recover()
             if store.meta.version < BANK_VERSION:  # its journals are now written as parts

@@ -9,6 +9,7 @@ Q queries, N training samples, D feature dims, k neighbours.
 from __future__ import annotations
 
 import bisect
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,12 @@ def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path |
             if store.dim != model.out_dim:
                 raise DataError(f"{bank}: rows of dimension {store.dim}, the model's are "
                                 f"{model.out_dim}")
+            bank_step = store.pending_step if store.pending_journal else None
+            bank_step = store.meta.committed_step if bank_step is None else bank_step
+            if "step" in state and bank_step != state["step"]:
+                print(f"oocid: warning: {bank} is at step {bank_step} but the checkpoint "
+                      f"{checkpoint} at step {state['step']} (a trainer still writing it?); the "
+                      "bank's rows are used as they are", file=sys.stderr)
     return TrainingSide(checkpoint, cfg, model, device, tm, bank, recompute, progress)
 
 

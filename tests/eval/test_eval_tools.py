@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from oocid.bank.create import create_store
+from oocid.bank.store import open_store
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.cli.app import app
 from oocid.cli.knn import confusion_matrix, knn_report, per_class_top1, run_knn, run_search, write_sheet
@@ -198,6 +200,21 @@ def test_knn_several_k_in_one_pass(trained: Trained) -> None:
         assert conf.shape == (4, 4) and conf.sum() == 40
         assert np.trace(conf) / 40 == pytest.approx(r["top1"])
         assert [p["n"] for p in r["per_class"]] == conf.sum(axis=1).tolist()
+
+
+def test_knn_warns_when_bank_and_checkpoint_steps_differ(trained: Trained, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    run_knn(trained.bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
+    assert "warning" not in capsys.readouterr().err  # the bank's step is the checkpoint's
+    bank = tmp_path / "ahead.zarr"
+    shutil.copytree(trained.bank, bank)
+    with open_store(bank) as store:
+        step = store.meta.committed_step
+        store.set_meta(committed_step=step + 5)
+    run_knn(bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
+    err = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(err) == 1 and f"step {step + 5}" in err[0] and f"step {step}" in err[0], err
 
 
 def test_knn_recompute_scores_fresh_training_features(trained: Trained) -> None:
