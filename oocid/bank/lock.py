@@ -15,11 +15,13 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from oocid.bank.rows import _layout
 from oocid.errors import InputError
 
 
 class BankLock:
     def __init__(self, bank: Path) -> None:
+        _layout(bank)  # a path that can be no bank is refused before a lock file appears
         self.path = bank.with_name(bank.name + ".lock")
         self.fd: int | None = None
         self.took_over = False

@@ -100,12 +100,12 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     if not resume and list_checkpoints(run_dir):
         raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                          "another --out")
-    if announce is not None:
-        say(announce)
     with BankLock(bank_path) as lock:
         if lock.took_over:
             say(f"oocid: took over the stale lock of a trainer that died ({lock.path})")
         store = open_or_create_bank(cfg, manifest, bank_path, resume)
+        if announce is not None:  # the inputs have passed their checks, the bank included
+            say(announce)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             return _train(cfg, manifest, val_manifest, store, run_dir, device, budget, resume,

@@ -135,3 +135,13 @@ def test_plain_progress_lines_every_tenth_of_a_long_total() -> None:
         for _ in range(5):
             short.update(1)
     assert out.getvalue() == "oocid: shard 5/5 img (100%)\n"
+
+
+def test_a_bank_path_of_another_kind_is_refused_and_leaves_no_lock(tmp_path: Path) -> None:
+    """No config (the recipe) and --bank bank.bin: one line, exit 2, no bank.bin.lock, no
+    recipe line before the error."""
+    assert oocid("shard", tiny_npz(tmp_path / "t.npz"), tmp_path / "s").returncode == 0
+    p = oocid("train", "--shards", tmp_path / "s", "--bank", tmp_path / "bank.bin", "--out",
+              tmp_path / "run")
+    one_line_error(p, "bank.bin", ".zarr or .npy")
+    assert not (tmp_path / "bank.bin.lock").exists() and not (tmp_path / "run").exists()
