@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from oocid.atomic import atomic_write
 from oocid.config import Config, demo_config
 from oocid.data.batch import image_channels
 from oocid.data.eval_data import eval_batches, extract_features
@@ -137,7 +138,7 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
                 "learned_features": "training features recomputed with the test transform",
                 "pixels": "raw pixels scaled to [0,1], L2-normalised",
                 "pictures": [str(p) for p in pictures]})
-    (out / "demo.json").write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write(out / "demo.json", json.dumps(res, indent=2) + "\n", "the demo's results")
     return res
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from oocid.atomic import atomic_write
 from oocid.cli.bank import bank_app
 from oocid.errors import InputError, OocidError
 
@@ -191,7 +192,7 @@ def knn(
             w, h = knn_cli.write_sheet(hits, sheet, tile)
             print(f"wrote {sheet} ({w}x{h})")
         if out is not None:
-            out.write_text(knn_cli.to_json(knn_cli.search_json(meta, hits)) + "\n")
+            atomic_write(out, knn_cli.to_json(knn_cli.search_json(meta, hits)) + "\n", "results")
         return
     if sheet is not None:
         raise InputError("--sheet needs --query")
@@ -206,7 +207,7 @@ def knn(
               f"{res['queries']} queries, {res['bank_rows']} training rows, {res['features']})")
     print(knn_cli.format_per_class(res["per_class"], res["k"]))
     if out is not None:
-        out.write_text(knn_cli.to_json(res) + "\n")
+        atomic_write(out, knn_cli.to_json(res) + "\n", "results")
 
 
 @app.command()
@@ -288,7 +289,7 @@ def linear(
     print(f"linear top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  (train top-1 "
           f"{res['train_top1']:.4f}; {res['features']}; backbone unchanged)")
     if out is not None:
-        out.write_text(json.dumps(res, indent=2) + "\n")
+        atomic_write(out, json.dumps(res, indent=2) + "\n", "results")
 
 
 @app.command()

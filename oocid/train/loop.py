@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import torch
 
+from oocid.atomic import atomic_write
 from oocid.bank.lock import BankLock
 from oocid.bank.store import BankStore
 from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, repair_metrics
@@ -134,7 +135,7 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         bank_state, partial = state.get("bank_cache"), state.get("partial_epoch")
         scaler_state = state.get("scaler")
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
-    (run_dir / "config.json").write_text(cfg.to_json() + "\n")
+    atomic_write(run_dir / "config.json", cfg.to_json() + "\n", "the run's config")
 
     cache_partial = budget < store.n_rows
     data = make_train_data(manifest, cfg.data, cfg.train.seed, device, progress,

@@ -234,6 +234,15 @@ def jobs(inputs: Inputs) -> Iterator[dict[str, Future[Any]]]:
                      "--shards", i.val, "--k", 10, "--out", w / "res.json", "--device", "cpu")
 
     start("knn-zarr", knn_zarr)
+
+    def knn_unwritable() -> Run:
+        succeeded(futures["train-zarr"].result())
+        (w / "not-a-folder").write_text("x")  # ENOTDIR below it, even for root
+        return oocid("knn", "--bank", w / "bank.zarr", "--checkpoint", w / "run" / "last.pt",
+                     "--shards", i.val, "--k", 10, "--out", w / "not-a-folder" / "res.json",
+                     "--device", "cpu")
+
+    start("knn-unwritable", knn_unwritable)
     # 1 epoch (`--epochs 1` over the config), .npy bank: the npy test and the resume tests.
     start("train-npy", train(w / "one.npy", w / "run-one", "--config", i.config, "--epochs", 1))
     # Images of different sizes, streamed through the DataLoader (train and per-epoch kNN).
@@ -373,3 +382,12 @@ def test_top_level_help_lists_every_command() -> None:
     out = ok("bank", "--help").out
     for name in ("info", "verify", "init"):
         assert re.search(rf"\b{name}\b", out), out
+
+
+def test_knn_out_that_cannot_be_written_is_exit_4_with_the_result_printed(
+        jobs: dict[str, Future[Any]], inputs: Inputs) -> None:
+    """The kNN result still reaches stdout; --out fails with one line and leaves nothing."""
+    run = jobs["knn-unwritable"].result()
+    assert_error(run, 4, [r"not-a-folder/res\.json", "could not write results"])
+    assert "kNN top-1" in run.out
+    assert (inputs.work / "not-a-folder").read_text() == "x"
