@@ -4,25 +4,12 @@ when Fashion-MNIST is missing, the run specs and the plot."""
 from __future__ import annotations
 
 import gzip
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
+from helpers import load_tool
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "tools" / "bench_accuracy.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_accuracy"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:
@@ -32,7 +19,7 @@ def write_idx(path: Path, arr: np.ndarray) -> None:
 
 
 def test_fmnist_files_become_an_npz_and_missing_ones_say_how_to_get_them(tmp_path: Path) -> None:
-    tool = load_tool()
+    tool = load_tool("bench_accuracy")
     rng = np.random.default_rng(0)
     arrays = {"train_images": rng.integers(0, 256, (6, 28, 28)), "train_labels": np.arange(6) % 10,
               "test_images": rng.integers(0, 256, (3, 28, 28)), "test_labels": np.arange(3)}
@@ -47,7 +34,7 @@ def test_fmnist_files_become_an_npz_and_missing_ones_say_how_to_get_them(tmp_pat
 
 
 def test_specs_and_plot(tmp_path: Path) -> None:
-    tool = load_tool()
+    tool = load_tool("bench_accuracy")
     s = tool.parse_spec("nce_ema:4096:0.1", "shared", 3)
     assert (s.loss, s.k, s.cache_fraction, s.seed) == ("nce_ema", 4096, 0.1, 3)
     with pytest.raises(SystemExit, match="needs the bank in core"):

@@ -3,26 +3,16 @@ top-k (in process, so it takes seconds; the real benchmark runs each method in i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_knn.py"
-
-
-def load_tool():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_knn", TOOL)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import load_tool
 
 
 def test_bench_knn_tiny_bank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    tool = load_tool()
+    tool = load_tool("bench_knn")
     assert tool.main(["--rows", "2000", "--queries", "50", "--workdir", str(tmp_path),
                       "--in-process"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -42,7 +32,7 @@ def test_bench_knn_tiny_bank(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 def test_bench_knn_without_faiss(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    tool = load_tool()
+    tool = load_tool("bench_knn")
     monkeypatch.setattr(tool, "have_faiss", lambda: False)
     assert tool.main(["--rows", "300", "--queries", "5", "--k", "7", "--workdir", str(tmp_path),
                       "--in-process"]) == 0
@@ -54,7 +44,7 @@ def test_bench_knn_without_faiss(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_agreement_counts_sets_ranks_and_scores() -> None:
-    tool = load_tool()
+    tool = load_tool("bench_knn")
     a = {"index": np.array([[1, 2, 3], [4, 5, 6]]), "sims": np.array([[.9, .8, .7], [.5, .5, .4]])}
     b = {"index": np.array([[1, 3, 2], [5, 4, 7]]), "sims": np.array([[.9, .8, .7], [.5, .5, .4]])}
     # row 0: the same set ranked otherwise; row 1: another set of the same scores (ties)

@@ -3,31 +3,18 @@ Fashion-MNIST folder skipped with its reason, the table, the PNG and the JSON la
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
+from helpers import load_tool
 from PIL import Image
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "tools" / "bench_quality.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_toy_run_measures_or_skips_every_set(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                              ) -> None:
-    tool = load_tool()
+    tool = load_tool("bench_quality")
     png = tmp_path / "q.png"
     assert tool.main(["--toy", "--sets", "demo,fmnist", "--threads", "1", "--budget-s", "30",
                       "--fmnist-dir", str(tmp_path / "absent"), "--out", str(png)]) == 0
@@ -53,11 +40,11 @@ def test_toy_run_measures_or_skips_every_set(tmp_path: Path, capsys: pytest.Capt
 
 def test_unknown_set_is_refused() -> None:
     with pytest.raises(SystemExit):
-        load_tool().main(["--sets", "cifar"])
+        load_tool("bench_quality").main(["--sets", "cifar"])
 
 
 def test_epochs_fit_the_budget() -> None:
-    rule = load_tool().epochs_in_budget
+    rule = load_tool("bench_quality").epochs_in_budget
     assert rule(90, 0.1, 40, 120.0) == 27  # 0.9 * 120 s / (0.1 s * 40 steps)
     assert rule(90, 0.01, 40, 120.0) == 90  # the recipe's own epochs fit
     assert rule(90, 10.0, 40, 120.0) == 1  # at least one epoch

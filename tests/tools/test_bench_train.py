@@ -4,28 +4,18 @@ partial cache with both kinds of negatives, and its last line is the JSON the RE
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
-
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_train.py"
-
-
-def load_tool(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    monkeypatch.syspath_prepend(str(TOOL.parent))  # it imports bench_bank, as a script would
-    spec = importlib.util.spec_from_file_location("bench_train", TOOL)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from helpers import TOOLS, load_tool
 
 
 def test_bench_train_toy_size(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               monkeypatch: pytest.MonkeyPatch) -> None:
-    tool = load_tool(monkeypatch)
+    monkeypatch.syspath_prepend(str(TOOLS))  # it imports bench_bank, as a script would
+    tool = load_tool("bench_train")
     threads = torch.get_num_threads()  # the tool sets its own; the rest of the suite keeps ours
     try:
         code = tool.main(["--model", "small", "--negatives", "per-sample,shared",
