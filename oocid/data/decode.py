@@ -14,12 +14,17 @@ from __future__ import annotations
 import io
 import math
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 
 def open_image(data: bytes) -> Image.Image:
-    """Read the header only: size and mode are known, nothing is decoded yet."""
-    return Image.open(io.BytesIO(data))
+    """Read the header only: size and mode are known, nothing is decoded yet. Bytes PIL cannot
+    read raise UnidentifiedImageError with a message that suits a file's skip line (PIL's own
+    names its in-memory buffer, `<_io.BytesIO object at 0x...>`)."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError("not an image format Pillow can read") from None
 
 
 def load_image(img: Image.Image, channels: int, need: tuple[int, int] | None = None

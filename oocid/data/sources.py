@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from oocid.data.decode import open_image
 from oocid.data.manifest import IMAGE_EXTS
 from oocid.errors import InputError, OocidError
 
@@ -92,7 +93,7 @@ def _shrink(img: Image.Image, short: int, quality: int) -> Encoded:
 def _encode_bytes(data: bytes, short: int = 0, quality: int = DEFAULT_QUALITY) -> Encoded:
     """Fully decode `data`; keep JPEG/PNG/WEBP bytes as is, re-encode others to PNG; an image
     whose shorter side exceeds `short` > 0 is resized (`_shrink`)."""
-    with Image.open(io.BytesIO(data)) as img:
+    with open_image(data) as img:
         if short > 0 and min(img.size) > short:
             return _shrink(img, short, quality)
         img.load()

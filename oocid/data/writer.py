@@ -29,11 +29,13 @@ import json
 import re
 import sys
 import tarfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from oocid.atomic import AtomicFile, write_error
@@ -220,7 +222,11 @@ def write_shards(
             bar.update(1)
             path = source.paths[j]
             try:
-                enc = source.encode(j, short_side, quality)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", Image.DecompressionBombWarning)
+                    enc = source.encode(j, short_side, quality)
+                for w in caught:  # Pillow's warning names no file: say which, in one line
+                    _warn(f"{_shown(src, path)}: {' '.join(str(w.message).split())}")
             except Exception as e:  # any decode failure: record, warn, go on
                 reason = " ".join(str(e).split()) or type(e).__name__
                 skipped.append({"path": path, "error": reason})

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -477,3 +478,33 @@ def test_exif_orientation_is_applied_when_sharding(tmp_path: Path, short_side: i
     assert top[0] > 200 and top[1] < 60, top
     assert Image.open(io.BytesIO(by_path["b.jpg"].image)).size == ((30, 20) if short_side == 0
                                                                    else (12, 8))
+
+
+def test_skip_lines_name_the_file_not_a_buffer(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A file with an image name but no image inside: the skip line and the manifest name the
+    file and say why, never Pillow's `<_io.BytesIO object at 0x...>`."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("L", (8, 8), 50).save(src / "good.png")
+    (src / "fake.jpg").write_bytes(b"not an image at all")
+    m = write_shards(src, tmp_path / "out", shard_size=4, progress=False)
+    err = capsys.readouterr().err
+    assert "fake.jpg" in err and "BytesIO" not in err
+    assert [s["error"] for s in m.skipped] == ["not an image format Pillow can read"]
+
+
+def test_a_decompression_bomb_warning_names_its_file(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow warns of images over MAX_IMAGE_PIXELS without naming them: one line naming the
+    file instead, and the image is still sharded (only twice the limit is refused)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("L", (40, 40), 50).save(src / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1,600 pixels: over, not twice over
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a raw warning escaping would fail the test
+        m = write_shards(src, tmp_path / "out", shard_size=4, progress=False)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "big.png" in ln]
+    assert m.n == 1 and len(err) == 1 and "decompression bomb" in err[0].lower()
