@@ -323,6 +323,10 @@ def plot(
 HELP_WIDTH = 120  # help text width when stdout is no terminal (rich would assume 80)
 
 
+INTERRUPTED = ("interrupted; the bank and the last checkpoint are intact (a run continues with "
+               "--resume)")
+
+
 def main() -> None:
     """Entry point: one-line errors with documented exit codes, no tracebacks."""
     if "COLUMNS" not in os.environ and not sys.stdout.isatty():
@@ -335,8 +339,12 @@ def main() -> None:
         _err(f"error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        _err("interrupted; the last checkpoint and the bank are intact")
+        _err(INTERRUPTED)
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C inside a command into exit 130, without a word
+            _err(INTERRUPTED)
+        raise
     except Exception as e:
         if os.environ.get("OOCID_DEBUG"):
             traceback.print_exc()

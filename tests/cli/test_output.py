@@ -145,3 +145,28 @@ def test_a_bank_path_of_another_kind_is_refused_and_leaves_no_lock(tmp_path: Pat
               tmp_path / "run")
     one_line_error(p, "bank.bin", ".zarr or .npy")
     assert not (tmp_path / "bank.bin.lock").exists() and not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path: Path) -> None:
+    """SIGINT during training: exit 130, one line saying the bank and checkpoint are intact,
+    and the bank verifies."""
+    import signal
+    import time
+
+    assert oocid("shard", tiny_npz(tmp_path / "t.npz"), tmp_path / "s").returncode == 0
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "oocid", "train", "--shards", str(tmp_path / "s"),
+                          "--bank", str(tmp_path / "b.npy"), "--out", str(run), "--epochs",
+                          "100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**ENV, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # an epoch committed: the interrupt lands mid-run
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("oocid: interrupted; the bank and the last checkpoint are intact"), err
+    assert "Traceback" not in err
+    assert oocid("bank", "verify", tmp_path / "b.npy").returncode == 0
