@@ -99,9 +99,7 @@ class BankConfig:
     dtype: BankDtype = "float32"  # float32 | float16 (on disk)
     seed: int = 0
     cache_mb: float = 0.0  # device cache budget; 0: the whole bank if it fits in 1/4 of free memory
-    # cache chunks held for the batch's positives; 0: streamed, max(S/4, workers x (shuffle
-    # buffer chunks + 5)); in memory, 2 x ceil(batch / chunk) + 1 (oocid.train.setup.make_cache)
-    pool_chunks: int = 0
+    pool_chunks: int = 0  # cache chunks for the batch's positives; 0: max(S/4, 2*workers+2)
 
 
 @dataclass

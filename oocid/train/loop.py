@@ -50,7 +50,6 @@ from oocid.train.setup import (
     make_cache,
     open_or_create_bank,
     resolve_loss,
-    window_warning,
 )
 from oocid.train.state import EpochTotals, RunState
 from oocid.train.tblog import TensorBoardLog, require_tensorboard
@@ -143,10 +142,11 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
                            chunk_rows=store.chunk_rows if cache_partial else 0)
     spe = -(-data.steps_per_epoch() // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, store, device, spe, budget, in_memory=isinstance(data, InMemoryData))
-    if not bank.full and cfg.loss.kind != "softmax":
-        warning = window_warning(bank.w * bank.r, cfg.loss.nce_k)
-        if warning is not None:
-            say(warning)
+    window_rows = bank.w * bank.r
+    if not bank.full and cfg.loss.kind != "softmax" and window_rows < cfg.loss.nce_k:
+        say(f"oocid: warning: the cache's window of negatives holds {window_rows} rows, fewer than "
+            f"loss.nce_k = {cfg.loss.nce_k}: negatives repeat within a step and the positive's own "
+            "row is often among them (raise --cache-mb)")
     if bank_state is not None:
         bank.load_state_dict(bank_state)
     tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard else None

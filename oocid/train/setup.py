@@ -108,18 +108,3 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
             pool = default_pool_chunks(budget, store.chunk_rows, data_workers(cfg.data.workers),
                                        cfg.data.shuffle_buffer)
     return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)
-
-
-WINDOW_MIN_K_TIMES = 4  # a window of negatives under this many times K draws from too few rows
-
-
-def window_warning(window_rows: int, k: int) -> str | None:
-    """The warning for a partial cache whose window of negatives is under WINDOW_MIN_K_TIMES x K
-    rows (the K negatives of a step are drawn from the window only), or None."""
-    if window_rows >= WINDOW_MIN_K_TIMES * k:
-        return None
-    what = ("fewer than loss.nce_k: negatives repeat within a step and the positive's own row is "
-            "often among them") if window_rows < k else \
-        f"under {WINDOW_MIN_K_TIMES} x loss.nce_k: a step's negatives come from few rows"
-    return (f"oocid: warning: the cache's window of negatives holds {window_rows} rows for "
-            f"loss.nce_k = {k}, {what} (raise --cache-mb, or lower bank.pool_chunks)")

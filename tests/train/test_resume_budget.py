@@ -67,18 +67,3 @@ def test_resume_still_refuses_a_change_of_the_method(tmp_path: Path, shards: Pat
     cfg.optim.lr = 0.5
     with pytest.raises(InputError, match="optim.lr"):
         train(cfg, shards, bank, run, resume=True, progress=False, log=lambda m: None)
-
-
-def test_window_warning_under_a_few_times_k() -> None:
-    from oocid.train.setup import WINDOW_MIN_K_TIMES, window_warning
-
-    k = 4096
-    assert window_warning(WINDOW_MIN_K_TIMES * k, k) is None
-    few = window_warning(2 * k, k)
-    assert few is not None and "under 4 x loss.nce_k" in few and "8192 rows" in few
-    one_chunk = window_warning(k, k)  # the old rule let a one-chunk window of exactly K pass
-    assert one_chunk is not None and "under 4 x" in one_chunk
-    repeat = window_warning(k - 1, k)
-    assert repeat is not None and "fewer than loss.nce_k" in repeat
-    assert all(w.startswith("oocid: warning: the cache's window of negatives holds")
-               for w in (few, one_chunk, repeat))
