@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -181,16 +181,18 @@ class BankStore:
             items.append((int(c), arr))
         return items
 
-    def write_chunks(self, chunks: Mapping[int, np.ndarray], step: int | None = None) -> None:
+    def write_chunks(self, chunks: Mapping[int, np.ndarray], step: int | None = None,
+                     foreign: Sequence[str] = ()) -> None:
         """Replace whole chunks {c: (chunk_len, D) rows}, all or none, crash-safe, any size.
 
         Commits these chunks together with every part written by `write_part` since the last
-        commit. If `step` is given, `meta.committed_step` becomes `step` together with the rows.
-        Raises WriteError if the journal cannot be written (the bank is then unchanged).
+        commit, and the durable parts named in `foreign` (other writers' parts of this step,
+        `pending_names`). If `step` is given, `meta.committed_step` becomes `step` together with
+        the rows. Raises WriteError if the journal cannot be written (the bank is then unchanged).
         """
         self._check_writable()
         items = self._items(chunks)
-        if not items and step is None and not self._pending.parts:
+        if not items and step is None and not self._pending.parts and not foreign:
             return
         with self._lock:
             if self._overlay is not None:
@@ -203,11 +205,12 @@ class BankStore:
                     batch, size = [], 0
                 batch.append((c, arr))
                 size += arr.nbytes
-            parts = tuple(j.path.name for j in self._pending.parts)
+            others = [read_journal(self._journal.with_name(name), self.meta) for name in foreign]
+            parts = tuple(j.path.name for j in [*self._pending.parts, *others])
             record = write_journal(self._journal_tmp, self._journal, batch, self.meta.dtype,
                                    self.dim, step, self.path, parts)
             self.journal_bytes_written += size
-            journals = [*self._pending.parts, record]
+            journals = [*self._pending.parts, *others, record]
             self._overlay = journals  # reads see the commit while it is applied
             self._pending = PendingParts()
             self._apply(journals)
@@ -231,6 +234,14 @@ class BankStore:
                                         self.path), data=None)
         self.journal_bytes_written += sum(a.nbytes for _, a in items)
         self._pending.add(journal)
+
+    def pending_names(self) -> list[str]:
+        """This writer's durable parts not yet committed, for another writer's record."""
+        return [j.path.name for j in self._pending.parts]
+
+    def forget_pending(self) -> None:
+        """Another writer has committed (and applied) this writer's parts."""
+        self._pending = PendingParts()
 
     def _part_files(self) -> list[Path]:
         return sorted(self._journal.parent.glob(self._journal.name + ".part-*"))
@@ -345,8 +356,9 @@ class BankStore:
         self.close()
 
 
-def open_store(path: Path | str, *, read_only: bool = False) -> BankStore:
-    """Open a bank; a writable open first recovers from an interrupted write."""
+def open_store(path: Path | str, *, read_only: bool = False, recover: bool = True) -> BankStore:
+    """Open a bank; a writable open first recovers from an interrupted write (unless another
+    writer of the same run, holding the bank's lock, has just done so: `recover=False`)."""
     path = Path(path)
     backend, meta_path, journal, journal_tmp = _layout(path)
     if not path.exists():
@@ -373,7 +385,7 @@ def open_store(path: Path | str, *, read_only: bool = False) -> BankStore:
         if read_only:
             store._overlay = committed_snapshot(journal, meta)
             rows.stable = isinstance(rows, _NpyRows) and trainer_may_write(path)
-        else:
+        elif recover:
             store._recover()
             if store.meta.version < BANK_VERSION:  # its journals are now written as parts
                 store._set_meta(version=BANK_VERSION)

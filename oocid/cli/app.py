@@ -132,7 +132,9 @@ def train(
         from oocid.train.recipe import recipe_for
 
         load_config(None, overrides)  # bad overrides are reported before the shards are read
-        base, recipe = recipe_for(read_manifest(shards))
+        from oocid.dist.world import world_from_env
+
+        base, recipe = recipe_for(read_manifest(shards), processes=world_from_env().size)
         recipe += f"; then {', '.join(overrides)}" if overrides else ""
         cfg = load_config(None, overrides, base=base)
     else:
@@ -142,7 +144,8 @@ def train(
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,
                     max_steps=max_steps, announce=recipe)
     last = res.metrics[-1] if res.metrics else {}
-    print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
+    if not res.quiet:
+        print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
 
 
 @app.command()

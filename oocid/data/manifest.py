@@ -55,6 +55,9 @@ class Manifest:
     seed: int
     skipped: tuple[dict, ...]
     identity: str
+    # A rank's share of a set (oocid.dist.partition): each shard's global start, its samples
+    # renumbered from 0 here (`shifts`). Empty for a whole set; never written to disk.
+    origin: tuple[int, ...] = ()
 
     @property
     def labeled(self) -> bool:
@@ -67,6 +70,13 @@ class Manifest:
     def spans(self) -> dict[str, tuple[int, int]]:
         """Shard file name -> its [start, stop) indices (the `span` of `iter_samples`)."""
         return {s.name: (s.start, s.stop) for s in self.shards}
+
+    @property
+    def shifts(self) -> dict[str, int]:
+        """Shard file name -> what to subtract from its stored indices (`iter_samples`)."""
+        if not self.origin:
+            return dict.fromkeys((s.name for s in self.shards), 0)
+        return {s.name: o - s.start for s, o in zip(self.shards, self.origin, strict=True)}
 
 
 def manifest_identity(n: int, shard_size: int, shards: tuple[ShardInfo, ...]) -> str:

@@ -36,8 +36,9 @@ def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips:
     valid = np.zeros(manifest.n, dtype=bool)
     skips = skips if skips is not None else SkipLog()
     bar = progress_bar(manifest.n, "decode", "img", enabled=progress, leave=False)
+    spans, shifts = manifest.spans, manifest.shifts
     for path in manifest.shard_paths():
-        for s in iter_samples(path, manifest.spans[path.name]):
+        for s in iter_samples(path, spans[path.name], shifts[path.name]):
             try:
                 img = decode_image(s.image, channels)
                 arr = np.asarray(img)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from oocid.data.manifest import STORED_EXTS
@@ -51,17 +51,22 @@ def _sample(shard: Path, key: str, members: dict[str, bytes]) -> RawSample:
     return RawSample(key, index, label, members[images[0]], images[0], path)
 
 
-def iter_samples(path: Path, span: tuple[int, int] | None = None) -> Iterator[RawSample]:
+def iter_samples(path: Path, span: tuple[int, int] | None = None, shift: int = 0
+                 ) -> Iterator[RawSample]:
     """Stream the raw samples of one tar shard, in order; DataError if it is corrupt.
 
     With `span`, the manifest's [start, stop) of this shard, the samples must carry exactly the
     indices start, start+1, ..., stop-1 (as `write_shards` writes them): a DataError otherwise,
-    so an index that does not match the manifest never reaches the bank."""
+    so an index that does not match the manifest never reaches the bank. A `shift` (a rank's
+    share of the shards, `Manifest.shifts`) is subtracted from the stored index first."""
     n = 0
     for s in _iter_raw(Path(path)):
+        if shift:
+            s = replace(s, index=s.index - shift)
         if span is not None and s.index != span[0] + n:
-            raise DataError(f"{path}: sample {s.key} has index {s.index} where the manifest's "
-                            f"range [{span[0]}, {span[1]}) expects {span[0] + n}")
+            raise DataError(f"{path}: sample {s.key} has index {s.index + shift} where the "
+                            f"manifest's range [{span[0] + shift}, {span[1] + shift}) expects "
+                            f"{span[0] + n + shift}")
         n += 1
         yield s
     if span is not None and n != span[1] - span[0]:

@@ -58,7 +58,7 @@ class ShardStream(IterableDataset):
                  shuffle: bool, shuffle_buffer: int, size: int) -> None:
         super().__init__()
         self.paths = manifest.shard_paths()
-        self.spans = manifest.spans
+        self.spans, self.shifts = manifest.spans, manifest.shifts
         self.channels = channels
         self.transform = transform
         self.lazy = bool(getattr(transform, "decodes", False))
@@ -78,7 +78,8 @@ class ShardStream(IterableDataset):
         blank = torch.zeros(self.channels, self.size, self.size)
         for path, offset, stride in parts:
             try:
-                for k, s in enumerate(iter_samples(path, self.spans[path.name])):
+                span, shift = self.spans[path.name], self.shifts[path.name]
+                for k, s in enumerate(iter_samples(path, span, shift)):
                     if k % stride != offset:
                         continue
                     label = -1 if s.label is None else int(s.label)

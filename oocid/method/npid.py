@@ -16,7 +16,9 @@ and bank rows are constants: no gradient flows into the bank.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -150,11 +152,27 @@ class StepOut:
     z: float | None = None
 
 
+class StepSync(Protocol):
+    """What a step needs from the other processes of a multi-process run (oocid.dist.sync):
+    each call is a collective, made by every process in the same order."""
+
+    def batch_weight(self, n: int) -> float:
+        """world size x n / (samples of this step over all processes): scales this process's
+        mean loss so that the averaged gradient is the mean over the whole step's samples."""
+
+    def all_finite(self, ok: bool) -> bool:
+        """True when every process's features and loss are finite (else all skip together)."""
+
+
 @dataclass
 class NPIDStep:
     """One training step: features -> loss against the bank -> backward -> optimiser step ->
     THEN the bank's momentum update, explicitly, for the step's indices only. Pure of I/O:
-    `bank` is anything with the `Bank` protocol (held whole, or a cache over the disk)."""
+    `bank` is anything with the `Bank` protocol (held whole, or a cache over the disk).
+
+    Several processes (`sync`, the model under DistributedDataParallel): each steps on its own
+    batch against its own part of the bank; a process with no batch left in the epoch (None)
+    still takes part in the step's collectives with a zero gradient from `idle_input`."""
 
     cfg: Config
     model: Embedder
@@ -164,6 +182,8 @@ class NPIDStep:
     zest: ZEstimator | None
     seed: int
     precision: Precision = "32"
+    sync: StepSync | None = None
+    idle_input: Tensor | None = None  # (2, C, H, W): the idle forward of a multi-process step
     skipped: int = 0  # steps skipped for non-finite features or loss, over the run
     skipped_in_a_row: int = 0
     scaler_skips: int = 0  # fp16: optimiser steps the loss scaler skipped (inf/nan gradients)
@@ -179,7 +199,12 @@ class NPIDStep:
         g.manual_seed(mix_seed(self.seed, 6, step))
         return bank_loss(f, index, self.bank, self.cfg.loss, self.n_data, self.zest, g)
 
-    def __call__(self, batch: Batch | list[Batch], step: int, lr: float) -> StepOut:
+    def _no_sync(self, last: bool) -> AbstractContextManager[Any]:
+        """DistributedDataParallel averages gradients on the last micro-batch's backward only."""
+        no_sync = getattr(self.model, "no_sync", None)
+        return no_sync() if no_sync is not None and not last else nullcontext()
+
+    def __call__(self, batch: Batch | list[Batch | None] | None, step: int, lr: float) -> StepOut:
         """One optimiser step over one batch, or over micro-batches whose gradients accumulate
         (each micro-batch's loss is against the bank before this step's update)."""
         micro = batch if isinstance(batch, list) else [batch]
@@ -187,28 +212,40 @@ class NPIDStep:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         feats, olds, total, z = [], [], 0.0, None
-        n_all = sum(int(b.index.numel()) for b in micro)
+        n_all = sum(int(b.index.numel()) for b in micro if b is not None)
+        weight = self.sync.batch_weight(n_all) if self.sync is not None else 1.0
         for i, b in enumerate(micro):
-            x = b.images
-            if self.cfg.model.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(self.precision, x.device):
-                f = self.model(x)  # (B, D) unit, float32 (Embedder normalises in float32)
-            z_before = self.zest.state_dict() if self.zest is not None else None
-            loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i)
-            # one host sync checks both: f's rows are unit, so its sum is finite iff every
-            # entry is; a non-finite feature never reaches the bank, nor Z's estimate (undone)
-            f_sum, value = torch.stack([f.detach().sum(), loss.detach().float()]).tolist()
-            if not math.isfinite(f_sum) or not math.isfinite(value):
-                if self.zest is not None and z_before is not None:
-                    self.zest.load_state_dict(z_before)
-                return self._skip(step, z if math.isfinite(f_sum) else None)
-            weighted = loss * (b.index.numel() / n_all)
-            (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
+            with self._no_sync(i == len(micro) - 1):
+                if b is None:
+                    if not self._idle(step):
+                        return self._skip(step, z)
+                    continue
+                x = b.images
+                if self.cfg.model.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(self.precision, x.device):
+                    f = self.model(x)  # (B, D) unit, float32 (Embedder normalises in float32)
+                z_before = self.zest.state_dict() if self.zest is not None else None
+                loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i)
+                # one host sync checks both: f's rows are unit, so its sum is finite iff every
+                # entry is; a non-finite feature never reaches the bank, nor Z's estimate (undone)
+                f_sum, value = torch.stack([f.detach().sum(), loss.detach().float()]).tolist()
+                ok = math.isfinite(f_sum) and math.isfinite(value)
+                if self.sync is not None:
+                    ok = self.sync.all_finite(ok)
+                if not ok:
+                    if self.zest is not None and z_before is not None:
+                        self.zest.load_state_dict(z_before)
+                    return self._skip(step, z if math.isfinite(f_sum) else None)
+                weighted = loss * (b.index.numel() / n_all)
+                if weight != 1.0:
+                    weighted = weighted * weight
+                (self.scaler.scale(weighted) if self.scaler is not None else weighted).backward()
             feats.append(f.detach())
             olds.append(old)
             total += value * b.index.numel()
-        self.last_features = feats[-1]
+        if feats:
+            self.last_features = feats[-1]
         if self.scaler is not None:
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skipped if a gradient is inf/nan
@@ -218,7 +255,8 @@ class NPIDStep:
         else:
             self.optimizer.step()
         with torch.no_grad():  # the memory update, after the optimiser step
-            for b, f, v in zip(micro, feats, olds, strict=True):
+            real = [b for b in micro if b is not None]
+            for b, f, v in zip(real, feats, olds, strict=True):
                 # v_i before this step: the rows the loss gathered (a step's indices are
                 # distinct, and the bank is written only here), else gathered now (softmax)
                 v = self.bank.gather(b.index) if v is None else v
@@ -226,6 +264,29 @@ class NPIDStep:
         self.bank.end_step()
         self.skipped_in_a_row = 0
         return StepOut(total / max(n_all, 1), False, z)
+
+    def _idle(self, step: int) -> bool:
+        """A micro-batch this process does not have: the collectives of a real one, a forward
+        of `idle_input` in eval mode (running statistics untouched) and a zero gradient.
+        False when another process's micro-batch was not finite (all skip the step)."""
+        if self.sync is None or self.idle_input is None:
+            raise ValueError("an idle micro-batch needs a StepSync and an idle_input")
+        z_before = self.zest.state_dict() if self.zest is not None else None
+        if self.zest is not None:
+            self.zest.idle()
+        if not self.sync.all_finite(True):
+            if self.zest is not None and z_before is not None:
+                self.zest.load_state_dict(z_before)
+            return False
+        self.model.eval()
+        try:
+            with autocast(self.precision, self.idle_input.device):
+                f = self.model(self.idle_input)
+            zero = f.float().sum() * 0.0
+            (self.scaler.scale(zero) if self.scaler is not None else zero).backward()
+        finally:
+            self.model.train()
+        return True
 
     def _skip(self, step: int, z: float | None) -> StepOut:
         """Never write a non-finite feature into the bank: skip the step, count it, carry on."""

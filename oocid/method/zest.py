@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,6 +24,9 @@ class ZEstimator:
     momentum: float = 0.99
     value: float | None = None
     first: float | None = None
+    # Several processes: (this process's estimate, its weight) -> the estimate all agree on
+    # (the weighted mean over processes; a collective, so every process calls it together).
+    agree: Callable[[float, float], float] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in ("oneshot", "ema"):
@@ -30,14 +34,27 @@ class ZEstimator:
 
     def __call__(self, scores: Tensor, n_data: int, temperature: float) -> Tensor:
         """Z to use for this batch's scores (B, K+1); updates the state."""
-        if self.value is None or self.mode == "ema":
+        if self.updates():
             est = float((torch.exp(scores.detach().float() / temperature).mean() * n_data).item())
-            if self.value is None:
-                self.value = est
-                self.first = est
-            else:
-                self.value = self.momentum * self.value + (1.0 - self.momentum) * est
+            self._update(est if self.agree is None else self.agree(est, 1.0))
+        assert self.value is not None
         return torch.tensor(self.value, dtype=torch.float32, device=scores.device)
+
+    def updates(self) -> bool:
+        """Whether the next batch updates Z (the first one; every one with "ema")."""
+        return self.value is None or self.mode == "ema"
+
+    def idle(self) -> None:
+        """A process with no batch this step takes part in the agreement with weight 0."""
+        if self.agree is not None and self.updates():
+            self._update(self.agree(0.0, 0.0))
+
+    def _update(self, est: float) -> None:
+        if self.value is None:
+            self.value = est
+            self.first = est
+        else:
+            self.value = self.momentum * self.value + (1.0 - self.momentum) * est
 
     def drift(self) -> float:
         """Current Z over the first estimate (1.0 before the first batch)."""

@@ -18,7 +18,6 @@ from typing import Any, cast
 import torch
 
 from oocid.atomic import atomic_write
-from oocid.bank.lock import BankLock
 from oocid.bank.store import BankStore
 from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, repair_metrics
 from oocid.config import Config, config_from_dict
@@ -28,6 +27,10 @@ from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
 from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
+from oocid.dist.merge import knn_across
+from oocid.dist.partition import deal_shards, global_rows, rank_manifest
+from oocid.dist.sync import DistSync
+from oocid.dist.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import (
     check_same_classes,
@@ -40,6 +43,17 @@ from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
 from oocid.progress import Progress, progress_bar
+from oocid.train.ddp import (
+    Inputs,
+    idle_input,
+    open_bank,
+    padded,
+    rank_part,
+    rank_rng,
+    rank_seed,
+    rank_store,
+    wrap_model,
+)
 from oocid.train.setup import (
     RESUME_MAY_CHANGE,
     Say,
@@ -48,7 +62,6 @@ from oocid.train.setup import (
     config_diff,
     lr_at,
     make_cache,
-    open_or_create_bank,
     resolve_loss,
 )
 from oocid.train.state import EpochTotals, RunState
@@ -62,6 +75,7 @@ class RunResult:
     epochs: int
     step: int
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    quiet: bool = False  # a process other than rank 0: it reports nothing
 
 
 def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Path | None = None,
@@ -73,7 +87,10 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     `max_epochs` / `max_steps` stop after that many epochs / optimiser steps of this call with
     a checkpoint (the schedule still spans cfg.optim.epochs); `--resume` continues exactly.
     `announce` (how the config was chosen) is said once the inputs have passed their checks."""
+    world = world_from_env()
     say: Say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
+    if not world.main:  # rank 0 speaks for the run; errors are still raised on every rank
+        say, progress, announce = (lambda msg: None), False, None
     manifest = read_manifest(shards)
     val_manifest = read_manifest(val) if val is not None else None
     if val_manifest is not None:
@@ -84,40 +101,42 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
             raise InputError(f"{shards}: training shards are unlabeled; the kNN check of --val "
                              "needs labels (train without --val)")
         check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
-    device = resolve_device(cfg.train.device)
+    device = rank_device(world, resolve_device(cfg.train.device))
     use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
+    share = deal_shards(manifest, world.size)[world.rank] if world.distributed else None
+    local = rank_manifest(manifest, share) if share is not None else manifest
     # Measured once: the default budget follows free memory, which changes from call to call.
-    budget = cache_budget_rows(cfg, None, device, manifest.n)
-    cfg = resolve_loss(cfg, manifest.n, budget, say)
+    budget = cache_budget_rows(cfg, None, device, local.n)
+    cfg = resolve_loss(cfg, manifest.n, budget, say, whole_bank=not world.distributed)
     lc = cfg.loss
-    if lc.kind in ("nce", "infonce") and lc.nce_k >= manifest.n:
-        raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {manifest.n} samples "
-                         f"({shards}); lower it or use loss.kind = \"softmax\" for small sets")
+    if lc.kind in ("nce", "infonce") and lc.nce_k >= local.n:
+        raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {local.n} samples "
+                         f"({shards}{' per process' if world.distributed else ''}); lower it "
+                         "or use loss.kind = \"softmax\" for small sets")
     if cfg.train.tensorboard:
         require_tensorboard()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     keep_large_buffers()  # the step's multi-MB buffers stay mapped between steps (oocid.device)
-    if not resume and list_checkpoints(run_dir):
+    if world.main and not resume and list_checkpoints(run_dir):
         raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                          "another --out")
-    with BankLock(bank_path) as lock:
-        if lock.took_over:
-            say(f"oocid: took over the stale lock of a trainer that died ({lock.path})")
-        store = open_or_create_bank(cfg, manifest, bank_path, resume)
-        if announce is not None:  # the inputs have passed their checks, the bank included
-            say(announce)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            return _train(cfg, manifest, val_manifest, store, run_dir, device, budget, resume,
-                          progress, max_epochs, max_steps, say)
-        finally:
-            store.close()
+    start_world(world, device)
+    try:
+        with open_bank(cfg, manifest, bank_path, resume, world, say) as store:
+            if announce is not None:  # the inputs have passed their checks, the bank included
+                say(announce)
+            if world.main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            run = Inputs(cfg, manifest, local, val_manifest, world, run_dir, device, budget)
+            return _train(run, store, resume, progress, max_epochs, max_steps, say)
+    finally:
+        stop_world(world)
 
 
-def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store: BankStore,
-           run_dir: Path, device: torch.device, budget: int, resume: bool, progress: bool,
+def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
            max_epochs: int | None, max_steps: int | None, say: Say) -> RunResult:
+    cfg, manifest, world, run_dir, device = inp.cfg, inp.manifest, inp.world, inp.run_dir, inp.device
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, image_channels(manifest), cfg.model.dim).to(device)
     if cfg.model.channels_last:
@@ -130,18 +149,23 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
         say(f"oocid: {store.path} has no committed step yet; starting {run_dir} from the beginning")
         resume = False
     if resume:
-        state = _restore(cfg, manifest, store, run_dir, model, optimizer, zest)
+        state = _restore(cfg, manifest, store, run_dir, model, optimizer, zest, world)
         epoch, step = int(state["epoch"]), int(state["step"])
-        bank_state, partial = state.get("bank_cache"), state.get("partial_epoch")
+        bank_state, partial = rank_part(state, world)
         scaler_state = state.get("scaler")
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
-    atomic_write(run_dir / "config.json", cfg.to_json() + "\n", "the run's config")
+    if world.main:
+        atomic_write(run_dir / "config.json", cfg.to_json() + "\n", "the run's config")
 
-    cache_partial = budget < store.n_rows
-    data = make_train_data(manifest, cfg.data, cfg.train.seed, device, progress,
-                           chunk_rows=store.chunk_rows if cache_partial else 0)
-    spe = -(-data.steps_per_epoch() // cfg.optim.accumulate)  # optimiser steps (end_step calls)
-    bank = make_cache(cfg, store, device, spe, budget, in_memory=isinstance(data, InMemoryData))
+    part = rank_store(store, manifest, inp.local, world)
+    budget = inp.budget
+    cache_partial = budget < part.n_rows
+    data = make_train_data(inp.local, cfg.data, rank_seed(cfg.train.seed, world), device, progress,
+                           chunk_rows=part.chunk_rows if cache_partial else 0)
+    # every process takes the same number of steps: the most any has (oocid.dist)
+    batches = world.all_max(data.steps_per_epoch(), device)
+    spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
+    bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))
     window_rows = bank.w * bank.r
     if not bank.full and cfg.loss.kind != "softmax" and window_rows < cfg.loss.nce_k:
         say(f"oocid: warning: the cache's window of negatives holds {window_rows} rows, fewer than "
@@ -149,10 +173,10 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
             "row is often among them (raise --cache-mb)")
     if bank_state is not None:
         bank.load_state_dict(bank_state)
-    tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard else None
-    run = RunState(cfg, manifest, val_manifest, run_dir, device, say, model, optimizer, zest, bank,
-                   data, epoch, step, partial, tb, progress, max_epochs, max_steps,
-                   scaler_state=scaler_state)
+    tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard and world.main else None
+    run = RunState(cfg, manifest, inp.val_manifest, run_dir, device, say, model, optimizer, zest,
+                   bank, data, epoch, step, partial, tb, progress, max_epochs, max_steps,
+                   scaler_state=scaler_state, world=world, local=inp.local, batches=batches)
     try:
         return _loop(run)
     finally:
@@ -162,44 +186,56 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
 
 
 def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, model: Embedder,
-             optimizer: torch.optim.Optimizer, zest: ZEstimator | None) -> dict[str, Any]:
+             optimizer: torch.optim.Optimizer, zest: ZEstimator | None, world: World
+             ) -> dict[str, Any]:
     """Load the checkpoint the bank's committed step names into the model, optimiser and Z,
-    after checking it belongs to this config and these shards; returns the checkpoint."""
-    path = checkpoint_for_step(run_dir, store.meta.committed_step)
-    state = load_checkpoint(path)
-    saved = config_from_dict(state["config"], str(path))
-    diff = config_diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
-    if diff:
-        raise InputError(f"{path}: was written with a different config ({', '.join(diff)}); "
-                         f"resume with the config saved in {run_dir / 'config.json'}")
-    if cfg.optim.epochs < int(state["epoch"]):
-        raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
-                         f"optim.epochs = {cfg.optim.epochs} is fewer")
-    if state["manifest_id"] != manifest.identity:
-        raise DataError(f"{path}: belongs to other shards than {manifest.root}")
+    after checking it belongs to this config and these shards; returns the checkpoint.
+    Several processes: rank 0 reads and checks it, and sends it to the others."""
+    state: dict[str, Any] | None = None
+    if world.main:
+        path = checkpoint_for_step(run_dir, store.meta.committed_step)
+        state = load_checkpoint(path)
+        saved = config_from_dict(state["config"], str(path))
+        diff = config_diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
+        if diff:
+            raise InputError(f"{path}: was written with a different config ({', '.join(diff)}); "
+                             f"resume with the config saved in {run_dir / 'config.json'}")
+        if cfg.optim.epochs < int(state["epoch"]):
+            raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
+                             f"optim.epochs = {cfg.optim.epochs} is fewer")
+        if state["manifest_id"] != manifest.identity:
+            raise DataError(f"{path}: belongs to other shards than {manifest.root}")
+        repair_metrics(run_dir / "metrics.jsonl", int(state["epoch"]), state.get("epoch_metrics"))
+    state = world.broadcast(state)
+    assert state is not None
     model.load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     if zest is not None and state.get("z") is not None:
         zest.load_state_dict(state["z"])
-    repair_metrics(run_dir / "metrics.jsonl", int(state["epoch"]), state.get("epoch_metrics"))
-    torch.set_rng_state(state["rng"]["torch"])
+    torch.set_rng_state(rank_rng(state, world))
     return state
 
 
 def _loop(run: RunState) -> RunResult:
     cfg, data = run.cfg, run.data
     precision = resolve_precision(cfg.train.precision, run.device)
-    net = cast(Embedder, torch.compile(run.model)) if cfg.train.compile else run.model
-    npid = NPIDStep(cfg, net, run.optimizer, run.bank, run.manifest.n, run.zest, cfg.train.seed,
-                    precision)
+    net = wrap_model(run.model, run.world, run.device)
+    net = cast(Embedder, torch.compile(net)) if cfg.train.compile else net
+    npid = NPIDStep(cfg, net, run.optimizer, run.bank, run.manifest.n, run.zest,
+                    rank_seed(cfg.train.seed, run.world), precision)
+    if run.world.distributed:
+        sync = DistSync(run.world, run.device)
+        npid.sync, npid.idle_input = sync, idle_input(cfg, run.manifest, run.device)
+        if run.zest is not None:
+            run.zest.agree = sync.agree_z
     run.scaler = npid.scaler
     if npid.scaler is not None and run.scaler_state is not None:
         npid.scaler.load_state_dict(run.scaler_state)  # fp16: resume at the saved loss scale
     watch = CollapseWatch(cfg, run.say)
     acc_n = cfg.optim.accumulate
-    spe = -(-data.steps_per_epoch() // acc_n)  # optimiser steps per epoch
+    spe = -(-run.batches // acc_n)  # optimiser steps per epoch
     evaluate = _Evaluator(run) if run.val_manifest is not None else None
-    result = RunResult(run.run_dir, run.epoch, run.step)
+    result = RunResult(run.run_dir, run.epoch, run.step, quiet=not run.world.main)
     last_epoch = cfg.optim.epochs if run.max_epochs is None \
         else min(cfg.optim.epochs, run.epoch + run.max_epochs)
     stop_step = None if run.max_steps is None else run.step + run.max_steps
@@ -216,9 +252,10 @@ def _loop(run: RunState) -> RunResult:
         start = totals.steps_done
         bar = progress_bar(spe, f"epoch {run.epoch + 1}/{cfg.optim.epochs}", "step",
                            enabled=run.progress, initial=start, leave=False)
-        micro: list[Batch] = []
+        micro: list[Batch | None] = []
         i = start
-        for batch in data.epoch_batches(run.epoch, start * acc_n):
+        for batch in padded(data.epoch_batches(run.epoch, start * acc_n),
+                            run.batches - start * acc_n, run.world):
             micro.append(batch)
             if len(micro) < acc_n:
                 continue
@@ -243,12 +280,15 @@ def _loop(run: RunState) -> RunResult:
         bar.close()
         run.epoch += 1
         dt = time.perf_counter() - t0
+        loss_sum, images, seen, bad = run.world.all_sum(
+            [totals.loss_sum, totals.images, totals.images - totals.images_at_start,
+             data.skips.count - skips0], run.device)  # over all processes
         rec: dict[str, Any] = {
-            "epoch": run.epoch, "step": run.step, "loss": totals.loss_sum / max(totals.images, 1),
-            "lr": lr_at(cfg, run.epoch - 1, spe - 1, spe), "images": totals.images,
-            "images_per_s": (totals.images - totals.images_at_start) / max(dt, 1e-9),
+            "epoch": run.epoch, "step": run.step, "loss": loss_sum / max(images, 1),
+            "lr": lr_at(cfg, run.epoch - 1, spe - 1, spe), "images": int(images),
+            "images_per_s": seen / max(dt, 1e-9),
             "epoch_s": dt, "skipped_steps": npid.skipped - skipped0,
-            "bad_samples": data.skips.count - skips0}
+            "bad_samples": int(bad)}
         if npid.scaler is not None:  # fp16: optimiser steps the loss scaler skipped
             rec["scaler_skips"] = npid.scaler_skips - scaler0
         if totals.z is not None:
@@ -261,8 +301,9 @@ def _loop(run: RunState) -> RunResult:
                                          and run.epoch % cfg.train.eval_every == 0)):
             rec.update(evaluate())
         run.checkpoint(None, rec)
-        with open(run.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        if run.world.main:
+            with open(run.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
         if run.tb is not None:
             run.tb.write(rec)
         result.metrics.append(rec)
@@ -305,7 +346,10 @@ class _Evaluator:
     def __init__(self, run: RunState) -> None:
         assert run.val_manifest is not None
         self.run = run
-        self.train_labels = torch.from_numpy(read_labels(run.manifest))
+        labels = read_labels(run.manifest)
+        self.num_classes = num_classes_of(run.manifest, labels)
+        # this process's rows of the bank (all of them with one process)
+        self.train_labels = torch.from_numpy(labels[global_rows(run.local or run.manifest)])
         self.val_batches = list(eval_batches(run.val_manifest, run.cfg.data, run.device))
 
     def __call__(self) -> dict[str, float]:
@@ -315,18 +359,22 @@ class _Evaluator:
         # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
         # scan loses nothing (docs/design.md, "Checkpoints and resume").
         chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
-        c = num_classes_of(run.manifest, self.train_labels.numpy())
-        acc = knn_against(feats, labels, chunks, self.train_labels, cfg.train.knn_k,
-                          cfg.train.knn_temperature, c)
+        c = self.num_classes
+        if run.world.distributed:  # each process scores its part; k candidates are merged
+            acc = knn_across(run.world, feats, labels, chunks, self.train_labels,
+                             cfg.train.knn_k, cfg.train.knn_temperature, c)
+        else:
+            acc = knn_against(feats, labels, chunks, self.train_labels, cfg.train.knn_k,
+                              cfg.train.knn_temperature, c)
         # With 5 classes or fewer every query's class is within the top 5: not worth a column.
         return {"knn_top1": acc["top1"], **({"knn_top5": acc["top5"]} if c > 5 else {})}
 
 
-def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch], epoch: int, i: int, spe: int,
+def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch | None], epoch: int, i: int, spe: int,
                 step: int, run: EpochTotals, watch: CollapseWatch, bar: Progress, t0: float) -> int:
     lr = lr_at(cfg, epoch, i, spe)
     out = npid(micro if len(micro) > 1 else micro[0], step, lr)
-    n = sum(int(b.index.numel()) for b in micro)
+    n = sum(int(b.index.numel()) for b in micro if b is not None)
     if not out.skipped:
         run.loss_sum += out.loss * n
         run.images += n

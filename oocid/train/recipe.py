@@ -33,8 +33,10 @@ def _gray(manifest: Manifest) -> bool:
     return set(channels) == {"1"}
 
 
-def recipe_for(manifest: Manifest, base: Config | None = None) -> tuple[Config, str]:
-    """(config, one line saying what was chosen and why) for the shards of `manifest`."""
+def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 1
+               ) -> tuple[Config, str]:
+    """(config, one line saying what was chosen and why) for the shards of `manifest`, trained
+    by `processes` processes (several: InfoNCE, as no process holds the whole bank)."""
     side, gray, n = _side(manifest), _gray(manifest), manifest.n
     if not 0 < side <= SMALL_SIDE:
         cfg = copy.deepcopy(base) if base is not None else Config()
@@ -51,7 +53,12 @@ def recipe_for(manifest: Manifest, base: Config | None = None) -> tuple[Config, 
     steps_per_epoch = max(1, -(-n // cfg.data.batch_size))
     cfg.optim.epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(STEPS / steps_per_epoch)))
     kind = "grayscale" if gray else "colour"
+    loss = f"exact softmax (t {cfg.loss.temperature})"
+    if processes > 1:  # the softmax scores every row; each process holds only its part
+        cfg.loss.kind = "infonce"
+        cfg.loss.nce_k = min(cfg.loss.nce_k, max(1, n // processes // 2))
+        loss = f"InfoNCE, K {cfg.loss.nce_k} per process (t {cfg.loss.temperature})"
     return cfg, (f"oocid: recipe for {side} px {kind} images, N {n}: small net at {side} px, "
-                 f"exact softmax (t {cfg.loss.temperature}), crop scale "
+                 f"{loss}, crop scale "
                  f"{cfg.data.crop_scale_min}-1, flip {'on' if cfg.data.flip else 'off'}, "
                  f"{cfg.optim.epochs} epochs (~{STEPS} steps); override with --config or --set")

@@ -78,19 +78,25 @@ def cache_budget_rows(cfg: Config, store: BankStore | None, device: torch.device
     return cache_rows(cfg.bank.cache_mb, n, dim, device)
 
 
-def resolve_loss(cfg: Config, n_rows: int, budget_rows: int, say: Say | None = None) -> Config:
+def resolve_loss(cfg: Config, n_rows: int, budget_rows: int, say: Say | None = None,
+                 whole_bank: bool = True) -> Config:
     """`loss.kind = "auto"` -> the measured default of the size regime (`config.auto_loss`):
     the exact softmax when the whole bank fits the device cache (`budget_rows`, computed once
     per start), sampled negatives otherwise. Returns a copy with the kind set (what config.json
-    and the checkpoints record)."""
+    and the checkpoints record). Without the `whole_bank` in one process (several processes
+    each hold their part), the softmax over all rows is not available."""
+    if cfg.loss.kind == "softmax" and not whole_bank:
+        raise InputError('loss.kind = "softmax" scores every row of the bank, which no process '
+                         'holds when several train together; use "nce" or "infonce"')
     if cfg.loss.kind != "auto":
         return cfg
-    fits = budget_rows >= n_rows
+    fits = budget_rows >= n_rows and whole_bank
     out = copy.deepcopy(cfg)
     out.loss.kind = auto_loss(fits)
     if say is not None:
-        say(f"oocid: loss.kind = auto -> {out.loss.kind} (the bank of {n_rows} rows "
-            + ("fits" if fits else "does not fit") + " the device cache)")
+        why = (("fits" if fits else "does not fit") + " the device cache") if whole_bank \
+            else "is split across processes"
+        say(f"oocid: loss.kind = auto -> {out.loss.kind} (the bank of {n_rows} rows {why})")
     return out
 
 

@@ -4,7 +4,7 @@ pairs them with the bank's commit."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,10 @@ from oocid.checkpoint import finish_checkpoint, save_checkpoint
 from oocid.config import Config
 from oocid.data.batch import TrainData
 from oocid.data.manifest import Manifest
+from oocid.dist.world import World
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder
+from oocid.train.ddp import gathered
 from oocid.train.setup import Say
 from oocid.train.tblog import TensorBoardLog
 
@@ -65,6 +67,13 @@ class RunState:
     max_steps: int | None = None
     scaler: Any = None  # fp16's GradScaler (NPIDStep.scaler), saved with the checkpoint
     scaler_state: dict[str, Any] | None = None  # a resumed checkpoint's, for the loop to load
+    world: World = field(default_factory=World)  # several processes: oocid.train.ddp
+    local: Manifest | None = None  # this process's share of `manifest` (None: all of it)
+    batches: int = 0  # batches per epoch, the same for every process (0: the data's count)
+
+    def __post_init__(self) -> None:
+        self.local = self.local or self.manifest
+        self.batches = self.batches or self.data.steps_per_epoch()
 
     def checkpoint(self, totals: EpochTotals | None, record: dict[str, Any] | None = None) -> None:
         """Checkpoint after `epoch` whole epochs and `step` optimiser steps; `totals` when it is
@@ -92,6 +101,10 @@ class RunState:
             "partial_epoch": dataclasses.asdict(totals) if totals is not None else None,
             "epoch_metrics": record,
         }
-        save_checkpoint(self.run_dir, self.step, state)
-        self.bank.commit(self.step)
-        finish_checkpoint(self.run_dir, self.step)
+        if self.world.distributed:  # every rank's window, RNG and totals; rank 0 writes
+            state.update(gathered(self.world, state))
+        if self.world.main:
+            save_checkpoint(self.run_dir, self.step, state)
+        self.bank.commit(self.step)  # several processes: the two-phase commit of every part
+        if self.world.main:
+            finish_checkpoint(self.run_dir, self.step)

@@ -1,0 +1,42 @@
+"""The kNN of queries against a bank split across ranks: each rank scores its own rows, then
+the ranks exchange k candidates per query (similarity and label) and keep the best k of all.
+
+No rank gathers the bank: what crosses the wire is 2 x Q x k numbers per rank and block."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from oocid.dist.world import World
+from oocid.eval.evaluate import knn_evaluate
+from oocid.method.knn import topk_streaming
+
+
+def topk_across(world: World, queries: Tensor, chunks: Iterator[tuple[int, Tensor]],
+                bank_labels: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(Q, k) similarities and labels of the k nearest rows over every rank's part; `chunks`
+    are this rank's rows, `bank_labels` their labels (row numbers as `chunks` gives them)."""
+    s, i = topk_streaming(queries, chunks, k)
+    lab = bank_labels.to(i.device)[i]
+    s_all = torch.cat(world.all_gather_tensor(s.float().contiguous()), dim=1)
+    l_all = torch.cat(world.all_gather_tensor(lab.contiguous()), dim=1)
+    best, at = s_all.topk(min(k, s_all.shape[1]), dim=1)
+    return best, l_all.gather(1, at)
+
+
+def knn_across(world: World, queries: Tensor, query_labels: Tensor,
+               chunks: Callable[[], Iterator[tuple[int, Tensor]]], bank_labels: Tensor, k: int,
+               temperature: float, num_classes: int, query_chunk: int = 4096) -> dict[str, float]:
+    """`oocid.eval.evaluate.knn_against` over a bank split across the ranks (a collective)."""
+    sims, labs = [], []
+    for q in queries.split(query_chunk):  # type: ignore[no-untyped-call]
+        s, lab = topk_across(world, q, chunks(), bank_labels, k)
+        sims.append(s)
+        labs.append(lab)
+    s, lab = torch.cat(sims), torch.cat(labs)
+    at = torch.arange(lab.numel(), device=lab.device).view_as(lab)
+    return knn_evaluate(queries, query_labels, s, at, lab.flatten(), (k,), temperature,
+                        num_classes)

@@ -1,0 +1,151 @@
+"""What changes when several processes train one bank (docs/distributed.md); with a world of
+one (plain `oocid train`) every function here is the identity or the single-process path.
+
+- the bank: rank 0 holds the lock, recovers or creates the bank, then the others open it;
+  each rank sees its own chunks through `oocid.dist.rank_store.RankStore`;
+- the model under DistributedDataParallel (per-rank BatchNorm statistics: no buffer
+  broadcast, so nothing bank-sized or model-sized moves but the gradients);
+- seeds: rank r > 0 draws its data order, augmentations and negatives from a seed of its own;
+- an epoch: every rank takes the same number of steps, its batches then None (`padded`);
+- checkpoints keep every rank's cache window, RNG state and epoch totals (`rank_part`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import torch
+
+from oocid.bank.lock import BankLock
+from oocid.bank.store import BankStore, check_matches, open_store
+from oocid.config import Config
+from oocid.data.batch import image_channels, mix_seed
+from oocid.data.manifest import Manifest
+from oocid.dist.partition import check_chunked_by_shards, deal_shards
+from oocid.dist.rank_store import RankStore
+from oocid.dist.world import World
+from oocid.models import Embedder
+from oocid.train.setup import Say, open_or_create_bank
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a run was started with, once checked: `manifest` the whole set, `local` this
+    rank's share (the whole set with one process), `budget` the cache's rows for it."""
+
+    cfg: Config
+    manifest: Manifest
+    local: Manifest
+    val_manifest: Manifest | None
+    world: World
+    run_dir: Path
+    device: torch.device
+    budget: int
+
+
+@contextmanager
+def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, world: World,
+              say: Say) -> Iterator[BankStore]:
+    """The bank, open for writing: rank 0 takes the trainer's lock and opens (recovering an
+    interrupted commit) or creates it; then the other ranks open it without recovering."""
+    if world.main:
+        with BankLock(bank_path) as lock:
+            if lock.took_over:
+                say(f"oocid: took over the stale lock of a trainer that died ({lock.path})")
+            store = open_or_create_bank(cfg, manifest, bank_path, resume)
+            try:
+                world.barrier()
+                yield store
+            finally:
+                store.close()
+        return
+    world.barrier()  # rank 0 has recovered or created the bank
+    store = open_store(bank_path, recover=False)
+    try:
+        check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
+        yield store
+    finally:
+        store.close()
+
+
+def rank_store(store: BankStore, manifest: Manifest, local: Manifest, world: World) -> BankStore:
+    """The store this rank's cache works on: the whole bank, or this rank's chunks of it."""
+    if not world.distributed:
+        return store
+    check_chunked_by_shards(manifest, store.chunk_rows)
+    chunks = deal_shards(manifest, world.size)[world.rank]
+    view = RankStore(store, chunks, world)
+    assert view.n_rows == local.n
+    return cast(BankStore, view)  # the part of BankStore's interface the cache uses
+
+
+def rank_seed(seed: int, world: World) -> int:
+    return seed if world.rank == 0 else mix_seed(seed, 7, world.rank)
+
+
+def wrap_model(model: Embedder, world: World, device: torch.device) -> Embedder:
+    if not world.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    with warnings.catch_warnings():  # its successor still syncs buffers at init; we keep them
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    return cast(Embedder, ddp)
+
+
+def idle_input(cfg: Config, manifest: Manifest, device: torch.device) -> torch.Tensor:
+    """What an idle rank's forward sees: two blank images of the training size."""
+    size = cfg.data.image_size
+    return torch.zeros(2, image_channels(manifest), size, size, device=device)
+
+
+def padded(batches: Iterator[T], count: int, world: World) -> Iterator[T | None]:
+    """`batches`, then None up to `count` items (several processes); `batches` alone (one)."""
+    n = 0
+    for b in batches:
+        n += 1
+        yield b
+    if world.distributed:
+        for _ in range(count - n):
+            yield None
+
+
+def gathered(world: World, state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's per-rank entries, each as the list over ranks (a collective)."""
+    mine = {"rng": torch.get_rng_state(), "bank_cache": state["bank_cache"],
+            "partial_epoch": state["partial_epoch"]}
+    every = world.gather(mine)
+    return {"world_size": world.size, "ranks": every}
+
+
+def rank_part(state: dict[str, Any], world: World) -> tuple[Any, Any]:
+    """(cache window state, partial-epoch totals) of this rank from a checkpoint. Saved by
+    another world size, the window starts afresh and rank 0 carries the summed totals."""
+    ranks: list[dict[str, Any]] | None = state.get("ranks")
+    if ranks is None:  # one process wrote it
+        ranks = [{"bank_cache": state.get("bank_cache"), "partial_epoch": state.get("partial_epoch")}]
+    if len(ranks) == world.size:
+        return ranks[world.rank]["bank_cache"], ranks[world.rank]["partial_epoch"]
+    parts = [r["partial_epoch"] for r in ranks]
+    if parts[0] is None:
+        return None, None
+    total = dict(parts[0])
+    for key in ("loss_sum", "images", "images_at_start"):
+        total[key] = sum(p[key] for p in parts) if world.main else 0
+    return None, total
+
+
+def rank_rng(state: dict[str, Any], world: World) -> torch.Tensor:
+    ranks = state.get("ranks")
+    if ranks is not None and int(state.get("world_size", 1)) == world.size:
+        return cast(torch.Tensor, ranks[world.rank]["rng"])
+    return cast(torch.Tensor, state["rng"]["torch"])
