@@ -38,6 +38,9 @@ class ModelConfig:
     arch: Arch = "resnet18"  # small | resnet18 | resnet50 | cifar_resnet18
     dim: int = 128  # feature / bank dimension D
     channels_last: bool = True
+    # several processes (torchrun) on CUDA: BatchNorm statistics over the global batch
+    # (SyncBatchNorm); the default keeps each process's own, as the paper's single GPU did
+    sync_batchnorm: bool = False
 
 
 AUTO_WORKERS = -1  # data.workers: as many DataLoader workers as the CPUs allow (data_workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from oocid.dist.stats import count_small
 from oocid.errors import InputError
 
 TIMEOUT_ENV = "OOCID_DIST_TIMEOUT"  # seconds a collective waits for the other ranks
@@ -61,16 +63,22 @@ class World:
         """The element-wise sum over ranks of a few numbers (float64)."""
         if not self.distributed:
             return list(values)
+        t0 = time.perf_counter()
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
-        return [float(v) for v in t.tolist()]
+        out = [float(v) for v in t.tolist()]
+        count_small(t.numel() * 8, t0)
+        return out
 
     def all_max(self, value: int, device: torch.device) -> int:
         if not self.distributed:
             return value
+        t0 = time.perf_counter()
         t = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
+        out = int(t.item())
+        count_small(8, t0)
+        return out
 
     def all_gather_tensor(self, t: Tensor) -> list[Tensor]:
         """Every rank's tensor of the same shape, in rank order."""

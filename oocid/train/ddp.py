@@ -26,9 +26,11 @@ from oocid.bank.store import BankStore, check_matches, open_store
 from oocid.config import Config
 from oocid.data.batch import image_channels, mix_seed
 from oocid.data.manifest import Manifest
+from oocid.dist import stats
 from oocid.dist.partition import check_chunked_by_shards, deal_shards
 from oocid.dist.rank_store import RankStore
 from oocid.dist.world import World
+from oocid.errors import InputError
 from oocid.models import Embedder
 from oocid.train.setup import Say, open_or_create_bank
 
@@ -90,6 +92,18 @@ def rank_seed(seed: int, world: World) -> int:
     return seed if world.rank == 0 else mix_seed(seed, 7, world.rank)
 
 
+def sync_batchnorm(cfg: Config, model: Embedder, world: World, device: torch.device
+                   ) -> Embedder:
+    """`model.sync_batchnorm`: BatchNorm over the global batch (CUDA only; a world of one has
+    nothing to synchronise)."""
+    if not cfg.model.sync_batchnorm or not world.distributed:
+        return model
+    if device.type != "cuda":
+        raise InputError("model.sync_batchnorm needs CUDA (torch's SyncBatchNorm does not run "
+                         "on the CPU); leave it off for per-process statistics")
+    return cast(Embedder, torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))  # type: ignore[no-untyped-call]
+
+
 def wrap_model(model: Embedder, world: World, device: torch.device) -> Embedder:
     if not world.distributed:
         return model
@@ -99,6 +113,8 @@ def wrap_model(model: Embedder, world: World, device: torch.device) -> Embedder:
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
+    if stats.enabled():  # tools/bench_ddp.py
+        ddp.register_comm_hook(None, stats.counting_hook)
     return cast(Embedder, ddp)
 
 
@@ -149,3 +165,12 @@ def rank_rng(state: dict[str, Any], world: World) -> torch.Tensor:
     if ranks is not None and int(state.get("world_size", 1)) == world.size:
         return cast(torch.Tensor, ranks[world.rank]["rng"])
     return cast(torch.Tensor, state["rng"]["torch"])
+
+
+def report_comm(world: World, steps: int) -> None:
+    """With OOCID_COMM_STATS set: rank 0 writes every rank's counts (`oocid.dist.stats`)."""
+    if world.distributed and stats.enabled():
+        stats.STATS.steps = steps
+        every = world.gather(stats.mine())
+        if world.main:
+            stats.write_stats(every)

@@ -52,6 +52,8 @@ from oocid.train.ddp import (
     rank_rng,
     rank_seed,
     rank_store,
+    report_comm,
+    sync_batchnorm,
     wrap_model,
 )
 from oocid.train.setup import (
@@ -139,6 +141,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     cfg, manifest, world, run_dir, device = inp.cfg, inp.manifest, inp.world, inp.run_dir, inp.device
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, image_channels(manifest), cfg.model.dim).to(device)
+    model = sync_batchnorm(cfg, model, world, device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
@@ -236,6 +239,7 @@ def _loop(run: RunState) -> RunResult:
     spe = -(-run.batches // acc_n)  # optimiser steps per epoch
     evaluate = _Evaluator(run) if run.val_manifest is not None else None
     result = RunResult(run.run_dir, run.epoch, run.step, quiet=not run.world.main)
+    first_step = run.step
     last_epoch = cfg.optim.epochs if run.max_epochs is None \
         else min(cfg.optim.epochs, run.epoch + run.max_epochs)
     stop_step = None if run.max_steps is None else run.step + run.max_steps
@@ -311,6 +315,7 @@ def _loop(run: RunState) -> RunResult:
         if stop_step is not None and run.step >= stop_step:
             break
     result.epochs, result.step = run.epoch, run.step
+    report_comm(run.world, run.step - first_step)
     return result
 
 
