@@ -24,7 +24,7 @@ from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import Config, config_from_dict
 from oocid.data.batch import Batch, image_channels
 from oocid.data.eval_data import eval_batches
-from oocid.data.manifest import Manifest, read_manifest
+from oocid.data.manifest import Manifest, read_manifest, verify_shards
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError, WriteError
 from oocid.progress import progress_bar
@@ -68,10 +68,14 @@ def output_paths(out: Path) -> tuple[Path, ...]:
 
 
 def embed_shards(checkpoint: Path, shards: Path, out: Path, *, pre_fc: bool = False,
-                 device_name: str = "auto", batch_size: int = 256, progress: bool = False
-                 ) -> EmbedResult:
-    """Embed every sample of `shards` with the model of `checkpoint` and write `out`."""
+                 device_name: str = "auto", batch_size: int = 256, progress: bool = False,
+                 verify: bool = False) -> EmbedResult:
+    """Embed every sample of `shards` with the model of `checkpoint` and write `out`
+    (`verify`: each shard's sha256 checked against the manifest first)."""
     output_paths(out)
+    manifest = read_manifest(shards)
+    if verify:
+        verify_shards(manifest, progress=progress)
     device = resolve_device(device_name)
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], str(checkpoint))
@@ -79,8 +83,8 @@ def embed_shards(checkpoint: Path, shards: Path, out: Path, *, pre_fc: bool = Fa
     from oocid.eval.export import pre_fc as strip_head
 
     model: nn.Module = strip_head(emb) if pre_fc else emb
-    return write_features(model, emb.in_channels, read_manifest(shards), cfg, device, out,
-                          batch_size, progress)
+    return write_features(model, emb.in_channels, manifest, cfg, device, out, batch_size,
+                          progress)
 
 
 def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: Config,

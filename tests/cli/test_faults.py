@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ENV, Run, run_process
+from PIL import Image
 
 from oocid.bank.store import open_store
 from oocid.bank.verify import verify_store
@@ -339,6 +340,73 @@ def test_truncated_tar_stops_training_with_its_name(setup: Setup, cfg: str) -> N
     assert_error(setup.run(f"truncated-tar:{cfg}"), 3, (re.escape(str(p)), "truncated"))
 
 
+def damaged_copy(setup: Setup, name: str) -> Path:
+    """The shards with 512 bytes of shard-000001.tar overwritten over its third member's
+    header; the file keeps its size, so the manifest's size check passes."""
+    shards = copy_shards(setup.shards, setup.work / name)
+    p = shards / "shard-000001.tar"
+    with tarfile.open(p) as tar:
+        at = tar.getmembers()[2].offset
+    data = bytearray(p.read_bytes())
+    data[at:at + 512] = bytes(range(256)) * 2
+    p.write_bytes(bytes(data))
+    return shards
+
+
+CHANGED = (r"shard-000001\.tar: sha256 does not match the manifest \(the shard changed after "
+           r"`oocid shard`\)$")
+
+
+@one_command("damaged")
+def damaged(setup: Setup) -> list[object]:
+    return train_args(damaged_copy(setup, "damaged"), setup.work / "dm.npy", setup.work / "dm",
+                      setup.cfg)
+
+
+def test_damage_of_unchanged_size_is_not_called_truncated(setup: Setup) -> None:
+    """Without --verify-checksums the tar reader finds the damage: it says damaged (not
+    truncated), where, and points at --verify-checksums."""
+    with tarfile.open(setup.shards / "shard-000001.tar") as tar:  # the intact original
+        at, after = tar.getmembers()[2].offset, tar.getmembers()[1].name
+    line = assert_error(setup.run("damaged"), 3, (
+        re.escape(str(setup.work / "damaged" / "shard-000001.tar")),
+        re.escape(f"damaged tar: corrupt header at byte {at} (after member {after})"),
+        "run with --verify-checksums"))
+    assert "truncated" not in line
+
+
+@one_command("verify:train", "verify:train-val", "verify:embed", "verify:knn", "verify:search")
+def verify_checksums(setup: Setup, name: str) -> list[object]:
+    cmd = name.split(":")[1]
+    shards = damaged_copy(setup, f"verify-{cmd}")
+    ckpt = setup.base_run / "last.pt"
+    query = setup.work / "query.png"
+    Image.fromarray(np.full((16, 16), 99, np.uint8)).save(query)
+    return {"train": train_args(shards, setup.work / "v.npy", setup.work / "v", setup.cfg,
+                                "--verify-checksums"),
+            "train-val": train_args(setup.shards, setup.work / "vv.npy", setup.work / "vv",
+                                    setup.cfg, "--val", shards, "--verify-checksums"),
+            "embed": ["embed", "--checkpoint", ckpt, "--shards", shards, "--out",
+                      setup.work / "ve.npy", "--device", "cpu", "--verify-checksums"],
+            "knn": ["knn", "--checkpoint", ckpt, "--bank", setup.base_bank, "--shards",
+                    setup.shards, "--train-shards", shards, "--device", "cpu",
+                    "--verify-checksums"],
+            "search": ["knn", "--checkpoint", ckpt, "--bank", setup.base_bank, "--query", query,
+                       "--train-shards", shards, "--device", "cpu", "--verify-checksums"],
+            }[cmd]
+
+
+@pytest.mark.parametrize("cmd", ["train", "train-val", "embed", "knn", "search"])
+def test_verify_checksums_names_the_changed_shard(setup: Setup, cmd: str) -> None:
+    """--verify-checksums on each command that reads shards (the training shards, --val, the
+    shards embedded, kNN's training shards): one line naming the shard whose sha256 is not the
+    manifest's, before anything is written."""
+    assert_error(setup.run(f"verify:{cmd}"), 3,
+                 (re.escape(str(setup.work / f"verify-{cmd}")) + "/" + CHANGED,))
+    for out in ("v.npy", "v", "vv.npy", "vv", "ve.npy"):
+        assert not (setup.work / out).exists(), out
+
+
 @one_command("garbage-image:cfg", "garbage-image:stream_cfg")
 def garbage_image(setup: Setup, name: str) -> list[object]:
     cfg = name.split(":")[1]
@@ -411,8 +479,6 @@ def test_manifest_edited_after_sharding(setup: Setup) -> None:
 
 
 def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: Path) -> None:
-    from PIL import Image
-
     src = tmp_path / "src"
     for c in ("a", "b"):
         (src / c).mkdir(parents=True)

@@ -271,12 +271,15 @@ def test_read_manifest_errors(npz_shards: tuple[Path, Manifest]) -> None:
 
 
 def test_verify_detects_changed_shard(npz_shards: tuple[Path, Manifest]) -> None:
+    """One bit changed in shards 1 and 3 of 4 (hashed in parallel): the first is named."""
     _, m = npz_shards
-    p = m.shard_paths()[1]
-    data = bytearray(p.read_bytes())
-    data[700] ^= 0xFF
-    p.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"shard-000001.tar: sha256 differs"):
+    verify_shards(m, progress=True)
+    for p in (m.shard_paths()[3], m.shard_paths()[1]):
+        data = bytearray(p.read_bytes())
+        data[700] ^= 0x01
+        p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-000001.tar: sha256 does not match the manifest "
+                                         r"\(the shard changed after `oocid shard`\)"):
         verify_shards(m)
 
 
