@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from oocid.atomic import atomic_write
+from oocid.atomic import atomic_write, check_writable
 from oocid.cli.bank import bank_app
 from oocid.errors import InputError, OocidError
 
@@ -143,6 +143,8 @@ def train(
         cfg = load_config(None, overrides, base=base)
     else:
         cfg = load_config(config, overrides)
+    check_writable(out / "config.json", "the run's config", parents=True)  # before any work:
+    check_writable(bank, "bank", parents=True)  # one line, exit 4, not an internal error
     if verify_checksums:
         from oocid.data.manifest import verify_shard_dirs
 

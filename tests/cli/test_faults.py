@@ -304,6 +304,63 @@ def test_disk_full_during_the_bank_commit(tmp_path: Path, kind: str) -> None:
     assert verify_store(bank).ok
 
 
+# ---- outputs that cannot be written -------------------------------------------------------------
+# A regular file as the parent folder: ENOTDIR, which blocks root too (permission bits do not).
+
+UNWRITABLE = {  # case -> (the path named, what could not be written)
+    "embed": ("nf-embed/feats.npy", "features"),
+    "bank-init": ("nf-init/sub/bank.zarr", "bank"),
+    "train-out": ("nf-out/run/config.json", "the run's config"),
+    "train-bank": ("nf-bank/bank.npy", "bank"),
+}
+
+
+@one_command(*(f"unwritable:{c}" for c in UNWRITABLE))
+def unwritable(setup: Setup, name: str) -> list[object]:
+    case = name.split(":")[1]
+    (setup.work / f"nf-{case.split('-')[-1]}").write_text("a file, not a folder")
+    w = setup.work
+    return {"embed": ["embed", "--checkpoint", setup.base_run / "last.pt", "--shards",
+                      setup.shards, "--out", w / "nf-embed" / "feats.npy", "--device", "cpu"],
+            "bank-init": ["bank", "init", w / "nf-init" / "sub" / "bank.zarr", "--shards",
+                          setup.shards],
+            "train-out": train_args(setup.shards, w / "tu.npy", w / "nf-out" / "run", setup.cfg),
+            "train-bank": train_args(setup.shards, w / "nf-bank" / "bank.npy", w / "tb",
+                                     setup.cfg),
+            }[case]
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE))
+def test_an_output_that_cannot_be_written_is_exit_4_before_any_work(setup: Setup,
+                                                                    case: str) -> None:
+    """embed, bank init and train with an output below a file: one line naming the output and
+    the file in the way, exit 4, nothing written (train: neither bank nor run folder)."""
+    path, what = UNWRITABLE[case]
+    folder = path.split("/")[0]
+    assert_error(setup.run(f"unwritable:{case}"), 4, (
+        re.escape(f"{setup.work / path}: could not write {what}: {setup.work / folder} is not "
+                  "a folder"),))
+    assert (setup.work / folder).read_text() == "a file, not a folder"
+    assert not (setup.work / "tu.npy").exists() and not (setup.work / "tb").exists()
+
+
+def test_embed_that_runs_out_of_space_keeps_the_earlier_output(setup: Setup) -> None:
+    """A file size limit (RLIMIT_FSIZE: EFBIG, as a full disk) above the (48, 128) rows'
+    memory map but below the .npz: exit 4 naming the output, the .npz of the earlier run is
+    unchanged and no temporary file is left."""
+    out = setup.work / "space" / "feats.npz"
+    out.parent.mkdir()
+    args = ["embed", "--checkpoint", setup.base_run / "last.pt", "--shards", setup.shards,
+            "--out", out, "--device", "cpu", "--no-progress"]
+    ok(oocid(*args))
+    before = out.read_bytes()
+    assert N * 128 * 4 + 128 < 25_000 < len(before), len(before)
+    assert_error(oocid(*args, fsize=25_000), 4, (re.escape(str(out)),
+                                                 r"could not write features: disk full"))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["feats.npz"]
+
+
 # ---- corrupt shards and source folders ---------------------------------------------------------
 
 
