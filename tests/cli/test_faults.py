@@ -551,6 +551,28 @@ def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: P
     assert sorted(s["path"] for s in listed) == ["a/notes.txt", "b/broken.jpg"]
 
 
+def test_a_source_of_unreadable_files_only_writes_nothing(tmp_path: Path) -> None:
+    """No file of the folder reads as an image: each is named on stderr, the error says nothing
+    was written, no line claims a manifest lists them, and no output folder appears; with
+    --force over an earlier shard set, that set is left as it was."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    res = oocid("shard", src, tmp_path / "out", "--no-progress")
+    assert_error(res, 2, (re.escape(str(src)), r"no readable images \(2 skipped, each named "
+                          r"above\); nothing written to " + re.escape(str(tmp_path / "out"))))
+    assert re.search(r"skipped .*notes\.txt: non-image file", res.err), res
+    assert re.search(r"skipped .*broken\.jpg: ", res.err), res
+    assert "listed in" not in res.err and "manifest" not in res.err, res
+    assert not (tmp_path / "out").exists()
+    earlier = make_shards(tmp_path / "earlier")
+    files = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    assert_error(oocid("shard", src, earlier, "--no-progress", "--force"), 2,
+                 ("no readable images",))
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == files
+
+
 # ---- banks and checkpoints that do not fit -----------------------------------------------------
 
 
