@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from oocid.errors import WriteError
+from oocid.errors import InputError, WriteError
 
 TMP_SUFFIX = ".tmp"
 _FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
@@ -104,3 +105,26 @@ def atomic_write(path: Path, data: bytes | str, what: str) -> None:
     """Write `data` (str as UTF-8) to `path` all or nothing."""
     with atomic_open(path, what) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def check_writable(path: Path, what: str, *, parents: bool = False) -> None:
+    """Fail before any work when a file cannot be created at `path`: `write_error` (exit 4)
+    when the folder it goes in (with `parents`, the nearest folder above it that exists: the
+    rest would be created) is a file or refuses a new file (read-only, permissions); an
+    InputError naming the folder when, without `parents`, that folder does not exist. Probed by
+    creating and removing a file of a name of its own there (which works as root too, where
+    permission bits would not tell)."""
+    folder = existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():  # a file where a folder must be (ENOTDIR, even for root)
+        raise write_error(path, what, NotADirectoryError(errno.ENOTDIR,
+                                                         f"{existing} is not a folder"))
+    if existing != folder and not parents:
+        raise InputError(f"{folder}: no such directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".oocid-probe-", dir=existing)
+    except OSError as e:
+        raise write_error(path, what, e) from None
+    os.close(fd)
+    os.unlink(probe)

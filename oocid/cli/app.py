@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from oocid.atomic import atomic_write
+from oocid.atomic import atomic_write, check_writable
 from oocid.cli.bank import bank_app
 from oocid.errors import InputError, OocidError
 
@@ -24,6 +24,10 @@ app.add_typer(bank_app, name="bank")
 
 def _err(msg: str) -> None:
     print(f"oocid: {msg}", file=sys.stderr)
+
+
+VERIFY_HELP = ("Check every shard's sha256 against its manifest before use: finds a shard that "
+               "changed after `oocid shard` (reads each shard once more).")
 
 
 @app.command()
@@ -98,6 +102,8 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, e.g. --set "
                                                    "loss.z=ema (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
+                                ] = False,
 ) -> None:
     """Train NPID features; the bank lives on disk and is committed at every checkpoint."""
     from oocid.config import load_config
@@ -139,6 +145,12 @@ def train(
         cfg = load_config(None, overrides, base=base)
     else:
         cfg = load_config(config, overrides)
+    check_writable(out / "config.json", "the run's config", parents=True)  # before any work:
+    check_writable(bank, "bank", parents=True)  # one line, exit 4, not an internal error
+    if verify_checksums:
+        from oocid.data.manifest import verify_shard_dirs
+
+        verify_shard_dirs([shards, val], progress)
     from oocid.train.loop import train as run_train  # torch: imported once the config is known good
 
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,
@@ -177,6 +189,8 @@ def knn(
     tile: Annotated[int, typer.Option(help="Contact sheet tile size in pixels.")] = 96,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar for --recompute.")] = True,
+    verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
+                                ] = False,
 ) -> None:
     """Weighted kNN top-1/top-5 of validation images against the training features, or
     (--query) the training images nearest to given images."""
@@ -189,7 +203,7 @@ def knn(
             raise InputError("--query takes one --k")
         meta, hits = knn_cli.run_search(bank, checkpoint, query, train_shards,
                                         k[0] if k else 10, device, recompute=recompute,
-                                        progress=progress)
+                                        progress=progress, verify=verify_checksums)
         print(knn_cli.format_hits(hits))
         if sheet is not None:
             w, h = knn_cli.write_sheet(hits, sheet, tile)
@@ -201,7 +215,7 @@ def knn(
         raise InputError("--sheet needs --query")
     assert shards is not None
     res = knn_cli.run_knn(bank, checkpoint, shards, train_shards, k or [200], temperature, device,
-                          recompute=recompute, progress=progress)
+                          recompute=recompute, progress=progress, verify=verify_checksums)
     for kk in res["ks"]:
         r = res["by_k"][str(kk)]
         top5 = f"  top-5 {r['top5']:.4f}" if "top5" in r else ""  # only with more than 5 classes
@@ -226,12 +240,14 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
+                                ] = False,
 ) -> None:
     """Features (N, D) float32 of a shard set in index order, with the test transform."""
     from oocid.eval.embed import embed_shards
 
     res = embed_shards(checkpoint, shards, out, pre_fc=pre_fc, device_name=device,
-                       batch_size=batch_size, progress=progress)
+                       batch_size=batch_size, progress=progress, verify=verify_checksums)
     print(f"wrote {res.rows} x {res.dim} float32 features to {', '.join(map(str, res.paths))}"
           + (f"; skipped {res.skipped} undecodable" if res.skipped else ""))
 
@@ -282,13 +298,16 @@ def linear(
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here.")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
+                                ] = False,
 ) -> None:
     """Linear probe: logistic regression (one nn.Linear) on frozen, L2-normalised pre-fc
     backbone features (test transform, no augmentation); checks the backbone is unchanged."""
     from oocid.eval.linear import ProbeConfig, linear_eval
 
     res = linear_eval(checkpoint, train_shards, val_shards, head=head, device_name=device,
-                      probe=ProbeConfig(epochs, lr, batch_size), progress=progress)
+                      probe=ProbeConfig(epochs, lr, batch_size), progress=progress,
+                      verify=verify_checksums)
     print(f"linear top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  (train top-1 "
           f"{res['train_top1']:.4f}; {res['features']}; backbone unchanged)")
     if out is not None:

@@ -56,6 +56,7 @@ def bank_init(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Create a bank of random unit rows."""
+    from oocid.atomic import check_writable
     from oocid.bank.create import create_store
 
     manifest_id = None
@@ -69,6 +70,7 @@ def bank_init(
         chunk_rows = chunk_rows or m.shard_size
     if rows is None:
         raise InputError("give --rows N or --shards DIR")
+    check_writable(path, "bank")  # one line, exit 4 (ENOTDIR below a file, read-only, ...)
     st = create_store(path, rows, dim, dtype=dtype, chunk_rows=chunk_rows or 4096,
                       manifest_id=manifest_id, seed=seed, progress=progress)
     st.close()

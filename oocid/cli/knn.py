@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from oocid.data.eval_data import eval_batches, extract_features
-from oocid.data.manifest import read_manifest
+from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import check_same_classes, num_classes_of, read_labels
 from oocid.eval.plot import save_png
@@ -83,14 +83,18 @@ def _check_ks(ks: Sequence[int], temperature: float) -> list[int]:
 
 def run_knn(bank: Path | None, checkpoint: Path, val: Path, train_shards: Path | None,
             k: int | Sequence[int], temperature: float, device_name: str = "auto", *,
-            recompute: bool = False, progress: bool = False) -> dict[str, Any]:
+            recompute: bool = False, progress: bool = False, verify: bool = False
+            ) -> dict[str, Any]:
     """Weighted kNN accuracy of `val` for every k; the top-level numbers are those of the
     largest k, `by_k` holds each (keyed by the k asked for; "k" in each is the k used,
-    min(k, training rows))."""
+    min(k, training rows)). `verify`: check every shard's sha256 first."""
     ks = _check_ks([k] if isinstance(k, int) else list(k), temperature)
-    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress)
-    tm = side.manifest
     vm = read_manifest(val)
+    if verify:
+        verify_shards(vm, progress=progress)
+    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress,
+                              verify=verify)
+    tm = side.manifest
     check_same_classes(tm, vm, val)
     labels = read_labels(tm)
     if (labels < 0).any():
@@ -154,12 +158,14 @@ class QueryHits:
 
 def run_search(bank: Path | None, checkpoint: Path, queries: Sequence[Path],
                train_shards: Path | None, k: int, device_name: str = "auto", *,
-               recompute: bool = False, progress: bool = False
+               recompute: bool = False, progress: bool = False, verify: bool = False
                ) -> tuple[dict[str, Any], list[QueryHits]]:
-    """The k training images nearest to each query image (files, or folders of images)."""
+    """The k training images nearest to each query image (files, or folders of images);
+    `verify`: check the training shards' sha256 first."""
     _check_ks([k], 1.0)
     files = query_files(queries)
-    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress)
+    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress,
+                              verify=verify)
     channels = side.model.in_channels
     images = [load_query(f, channels) for f in files]
     sims, index = topk_indexed(embed_images(side, images), side.chunks(), k)  # (Q, k')

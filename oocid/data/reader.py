@@ -4,6 +4,8 @@
 reading the shard with the fast plain-ustar reader (`oocid.data.ustar`) and falling back to
 tarfile for a shard written otherwise (pax or GNU headers, links). Any corrupt or truncated
 shard, or a sample whose index does not match the manifest, is a DataError naming the shard.
+"Truncated" is said only where the file ends early; bytes changed inside a shard are "damaged",
+with a pointer to `--verify-checksums` (the manifest's sha256 of each shard, `verify_shards`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from oocid.data.manifest import STORED_EXTS
-from oocid.data.ustar import NotPlainUstar, ustar_members
+from oocid.data.ustar import HINT, NotPlainUstar, ustar_members
 from oocid.errors import DataError
 
 
@@ -36,18 +38,19 @@ def _sample(shard: Path, key: str, members: dict[str, bytes]) -> RawSample:
     where = f"{shard}: sample {key}"
     images = [e for e in members if e in STORED_EXTS or e == "jpeg"]
     if len(images) != 1 or "json" not in members:
-        raise DataError(f"{where}: expected one image and one json member, got {sorted(members)}")
+        raise DataError(f"{where}: expected one image and one json member, got "
+                        f"{sorted(members)}{HINT}")
     try:
         meta = json.loads(members["json"])
         index, label, path = meta["index"], meta["label"], meta["path"]
     except (ValueError, KeyError, TypeError, RecursionError) as e:
         why = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__} {e}"
-        raise DataError(f"{where}: bad json member: {why}") from None
+        raise DataError(f"{where}: bad json member: {why}{HINT}") from None
     ok = isinstance(index, int) and isinstance(path, str)
     if not ok or isinstance(index, bool) or not (label is None or type(label) is int):
-        raise DataError(f"{where}: bad json member types")
+        raise DataError(f"{where}: bad json member types{HINT}")
     if "cls" in members and members["cls"].strip() != str(label).encode():
-        raise DataError(f"{where}: cls member disagrees with json label")
+        raise DataError(f"{where}: cls member disagrees with json label{HINT}")
     return RawSample(key, index, label, members[images[0]], images[0], path)
 
 
@@ -66,11 +69,12 @@ def iter_samples(path: Path, span: tuple[int, int] | None = None, shift: int = 0
         if span is not None and s.index != span[0] + n:
             raise DataError(f"{path}: sample {s.key} has index {s.index + shift} where the "
                             f"manifest's range [{span[0] + shift}, {span[1] + shift}) expects "
-                            f"{span[0] + n + shift}")
+                            f"{span[0] + n + shift}{HINT}")
         n += 1
         yield s
     if span is not None and n != span[1] - span[0]:
-        raise DataError(f"{path}: holds {n} samples, the manifest lists {span[1] - span[0]}")
+        raise DataError(f"{path}: holds {n} samples, the manifest lists {span[1] - span[0]}"
+                        f"{HINT}")
 
 
 def _iter_raw(path: Path) -> Iterator[RawSample]:
@@ -118,18 +122,26 @@ def _tarfile_members(path: Path) -> Iterator[tuple[str, bytes]]:
     try:
         with open(path, "rb") as f:
             tar = tarfile.open(fileobj=f, mode="r|")
-            files = 0
+            files, last = 0, ""
             for info in tar:
                 if not info.isfile():
                     continue
                 data = tar.extractfile(info)
-                files += 1
+                files, last = files + 1, info.name
                 yield info.name, data.read() if data else b""
             if files:  # tarfile stops at a bad header as at the end: the marker must be there
                 f.seek(tar.offset)
-                if f.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE:
+                block = f.read(tarfile.BLOCKSIZE)
+                if len(block) < tarfile.BLOCKSIZE:
                     raise DataError(f"{path}: truncated tar (no end-of-archive marker)")
-    except (tarfile.TarError, EOFError) as e:
-        raise DataError(f"{path}: corrupt or truncated tar: {e}") from None
+                if block != tarfile.NUL * tarfile.BLOCKSIZE:
+                    raise DataError(f"{path}: damaged tar: bad header at byte {tar.offset} "
+                                    f"(after member {last}){HINT}")
+    except EOFError:
+        raise DataError(f"{path}: truncated tar (it ends inside a member)") from None
+    except tarfile.TarError as e:
+        if any(w in str(e) for w in ("end of data", "truncated header", "empty file")):
+            raise DataError(f"{path}: truncated tar ({e})") from None
+        raise DataError(f"{path}: damaged tar: {e}{HINT}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read shard: {e}") from None

@@ -18,6 +18,10 @@ from pathlib import Path
 
 from oocid.errors import DataError
 
+# Appended to the errors of a shard whose bytes are damaged (not cut short): the file may have
+# its size in the manifest and still have changed since `oocid shard`.
+HINT = "; run with --verify-checksums to check every shard against its manifest sha256"
+
 
 class NotPlainUstar(Exception):
     """A member `ustar_members` leaves to tarfile (pax or GNU headers, links, base-256 sizes)."""
@@ -50,7 +54,12 @@ def ustar_members(path: Path) -> Iterator[tuple[str, bytes]]:
     try:
         with open(path, "rb", buffering=1 << 20) as f:
             file_size = os.fstat(f.fileno()).st_size
-            offset = 0
+            offset, last = 0, None  # `last`: the name of the member read before
+
+            def damaged(why: str) -> DataError:
+                where = f"after member {last}" if last else "the first member"
+                return DataError(f"{path}: damaged tar: {why} at byte {offset} ({where}){HINT}")
+
             while True:
                 hdr = f.read(_BLOCK)
                 if hdr == _NUL_BLOCK:  # end-of-archive marker
@@ -60,16 +69,19 @@ def ustar_members(path: Path) -> Iterator[tuple[str, bytes]]:
                             f"no end-of-archive marker at byte {offset}" if not hdr else
                             f"header cut short at byte {offset}")
                     raise DataError(f"{path}: truncated tar ({what})")
-                try:
+                try:  # the checksum first, as tarfile: damage is a bad header, not a format
                     chksum = _octal(hdr[148:156])
+                except ValueError:
+                    raise damaged("corrupt header") from None
+                if chksum != 256 + sum(hdr) - sum(hdr[148:156]) and \
+                        chksum != 256 + sum(_HEADER_SIGNED.unpack(hdr)):  # as tarfile: either
+                    raise damaged("header with a bad checksum")
+                try:
                     size = _octal(hdr[124:136])
                     for a, b in _NUMERIC_FIELDS:  # tarfile rejects the header if one is not a number
                         _octal(hdr[a:b])
                 except ValueError:
-                    raise DataError(f"{path}: corrupt tar header at byte {offset}") from None
-                if chksum != 256 + sum(hdr) - sum(hdr[148:156]) and \
-                        chksum != 256 + sum(_HEADER_SIGNED.unpack(hdr)):  # as tarfile: either
-                    raise DataError(f"{path}: corrupt tar header at byte {offset} (bad checksum)")
+                    raise damaged("corrupt header") from None
                 kind = hdr[156:157]
                 if kind not in (b"0", b"\0", b"5"):
                     raise NotPlainUstar
@@ -77,7 +89,7 @@ def ustar_members(path: Path) -> Iterator[tuple[str, bytes]]:
                 if prefix:
                     name = prefix + "/" + name
                 if size < 0:
-                    raise DataError(f"{path}: corrupt tar header at byte {offset} (size {size})")
+                    raise damaged(f"header of size {size}")
                 offset += _BLOCK
                 if kind == b"5" or (kind == b"\0" and name.endswith("/")):  # a directory: no data
                     continue
@@ -90,6 +102,7 @@ def ustar_members(path: Path) -> Iterator[tuple[str, bytes]]:
                 if pad and len(f.read(pad)) < pad:
                     raise DataError(f"{path}: truncated tar (no end-of-archive marker)")
                 offset += size + pad
+                last = name
                 yield name, data
     except OSError as e:
         raise DataError(f"{path}: cannot read shard: {e}") from None

@@ -126,8 +126,8 @@ def _is_shard_dir(out: Path) -> bool:
     return all(_OWN_NAME.match(name) for name in names)
 
 
-def _prepare_out(out: Path, src: Path, force: bool) -> None:
-    """Create `out`, or clear an earlier oocid shard dir there (manifest first) when `force`."""
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an `out` that `_prepare_out` may not create or clear (InputError)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not _is_shard_dir(out):
@@ -135,6 +135,11 @@ def _prepare_out(out: Path, src: Path, force: bool) -> None:
     if not force and out.is_dir() and any(p.name == MANIFEST_NAME or p.suffix == ".tar"
                                           for p in out.iterdir() if _OWN_NAME.match(p.name)):
         raise InputError(f"{out}: already holds shards; pass --force to replace them")
+
+
+def _prepare_out(out: Path) -> None:
+    """Create `out`, or clear an earlier oocid shard dir there (manifest first); called once
+    the first image has been read, so a source with none leaves `out` as it was."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -211,7 +216,7 @@ def write_shards(
     skipped = list(source.skipped)
     for s in skipped:
         _warn(f"skipped {_shown(src, s['path'])}: {s['error']}")
-    _prepare_out(out, src, force)
+    _check_out(out, force)
 
     writer = _ShardWriter(out, shard_size)
     sizes: list[Encoded] = []
@@ -232,6 +237,8 @@ def write_shards(
                 skipped.append({"path": path, "error": reason})
                 _warn(f"skipped {_shown(src, path)}: {reason}")
                 continue
+            if writer.n == 0:
+                _prepare_out(out)
             writer.add(enc, None if source.labels is None else source.labels[j], path)
             enc.data = b""  # written; keep only the sizes
             sizes.append(enc)
@@ -240,13 +247,14 @@ def write_shards(
     except OSError as e:
         writer.abort()
         raise write_error(writer.path(), "shard", e) from None
+    if writer.n == 0:  # nothing written, not even the folder: no manifest lists the skipped
+        raise InputError(f"{src}: no readable images ({len(skipped)} skipped, each named "
+                         f"above); nothing written to {out}")
     if skipped:
         _warn(
             f"skipped {len(skipped)} of {len(source.paths) + len(source.skipped)} inputs "
             f"(listed in {out / MANIFEST_NAME})"
         )
-    if writer.n == 0:
-        raise InputError(f"{src}: no readable images ({len(skipped)} skipped)")
 
     shards = tuple(writer.shards)
     manifest = Manifest(

@@ -10,6 +10,7 @@ never have to fit in memory. M = samples embedded (N minus undecodable ones), F 
 
 from __future__ import annotations
 
+import errno
 import os
 import zipfile
 from collections.abc import Iterator
@@ -20,13 +21,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from oocid.atomic import AtomicFile, check_writable, write_error
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import Config, config_from_dict
 from oocid.data.batch import Batch, image_channels
 from oocid.data.eval_data import eval_batches
-from oocid.data.manifest import Manifest, read_manifest
+from oocid.data.manifest import Manifest, read_manifest, verify_shards
 from oocid.device import resolve_device
-from oocid.errors import DataError, InputError, WriteError
+from oocid.errors import DataError, InputError
 from oocid.progress import progress_bar
 
 
@@ -68,10 +70,15 @@ def output_paths(out: Path) -> tuple[Path, ...]:
 
 
 def embed_shards(checkpoint: Path, shards: Path, out: Path, *, pre_fc: bool = False,
-                 device_name: str = "auto", batch_size: int = 256, progress: bool = False
-                 ) -> EmbedResult:
-    """Embed every sample of `shards` with the model of `checkpoint` and write `out`."""
+                 device_name: str = "auto", batch_size: int = 256, progress: bool = False,
+                 verify: bool = False) -> EmbedResult:
+    """Embed every sample of `shards` with the model of `checkpoint` and write `out`
+    (`verify`: each shard's sha256 checked against the manifest first)."""
     output_paths(out)
+    check_writable(out, "features")  # before the work: exit 4 now, not after embedding
+    manifest = read_manifest(shards)
+    if verify:
+        verify_shards(manifest, progress=progress)
     device = resolve_device(device_name)
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], str(checkpoint))
@@ -79,8 +86,8 @@ def embed_shards(checkpoint: Path, shards: Path, out: Path, *, pre_fc: bool = Fa
     from oocid.eval.export import pre_fc as strip_head
 
     model: nn.Module = strip_head(emb) if pre_fc else emb
-    return write_features(model, emb.in_channels, read_manifest(shards), cfg, device, out,
-                          batch_size, progress)
+    return write_features(model, emb.in_channels, manifest, cfg, device, out, batch_size,
+                          progress)
 
 
 def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: Config,
@@ -89,8 +96,7 @@ def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: 
     """Features of every sample of `manifest` (test transform of `cfg.data`) written to `out`,
     each batch straight into an (N, F) memory map at its index."""
     paths = output_paths(out)
-    if not out.parent.is_dir():
-        raise InputError(f"{out.parent}: no such directory")
+    check_writable(out, "features")
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if image_channels(manifest) != in_channels:
@@ -105,7 +111,7 @@ def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: 
         batches = eval_batches(manifest, cfg.data, device, batch_size)
         for idx, f, lab in iter_features(model, batches, cfg.model.channels_last, progress, n):
             if feats is None:  # (N, F) on disk, rows at their index
-                feats = np.lib.format.open_memmap(tmp, "w+", np.float32, (n, f.shape[1]))
+                feats = _open_rows(tmp, n, f.shape[1])
             i = idx.cpu().numpy()
             feats[i] = f.cpu().numpy()
             labels[i] = lab.cpu().numpy()
@@ -117,10 +123,25 @@ def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: 
         dim = int(feats.shape[1])
         del feats
     except OSError as e:
-        raise WriteError(f"{out}: could not write features: {e.strerror or e}") from None
+        raise write_error(out, "features", e) from None
     finally:
         tmp.unlink(missing_ok=True)
     return EmbedResult(paths, len(keep), dim, n - len(keep))
+
+
+def _open_rows(tmp: Path, n: int, dim: int) -> np.ndarray:
+    """The (n, dim) float32 memory map the batches are written into, its disk blocks allocated
+    now: on a full disk a write to a page of a sparse map kills the process (SIGBUS, no
+    message); allocating first turns that into an OSError here."""
+    rows: np.ndarray = np.lib.format.open_memmap(tmp, "w+", np.float32, (n, dim))
+    if hasattr(os, "posix_fallocate"):
+        with open(tmp, "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # ENOSPC, EFBIG, EDQUOT
+                    raise
+    return rows
 
 
 def _rows(feats: np.ndarray, keep: np.ndarray, block: int = 65536) -> Iterator[np.ndarray]:
@@ -131,31 +152,35 @@ def _rows(feats: np.ndarray, keep: np.ndarray, block: int = 65536) -> Iterator[n
 
 def _write(paths: tuple[Path, ...], feats: np.ndarray, keep: np.ndarray, labels: np.ndarray
            ) -> None:
-    """Features (rows `keep` of `feats`), index and labels, each file written then renamed."""
+    """Features (rows `keep` of `feats`), index and labels, each file written under a
+    temporary name; all are put in place once all are written, so a failed write leaves the
+    files of an earlier run as they were (and no temporary file)."""
     shape = (len(keep), feats.shape[1])
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
               "fortran_order": False, "shape": shape}
-    if len(paths) == 1:  # .npz: stream the features into the archive member
-        tmp = paths[0].with_name(paths[0].name + ".tmp")
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-            with z.open("features.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(f, header)
-                for r in _rows(feats, keep):
-                    f.write(np.ascontiguousarray(r, np.float32).tobytes())
-            for name, arr in (("index", keep.astype(np.int64)), ("labels", labels)):
-                with z.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, arr)
-        os.replace(tmp, paths[0])
-        return
-    out, index_path, labels_path = paths
-    for path, arr in ((index_path, keep.astype(np.int64)), (labels_path, labels)):
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.lib.format.write_array(f, arr)
-        os.replace(tmp, path)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.lib.format.write_array_header_2_0(f, header)
-        for r in _rows(feats, keep):
-            f.write(np.ascontiguousarray(r, np.float32).tobytes())
-    os.replace(tmp, out)
+    files: list[AtomicFile] = []
+    try:
+        for p in paths:
+            files.append(AtomicFile(p, "features"))
+        if len(paths) == 1:  # .npz: stream the features into the archive member
+            with zipfile.ZipFile(files[0].file, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                with z.open("features.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_2_0(f, header)
+                    for r in _rows(feats, keep):
+                        f.write(np.ascontiguousarray(r, np.float32).tobytes())
+                for name, arr in (("index", keep.astype(np.int64)), ("labels", labels)):
+                    with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                        np.lib.format.write_array(f, arr)
+        else:
+            feat_file, index_file, labels_file = (a.file for a in files)
+            for f, arr in ((index_file, keep.astype(np.int64)), (labels_file, labels)):
+                np.lib.format.write_array(f, arr)
+            np.lib.format.write_array_header_2_0(feat_file, header)
+            for r in _rows(feats, keep):
+                feat_file.write(np.ascontiguousarray(r, np.float32).tobytes())
+    except BaseException:
+        for a in files:
+            a.abort()
+        raise
+    for a in files:
+        a.commit()

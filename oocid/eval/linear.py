@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import config_from_dict
-from oocid.data.manifest import read_manifest
+from oocid.data.manifest import read_manifest, verify_shards
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError
 from oocid.eval.embed import write_features
@@ -96,16 +96,20 @@ def accuracy(clf: nn.Linear, feats: np.ndarray, labels: np.ndarray, device: torc
 
 def linear_eval(checkpoint: Path, train_shards: Path, val_shards: Path, *,
                 probe: ProbeConfig | None = None, head: bool = False, device_name: str = "auto",
-                progress: bool = False) -> dict[str, Any]:
-    """Linear-probe top-1/top-5 of a checkpoint's frozen features on labeled shards."""
+                progress: bool = False, verify: bool = False) -> dict[str, Any]:
+    """Linear-probe top-1/top-5 of a checkpoint's frozen features on labeled shards
+    (`verify`: each shard's sha256 checked against its manifest first)."""
     probe = probe or ProbeConfig()
     if probe.epochs < 1 or probe.batch_size < 1 or probe.lr <= 0:
         raise InputError(f"--epochs and --batch-size must be >= 1 and --lr > 0, got {probe}")
+    tm, vm = read_manifest(train_shards), read_manifest(val_shards)
+    if verify:
+        verify_shards(tm, progress=progress)
+        verify_shards(vm, progress=progress)
     device = resolve_device(device_name)
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], str(checkpoint))
     emb = model_from_checkpoint(state, device, str(checkpoint))
-    tm, vm = read_manifest(train_shards), read_manifest(val_shards)
     check_same_classes(tm, vm, val_shards)
     net: nn.Module = emb if head else pre_fc(emb)  # what embeds the images, frozen
     before = state_hash(net)

@@ -26,7 +26,7 @@ from oocid.data.augment import batch_eval_transform, sample_transform
 from oocid.data.batch import fits_in_memory, normalization_stats
 from oocid.data.decode import decode_image
 from oocid.data.eval_data import eval_batches
-from oocid.data.manifest import IMAGE_EXTS, Manifest, read_manifest
+from oocid.data.manifest import IMAGE_EXTS, Manifest, read_manifest, verify_shards
 from oocid.data.reader import RawSample, iter_samples
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError
@@ -75,8 +75,9 @@ def bank_chunks(bank: Path, device: torch.device) -> Iterator[tuple[Tensor, Tens
 
 def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path | None,
                        device_name: str = "auto", recompute: bool = False,
-                       progress: bool = False) -> TrainingSide:
-    """Load the checkpoint's model and check the bank and the training shards belong to it."""
+                       progress: bool = False, *, verify: bool = False) -> TrainingSide:
+    """Load the checkpoint's model and check the bank and the training shards belong to it
+    (with `verify`, each shard's sha256 against the manifest too)."""
     if bank is None and not recompute:
         raise InputError("give --bank (the trained bank), or --recompute to use training "
                          "features computed now with the test transform")
@@ -91,6 +92,8 @@ def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path |
     tm = read_manifest(tpath)
     if tm.identity != state["manifest_id"]:
         raise DataError(f"{tpath}: are not the shards the checkpoint {checkpoint} was trained on")
+    if verify:
+        verify_shards(tm, progress=progress)
     if bank is not None:
         with open_store(bank, read_only=True) as store:
             mid = store.meta.manifest_id

@@ -38,6 +38,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import ENV, Run, run_process
+from PIL import Image
 
 from oocid.bank.store import open_store
 from oocid.bank.verify import verify_store
@@ -303,6 +304,63 @@ def test_disk_full_during_the_bank_commit(tmp_path: Path, kind: str) -> None:
     assert verify_store(bank).ok
 
 
+# ---- outputs that cannot be written -------------------------------------------------------------
+# A regular file as the parent folder: ENOTDIR, which blocks root too (permission bits do not).
+
+UNWRITABLE = {  # case -> (the path named, what could not be written)
+    "embed": ("nf-embed/feats.npy", "features"),
+    "bank-init": ("nf-init/sub/bank.zarr", "bank"),
+    "train-out": ("nf-out/run/config.json", "the run's config"),
+    "train-bank": ("nf-bank/bank.npy", "bank"),
+}
+
+
+@one_command(*(f"unwritable:{c}" for c in UNWRITABLE))
+def unwritable(setup: Setup, name: str) -> list[object]:
+    case = name.split(":")[1]
+    (setup.work / f"nf-{case.split('-')[-1]}").write_text("a file, not a folder")
+    w = setup.work
+    return {"embed": ["embed", "--checkpoint", setup.base_run / "last.pt", "--shards",
+                      setup.shards, "--out", w / "nf-embed" / "feats.npy", "--device", "cpu"],
+            "bank-init": ["bank", "init", w / "nf-init" / "sub" / "bank.zarr", "--shards",
+                          setup.shards],
+            "train-out": train_args(setup.shards, w / "tu.npy", w / "nf-out" / "run", setup.cfg),
+            "train-bank": train_args(setup.shards, w / "nf-bank" / "bank.npy", w / "tb",
+                                     setup.cfg),
+            }[case]
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE))
+def test_an_output_that_cannot_be_written_is_exit_4_before_any_work(setup: Setup,
+                                                                    case: str) -> None:
+    """embed, bank init and train with an output below a file: one line naming the output and
+    the file in the way, exit 4, nothing written (train: neither bank nor run folder)."""
+    path, what = UNWRITABLE[case]
+    folder = path.split("/")[0]
+    assert_error(setup.run(f"unwritable:{case}"), 4, (
+        re.escape(f"{setup.work / path}: could not write {what}: {setup.work / folder} is not "
+                  "a folder"),))
+    assert (setup.work / folder).read_text() == "a file, not a folder"
+    assert not (setup.work / "tu.npy").exists() and not (setup.work / "tb").exists()
+
+
+def test_embed_that_runs_out_of_space_keeps_the_earlier_output(setup: Setup) -> None:
+    """A file size limit (RLIMIT_FSIZE: EFBIG, as a full disk) above the (48, 128) rows'
+    memory map but below the .npz: exit 4 naming the output, the .npz of the earlier run is
+    unchanged and no temporary file is left."""
+    out = setup.work / "space" / "feats.npz"
+    out.parent.mkdir()
+    args = ["embed", "--checkpoint", setup.base_run / "last.pt", "--shards", setup.shards,
+            "--out", out, "--device", "cpu", "--no-progress"]
+    ok(oocid(*args))
+    before = out.read_bytes()
+    assert N * 128 * 4 + 128 < 25_000 < len(before), len(before)
+    assert_error(oocid(*args, fsize=25_000), 4, (re.escape(str(out)),
+                                                 r"could not write features: disk full"))
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["feats.npz"]
+
+
 # ---- corrupt shards and source folders ---------------------------------------------------------
 
 
@@ -337,6 +395,73 @@ def test_truncated_tar_stops_training_with_its_name(setup: Setup, cfg: str) -> N
     in the in-memory decode and in the stream."""
     p = setup.work / f"trunc-tar-{cfg}" / "shard-000002.tar"
     assert_error(setup.run(f"truncated-tar:{cfg}"), 3, (re.escape(str(p)), "truncated"))
+
+
+def damaged_copy(setup: Setup, name: str) -> Path:
+    """The shards with 512 bytes of shard-000001.tar overwritten over its third member's
+    header; the file keeps its size, so the manifest's size check passes."""
+    shards = copy_shards(setup.shards, setup.work / name)
+    p = shards / "shard-000001.tar"
+    with tarfile.open(p) as tar:
+        at = tar.getmembers()[2].offset
+    data = bytearray(p.read_bytes())
+    data[at:at + 512] = bytes(range(256)) * 2
+    p.write_bytes(bytes(data))
+    return shards
+
+
+CHANGED = (r"shard-000001\.tar: sha256 does not match the manifest \(the shard changed after "
+           r"`oocid shard`\)$")
+
+
+@one_command("damaged")
+def damaged(setup: Setup) -> list[object]:
+    return train_args(damaged_copy(setup, "damaged"), setup.work / "dm.npy", setup.work / "dm",
+                      setup.cfg)
+
+
+def test_damage_of_unchanged_size_is_not_called_truncated(setup: Setup) -> None:
+    """Without --verify-checksums the tar reader finds the damage: it says damaged (not
+    truncated), where, and points at --verify-checksums."""
+    with tarfile.open(setup.shards / "shard-000001.tar") as tar:  # the intact original
+        at, after = tar.getmembers()[2].offset, tar.getmembers()[1].name
+    line = assert_error(setup.run("damaged"), 3, (
+        re.escape(str(setup.work / "damaged" / "shard-000001.tar")),
+        re.escape(f"damaged tar: corrupt header at byte {at} (after member {after})"),
+        "run with --verify-checksums"))
+    assert "truncated" not in line
+
+
+@one_command("verify:train", "verify:train-val", "verify:embed", "verify:knn", "verify:search")
+def verify_checksums(setup: Setup, name: str) -> list[object]:
+    cmd = name.split(":")[1]
+    shards = damaged_copy(setup, f"verify-{cmd}")
+    ckpt = setup.base_run / "last.pt"
+    query = setup.work / "query.png"
+    Image.fromarray(np.full((16, 16), 99, np.uint8)).save(query)
+    return {"train": train_args(shards, setup.work / "v.npy", setup.work / "v", setup.cfg,
+                                "--verify-checksums"),
+            "train-val": train_args(setup.shards, setup.work / "vv.npy", setup.work / "vv",
+                                    setup.cfg, "--val", shards, "--verify-checksums"),
+            "embed": ["embed", "--checkpoint", ckpt, "--shards", shards, "--out",
+                      setup.work / "ve.npy", "--device", "cpu", "--verify-checksums"],
+            "knn": ["knn", "--checkpoint", ckpt, "--bank", setup.base_bank, "--shards",
+                    setup.shards, "--train-shards", shards, "--device", "cpu",
+                    "--verify-checksums"],
+            "search": ["knn", "--checkpoint", ckpt, "--bank", setup.base_bank, "--query", query,
+                       "--train-shards", shards, "--device", "cpu", "--verify-checksums"],
+            }[cmd]
+
+
+@pytest.mark.parametrize("cmd", ["train", "train-val", "embed", "knn", "search"])
+def test_verify_checksums_names_the_changed_shard(setup: Setup, cmd: str) -> None:
+    """--verify-checksums on each command that reads shards (the training shards, --val, the
+    shards embedded, kNN's training shards): one line naming the shard whose sha256 is not the
+    manifest's, before anything is written."""
+    assert_error(setup.run(f"verify:{cmd}"), 3,
+                 (re.escape(str(setup.work / f"verify-{cmd}")) + "/" + CHANGED,))
+    for out in ("v.npy", "v", "vv.npy", "vv", "ve.npy"):
+        assert not (setup.work / out).exists(), out
 
 
 @one_command("garbage-image:cfg", "garbage-image:stream_cfg")
@@ -411,8 +536,6 @@ def test_manifest_edited_after_sharding(setup: Setup) -> None:
 
 
 def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: Path) -> None:
-    from PIL import Image
-
     src = tmp_path / "src"
     for c in ("a", "b"):
         (src / c).mkdir(parents=True)
@@ -426,6 +549,28 @@ def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: P
     assert re.search(r"skipped .*b/broken\.jpg: ", res.err), res
     listed = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["skipped"]
     assert sorted(s["path"] for s in listed) == ["a/notes.txt", "b/broken.jpg"]
+
+
+def test_a_source_of_unreadable_files_only_writes_nothing(tmp_path: Path) -> None:
+    """No file of the folder reads as an image: each is named on stderr, the error says nothing
+    was written, no line claims a manifest lists them, and no output folder appears; with
+    --force over an earlier shard set, that set is left as it was."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not an image")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    res = oocid("shard", src, tmp_path / "out", "--no-progress")
+    assert_error(res, 2, (re.escape(str(src)), r"no readable images \(2 skipped, each named "
+                          r"above\); nothing written to " + re.escape(str(tmp_path / "out"))))
+    assert re.search(r"skipped .*notes\.txt: non-image file", res.err), res
+    assert re.search(r"skipped .*broken\.jpg: ", res.err), res
+    assert "listed in" not in res.err and "manifest" not in res.err, res
+    assert not (tmp_path / "out").exists()
+    earlier = make_shards(tmp_path / "earlier")
+    files = {p.name: p.read_bytes() for p in earlier.iterdir()}
+    assert_error(oocid("shard", src, earlier, "--no-progress", "--force"), 2,
+                 ("no readable images",))
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == files
 
 
 # ---- banks and checkpoints that do not fit -----------------------------------------------------

@@ -271,12 +271,15 @@ def test_read_manifest_errors(npz_shards: tuple[Path, Manifest]) -> None:
 
 
 def test_verify_detects_changed_shard(npz_shards: tuple[Path, Manifest]) -> None:
+    """One bit changed in shards 1 and 3 of 4 (hashed in parallel): the first is named."""
     _, m = npz_shards
-    p = m.shard_paths()[1]
-    data = bytearray(p.read_bytes())
-    data[700] ^= 0xFF
-    p.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"shard-000001.tar: sha256 differs"):
+    verify_shards(m, progress=True)
+    for p in (m.shard_paths()[3], m.shard_paths()[1]):
+        data = bytearray(p.read_bytes())
+        data[700] ^= 0x01
+        p.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard-000001.tar: sha256 does not match the manifest "
+                                         r"\(the shard changed after `oocid shard`\)"):
         verify_shards(m)
 
 
@@ -293,6 +296,36 @@ def test_truncated_tar(npz_shards: tuple[Path, Manifest]) -> None:
     p.write_bytes(b"")
     with pytest.raises(DataError, match=r"shard-000000.tar"):
         list(iter_samples(p))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("junk", [b"\x80" * 512, bytes(range(256)) * 2, b"\xff" + b"7" * 511])
+def test_damage_inside_a_shard_of_unchanged_size_is_not_called_truncated(
+        tmp_path: Path, fmt: int, junk: bytes) -> None:
+    """512 bytes overwritten over the third member's header (the file keeps its size): the
+    error says damaged, where, after which member, and points at --verify-checksums; in the
+    plain reader and in tarfile's (pax). A first byte 0x80 / 0xff reads as a base-256 number,
+    which once sent the shard to tarfile and came back as "truncated"."""
+    p = tmp_path / "shard-000000.tar"
+    with tarfile.open(p, "w", format=fmt) as tar:
+        for i in range(3):
+            for ext, data in (("png", b"img"), ("json", b'{"index": %d}' % i)):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(p) as tar:
+        third = tar.getmembers()[2]
+        at, after = third.offset, tar.getmembers()[1].name
+    data = bytearray(p.read_bytes())
+    data[at:at + 512] = junk
+    p.write_bytes(bytes(data))
+    with pytest.raises(DataError) as e:
+        list(iter_samples(p))
+    msg = str(e.value)
+    assert "truncated" not in msg, msg
+    assert msg.startswith(f"{p}: damaged tar: ") and "--verify-checksums" in msg, msg
+    if fmt == tarfile.USTAR_FORMAT:  # tarfile's reader tells no more than that it stopped
+        assert f"at byte {at} (after member {after})" in msg, msg
 
 
 def test_sample_missing_member(tmp_path: Path) -> None:
