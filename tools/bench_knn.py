@@ -2,7 +2,7 @@
 (a) torch matmul + topk, (b) faiss IndexFlatIP (optional: `pip install oocid[bench]`).
 
 For each N (rows), Q random unit queries (seeded, float32) and k neighbours by cosine similarity:
-    oocid   retrieval.topk_indexed(queries, retrieval.bank_chunks(bank), k): what `oocid knn
+    oocid   retrieval.topk_indexed(queries, retrieval.bank_chunks([bank]), k): what `oocid knn
             --bank` and `oocid knn --query` run once the query features are extracted. The bank
             is read from disk chunk by chunk (pread), scored in blocks (knn.topk_streaming).
             The CLI itself needs a checkpoint and the bank's training shards (N samples), so the
@@ -128,7 +128,7 @@ def search(method: str, path: Path, queries: Any, k: int
         from oocid.eval.retrieval import bank_chunks, topk_indexed
 
         t, c = time.perf_counter(), cpu_s()
-        sims, index = topk_indexed(queries, bank_chunks(path, torch.device("cpu")), k)
+        sims, index = topk_indexed(queries, bank_chunks([path], torch.device("cpu")), k)
         return sims.numpy(), index.numpy(), 0.0, time.perf_counter() - t, cpu_s() - c
     if method == "torch":
         t = time.perf_counter()

@@ -83,3 +83,25 @@ def create_store(path: Path | str, n_rows: int, dim: int = 128, *, dtype: str = 
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise WriteError(f"{path}: could not create bank: {why}") from e
     return open_store(path)
+
+
+def write_rows(store: BankStore, start: int, rows: np.ndarray, step: int | None = None) -> None:
+    """Replace rows [start, start+M) of `store` with `rows` (M, D): a read-modify-write of the
+    chunks they touch, committed all or none (a convenience for tools and tests; a trainer
+    writes whole chunks)."""
+    rows = np.asarray(rows)
+    stop = start + len(rows)
+    if rows.ndim != 2 or rows.shape[1] != store.dim or not 0 <= start <= stop <= store.n_rows:
+        raise ValueError(f"rows {rows.shape} at {start} do not fit the bank "
+                         f"({store.n_rows}, {store.dim})")
+    chunks = {}
+    for c in range(start // store.chunk_rows, -(-stop // store.chunk_rows)):
+        lo, hi = store.chunk_range(c)
+        if start <= lo and hi <= stop:
+            chunks[c] = rows[lo - start:hi - start]
+        else:
+            cur = store.read_chunk(c)
+            a, b = max(lo, start), min(hi, stop)
+            cur[a - lo:b - lo] = rows[a - start:b - start]
+            chunks[c] = cur
+    store.write_chunks(chunks, step)

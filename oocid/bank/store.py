@@ -235,6 +235,34 @@ class BankStore:
         self.journal_bytes_written += sum(a.nbytes for _, a in items)
         self._pending.add(journal)
 
+    def settle(self, step: int) -> None:
+        """Bring a node-local bank of a several-machine run to the run's committed `step` (the
+        step rank 0's bank holds): replay its own record if any, then, if it is one step behind
+        (killed between rank 0's commit and its own), commit the parts on disk, which all belong
+        to that step, or else discard them. Opened with `recover=False`."""
+        self._check_writable()
+        with self._lock:
+            self._journal_tmp.unlink(missing_ok=True)
+            journals = self._committed()
+            if journals is not None:
+                self._apply(journals)
+            have = self.meta.committed_step
+            if have > step:
+                raise DataError(f"{self.path}: holds step {have}, beyond the run's committed "
+                                f"step {step}; it belongs to another run")
+            files = self._part_files()
+            if have < step and files:
+                parts = [read_journal(p, self.meta) for p in files]  # in writer, seq order
+                record = write_journal(self._journal_tmp, self._journal, [], self.meta.dtype,
+                                       self.dim, step, self.path, tuple(p.name for p in files))
+                self._apply([*parts, record])
+            elif have < step:
+                self._set_meta(committed_step=step)
+            for p in self._part_files():
+                p.unlink()
+            self._rows.cleanup()
+            self._pending, self._overlay = PendingParts(), None
+
     def pending_names(self) -> list[str]:
         """This writer's durable parts not yet committed, for another writer's record."""
         return [j.path.name for j in self._pending.parts]
@@ -301,27 +329,6 @@ class BankStore:
             self._apply(journals)
             self._rows.cleanup()
         self._overlay = None
-
-    def write_rows(self, start: int, rows: np.ndarray, step: int | None = None) -> None:
-        """Replace rows [start, start+M) with `rows` (M, D): read-modify-write of touched chunks."""
-        self._check_writable()
-        rows = np.asarray(rows)
-        stop = start + len(rows)
-        if rows.ndim != 2 or rows.shape[1] != self.dim or not 0 <= start <= stop <= self.n_rows:
-            raise ValueError(f"rows {rows.shape} at {start} do not fit the bank "
-                             f"({self.n_rows}, {self.dim})")
-        with self._lock:
-            chunks = {}
-            for c in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
-                lo, hi = self.chunk_range(c)
-                if start <= lo and hi <= stop:
-                    chunks[c] = rows[lo - start:hi - start]
-                else:
-                    cur = self.read_chunk(c)
-                    a, b = max(lo, start), min(hi, stop)
-                    cur[a - lo:b - lo] = rows[a - start:b - start]
-                    chunks[c] = cur
-            self.write_chunks(chunks, step)
 
     def set_meta(self, **updates: Any) -> None:
         """Atomically update metadata fields: manifest_id, momentum, committed_step."""
@@ -393,20 +400,3 @@ def open_store(path: Path | str, *, read_only: bool = False, recover: bool = Tru
         store.close()
         raise
     return store
-
-
-def check_matches(store: BankStore, n_rows: int, dim: int, manifest_id: str | None, *,
-                  source: str = "the shards") -> None:
-    """DataError unless the bank fits data of `n_rows` samples, `dim` features, `manifest_id`.
-
-    A bank with no manifest id recorded matches any manifest; `manifest_id=None` skips the check.
-    """
-    name = store.path.name
-    if store.n_rows != n_rows:
-        raise DataError(f"{name} has {store.n_rows} rows but {source} have {n_rows} samples")
-    if store.dim != dim:
-        raise DataError(f"{name} has rows of dimension {store.dim} but the model's are {dim}")
-    have = store.meta.manifest_id
-    if manifest_id is not None and have is not None and have != manifest_id:
-        raise DataError(f"{name} belongs to manifest {have} but {source} are manifest "
-                        f"{manifest_id}")

@@ -104,8 +104,12 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
                                 ] = False,
+    node_local_bank: Annotated[bool, typer.Option(help="Under torchrun on several machines: "
+                                                  "each keeps its processes' chunks in its own "
+                                                  "--bank path (docs/distributed.md).")] = False,
 ) -> None:
-    """Train NPID features; the bank lives on disk and is committed at every checkpoint."""
+    """Train NPID features; the bank lives on disk and is committed at every checkpoint.
+    Several processes: launch it with torchrun (docs/distributed.md)."""
     from oocid.config import load_config
 
     overrides = list(set_ or [])
@@ -154,7 +158,7 @@ def train(
     from oocid.train.loop import train as run_train  # torch: imported once the config is known good
 
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,
-                    max_steps=max_steps, announce=recipe)
+                    max_steps=max_steps, announce=recipe, node_local_bank=node_local_bank)
     last = res.metrics[-1] if res.metrics else {}
     if not res.quiet:
         print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
@@ -163,8 +167,10 @@ def train(
 @app.command()
 def knn(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose model embeds the queries.")],
-    bank: Annotated[Path | None, typer.Option(help="The trained bank (its rows are the training "
-                                              "features); optional with --recompute.")] = None,
+    bank: Annotated[list[Path] | None, typer.Option(help="The trained bank (its rows are the "
+                                                    "training features); optional with "
+                                                    "--recompute. Repeat it for each part of a "
+                                                    "node-local bank.")] = None,
     shards: Annotated[Path | None, typer.Option(help="Labeled validation shards to classify.")
                       ] = None,
     query: Annotated[list[Path] | None, typer.Option(help="Instead of --shards: an image file or "

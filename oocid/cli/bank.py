@@ -1,4 +1,4 @@
-"""`oocid bank info | verify | init`: inspect, verify or create an on-disk bank."""
+"""`oocid bank info | verify | assemble | init`: inspect, verify, join or create a bank."""
 
 from __future__ import annotations
 
@@ -24,22 +24,49 @@ def bank_info(path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")
 
 @bank_app.command("verify")
 def bank_verify(
-    path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")],
+    paths: Annotated[list[Path], typer.Argument(help="bank.zarr or bank.npy; or every part of "
+                                                "a bank trained with --node-local-bank")],
     tol: Annotated[float | None, typer.Option(help="Allowed | ||v|| - 1 |.")] = None,
 ) -> None:
-    """Check every row is finite and unit-norm and the metadata is consistent (exit 1 if not)."""
+    """Check every row is finite and unit-norm and the metadata is consistent (exit 1 if not);
+    for the parts of a node-local bank, also that together they hold every chunk once, of the
+    same shards, at the same committed step."""
+    from oocid.bank.parts import chunks_of, read_part
     from oocid.bank.verify import verify_store
 
-    rep = verify_store(path, tol=tol)
-    if not rep.ok:
-        rows = ", ".join(str(r) for r in rep.bad_rows)
-        detail = "; ".join(rep.problems)  # each names the file
-        raise VerifyError(f"{path}: {rep.n_bad} bad rows (first: {rows}); {detail}" if rep.n_bad
-                          else detail)
-    print(f"{path}: ok ({rep.n_rows} rows x {rep.dim}, {rep.dtype}, max | |v|-1 | = "
-          f"{rep.max_norm_error:.2e})")
-    for note in rep.notes:
-        print(f"note: {note}")
+    for path in paths:
+        rep = verify_store(path, tol=tol)
+        if not rep.ok:
+            rows = ", ".join(str(r) for r in rep.bad_rows)
+            detail = "; ".join(rep.problems)  # each names the file
+            raise VerifyError(f"{path}: {rep.n_bad} bad rows (first: {rows}); {detail}"
+                              if rep.n_bad else detail)
+        print(f"{path}: ok ({rep.n_rows} rows x {rep.dim}, {rep.dtype}, max | |v|-1 | = "
+              f"{rep.max_norm_error:.2e})")
+        for note in rep.notes:
+            print(f"note: {note}")
+    if len(paths) > 1:
+        print(f"{len(chunks_of(paths))} parts: every chunk once, same shards, same committed step")
+    elif (part := read_part(paths[0])) is not None:
+        print(f"note: {paths[0]} is one part of a node-local bank ({len(part['chunks'])} chunks); "
+              "give every part to check that together they hold each chunk once")
+
+
+@bank_app.command("assemble")
+def bank_assemble(
+    parts: Annotated[list[Path], typer.Argument(help="Every part of a bank trained with "
+                                                "--node-local-bank (copied to one machine).")],
+    out: Annotated[Path, typer.Option(help="The whole bank to write (.zarr or .npy).")],
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Join the node-local parts of a bank into one ordinary bank (for `oocid knn`, `embed`,
+    or to resume the run with another number of processes)."""
+    from oocid.atomic import check_writable
+    from oocid.bank.parts import assemble
+
+    check_writable(out, "bank", parents=True)
+    step = assemble(parts, out, progress)
+    print(f"{out}: assembled from {len(parts)} parts at step {step}")
 
 
 @bank_app.command("init")

@@ -81,7 +81,7 @@ def _check_ks(ks: Sequence[int], temperature: float) -> list[int]:
     return sorted(set(ks))
 
 
-def run_knn(bank: Path | None, checkpoint: Path, val: Path, train_shards: Path | None,
+def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, train_shards: Path | None,
             k: int | Sequence[int], temperature: float, device_name: str = "auto", *,
             recompute: bool = False, progress: bool = False, verify: bool = False
             ) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def run_knn(bank: Path | None, checkpoint: Path, val: Path, train_shards: Path |
     vm = read_manifest(val)
     if verify:
         verify_shards(vm, progress=progress)
-    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress,
+    side = load_training_side(checkpoint, _banks(bank), train_shards, device_name, recompute, progress,
                               verify=verify)
     tm = side.manifest
     check_same_classes(tm, vm, val)
@@ -112,7 +112,7 @@ def run_knn(bank: Path | None, checkpoint: Path, val: Path, train_shards: Path |
     by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes) for kk in ks}
     return {**by_k[str(max(ks))], "ks": ks, "temperature": temperature,
             "queries": int(feats.shape[0]), "bank_rows": tm.n,
-            "bank": str(bank) if bank is not None else None,
+            "bank": _bank_name(bank),
             "checkpoint": str(checkpoint), "train_shards": str(tm.root),
             "features": side.features, "classes": classes, "confusion_axes": CONFUSION_AXES,
             "by_k": by_k}
@@ -156,7 +156,7 @@ class QueryHits:
     thumbs: list[Image.Image]  # the neighbours' images, same order
 
 
-def run_search(bank: Path | None, checkpoint: Path, queries: Sequence[Path],
+def run_search(bank: Path | Sequence[Path] | None, checkpoint: Path, queries: Sequence[Path],
                train_shards: Path | None, k: int, device_name: str = "auto", *,
                recompute: bool = False, progress: bool = False, verify: bool = False
                ) -> tuple[dict[str, Any], list[QueryHits]]:
@@ -164,7 +164,7 @@ def run_search(bank: Path | None, checkpoint: Path, queries: Sequence[Path],
     `verify`: check the training shards' sha256 first."""
     _check_ks([k], 1.0)
     files = query_files(queries)
-    side = load_training_side(checkpoint, bank, train_shards, device_name, recompute, progress,
+    side = load_training_side(checkpoint, _banks(bank), train_shards, device_name, recompute, progress,
                               verify=verify)
     channels = side.model.in_channels
     images = [load_query(f, channels) for f in files]
@@ -183,7 +183,7 @@ def run_search(bank: Path | None, checkpoint: Path, queries: Sequence[Path],
                           "path": source_path(tm, raw.path), "label": label, "class": name})
             thumbs.append(thumbnail(raw, channels))
         hits.append(QueryHits(f, images[q], found, thumbs))
-    meta = {"checkpoint": str(checkpoint), "bank": str(bank) if bank is not None else None,
+    meta = {"checkpoint": str(checkpoint), "bank": _bank_name(bank),
             "train_shards": str(tm.root),
             "features": side.features, "k": k}
     return meta, hits
@@ -216,3 +216,13 @@ def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]
     sheet = contact_sheet(rows, tile)
     save_png(sheet, path)
     return sheet.size
+
+
+def _banks(bank: Path | Sequence[Path] | None) -> list[Path]:
+    """--bank given once (a bank) or once per part of a node-local bank."""
+    return [] if bank is None else [bank] if isinstance(bank, Path) else list(bank)
+
+
+def _bank_name(bank: Path | Sequence[Path] | None) -> str | list[str] | None:
+    banks = _banks(bank)
+    return None if not banks else str(banks[0]) if len(banks) == 1 else [str(b) for b in banks]

@@ -9,7 +9,10 @@ and the data run unchanged. What differs is the commit of a checkpoint (two-phas
    every part is durable); rank 0 writes the one record that names all of them: that rename
    is the commit point, for every rank at once, and rank 0 applies it to the rows;
 3. a barrier, after which the other ranks drop their parts from their pending list (the rows
-   now hold them).
+   now hold them). With node-local banks (`oocid.dist.layout`) the leader of each other
+   machine then commits its own bank's parts the same way, and a second barrier follows; a
+   machine killed before its own record brings its bank to rank 0's step on resume
+   (`BankStore.settle`).
 
 A kill before the record leaves parts that no record names: the next writable open discards
 them and the bank is the last checkpoint's. A kill after it replays the record on open.
@@ -24,14 +27,16 @@ import numpy as np
 
 from oocid.bank.meta import BankMeta
 from oocid.bank.store import BankStore
+from oocid.dist.layout import BankLayout
 from oocid.dist.world import World
 
 
 class RankStore:
     """The chunks `chunks` (ascending) of `base`, as chunks 0..len-1 of a bank of their rows."""
 
-    def __init__(self, base: BankStore, chunks: list[int], world: World) -> None:
-        self.base, self.chunks, self.world = base, list(chunks), world
+    def __init__(self, base: BankStore, chunks: list[int], world: World,
+                 layout: BankLayout) -> None:
+        self.base, self.chunks, self.world, self.layout = base, list(chunks), world, layout
         self.chunk_rows = base.chunk_rows
         self.dim = base.dim
         self.dtype = base.dtype
@@ -81,10 +86,16 @@ class RankStore:
         self.base.write_part(self._remap(chunks))
         if step is None:
             return
-        names = self.world.gather(self.base.pending_names())
-        if self.world.main:
-            foreign = [n for r, ns in enumerate(names) if r != 0 for n in ns]
+        world, layout = self.world, self.layout
+        names = world.gather(self.base.pending_names())
+        leads = layout.leads(world)
+        foreign = [n for r in layout.group if r != world.rank for n in names[r]]
+        if world.main:  # the commit point of the step, for every rank
             self.base.write_chunks({}, step, foreign)
-        self.world.barrier()
-        if not self.world.main:
+        world.barrier()
+        if layout.node_local:  # each other machine's leader commits its bank, then all go on
+            if leads and not world.main:
+                self.base.write_chunks({}, step, foreign)
+            world.barrier()
+        if not leads:
             self.base.forget_pending()

@@ -30,6 +30,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    node: int = 0  # torchrun's GROUP_RANK: which machine
 
     @property
     def distributed(self) -> bool:
@@ -97,12 +98,13 @@ def world_from_env(env: Mapping[str, str] | None = None) -> World:
     try:
         size, rank = int(env["WORLD_SIZE"]), int(env.get("RANK", "0"))
         local = int(env.get("LOCAL_RANK", str(rank)))
+        node = int(env.get("GROUP_RANK", "0"))
     except ValueError as e:
         raise InputError(f"torchrun's environment is malformed ({e})") from e
     if size < 1 or not 0 <= rank < size or local < 0:
         raise InputError(f"torchrun's environment is inconsistent: RANK={rank}, "
                          f"WORLD_SIZE={size}, LOCAL_RANK={local}")
-    return World(rank, size, local)
+    return World(rank, size, local, node)
 
 
 def start_world(world: World, device: torch.device) -> None:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from oocid.bank.parts import chunks_of, iter_part_chunks
 from oocid.bank.store import open_store
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import Config, DataConfig, config_from_dict
@@ -47,6 +48,7 @@ class TrainingSide:
     bank: Path | None
     recompute: bool
     progress: bool = False
+    parts: tuple[Path, ...] = ()  # every part of a node-local bank (bank is the first)
 
     @property
     def features(self) -> str:
@@ -61,23 +63,27 @@ class TrainingSide:
                 yield idx, f
             return
         assert self.bank is not None
-        yield from bank_chunks(self.bank, self.device)
+        yield from bank_chunks(self.parts or (self.bank,), self.device)
 
 
-def bank_chunks(bank: Path, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-    """(index (n,), rows (n, D) float32) of every chunk of a bank on disk, read one at a time
-    (pread, not a memory map: the bank's pages never count in the process's RSS)."""
-    with open_store(bank, read_only=True) as store:
-        for c, rows in store.iter_chunks():
-            lo, hi = store.chunk_range(c)
-            yield torch.arange(lo, hi), torch.from_numpy(rows).to(device)
+def bank_chunks(banks: Sequence[Path], device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+    """(index (n,), rows (n, D) float32) of every chunk of a bank on disk (or of a node-local
+    bank's parts, each chunk from the part that trained it), read one at a time (pread, not a
+    memory map: the bank's pages never count in the process's RSS)."""
+    for lo, rows in iter_part_chunks(banks):
+        yield torch.arange(lo, lo + len(rows)), torch.from_numpy(rows).to(device)
 
 
-def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path | None,
+def load_training_side(checkpoint: Path, banks: Sequence[Path] | None, train_shards: Path | None,
                        device_name: str = "auto", recompute: bool = False,
                        progress: bool = False, *, verify: bool = False) -> TrainingSide:
-    """Load the checkpoint's model and check the bank and the training shards belong to it
-    (with `verify`, each shard's sha256 against the manifest too)."""
+    """Load the checkpoint's model and check the bank (or every part of a node-local bank) and
+    the training shards belong to it (with `verify`, each shard's sha256 against the manifest
+    too)."""
+    parts = tuple(banks or ())
+    if parts:
+        chunks_of(parts)  # a whole bank, or parts that make one
+    bank = parts[0] if parts else None
     if bank is None and not recompute:
         raise InputError("give --bank (the trained bank), or --recompute to use training "
                          "features computed now with the test transform")
@@ -94,7 +100,7 @@ def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path |
         raise DataError(f"{tpath}: are not the shards the checkpoint {checkpoint} was trained on")
     if verify:
         verify_shards(tm, progress=progress)
-    if bank is not None:
+    for bank in parts:
         with open_store(bank, read_only=True) as store:
             mid = store.meta.manifest_id
             if (mid is not None and mid != state["manifest_id"]) or store.n_rows != tm.n:
@@ -109,7 +115,8 @@ def load_training_side(checkpoint: Path, bank: Path | None, train_shards: Path |
                 print(f"oocid: warning: {bank} is at step {bank_step} but the checkpoint "
                       f"{checkpoint} at step {state['step']} (a trainer still writing it?); the "
                       "bank's rows are used as they are", file=sys.stderr)
-    return TrainingSide(checkpoint, cfg, model, device, tm, bank, recompute, progress)
+    return TrainingSide(checkpoint, cfg, model, device, tm, parts[0] if parts else None,
+                        recompute, progress, parts if len(parts) > 1 else ())
 
 
 def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: int

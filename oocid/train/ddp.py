@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -22,11 +22,13 @@ from typing import Any, TypeVar, cast
 import torch
 
 from oocid.bank.lock import BankLock
-from oocid.bank.store import BankStore, check_matches, open_store
+from oocid.bank.meta import check_matches
+from oocid.bank.store import BankStore, open_store
 from oocid.config import Config
 from oocid.data.batch import image_channels, mix_seed
 from oocid.data.manifest import Manifest
 from oocid.dist import stats
+from oocid.dist.layout import BankLayout, claim_part
 from oocid.dist.partition import check_chunked_by_shards, deal_shards
 from oocid.dist.rank_store import RankStore
 from oocid.dist.world import World
@@ -47,6 +49,7 @@ class Inputs:
     local: Manifest
     val_manifest: Manifest | None
     world: World
+    layout: BankLayout
     run_dir: Path
     device: torch.device
     budget: int
@@ -54,36 +57,47 @@ class Inputs:
 
 @contextmanager
 def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, world: World,
-              say: Say) -> Iterator[BankStore]:
-    """The bank, open for writing: rank 0 takes the trainer's lock and opens (recovering an
-    interrupted commit) or creates it; then the other ranks open it without recovering."""
-    if world.main:
-        with BankLock(bank_path) as lock:
-            if lock.took_over:
-                say(f"oocid: took over the stale lock of a trainer that died ({lock.path})")
-            store = open_or_create_bank(cfg, manifest, bank_path, resume)
-            try:
-                world.barrier()
-                yield store
-            finally:
+              layout: BankLayout, say: Say) -> Iterator[BankStore]:
+    """The bank, open for writing. The leader of each bank directory (rank 0; with node-local
+    banks, the lowest rank of each machine) takes the trainer's lock and opens or creates it;
+    rank 0 recovers an interrupted commit, the other leaders settle at rank 0's committed step
+    (`BankStore.settle`); then the other ranks open it without recovering."""
+    leads = layout.leads(world)
+    with BankLock(bank_path) if leads else nullcontext() as lock:
+        if lock is not None and lock.took_over:
+            say(f"oocid: took over the stale lock of a trainer that died ({lock.path})")
+        store = open_or_create_bank(cfg, manifest, bank_path, resume, recover=world.main) \
+            if leads else None
+        try:
+            step = world.broadcast(store.meta.committed_step if store is not None else None)
+            if store is not None and not world.main:
+                store.settle(step)  # the run's committed step is the step of rank 0's bank
+            if store is not None and layout.node_local:
+                deal = deal_shards(manifest, world.size)
+                claim_part(bank_path, sorted(c for r in layout.group for c in deal[r]), world,
+                           manifest.identity)
+            world.barrier()
+            if store is None:
+                if not bank_path.exists():
+                    raise InputError(f"{bank_path}: no bank here on machine {world.node}; with "
+                                     "several machines, put --bank on a file system all of "
+                                     "them mount, or pass --node-local-bank")
+                store = open_store(bank_path, recover=False)
+                check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
+            yield store
+        finally:
+            if store is not None:
                 store.close()
-        return
-    world.barrier()  # rank 0 has recovered or created the bank
-    store = open_store(bank_path, recover=False)
-    try:
-        check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
-        yield store
-    finally:
-        store.close()
 
 
-def rank_store(store: BankStore, manifest: Manifest, local: Manifest, world: World) -> BankStore:
+def rank_store(store: BankStore, manifest: Manifest, local: Manifest, world: World,
+               layout: BankLayout) -> BankStore:
     """The store this rank's cache works on: the whole bank, or this rank's chunks of it."""
     if not world.distributed:
         return store
     check_chunked_by_shards(manifest, store.chunk_rows)
     chunks = deal_shards(manifest, world.size)[world.rank]
-    view = RankStore(store, chunks, world)
+    view = RankStore(store, chunks, world, layout)
     assert view.n_rows == local.n
     return cast(BankStore, view)  # the part of BankStore's interface the cache uses
 

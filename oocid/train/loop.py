@@ -27,6 +27,7 @@ from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
 from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
+from oocid.dist.layout import bank_layout
 from oocid.dist.merge import knn_across
 from oocid.dist.partition import deal_shards, global_rows, rank_manifest
 from oocid.dist.sync import DistSync
@@ -82,8 +83,8 @@ class RunResult:
 
 def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Path | None = None,
           resume: bool = False, progress: bool = True, max_epochs: int | None = None,
-          max_steps: int | None = None, log: Say | None = None, announce: str | None = None
-          ) -> RunResult:
+          max_steps: int | None = None, log: Say | None = None, announce: str | None = None,
+          node_local_bank: bool = False) -> RunResult:
     """Train NPID on a shard set with the bank at `bank_path`; outputs go to `run_dir`.
 
     `max_epochs` / `max_steps` stop after that many epochs / optimiser steps of this call with
@@ -125,12 +126,14 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
                          "another --out")
     start_world(world, device)
     try:
-        with open_bank(cfg, manifest, bank_path, resume, world, say) as store:
+        layout = bank_layout(world, node_local_bank)
+        with open_bank(cfg, manifest, bank_path, resume, world, layout, say) as store:
             if announce is not None:  # the inputs have passed their checks, the bank included
                 say(announce)
             if world.main:
                 run_dir.mkdir(parents=True, exist_ok=True)
-            run = Inputs(cfg, manifest, local, val_manifest, world, run_dir, device, budget)
+            run = Inputs(cfg, manifest, local, val_manifest, world, layout, run_dir, device,
+                         budget)
             return _train(run, store, resume, progress, max_epochs, max_steps, say)
     finally:
         stop_world(world)
@@ -160,7 +163,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     if world.main:
         atomic_write(run_dir / "config.json", cfg.to_json() + "\n", "the run's config")
 
-    part = rank_store(store, manifest, inp.local, world)
+    part = rank_store(store, manifest, inp.local, world, inp.layout)
     budget = inp.budget
     cache_partial = budget < part.n_rows
     data = make_train_data(inp.local, cfg.data, rank_seed(cfg.train.seed, world), device, progress,

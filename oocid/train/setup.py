@@ -12,8 +12,9 @@ import torch
 
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
+from oocid.bank.meta import check_matches
 from oocid.bank.sizing import cache_rows, default_pool_chunks
-from oocid.bank.store import BankStore, check_matches, open_store
+from oocid.bank.store import BankStore, open_store
 from oocid.config import Config, auto_loss, data_workers
 from oocid.data.manifest import Manifest
 from oocid.errors import InputError
@@ -52,11 +53,12 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
                            weight_decay=cfg.optim.weight_decay)
 
 
-def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool
-                        ) -> BankStore:
-    """The bank at `bank_path`, checked against the shards; created from the manifest if absent."""
+def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool,
+                        recover: bool = True) -> BankStore:
+    """The bank at `bank_path`, checked against the shards; created from the manifest if absent.
+    `recover=False`: the caller settles an interrupted commit itself (`BankStore.settle`)."""
     if bank_path.exists():
-        store = open_store(bank_path)
+        store = open_store(bank_path, recover=recover)
         check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
         if not resume and store.meta.committed_step >= 0:
             store.close()

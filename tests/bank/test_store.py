@@ -20,9 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oocid.bank.create import _init_rows, create_store
+from oocid.bank.create import _init_rows, create_store, write_rows
 from oocid.bank.journal import write_journal
-from oocid.bank.store import BankStore, check_matches, open_store
+from oocid.bank.meta import check_matches
+from oocid.bank.store import BankStore, open_store
 from oocid.bank.verify import store_info, verify_store
 from oocid.errors import DataError, InputError, WriteError
 
@@ -117,7 +118,7 @@ def test_read_only_and_non_finite_writes_are_refused(tmp_path: Path, kind: str) 
         with pytest.raises(DataError, match="non-finite"):
             s.write_chunks({0: np.full((4, 2), np.nan)})
         with pytest.raises(DataError, match="non-finite"):
-            s.write_rows(1, np.array([[np.inf, 0.0]]))
+            write_rows(s, 1, np.array([[np.inf, 0.0]]))
         with pytest.raises(ValueError):
             s.write_chunks({1: np.ones((3, 2))})
         np.testing.assert_array_equal(s.read_rows(0, 8), before)
@@ -148,7 +149,7 @@ def test_reads_match_in_memory_model(no_fsync: None, kind: str, data: st.DataObj
                 m = data.draw(st.integers(0, n - start))
                 vals = rng.standard_normal((m, d)) * 3
                 step = step + 1 if data.draw(st.booleans()) else step
-                s.write_rows(start, vals, step=step)
+                write_rows(s, start, vals, step=step)
                 model[start:start + m] = vals.astype(dtype)
             elif op == "chunks":
                 ids = data.draw(st.lists(st.integers(0, s.n_chunks - 1), max_size=4))

@@ -28,7 +28,7 @@ from helpers import tiny_config, tiny_npz
 from PIL import Image
 from typer.testing import CliRunner
 
-from oocid.bank.create import create_store
+from oocid.bank.create import create_store, write_rows
 from oocid.bank.store import open_store
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.cli.app import app
@@ -256,7 +256,7 @@ def test_query_against_a_bank_of_own_features(trained: Trained) -> None:
     bank = trained.d / "own.zarr"
     with create_store(bank, 96, 128, chunk_rows=32,
                       manifest_id=read_manifest(trained.train).identity) as st:
-        st.write_rows(0, feats)
+        write_rows(st, 0, feats)
     meta, hits = run_search(bank, trained.ckpt, [trained.query, trained.query_dir], None, 6, "cpu")
     assert meta["features"] == "memory bank" and len(hits) == 3  # file + folder of 2
     assert [h.query.name for h in hits] == ["q37.png", "b.png", "a.png"]  # folder: sorted paths
