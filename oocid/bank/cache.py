@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from oocid.bank.slots import ChunkSlots
+from oocid.bank.slots import ChunkSlots, at_bank_precision
 from oocid.bank.store import BankStore
 from oocid.errors import InputError
 from oocid.method.kernels import take_rows
@@ -182,8 +182,9 @@ class ChunkCache(ChunkSlots):
                              device=generator.device).to(self.device)
 
     def update(self, index: Tensor, rows: Tensor) -> None:
-        """Write rows (B, D) at global indices (B,) (unique) and mark their chunks dirty."""
-        rows = rows.to(self.flat.dtype)
+        """Write rows (B, D) at global indices (B,) (unique), at the bank's precision, and mark
+        their chunks dirty."""
+        rows = at_bank_precision(rows, self.store.dtype)
         if self.full:
             self.rows[index] = rows
             for c in self._chunk_groups(self._host(index))[0]:  # slot c holds chunk c here

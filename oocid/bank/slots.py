@@ -2,7 +2,11 @@
 ones back, and the flush of a commit (`oocid.bank.cache.ChunkCache` adds the window of
 negatives and the bank interface on top).
 
-R rows a chunk, D dims, S slots of (R, D) float32 rows on the device.
+R rows a chunk, D dims, S slots of (R, D) float32 rows on the device. Rows are kept at the
+bank's precision: a float16 bank's rows are rounded to float16 as they are written into a slot
+(`at_bank_precision`), so a chunk's rows are the same whether they come from its slot, from a
+pending write-back or from the store, however the background I/O is timed (docs/design.md,
+"Device cache").
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ from oocid.bank.io_thread import IOThread
 from oocid.bank.sizing import zeroed_slots
 from oocid.bank.store import BankStore
 from oocid.errors import InputError
+
+
+def at_bank_precision(rows: Tensor, dtype: np.dtype) -> Tensor:
+    """float32 rows rounded to what a bank of `dtype` stores (and reads back): a float16 bank's
+    through float16 (round to nearest even, as numpy's cast in the store), a float32 bank's as
+    they are."""
+    rows = rows.to(torch.float32)
+    return rows.to(torch.float16).to(torch.float32) if dtype == np.float16 else rows
 
 
 class ChunkSlots:
@@ -87,7 +99,9 @@ class ChunkSlots:
         s = int(self.slot_host[c])
         if self.dirty[s]:
             a, b = self.store.chunk_range(c)
-            rows = self.slots[s, : b - a].cpu().numpy().copy()
+            # in the store's dtype: exact, as the slot holds rows at the bank's precision, and
+            # a pending float16 copy takes half the host memory
+            rows = self.slots[s, : b - a].cpu().numpy().astype(self.store.dtype)
             if self.io is not None:
                 self.io.write_back(c, rows)
             else:

@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers import tiny_config, tiny_npz
 
+import oocid.train.loop as loop_mod
+from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
 from oocid.bank.incore import InCoreBank
 from oocid.bank.store import open_store
@@ -120,6 +122,34 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, shards: tuple[Pat
     part = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, max_steps=4,
                  log=lambda m: None)
     assert part.step == 4 and part.epochs == 1  # 3 steps per epoch: stopped inside epoch 2
+    rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
+                 log=lambda m: None)
+    assert rest.step == full.step == 9
+    assert_same_run(tmp_path, full, [part, rest])
+
+
+@pytest.mark.parametrize("cache_mb", [0.0, 0.035])  # the whole bank; 4 of 6 chunks of 16 rows
+def test_float16_bank_resumes_bit_identical(tmp_path: Path, cache_mb: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float16 bank, full or partial cache: the cache holds its rows at float16 precision,
+    so stopping mid-epoch and resuming from the bank on disk is exact, as for float32."""
+    write_shards(tiny_npz(tmp_path / "tiny.npz"), tmp_path / "tr", shard_size=16, seed=0,
+                 progress=False)
+    tr = tmp_path / "tr"
+    cfg = tiny_config(kind="infonce", nce_k=16)
+    cfg.bank.dtype, cfg.bank.cache_mb = "float16", cache_mb
+    cfg.data.in_memory, cfg.data.workers = "no", 0
+    cfg.train.checkpoint_every = 2
+    caches: list[ChunkCache] = []
+    make = loop_mod.make_cache
+    monkeypatch.setattr(loop_mod, "make_cache",
+                        lambda *a, **k: caches.append(make(*a, **k)) or caches[-1])
+    full = train(cfg, tr, tmp_path / "a.npy", tmp_path / "a", progress=False, log=lambda m: None)
+    assert caches[0].full == (cache_mb == 0)
+    assert caches[0].writebacks > 0 or caches[0].full  # evictions wrote rows between commits
+    part = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, max_steps=4,
+                 log=lambda m: None)
+    assert part.step == 4
     rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
                  log=lambda m: None)
     assert rest.step == full.step == 9
