@@ -182,11 +182,13 @@ class ChunkSlots:
     def commit(self, step: int) -> None:
         self.flush(step)
 
-    def close(self) -> None:
-        if self.io is not None:
-            self.io.drain()
-            self.io.stop()
-            self.io = None
+    def close(self, raise_errors: bool = True) -> None:
+        """Let the pending write-backs land and stop the I/O thread, always; then raise its
+        stored error, unless `raise_errors` is False (a `finally` while another exception
+        propagates, which that error must not replace: the parts are uncommitted either way)."""
+        io, self.io = self.io, None
+        if io is not None:
+            io.close(raise_errors)
 
     def stats(self) -> dict[str, int]:
         return {"chunk_loads": self.chunk_loads, "writebacks": self.writebacks,

@@ -153,12 +153,17 @@ def _train(cfg: Config, manifest: Manifest, val_manifest: Manifest | None, store
     run = RunState(cfg, manifest, val_manifest, run_dir, device, say, model, optimizer, zest, bank,
                    data, epoch, step, partial, tb, progress, max_epochs, max_steps,
                    scaler_state=scaler_state)
+    ok = False
     try:
-        return _loop(run)
+        result = _loop(run)
+        ok = True
+        return result
     finally:
-        bank.close()
-        if tb is not None:
-            tb.close()
+        try:
+            bank.close(raise_errors=ok)  # stops the I/O thread; keeps an error in flight
+        finally:
+            if tb is not None:
+                tb.close()
 
 
 def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, model: Embedder,

@@ -99,3 +99,68 @@ def test_bank_precision_rounds_as_the_store_does() -> None:
     assert np.array_equal(at_bank_precision(torch.from_numpy(x), np.dtype("<f4")).numpy(), x)
     assert not np.array_equal(got, x)
 
+
+
+def cache_with_a_failed_write_back(tmp_path: Path) -> ChunkCache:
+    """A partial cache whose I/O thread holds the error of a write-back (disk full)."""
+    store = create_store(tmp_path / "b.npy", N, D, chunk_rows=R, seed=1)
+
+    def write_part(chunks: Mapping[int, np.ndarray]) -> None:
+        raise OSError(28, "No space left on device")
+
+    store.write_part = write_part  # type: ignore[method-assign]
+    cache = ChunkCache(store, 3 * R, CPU, steps_per_epoch=100, pool_chunks=2)
+    cache.update(rows_of(1), random_unit_rows(R, D))
+    for o in (4, 6):
+        cache.gather(rows_of(o))  # chunk 1 is evicted: its write-back fails in the thread
+    io = cache.io
+    assert io is not None
+    with io.cond:
+        io.cond.wait_for(lambda: io.inflight == 0)
+    assert isinstance(io.error, OSError)
+    return cache
+
+
+def test_close_stops_the_io_thread_then_raises_its_error(tmp_path: Path) -> None:
+    cache = cache_with_a_failed_write_back(tmp_path)
+    io = cache.io
+    assert io is not None
+    with pytest.raises(OSError, match="No space left"):
+        cache.close()
+    assert not io.thread.is_alive() and cache.io is None
+    cache.close()  # closed: nothing left to stop or raise
+    cache.store.close()
+
+
+def test_close_in_a_finally_keeps_the_exception_in_flight(tmp_path: Path) -> None:
+    """The training loop's `finally` closes with raise_errors=False: the step's own exception
+    reaches the user, not the I/O thread's stored one, and the thread is stopped."""
+    cache = cache_with_a_failed_write_back(tmp_path)
+    io = cache.io
+    assert io is not None
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            raise KeyboardInterrupt
+        finally:
+            cache.close(raise_errors=False)
+    assert not io.thread.is_alive() and cache.io is None
+    cache.store.close()
+
+
+def test_on_disk_bank_exits_with_the_exception_in_flight(tmp_path: Path) -> None:
+    from oocid.api import OnDiskBank
+
+    cache = cache_with_a_failed_write_back(tmp_path)
+    bank = OnDiskBank(cache.store, 3 * R, CPU)  # the same failing store, a fresh cache
+    cache.close(raise_errors=False)
+    bank.update(rows_of(2), random_unit_rows(R, D))
+    io = bank.io
+    assert io is not None
+    with pytest.raises(ValueError, match="in the with block"), bank:
+        for o in (4, 6):
+            bank.gather(rows_of(o))
+        with io.cond:
+            io.cond.wait_for(lambda: io.inflight == 0)
+        raise ValueError("in the with block")
+    assert not io.thread.is_alive()
+    assert bank.store._rows.fd is None  # type: ignore[union-attr]  # the store closed too
