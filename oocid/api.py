@@ -60,16 +60,20 @@ class OnDiskBank(ChunkCache):
                  steps_per_epoch: int = 1) -> None:
         super().__init__(store, budget_rows, device, steps_per_epoch=steps_per_epoch)
 
-    def close(self) -> None:
-        """Stop the cache's I/O and close the store (uncommitted rows are dropped)."""
-        super().close()
-        self.store.close()
+    def close(self, raise_errors: bool = True) -> None:
+        """Stop the cache's I/O and close the store, always (uncommitted rows are dropped);
+        `raise_errors=False` (while another exception propagates) keeps a stored I/O error
+        from replacing it."""
+        try:
+            super().close(raise_errors)
+        finally:
+            self.store.close()
 
     def __enter__(self) -> OnDiskBank:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, et: type[BaseException] | None, *exc: object) -> None:
+        self.close(raise_errors=et is None)
 
 
 class NPIDLoss:

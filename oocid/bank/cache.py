@@ -8,7 +8,8 @@ B batch; K negatives. The cache holds S slots of R rows on the device, S*R <= th
   rows only, so over an epoch every row has the same chance of being a negative.
 - P = S - W *pool* slots hold the chunks of the batch's positives, LRU; a chunk evicted dirty is
   written back (in a background thread, `oocid.bank.io_thread`) into journal parts of the next
-  commit, not into the rows: the rows on disk stay those of the last commit.
+  commit, not into the rows: the rows on disk stay those of the last commit. The slots, their
+  residency, write-back and flush are `oocid.bank.slots`; this module adds the window.
 - The window's next chunks are read ahead by the same background thread (host buffers, pinned
   on CUDA), so disk I/O overlaps compute. Disk traffic per epoch is O(bank size).
 When the budget covers the whole bank, every chunk is loaded in order once and never evicted,
@@ -17,7 +18,7 @@ and gather / sample / update are exactly those of `InCoreBank` (bit for bit on C
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,8 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from oocid.bank.io_thread import IOThread
-from oocid.bank.sizing import zeroed_slots
+from oocid.bank.slots import ChunkSlots, at_bank_precision
 from oocid.bank.store import BankStore
 from oocid.errors import InputError
 from oocid.method.kernels import take_rows
@@ -35,49 +35,25 @@ TOUCH_MAX = 8192  # gathers up to this many indices update the LRU order
 WINDOW_COPY_MAX_BYTES = 128 * 2**20  # `draw` may copy the window's rows out up to this size
 
 
-class ChunkCache:
+class ChunkCache(ChunkSlots):
     """Bank rows cached on `device` in whole chunks; same interface as `InCoreBank`."""
 
     def __init__(self, store: BankStore, budget_rows: int, device: torch.device, *,
                  steps_per_epoch: int = 1, pool_chunks: int | None = None, prefetch: bool = True,
                  prefetch_ahead: int = 2) -> None:
-        self.store = store
-        self.device = device
-        self.n, self.dim, self.r = store.n_rows, store.dim, store.chunk_rows
-        self.n_chunks = store.n_chunks
-        max_slots = budget_rows // self.r
-        self.full = budget_rows >= self.n or max_slots >= self.n_chunks
-        if self.full:
-            self.n_slots = self.n_chunks
-        else:
-            if max_slots < 3:
-                raise InputError(
-                    f"{store.path}: a cache of {budget_rows} rows holds {max_slots} chunks of "
-                    f"{self.r} rows; it needs at least 3 (raise --cache-mb)")
-            self.n_slots = max_slots
-        self.slots = zeroed_slots(self.n_slots, self.r, self.dim, device)  # (S, R, D)
-        self.flat = self.slots.view(self.n_slots * self.r, self.dim)  # (S*R, D)
-        # chunk -> slot (-1: not resident). The host array is the bookkeeping's (numpy on a few
-        # hundred indices costs less than torch's fixed per-op overhead); on the CPU the tensor
-        # is a view of it, on a GPU a copy kept in step for lookups of device indices.
-        self.slot_host = np.full((self.n_chunks,), -1, dtype=np.int64)
-        self.slot_of = torch.from_numpy(self.slot_host) if device.type == "cpu" else \
-            torch.full((self.n_chunks,), -1, dtype=torch.int64, device=device)
-        self.chunk_of = [-1] * self.n_slots
-        self.dirty = [False] * self.n_slots
-        self.free = list(range(self.n_slots - 1, -1, -1))
-        self.pool: OrderedDict[int, None] = OrderedDict()  # LRU order, oldest first
+        r, n_chunks = store.chunk_rows, store.n_chunks
+        max_slots = budget_rows // r
+        self.full = budget_rows >= store.n_rows or max_slots >= n_chunks
+        if not self.full and max_slots < 3:
+            raise InputError(
+                f"{store.path}: a cache of {budget_rows} rows holds {max_slots} chunks of "
+                f"{r} rows; it needs at least 3 (raise --cache-mb)")
+        super().__init__(store, n_chunks if self.full else max_slots, device,
+                         io=prefetch and not self.full)
         self.window: deque[int] = deque()
-        self.pinned: set[int] = set()
-        self._moves = 0  # bumped whenever a chunk enters or leaves a slot
         # the last small gather: (a copy of its indices, _moves then, its chunks, its
         # positions), so the step's update of the same positives skips locating them again
         self._located: tuple[np.ndarray, int, list[int], Tensor] | None = None
-        self.chunk_loads = 0
-        self.writebacks = 0
-        self.peak_resident_rows = 0
-        self.io = IOThread(store, device if device.type == "cuda" else None) if prefetch and not self.full \
-            else None
         self.ahead = prefetch_ahead
         if self.full:
             self.rows = self.flat[: self.n]  # (N, D): identity layout, as InCoreBank
@@ -95,107 +71,6 @@ class ChunkCache:
         if not self.full:
             for _ in range(self.w):
                 self._window_push()
-
-    # ---- residency -----------------------------------------------------------------------
-
-    def _fetch(self, c: int) -> Tensor:
-        """Rows of chunk c from the prefetcher, a pending write-back, or the store."""
-        rows = self.io.current(c) if self.io is not None else None
-        if rows is None:
-            rows = self.store.read_chunk(c)
-        return rows if isinstance(rows, Tensor) else torch.from_numpy(np.asarray(rows))
-
-    def _load(self, c: int) -> int:
-        if not self.free:
-            self._evict_one()
-        s = self.free.pop()
-        a, b = self.store.chunk_range(c)
-        data = self._fetch(c)
-        self.slots[s, : b - a].copy_(data, non_blocking=True)
-        if b - a < self.r:
-            self.slots[s, b - a:].zero_()
-        self._set_slot(c, s)
-        self.chunk_of[s] = c
-        self.dirty[s] = False
-        self.chunk_loads += 1
-        self.peak_resident_rows = max(self.peak_resident_rows, self.resident_rows())
-        return s
-
-    def _evict_one(self) -> None:
-        for c in self.pool:
-            if c not in self.pinned:
-                break
-        else:
-            raise InputError(
-                f"{self.store.path}: the cache's {self.n_slots - self.w} pool chunks cannot hold "
-                "one batch's positives (raise --cache-mb, or read shards in order)")
-        del self.pool[c]
-        self._drop(c)
-
-    def _drop(self, c: int) -> None:
-        s = int(self.slot_host[c])
-        if self.dirty[s]:
-            a, b = self.store.chunk_range(c)
-            rows = self.slots[s, : b - a].cpu().numpy().copy()
-            if self.io is not None:
-                self.io.write_back(c, rows)
-            else:
-                self.store.write_part({c: rows})
-            self.writebacks += 1
-        self._set_slot(c, -1)
-        self.chunk_of[s] = -1
-        self.dirty[s] = False
-        self.free.append(s)
-
-    def _set_slot(self, c: int, s: int) -> None:
-        self.slot_host[c] = s
-        self._moves += 1
-        if self.slot_of.device.type != "cpu":
-            self.slot_of[c] = s
-
-    def resident_rows(self) -> int:
-        return (self.n_slots - len(self.free)) * self.r
-
-    def ensure(self, chunks: list[int]) -> None:
-        """Make `chunks` resident at once (positives go to the pool, most recently used)."""
-        self.pinned = set(chunks)  # not evicted while this call loads the others
-        try:
-            for c in chunks:
-                if c in self.pool:
-                    self.pool.move_to_end(c)
-                elif self.slot_host[c] < 0:
-                    self._load(c)
-                    self.pool[c] = None
-        finally:
-            self.pinned = set()
-
-    @staticmethod
-    def _host(index: Tensor) -> np.ndarray:
-        """A small index set as a flat host array (a view on the CPU)."""
-        return index.detach().reshape(-1).cpu().numpy()
-
-    def _chunk_groups(self, idx: np.ndarray) -> tuple[list[int], np.ndarray]:
-        """(The chunks of host indices idx, sorted; the chunk of each index)."""
-        chunk = idx // self.r
-        return np.unique(chunk).tolist(), chunk
-
-    def _one_chunk_at_a_time(self, chunks: list[int], idx: np.ndarray, chunk: np.ndarray
-                             ) -> Iterator[tuple[int, Tensor, Tensor]]:
-        """For an index set spanning more chunks than the pool (slower, never wrong): each chunk
-        made resident in turn, with (the chunk, which entries of idx are its rows, where those
-        rows sit in `self.flat`), valid until the next one is yielded."""
-        for c in chunks:
-            self.ensure([c])
-            m = np.flatnonzero(chunk == c)
-            yield c, torch.from_numpy(m).to(self.device), \
-                self._positions(idx[m], chunk[m], torch.Size([len(m)]))
-
-    def _positions(self, idx: np.ndarray, chunk: np.ndarray, shape: torch.Size) -> Tensor:
-        """Rows of `self.flat` holding global rows idx (all resident), as a device tensor."""
-        slot = self.slot_host[chunk]
-        if (slot < 0).any():
-            raise RuntimeError("bank cache: a row that is not resident")
-        return torch.from_numpy(slot * self.r + idx % self.r).view(shape).to(self.device)
 
     def _fits_pool(self, chunks: list[int]) -> bool:
         return len(chunks) <= self.n_slots - self.w
@@ -307,8 +182,9 @@ class ChunkCache:
                              device=generator.device).to(self.device)
 
     def update(self, index: Tensor, rows: Tensor) -> None:
-        """Write rows (B, D) at global indices (B,) (unique) and mark their chunks dirty."""
-        rows = rows.to(self.flat.dtype)
+        """Write rows (B, D) at global indices (B,) (unique), at the bank's precision, and mark
+        their chunks dirty."""
+        rows = at_bank_precision(rows, self.store.dtype)
         if self.full:
             self.rows[index] = rows
             for c in self._chunk_groups(self._host(index))[0]:  # slot c holds chunk c here
@@ -338,25 +214,7 @@ class ChunkCache:
                              "--cache-mb or use loss.kind = \"nce\" / \"infonce\"")
         return self.rows
 
-    # ---- persistence -----------------------------------------------------------------------
-
-    def flush(self, step: int | None = None) -> None:
-        """Write every dirty chunk (and pending write-backs) and, with `step`, commit it."""
-        if self.io is not None:
-            self.io.drain()
-        chunks: dict[int, np.ndarray] = {}
-        for s, c in enumerate(self.chunk_of):
-            if c >= 0 and self.dirty[s]:
-                a, b = self.store.chunk_range(c)
-                chunks[c] = self.slots[s, : b - a].cpu().numpy()
-        if self.io is not None:  # read-aheads from before this write are stale now
-            self.io.invalidate(list(chunks))
-        self.store.write_chunks(chunks, step)
-        for s in range(self.n_slots):
-            self.dirty[s] = False
-
-    def commit(self, step: int) -> None:
-        self.flush(step)
+    # ---- between commits, checkpoints -----------------------------------------------------
 
     def rows_now(self) -> Iterator[tuple[int, Tensor]]:
         """(first row, rows) of each chunk as the cache holds it now, writing nothing to the
@@ -389,15 +247,3 @@ class ChunkCache:
         for _ in range(self.w):
             self._window_push()
         self.acc = float(state["acc"])
-
-    def stats(self) -> dict[str, int]:
-        return {"chunk_loads": self.chunk_loads, "writebacks": self.writebacks,
-                "bytes_read": self.store.bytes_read, "bytes_written": self.store.bytes_written,
-                "peak_resident_rows": self.peak_resident_rows, "slots": self.n_slots,
-                "window_slots": self.w}
-
-    def close(self) -> None:
-        if self.io is not None:
-            self.io.drain()
-            self.io.stop()
-            self.io = None

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from oocid.bank.slots import at_bank_precision
 from oocid.bank.store import BankStore
 from oocid.method.kernels import take_rows
 
 
 class InCoreBank:
-    """All N rows as one float32 tensor on `device`."""
+    """All N rows as one float32 tensor on `device`, at the bank's precision (a float16 bank's
+    updates are rounded to float16, as `ChunkCache` rounds them)."""
 
     def __init__(self, store: BankStore, device: torch.device) -> None:
         self.store = store
@@ -46,7 +48,7 @@ class InCoreBank:
         return self.rows, self.sample(shape, generator)
 
     def update(self, index: Tensor, rows: Tensor) -> None:
-        self.rows[index] = rows.to(self.rows.dtype)
+        self.rows[index] = at_bank_precision(rows, self.store.dtype)
 
     def all_rows(self) -> Tensor:
         return self.rows

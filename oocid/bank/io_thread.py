@@ -125,6 +125,16 @@ class IOThread:
         self.check()
 
     def stop(self) -> None:
+        """Stop the thread once the jobs queued so far are done (pending write-backs land)."""
         self.jobs.put(("stop", None))
         self.thread.join()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Stop the thread, always; then raise a job's stored error, unless `raise_errors` is
+        False (closing while another exception propagates: that one must not be replaced)."""
+        try:
+            self.stop()
+        finally:
+            if raise_errors:
+                self.check()
 

@@ -116,6 +116,15 @@ class ShardStream(IterableDataset):
         split = [p for p in paths if p not in dealt]
         return [(p, 0, 1) for p in whole[wid::nw]] + [(p, wid, nw) for p in split]
 
+    def worker_samples(self, nw: int) -> list[int]:
+        """How many samples each of `nw` workers yields in an epoch (the same every epoch: the
+        shuffle changes which shards a worker gets, not how many samples)."""
+        def size(p: Path) -> int:
+            return self.spans[p.name][1] - self.spans[p.name][0]
+
+        return [sum(len(range(off, size(p), stride)) for p, off, stride in self.worker_parts(w, nw))
+                for w in range(nw)]
+
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -210,9 +219,15 @@ class StreamData:
         self.workers = workers
 
     def steps_per_epoch(self) -> int:
-        return -(-self.n // self.batch_size)
+        """The batches `epoch_batches` yields: each DataLoader worker batches its own share of
+        the samples, so every worker's last batch may be short (one fewer for each batch whose
+        samples all fail to decode, which cannot be known ahead)."""
+        b = self.batch_size
+        return sum(-(-k // b) for k in self.dataset.worker_samples(max(1, self.workers)))
 
     def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` from the `start_step`-th yielded one on (a resumed epoch skips
+        those it yielded before)."""
         self.dataset.set_epoch(epoch)
         if getattr(self.transform, "needs_hue_tables", False):
             from oocid.data.stream_aug import hue_tables
@@ -221,10 +236,12 @@ class StreamData:
         loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
                             collate_fn=Collate(self.batch_augment, self.seed, epoch),
                             pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for step, b in enumerate(loader):
+        done = 0  # batches yielded, or skipped as yielded before a mid-epoch resume
+        for b in loader:
             if b["fatal"]:
                 raise DataError(b["fatal"][0], exit_code=3)
-            if step < start_step:  # seen before a mid-epoch resume (and counted then)
+            if done < start_step:  # seen before a mid-epoch resume (and counted then)
+                done += int(b["index"].numel() > 0)  # one of bad samples only was not yielded
                 continue
             for where in b["bad"]:
                 self.skips.add(where.split(": ")[0], where.split(": ", 1)[-1])

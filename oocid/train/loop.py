@@ -183,12 +183,17 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     run = RunState(cfg, manifest, inp.val_manifest, run_dir, device, say, model, optimizer, zest,
                    bank, data, epoch, step, partial, tb, progress, max_epochs, max_steps,
                    scaler_state=scaler_state, world=world, local=inp.local, batches=batches)
+    ok = False
     try:
-        return _loop(run)
+        result = _loop(run)
+        ok = True
+        return result
     finally:
-        bank.close()
-        if tb is not None:
-            tb.close()
+        try:
+            bank.close(raise_errors=ok)  # stops the I/O thread; keeps an error in flight
+        finally:
+            if tb is not None:
+                tb.close()
 
 
 def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, model: Embedder,

@@ -21,6 +21,7 @@ import oocid.bank.cache as cache_mod
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
 from oocid.bank.incore import InCoreBank
+from oocid.bank.slots import at_bank_precision
 from oocid.bank.store import open_store
 from oocid.config import demo_config
 from oocid.data.batch import Batch
@@ -41,14 +42,17 @@ def score_whole(shape: tuple[int, ...]) -> Callable[[int], bool] | None:
     return lambda t: dense_scores_apply(shape[0], shape[1], t)
 
 
-@pytest.mark.parametrize("negatives", ["per-sample", "shared"])
-def test_full_budget_equals_in_core_bit_for_bit(tmp_path: Path, negatives: str) -> None:
-    """Same seed, same batches: identical losses, weights and final bank, on CPU."""
+@pytest.mark.parametrize(("negatives", "dtype"), [("per-sample", "float32"), ("shared", "float32"),
+                                                  ("per-sample", "float16")])
+def test_full_budget_equals_in_core_bit_for_bit(tmp_path: Path, negatives: str, dtype: str
+                                                ) -> None:
+    """Same seed, same batches: identical losses, weights and final bank, on CPU (a float16
+    bank's rows rounded alike in both)."""
     n, steps = 300, 12
     results = []
     for name, make in (("incore", lambda s: InCoreBank(s, CPU)),
                        ("cache", lambda s: ChunkCache(s, n, CPU, steps_per_epoch=5))):
-        store = create_store(tmp_path / f"{name}.npy", n, 128, chunk_rows=64, seed=3)
+        store = create_store(tmp_path / f"{name}.npy", n, 128, chunk_rows=64, seed=3, dtype=dtype)
         bank = make(store)
         cfg = demo_config()
         cfg.loss.kind, cfg.loss.nce_k, cfg.loss.z, cfg.loss.negatives = "nce", 32, "ema", negatives
@@ -62,9 +66,11 @@ def test_full_budget_equals_in_core_bit_for_bit(tmp_path: Path, negatives: str) 
             x = torch.randn(24, 1, 28, 28, generator=g)
             losses.append(step(Batch(x, idx, idx * 0), i, 0.03).loss)
         bank.commit(steps)
+        rows = store.read_rows(0, n)
+        assert np.array_equal(bank.all_rows().numpy(), rows)  # it holds what it committed
         if isinstance(bank, ChunkCache):
             bank.close()
-        results.append((losses, model.state_dict(), store.read_rows(0, n)))
+        results.append((losses, model.state_dict(), rows))
         store.close()
     (la, ma, ba), (lb, mb, bb) = results
     assert la == lb
@@ -89,12 +95,14 @@ class CacheMachine(RuleBasedStateMachine):
 
     @initialize(n=st.integers(20, 90), r=st.integers(3, 10), slots=st.integers(3, 8),
                 kind=st.sampled_from(["npy", "zarr"]), prefetch=st.booleans(),
-                touch_max=st.sampled_from([8, cache_mod.TOUCH_MAX]))
-    def setup(self, n: int, r: int, slots: int, kind: str, prefetch: bool, touch_max: int) -> None:
+                touch_max=st.sampled_from([8, cache_mod.TOUCH_MAX]),
+                dtype=st.sampled_from(["float32", "float16"]))
+    def setup(self, n: int, r: int, slots: int, kind: str, prefetch: bool, touch_max: int,
+              dtype: str) -> None:
         cache_mod.TOUCH_MAX = touch_max  # 8: larger gathers take the one-lookup path
         self.path = self.dir / f"b{self.count}.{kind}"
         self.count += 1
-        self.store = create_store(self.path, n, 4, chunk_rows=r, seed=1)
+        self.store = create_store(self.path, n, 4, chunk_rows=r, seed=1, dtype=dtype)
         self.model = self.store.read_rows(0, n).copy()
         self.n, self.r, self.budget, self.prefetch = n, r, slots * r, prefetch
         self.cache = self._open()
@@ -139,7 +147,8 @@ class CacheMachine(RuleBasedStateMachine):
             elif what == "window":
                 self.cache.end_step()
         self.cache.update(idx.clone() if which == "copy" else idx, new)
-        self.model[idx.numpy()] = new.numpy()
+        # a float16 bank's rows as the store keeps them, wherever they are read from
+        self.model[idx.numpy()] = at_bank_precision(new, self.store.dtype).numpy()
         self.cache.end_step()
 
     @rule(k=st.integers(1, 40), per_sample=st.booleans())

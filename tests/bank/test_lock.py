@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,3 +44,26 @@ def test_lock_of_killed_process_is_taken_over(tmp_path: Path) -> None:
     time.sleep(0.05)
     with BankLock(bank) as lock:
         assert lock.took_over
+
+
+def test_a_bank_reached_through_a_symlink_has_one_lock(tmp_path: Path) -> None:
+    """Two names of one bank (a symlink to it, a symlink to its folder) take the same lock,
+    beside the real bank; the message names the path used and the bank it resolves to."""
+    tmp_path = tmp_path.resolve()  # no symlink above the test's own folder
+    real = tmp_path / "data" / "bank.zarr"
+    real.mkdir(parents=True)
+    link = tmp_path / "link.zarr"
+    link.symlink_to(real)
+    folder = tmp_path / "folder"
+    folder.symlink_to(tmp_path / "data")
+    for other in (link, folder / "bank.zarr"):
+        with BankLock(real) as held:
+            assert held.path == real.with_name("bank.zarr.lock")
+            said = re.escape(f"{other} (= {real}): is in use by a running trainer (pid {os.getpid()}")
+            with pytest.raises(InputError, match="^" + said):
+                BankLock(other).acquire()
+        with BankLock(other) as lock, \
+                pytest.raises(InputError, match=f"^{re.escape(str(real))}: is in use"):
+            assert lock.path == held.path
+            BankLock(real).acquire()
+    assert not (tmp_path / "link.zarr.lock").exists()

@@ -11,6 +11,8 @@ import pytest
 import torch
 from helpers import tiny_config, tiny_npz
 
+import oocid.train.loop as loop_mod
+from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
 from oocid.bank.incore import InCoreBank
 from oocid.bank.store import open_store
@@ -124,6 +126,68 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path: Path, shards: tuple[Pat
                  log=lambda m: None)
     assert rest.step == full.step == 9
     assert_same_run(tmp_path, full, [part, rest])
+
+
+@pytest.mark.parametrize("cache_mb", [0.0, 0.035])  # the whole bank; 4 of 6 chunks of 16 rows
+def test_float16_bank_resumes_bit_identical(tmp_path: Path, cache_mb: float,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A float16 bank, full or partial cache: the cache holds its rows at float16 precision,
+    so stopping mid-epoch and resuming from the bank on disk is exact, as for float32."""
+    write_shards(tiny_npz(tmp_path / "tiny.npz"), tmp_path / "tr", shard_size=16, seed=0,
+                 progress=False)
+    tr = tmp_path / "tr"
+    cfg = tiny_config(kind="infonce", nce_k=16)
+    cfg.bank.dtype, cfg.bank.cache_mb = "float16", cache_mb
+    cfg.data.in_memory, cfg.data.workers = "no", 0
+    cfg.train.checkpoint_every = 2
+    caches: list[ChunkCache] = []
+    make = loop_mod.make_cache
+    monkeypatch.setattr(loop_mod, "make_cache",
+                        lambda *a, **k: caches.append(make(*a, **k)) or caches[-1])
+    full = train(cfg, tr, tmp_path / "a.npy", tmp_path / "a", progress=False, log=lambda m: None)
+    assert caches[0].full == (cache_mb == 0)
+    assert caches[0].writebacks > 0 or caches[0].full  # evictions wrote rows between commits
+    part = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, max_steps=4,
+                 log=lambda m: None)
+    assert part.step == 4
+    rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
+                 log=lambda m: None)
+    assert rest.step == full.step == 9
+    assert_same_run(tmp_path, full, [part, rest])
+
+
+def test_an_error_in_training_is_not_hidden_by_a_failed_write_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step fails while the cache's I/O thread holds the error of a write-back: train raises
+    the step's error, not the stored one, and the I/O thread is stopped."""
+    write_shards(tiny_npz(tmp_path / "tiny.npz"), tmp_path / "tr", shard_size=16, seed=0,
+                 progress=False)
+    cfg = tiny_config(kind="infonce", nce_k=16)
+    cfg.bank.cache_mb = 0.035  # 4 of 6 chunks
+    threads = []
+
+    def failing_loop(run: Any) -> None:
+        bank = run.bank
+
+        def write_part(chunks: object) -> None:
+            raise OSError(28, "No space left on device")
+
+        bank.store.write_part = write_part
+        pool = [c for c in range(bank.n_chunks) if c not in bank.window][:bank.n_slots - bank.w + 1]
+        bank.update(torch.arange(pool[0] * bank.r, pool[0] * bank.r + 4), torch.eye(4, 128))
+        for c in pool[1:]:  # through the pool: the first chunk is evicted, its write fails
+            bank.gather(torch.tensor([c * bank.r]))
+        threads.append(bank.io.thread)
+        with bank.io.cond:
+            bank.io.cond.wait_for(lambda: bank.io.inflight == 0)
+        assert isinstance(bank.io.error, OSError)
+        raise RuntimeError("the step failed")
+
+    monkeypatch.setattr(loop_mod, "_loop", failing_loop)
+    with pytest.raises(RuntimeError, match="the step failed"):
+        train(cfg, tmp_path / "tr", tmp_path / "b.npy", tmp_path / "r", progress=False,
+              log=lambda m: None)
+    assert len(threads) == 1 and not threads[0].is_alive()
 
 
 def test_gradient_accumulation_runs_and_counts_steps(tmp_path: Path,
