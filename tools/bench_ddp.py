@@ -17,7 +17,8 @@ images against the bank (k 200, t 0.07, the end-of-run --val check), and for wor
 collectives per optimiser step, counted inside the trainer (OOCID_COMM_STATS): the gradient
 all-reduce payload (DDP buckets; each rank sends about 2 (N-1)/N of it on a ring) and its time in
 flight (overlapping the backward), and the step's small agreements (loss weight, finite check,
-Z) with their blocking time. Prints a table, then one line of JSON.
+Z) with their blocking time; and what the alternative to rank-local negatives would cost: an
+all-gather of K rows a step, timed with gloo here. Prints a table, then one line of JSON.
 """
 
 from __future__ import annotations
@@ -116,21 +117,61 @@ def run(work: Path, name: str, world: int, batch: int, epochs: int, seed: int, k
     return out
 
 
+def _gather_worker(rank: int, world: int, port: int, k: int, dim: int, reps: int,
+                   out: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    rows = torch.randn(k // world, dim)
+    bufs = [torch.empty_like(rows) for _ in range(world)]
+    for _ in range(3):
+        dist.all_gather(bufs, rows)
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dist.all_gather(bufs, rows)
+    if rank == 0:
+        out.put((time.perf_counter() - t0) / reps)
+    dist.destroy_process_group()
+
+
+def allgather_negatives_ms(k: int = 4096, dim: int = 128, reps: int = 50) -> float:
+    """The alternative to rank-local negatives: all-gather K / N rows from each of 2 ranks each
+    step (K x D float32 in all). Measured with gloo on this machine, one thread per rank."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    mp.start_processes(_gather_worker, args=(2, port, k, dim, reps, q), nprocs=2, join=True,
+                       start_method="spawn")
+    return 1e3 * float(q.get())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--toy", action="store_true", help="400 / 200 images, 1 epoch, 1 seed")
+    ap.add_argument("--toy", action="store_true",
+                    help="400 / 200 images, 1 epoch, 1 seed, the first two variants")
     ap.add_argument("--work", type=Path, default=None, help="Keep the runs here.")
     a = ap.parse_args()
     epochs, seeds, k = (1, a.seeds[:1], 64) if a.toy else (a.epochs, a.seeds, 2048)
+    variants = VARIANTS[:2] if a.toy else VARIANTS
     with tempfile.TemporaryDirectory(prefix="bench_ddp-") as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         train, val = shards(work, a.toy)
         rows = []
         for seed in seeds:
-            for label, world, batch in VARIANTS:
+            for label, world, batch in variants:
                 name = f"w{world}-b{batch}-s{seed}"
                 r = run(work, name, world, batch, epochs, seed, k, train, val)
                 rows.append({"variant": label, **r})
@@ -143,7 +184,10 @@ def main() -> None:
             if "grad_bytes_per_step" in r else f"{'-':>12} {'-':>12} {'-':>12} {'-':>13}"
         print(f"{r['variant']:34} {r['seed']:>4} {r['steps']:>6} {r['images_per_s']:7.0f} "
               f"{r['knn_top1']:9.4f} {extra}")
-    print(json.dumps(rows))
+    gather_ms = allgather_negatives_ms(k=k)
+    print(f"all-gather of K = {k} negatives (x 128 float32) from 2 ranks instead of rank-local "
+          f"draws: {gather_ms:.2f} ms a step (gloo, this machine)")
+    print(json.dumps({"runs": rows, "allgather_negatives_ms": gather_ms, "k": k}))
 
 
 if __name__ == "__main__":
