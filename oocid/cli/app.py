@@ -134,6 +134,8 @@ def train(
             raise InputError(f"{out / 'config.json'}: not a readable config ({e})") from None
         saved = config_from_dict(saved_dict, str(out / "config.json"))
         cfg = load_config(None, overrides, base=saved)
+    elif resume and config is None and _other_rank():  # rank 0 sends its config to the rest
+        cfg = load_config(None, overrides)
     elif resume and config is None:  # killed before config.json: the defaults may be wrong
         raise InputError(f"{out / 'config.json'}: missing, so --resume cannot tell the run's "
                          "config; pass its --config, or start the run again without --resume")
@@ -383,3 +385,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _other_rank() -> bool:
+    """Whether this is a torchrun process other than rank 0 (which sends the run's config)."""
+    from oocid.dist.world import world_from_env
+
+    return not world_from_env().main

@@ -34,7 +34,6 @@ from oocid.dist.sync import DistSync
 from oocid.dist.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import (
-    check_same_classes,
     knn_against,
     num_classes_of,
     read_labels,
@@ -62,6 +61,7 @@ from oocid.train.setup import (
     Say,
     build_optimizer,
     cache_budget_rows,
+    check_val,
     config_diff,
     lr_at,
     make_cache,
@@ -96,36 +96,31 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         say, progress, announce = (lambda msg: None), False, None
     manifest = read_manifest(shards)
     val_manifest = read_manifest(val) if val is not None else None
-    if val_manifest is not None:
-        # Refused before any training: the kNN check would fail only after the first epoch.
-        if not val_manifest.labeled:
-            raise InputError(f"{val}: validation shards are unlabeled; --val needs labeled shards")
-        if not manifest.labeled:
-            raise InputError(f"{shards}: training shards are unlabeled; the kNN check of --val "
-                             "needs labels (train without --val)")
-        check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
+    check_val(manifest, val_manifest, shards, val)
     device = rank_device(world, resolve_device(cfg.train.device))
     use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
-    share = deal_shards(manifest, world.size)[world.rank] if world.distributed else None
-    local = rank_manifest(manifest, share) if share is not None else manifest
-    # Measured once: the default budget follows free memory, which changes from call to call.
-    budget = cache_budget_rows(cfg, None, device, local.n)
-    cfg = resolve_loss(cfg, manifest.n, budget, say, whole_bank=not world.distributed)
-    lc = cfg.loss
-    if lc.kind in ("nce", "infonce") and lc.nce_k >= local.n:
-        raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {local.n} samples "
-                         f"({shards}{' per process' if world.distributed else ''}); lower it "
-                         "or use loss.kind = \"softmax\" for small sets")
-    if cfg.train.tensorboard:
-        require_tensorboard()
-    if cfg.train.threads > 0:
-        torch.set_num_threads(cfg.train.threads)
-    keep_large_buffers()  # the step's multi-MB buffers stay mapped between steps (oocid.device)
-    if world.main and not resume and list_checkpoints(run_dir):
-        raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
-                         "another --out")
     start_world(world, device)
     try:
+        # rank 0's config for all (another machine may not see the run folder's config.json)
+        cfg = world.broadcast(cfg)
+        share = deal_shards(manifest, world.size)[world.rank] if world.distributed else None
+        local = rank_manifest(manifest, share) if share is not None else manifest
+        # Measured once: the default budget follows free memory, which changes between calls.
+        budget = cache_budget_rows(cfg, None, device, local.n)
+        cfg = resolve_loss(cfg, manifest.n, budget, say, whole_bank=not world.distributed)
+        lc = cfg.loss
+        if lc.kind in ("nce", "infonce") and lc.nce_k >= local.n:
+            raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {local.n} "
+                             f"samples ({shards}{' per process' if world.distributed else ''}); "
+                             "lower it or use loss.kind = \"softmax\" for small sets")
+        if cfg.train.tensorboard:
+            require_tensorboard()
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        keep_large_buffers()  # the step's multi-MB buffers stay mapped between steps
+        if world.main and not resume and list_checkpoints(run_dir):
+            raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
+                             "another --out")
         layout = bank_layout(world, node_local_bank)
         with open_bank(cfg, manifest, bank_path, resume, world, layout, say) as store:
             if announce is not None:  # the inputs have passed their checks, the bank included

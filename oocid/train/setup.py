@@ -18,6 +18,7 @@ from oocid.bank.store import BankStore, open_store
 from oocid.config import Config, auto_loss, data_workers
 from oocid.data.manifest import Manifest
 from oocid.errors import InputError
+from oocid.eval.evaluate import check_same_classes
 
 Say = Callable[[str], None]  # where a run's one-line messages go (stderr by default)
 
@@ -116,3 +117,16 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
             pool = default_pool_chunks(budget, store.chunk_rows, data_workers(cfg.data.workers),
                                        cfg.data.shuffle_buffer)
     return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)
+
+
+def check_val(manifest: Manifest, val_manifest: Manifest | None, shards: Path,
+              val: Path | None) -> None:
+    """--val is refused before any training when its kNN check could not run after an epoch."""
+    if val_manifest is None:
+        return
+    if not val_manifest.labeled:
+        raise InputError(f"{val}: validation shards are unlabeled; --val needs labeled shards")
+    if not manifest.labeled:
+        raise InputError(f"{shards}: training shards are unlabeled; the kNN check of --val "
+                         "needs labels (train without --val)")
+    check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
