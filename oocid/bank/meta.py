@@ -6,14 +6,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from oocid.errors import DataError
-
-if TYPE_CHECKING:
-    from oocid.bank.store import BankStore
 
 BANK_FORMAT = "oocid-bank"
 BANK_VERSION = 2  # 2: journals in parts named by a commit record (1: one journal; still read)
@@ -63,20 +60,3 @@ class BankMeta:
     def to_bytes(self) -> bytes:
         """The sidecar file's content."""
         return json.dumps(asdict(self), indent=1).encode()
-
-
-def check_matches(store: BankStore, n_rows: int, dim: int, manifest_id: str | None, *,
-                  source: str = "the shards") -> None:
-    """DataError unless the bank fits data of `n_rows` samples, `dim` features, `manifest_id`.
-
-    A bank with no manifest id recorded matches any manifest; `manifest_id=None` skips the check.
-    """
-    name = store.path.name
-    if store.n_rows != n_rows:
-        raise DataError(f"{name} has {store.n_rows} rows but {source} have {n_rows} samples")
-    if store.dim != dim:
-        raise DataError(f"{name} has rows of dimension {store.dim} but the model's are {dim}")
-    have = store.meta.manifest_id
-    if manifest_id is not None and have is not None and have != manifest_id:
-        raise DataError(f"{name} belongs to manifest {have} but {source} are manifest "
-                        f"{manifest_id}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from oocid.bank.store import chunk_bar, open_store
+from oocid.bank.store import BankStore, chunk_bar, open_store
 from oocid.errors import DataError
 
 # Largest |norm - 1| accepted by `verify_store`. A unit row rounded to float16 has every element
@@ -91,3 +91,20 @@ def store_info(path: Path | str) -> dict[str, Any]:
                 "manifest_id": m.manifest_id, "momentum": m.momentum, "seed": m.seed,
                 "pending_journal": store.pending_journal, "norm_min": float(lo),
                 "norm_mean": float(total / m.n_rows), "norm_max": float(hi)}
+
+
+def check_matches(store: BankStore, n_rows: int, dim: int, manifest_id: str | None, *,
+                  source: str = "the shards") -> None:
+    """DataError unless the bank fits data of `n_rows` samples, `dim` features, `manifest_id`.
+
+    A bank with no manifest id recorded matches any manifest; `manifest_id=None` skips the check.
+    """
+    name = store.path.name
+    if store.n_rows != n_rows:
+        raise DataError(f"{name} has {store.n_rows} rows but {source} have {n_rows} samples")
+    if store.dim != dim:
+        raise DataError(f"{name} has rows of dimension {store.dim} but the model's are {dim}")
+    have = store.meta.manifest_id
+    if manifest_id is not None and have is not None and have != manifest_id:
+        raise DataError(f"{name} belongs to manifest {have} but {source} are manifest "
+                        f"{manifest_id}")

@@ -144,7 +144,7 @@ def train(
         from oocid.train.recipe import recipe_for
 
         load_config(None, overrides)  # bad overrides are reported before the shards are read
-        from oocid.dist.world import world_from_env
+        from oocid.distributed.world import world_from_env
 
         base, recipe = recipe_for(read_manifest(shards), processes=world_from_env().size)
         recipe += f"; then {', '.join(overrides)}" if overrides else ""
@@ -389,6 +389,6 @@ if __name__ == "__main__":
 
 def _other_rank() -> bool:
     """Whether this is a torchrun process other than rank 0 (which sends the run's config)."""
-    from oocid.dist.world import world_from_env
+    from oocid.distributed.world import world_from_env
 
     return not world_from_env().main

@@ -58,7 +58,7 @@ class Manifest:
     seed: int
     skipped: tuple[dict, ...]
     identity: str
-    # A rank's share of a set (oocid.dist.partition): each shard's global start, its samples
+    # A rank's share of a set (oocid.distributed.partition): each shard's global start, its samples
     # renumbered from 0 here (`shifts`). Empty for a whole set; never written to disk.
     origin: tuple[int, ...] = ()
 

@@ -153,7 +153,7 @@ class StepOut:
 
 
 class StepSync(Protocol):
-    """What a step needs from the other processes of a multi-process run (oocid.dist.sync):
+    """What a step needs from the other processes of a multi-process run (oocid.distributed.sync):
     each call is a collective, made by every process in the same order."""
 
     def batch_weight(self, n: int) -> float:

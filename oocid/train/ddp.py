@@ -2,7 +2,7 @@
 one (plain `oocid train`) every function here is the identity or the single-process path.
 
 - the bank: rank 0 holds the lock, recovers or creates the bank, then the others open it;
-  each rank sees its own chunks through `oocid.dist.rank_store.RankStore`;
+  each rank sees its own chunks through `oocid.distributed.rank_store.RankStore`;
 - the model under DistributedDataParallel (per-rank BatchNorm statistics: no buffer
   broadcast, so nothing bank-sized or model-sized moves but the gradients);
 - seeds: rank r > 0 draws its data order, augmentations and negatives from a seed of its own;
@@ -22,16 +22,16 @@ from typing import Any, TypeVar, cast
 import torch
 
 from oocid.bank.lock import BankLock
-from oocid.bank.meta import check_matches
 from oocid.bank.store import BankStore, open_store
+from oocid.bank.verify import check_matches
 from oocid.config import Config
 from oocid.data.batch import image_channels, mix_seed
 from oocid.data.manifest import Manifest
-from oocid.dist import stats
-from oocid.dist.layout import BankLayout, claim_part
-from oocid.dist.partition import check_chunked_by_shards, deal_shards
-from oocid.dist.rank_store import RankStore
-from oocid.dist.world import World
+from oocid.distributed import stats
+from oocid.distributed.layout import BankLayout, claim_part
+from oocid.distributed.partition import check_chunked_by_shards, deal_shards
+from oocid.distributed.rank_store import RankStore
+from oocid.distributed.world import World
 from oocid.errors import InputError
 from oocid.models import Embedder
 from oocid.train.setup import Say, open_or_create_bank
@@ -182,7 +182,7 @@ def rank_rng(state: dict[str, Any], world: World) -> torch.Tensor:
 
 
 def report_comm(world: World, steps: int) -> None:
-    """With OOCID_COMM_STATS set: rank 0 writes every rank's counts (`oocid.dist.stats`)."""
+    """With OOCID_COMM_STATS set: rank 0 writes every rank's counts (`oocid.distributed.stats`)."""
     if world.distributed and stats.enabled():
         stats.STATS.steps = steps
         every = world.gather(stats.mine())

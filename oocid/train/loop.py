@@ -27,11 +27,11 @@ from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
 from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
-from oocid.dist.layout import bank_layout
-from oocid.dist.merge import knn_across
-from oocid.dist.partition import deal_shards, global_rows, rank_manifest
-from oocid.dist.sync import DistSync
-from oocid.dist.world import World, rank_device, start_world, stop_world, world_from_env
+from oocid.distributed.layout import bank_layout
+from oocid.distributed.merge import knn_across
+from oocid.distributed.partition import deal_shards, global_rows, rank_manifest
+from oocid.distributed.sync import DistSync
+from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import (
     knn_against,
@@ -163,7 +163,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     cache_partial = budget < part.n_rows
     data = make_train_data(inp.local, cfg.data, rank_seed(cfg.train.seed, world), device, progress,
                            chunk_rows=part.chunk_rows if cache_partial else 0)
-    # every process takes the same number of steps: the most any has (oocid.dist)
+    # every process takes the same number of steps: the most any has (oocid.distributed)
     batches = world.all_max(data.steps_per_epoch(), device)
     spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))

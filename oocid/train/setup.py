@@ -12,9 +12,9 @@ import torch
 
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
-from oocid.bank.meta import check_matches
 from oocid.bank.sizing import cache_rows, default_pool_chunks
 from oocid.bank.store import BankStore, open_store
+from oocid.bank.verify import check_matches
 from oocid.config import Config, auto_loss, data_workers
 from oocid.data.manifest import Manifest
 from oocid.errors import InputError

@@ -16,7 +16,7 @@ from oocid.checkpoint import finish_checkpoint, save_checkpoint
 from oocid.config import Config
 from oocid.data.batch import TrainData
 from oocid.data.manifest import Manifest
-from oocid.dist.world import World
+from oocid.distributed.world import World
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder
 from oocid.train.ddp import gathered

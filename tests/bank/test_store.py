@@ -22,9 +22,8 @@ from hypothesis import strategies as st
 
 from oocid.bank.create import _init_rows, create_store, write_rows
 from oocid.bank.journal import write_journal
-from oocid.bank.meta import check_matches
 from oocid.bank.store import BankStore, open_store
-from oocid.bank.verify import store_info, verify_store
+from oocid.bank.verify import check_matches, store_info, verify_store
 from oocid.errors import DataError, InputError, WriteError
 
 KINDS = ["zarr", "npy"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oocid.dist.world import World
+from oocid.distributed.world import World
 
 
 @dataclass

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from oocid.dist.world import World
+from oocid.distributed.world import World
 from oocid.eval.evaluate import knn_evaluate
 from oocid.method.knn import topk_streaming
 

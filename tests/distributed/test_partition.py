@@ -15,8 +15,8 @@ from oocid.data.manifest import read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import DecodeFixed, StreamData
 from oocid.data.writer import write_shards
-from oocid.dist.partition import check_chunked_by_shards, deal_shards, global_rows, rank_manifest
-from oocid.dist.world import World, world_from_env
+from oocid.distributed.partition import check_chunked_by_shards, deal_shards, global_rows, rank_manifest
+from oocid.distributed.world import World, world_from_env
 from oocid.errors import InputError
 from oocid.train.ddp import padded
 

@@ -5,7 +5,7 @@
 - node-local (`--node-local-bank`): each machine keeps, at its own `--bank` path, a bank of the
   same format in which only the chunks of its processes' shards are trained; a `part.json`
   beside the rows names them. The lowest rank of each machine writes that machine's records,
-  after rank 0's, whose record is the run's commit point (`oocid.dist.rank_store`).
+  after rank 0's, whose record is the run's commit point (`oocid.distributed.rank_store`).
   `oocid bank verify` checks a set of parts, `oocid bank assemble` joins them into one bank,
   and `oocid knn` can read the parts directly.
 """
@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oocid.bank.parts import part_path, read_part, write_part_info
-from oocid.dist.world import World
+from oocid.distributed.world import World
 from oocid.errors import InputError
+
 
 @dataclass(frozen=True)
 class BankLayout:

@@ -1,7 +1,7 @@
 """One rank's view of a shared bank: its own chunks, numbered from 0, and the step's commit.
 
 `RankStore` shows a `ChunkCache` the chunks of the rank's shards as if they were a whole bank
-(the rows of a rank manifest, `oocid.dist.partition.rank_manifest`), so the cache, the step
+(the rows of a rank manifest, `oocid.distributed.partition.rank_manifest`), so the cache, the step
 and the data run unchanged. What differs is the commit of a checkpoint (two-phase):
 
 1. every rank writes its dirty chunks as durable journal parts under its own writer name;
@@ -9,7 +9,7 @@ and the data run unchanged. What differs is the commit of a checkpoint (two-phas
    every part is durable); rank 0 writes the one record that names all of them: that rename
    is the commit point, for every rank at once, and rank 0 applies it to the rows;
 3. a barrier, after which the other ranks drop their parts from their pending list (the rows
-   now hold them). With node-local banks (`oocid.dist.layout`) the leader of each other
+   now hold them). With node-local banks (`oocid.distributed.layout`) the leader of each other
    machine then commits its own bank's parts the same way, and a second barrier follows; a
    machine killed before its own record brings its bank to rank 0's step on resume
    (`BankStore.settle`).
@@ -27,8 +27,8 @@ import numpy as np
 
 from oocid.bank.meta import BankMeta
 from oocid.bank.store import BankStore
-from oocid.dist.layout import BankLayout
-from oocid.dist.world import World
+from oocid.distributed.layout import BankLayout
+from oocid.distributed.world import World
 
 
 class RankStore:

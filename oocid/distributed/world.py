@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from oocid.dist.stats import count_small
+from oocid.distributed.stats import count_small
 from oocid.errors import InputError
 
 TIMEOUT_ENV = "OOCID_DIST_TIMEOUT"  # seconds a collective waits for the other ranks

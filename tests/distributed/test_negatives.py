@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from oocid.data.manifest import Manifest, ShardInfo
-from oocid.dist.partition import deal_shards
+from oocid.distributed.partition import deal_shards
 from oocid.method.npid import infonce_from_scores, nce_criterion, nce_probs
 
 N, D, SHARD, K, B, TRIALS, T = 2400, 16, 100, 64, 16, 300, 0.1
