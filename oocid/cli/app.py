@@ -104,7 +104,8 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
                                 ] = False,
-    node_local_bank: Annotated[bool, typer.Option(help="Under torchrun on several machines: "
+    node_local_bank: Annotated[bool, typer.Option("--node-local-bank",
+                                                  help="Under torchrun on several machines: "
                                                   "each keeps its processes' chunks in its own "
                                                   "--bank path (docs/distributed.md).")] = False,
 ) -> None:
