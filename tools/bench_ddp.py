@@ -163,9 +163,13 @@ def main() -> None:
     ap.add_argument("--toy", action="store_true",
                     help="400 / 200 images, 1 epoch, 1 seed, the first two variants")
     ap.add_argument("--work", type=Path, default=None, help="Keep the runs here.")
+    ap.add_argument("--variants", type=int, nargs="+", default=None,
+                    help="Run only these rows of the table (1, 2, 3).")
     a = ap.parse_args()
     epochs, seeds, k = (1, a.seeds[:1], 64) if a.toy else (a.epochs, a.seeds, 2048)
     variants = VARIANTS[:2] if a.toy else VARIANTS
+    if a.variants:
+        variants = tuple(VARIANTS[i - 1] for i in a.variants)
     with tempfile.TemporaryDirectory(prefix="bench_ddp-") as tmp:
         work = a.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

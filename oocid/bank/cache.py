@@ -30,6 +30,7 @@ from oocid.bank.slots import ChunkSlots, at_bank_precision
 from oocid.bank.store import BankStore
 from oocid.errors import InputError
 from oocid.method.kernels import take_rows
+from oocid.method.own_draws import thin_own
 
 TOUCH_MAX = 8192  # gathers up to this many indices update the LRU order
 WINDOW_COPY_MAX_BYTES = 128 * 2**20  # `draw` may copy the window's rows out up to this size
@@ -55,6 +56,9 @@ class ChunkCache(ChunkSlots):
         # positions), so the step's update of the same positives skips locating them again
         self._located: tuple[np.ndarray, int, list[int], Tensor] | None = None
         self.ahead = prefetch_ahead
+        # the rate at which a sample's own row stays among its negatives: 1 with one process;
+        # this process's rows / the bank's with several (oocid.method.own_draws)
+        self.keep_own = 1.0
         if self.full:
             self.rows = self.flat[: self.n]  # (N, D): identity layout, as InCoreBank
             for c in range(self.n_chunks):
@@ -160,15 +164,26 @@ class ChunkCache(ChunkSlots):
         return rows[self._pick(int(rows.numel()), shape, generator)]
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator,
-             score_whole: Callable[[int], bool] | None = None) -> tuple[Tensor, Tensor]:
+             score_whole: Callable[[int], bool] | None = None, own: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
         """`sample`'s negatives, located: (table, positions) with table[positions] ==
         gather(sample(shape, g)) for a generator in the same state, without global indices
-        or LRU bookkeeping (the window is resident)."""
+        or LRU bookkeeping (the window is resident). With `own` (B,), the rows of per-sample
+        draws (B, K), and `keep_own` < 1 (this cache holds one process's part of a bank), a
+        draw of a sample's own row is thinned to the whole bank's rate (`thin_own`)."""
+        thin = own is not None and self.keep_own < 1.0 and len(shape) == 2
         if self.full:
-            return self.rows, self.sample(shape, generator)
+            pick = self.sample(shape, generator)
+            if thin:
+                assert own is not None
+                pick = thin_own(pick, None, own, self.n, self.keep_own, generator)
+            return self.rows, pick
         rows, at = self._window_index()
         n = int(rows.numel())
         pick = self._pick(n, shape, generator)
+        if thin:
+            assert own is not None
+            pick = thin_own(pick, rows, own, n, self.keep_own, generator)
         if score_whole is not None and score_whole(n) \
                 and n * self.dim * self.flat.element_size() <= WINDOW_COPY_MAX_BYTES:
             # negatives the caller scores as a whole table: the window's rows copied out in

@@ -42,9 +42,10 @@ class InCoreBank:
                              ).to(self.device)
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator,
-             score_whole: Callable[[int], bool] | None = None) -> tuple[Tensor, Tensor]:
+             score_whole: Callable[[int], bool] | None = None, own: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
         """`sample`'s negatives as (table, positions): table[positions] are their rows (the
-        whole bank, whether or not the caller scores it whole)."""
+        whole bank, whether or not the caller scores it whole; `own` changes nothing)."""
         return self.rows, self.sample(shape, generator)
 
     def update(self, index: Tensor, rows: Tensor) -> None:

@@ -127,7 +127,7 @@ def bank_loss(f: Tensor, index: Tensor, bank: Bank, lc: LossConfig, n_data: int,
     pos = bank.gather(index)  # (B, D) v_i, a copy
     # negatives, uniform over the bank (over the cache's window when it is partial)
     table, at = bank.draw((k,) if shared else (b, k), generator,  # at: (K,) | (B, K)
-                          score_whole=lambda t: fast.dense_scores_apply(b, k, t))
+                          score_whole=lambda t: fast.dense_scores_apply(b, k, t), own=index)
     if shared:
         neg = take_rows(table, at)  # (K, D)
         if lc.kind == "infonce":

@@ -29,10 +29,13 @@ class Bank(Protocol):
         ...
 
     def draw(self, shape: tuple[int, ...], generator: torch.Generator,
-             score_whole: Callable[[int], bool] | None = None) -> tuple[Tensor, Tensor]:
+             score_whole: Callable[[int], bool] | None = None, own: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
         """Negatives drawn uniformly (with replacement) from the rows a step may use, as
         (table (T, D), positions into it of `shape`). `score_whole(T)` says whether the caller
-        will score every row of a table of T rows; the bank may then hand out a smaller table."""
+        will score every row of a table of T rows; the bank may then hand out a smaller table.
+        `own` (B,): the samples' rows, for a bank that holds part of the rows to keep each
+        sample's own row among its (B, K) negatives at the whole bank's rate."""
         ...
 
     def update(self, index: Tensor, rows: Tensor) -> None:

@@ -167,6 +167,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     batches = world.all_max(data.steps_per_epoch(), device)
     spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))
+    bank.keep_own = part.n_rows / manifest.n  # 1 with one process (oocid.method.own_draws)
     window_rows = bank.w * bank.r
     if not bank.full and cfg.loss.kind != "softmax" and window_rows < cfg.loss.nce_k:
         say(f"oocid: warning: the cache's window of negatives holds {window_rows} rows, fewer than "
