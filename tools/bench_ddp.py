@@ -10,7 +10,9 @@ Each run is `oocid train` as a user starts it (world 1: plain; world 2: `torchru
 Fashion-MNIST images), with configs/demo.toml's recipe but InfoNCE (K 2048, t 0.1): the exact
 softmax needs the whole bank in one process. Two world-2 variants: the same global batch as
 world 1 (128 per process: the same steps, so the kNN isolates what the split changes), and the
-same per-process batch (256 each, 512 global, half the steps, lr unchanged).
+same per-process batch (256 each, 512 global, half the steps, lr unchanged). A control: one
+process whose BatchNorm normalises each half of the batch apart (what per-process statistics
+over 128 images do), everything else as the one-process run.
 
 Reported per run: images/s of the last epoch (all processes), weighted kNN top-1 of the held-out
 images against the bank (k 200, t 0.07, the end-of-run --val check), and for world 2 the
@@ -67,7 +69,39 @@ knn_temperature = 0.07
 """
 GATHER_K = 4096  # the paper's K, for the all-gather alternative
 VARIANTS = (("1 process", 1, 256), ("2 processes, same global batch", 2, 128),
-            ("2 processes, same batch each", 2, 256))
+            ("2 processes, same batch each", 2, 256),
+            ("1 process, BatchNorm over halves", 0, 256))  # world 0: the control below
+
+# The control: one process whose BatchNorm sees each half of the batch apart, as two processes
+# of 128 do with their own statistics (everything else as "1 process").
+HALVES = """
+import json, sys
+from pathlib import Path
+import torch
+import oocid.train.loop as loop
+from oocid.config import load_config
+
+real = loop.build_model
+
+
+class Halves(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.in_channels, self.out_dim = inner, inner.in_channels, inner.out_dim
+
+    def forward(self, x):
+        if not self.training or x.shape[0] < 4:
+            return self.inner(x)
+        h = x.shape[0] // 2
+        return torch.cat([self.inner(x[:h]), self.inner(x[h:])])
+
+
+loop.build_model = lambda *a, **k: Halves(real(*a, **k))
+cfg, shards, val, bank, out = sys.argv[1:6]
+res = loop.train(load_config(Path(cfg)), Path(shards), Path(bank), Path(out), val=Path(val),
+                 progress=False)
+print(json.dumps({"step": res.step, **res.metrics[-1]}))
+"""
 
 
 def shards(work: Path, toy: bool) -> tuple[Path, Path]:
@@ -96,6 +130,11 @@ def run(work: Path, name: str, world: int, batch: int, epochs: int, seed: int, k
     launch = [sys.executable, "-m", "oocid"] if world == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
          str(world), "-m", "oocid"]
+    if world == 0:  # the control: BatchNorm over halves of each batch, one process
+        (work / "halves.py").write_text(HALVES)
+        launch = [sys.executable, str(work / "halves.py"), str(cfg), str(train), str(val),
+                  str(work / f"{name}.zarr"), str(work / name)]
+        args = []
     stats = work / f"{name}.comm.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OOCID_COMM_STATS": str(stats)}
     t0 = time.perf_counter()
@@ -103,7 +142,8 @@ def run(work: Path, name: str, world: int, batch: int, epochs: int, seed: int, k
     if p.returncode != 0:
         raise SystemExit(f"bench_ddp: {name} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     last = json.loads(p.stdout.strip().splitlines()[-1])
-    out: dict[str, Any] = {"world": world, "batch_per_process": batch, "global_batch": world * batch,
+    out: dict[str, Any] = {"world": max(world, 1), "batch_per_process": batch,
+                           "global_batch": max(world, 1) * batch,
                            "seed": seed, "epochs": epochs, "steps": last["step"],
                            "images_per_s": last["images_per_s"], "knn_top1": last["knn_top1"],
                            "wall_s": time.perf_counter() - t0}
@@ -164,7 +204,7 @@ def main() -> None:
                     help="400 / 200 images, 1 epoch, 1 seed, the first two variants")
     ap.add_argument("--work", type=Path, default=None, help="Keep the runs here.")
     ap.add_argument("--variants", type=int, nargs="+", default=None,
-                    help="Run only these rows of the table (1, 2, 3).")
+                    help="Run only these rows of the table (1, 2, 3, 4).")
     a = ap.parse_args()
     epochs, seeds, k = (1, a.seeds[:1], 64) if a.toy else (a.epochs, a.seeds, 2048)
     variants = VARIANTS[:2] if a.toy else VARIANTS

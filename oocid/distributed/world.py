@@ -60,6 +60,13 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def broadcast_tensor(self, t: Tensor) -> Tensor:
+        """Rank 0's tensor (every rank passes one of the same shape and dtype)."""
+        if self.distributed:
+            t = t.contiguous()
+            dist.broadcast(t, src=0)
+        return t
+
     def all_sum(self, values: list[float], device: torch.device) -> list[float]:
         """The element-wise sum over ranks of a few numbers (float64)."""
         if not self.distributed:

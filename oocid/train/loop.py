@@ -370,6 +370,9 @@ class _Evaluator:
         chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
         c = self.num_classes
         if run.world.distributed:  # each process scores its part; k candidates are merged
+            # rank 0's features for all: each process's BatchNorm statistics are its own, and
+            # rank 0's model is the one the checkpoint keeps
+            feats = run.world.broadcast_tensor(feats)
             acc = knn_across(run.world, feats, labels, chunks, self.train_labels,
                              cfg.train.knn_k, cfg.train.knn_temperature, c)
         else:
