@@ -33,8 +33,9 @@ from oocid.distributed.partition import deal_shards, global_rows, rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
+from oocid.eval.embed import iter_features
 from oocid.eval.evaluate import (
-    knn_against,
+    knn_streamed,
     num_classes_of,
     read_labels,
     tensor_chunks,
@@ -350,31 +351,36 @@ def _duration(s: float) -> str:
 
 
 class _Evaluator:
-    """The end-of-epoch weighted kNN of the validation shards against the bank."""
+    """The end-of-epoch weighted kNN of the validation shards against the bank, streamed: each
+    evaluation reads the shards again batch by batch (`eval_batches`), embeds each batch and
+    scores it in blocks against the bank (`knn_streamed`), so device memory holds a batch, a
+    block of queries with its top-k and a block of bank rows, never the validation set. With
+    several processes the features are gathered first and scored by `knn_across`."""
 
     def __init__(self, run: RunState) -> None:
         assert run.val_manifest is not None
-        self.run = run
+        self.run, self.val = run, run.val_manifest
         labels = read_labels(run.manifest)
         self.num_classes = num_classes_of(run.manifest, labels)
         # this process's rows of the bank (all of them with one process)
         self.train_labels = torch.from_numpy(labels[global_rows(run.local or run.manifest)])
-        self.val_batches = list(eval_batches(run.val_manifest, run.cfg.data, run.device))
 
     def __call__(self) -> dict[str, float]:
         run, cfg, bank = self.run, self.run.cfg, self.run.bank
-        feats, _, labels = extract_features(run.model, iter(self.val_batches),
-                                            cfg.model.channels_last)
+        batches = eval_batches(self.val, cfg.data, run.device)
         # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
         # scan loses nothing (docs/design.md, "Checkpoints and resume").
         chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
         c = self.num_classes
         if run.world.distributed:  # each process scores its part; k candidates are merged
+            feats, _, labels = extract_features(run.model, batches, cfg.model.channels_last)
             acc = knn_across(run.world, feats, labels, chunks, self.train_labels,
                              cfg.train.knn_k, cfg.train.knn_temperature, c)
         else:
-            acc = knn_against(feats, labels, chunks, self.train_labels, cfg.train.knn_k,
-                              cfg.train.knn_temperature, c)
+            queries = ((f, label) for _, f, label in iter_features(run.model, batches,
+                                                                  cfg.model.channels_last))
+            acc = knn_streamed(queries, chunks, self.train_labels, cfg.train.knn_k,
+                               cfg.train.knn_temperature, c)
         # With 5 classes or fewer every query's class is within the top 5: not worth a column.
         return {"knn_top1": acc["top1"], **({"knn_top5": acc["top5"]} if c > 5 else {})}
 
