@@ -67,6 +67,7 @@ from oocid.train.setup import (
     lr_at,
     make_cache,
     resolve_loss,
+    window_warning,
 )
 from oocid.train.state import EpochTotals, RunState
 from oocid.train.tblog import TensorBoardLog, require_tensorboard
@@ -169,11 +170,9 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))
     bank.keep_own = part.n_rows / manifest.n  # 1 with one process (oocid.method.own_draws)
-    window_rows = bank.w * bank.r
-    if not bank.full and cfg.loss.kind != "softmax" and window_rows < cfg.loss.nce_k:
-        say(f"oocid: warning: the cache's window of negatives holds {window_rows} rows, fewer than "
-            f"loss.nce_k = {cfg.loss.nce_k}: negatives repeat within a step and the positive's own "
-            "row is often among them (raise --cache-mb)")
+    warning = window_warning(cfg, bank)
+    if warning is not None:
+        say(warning)
     if bank_state is not None:
         bank.load_state_dict(bank_state)
     tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard and world.main else None
