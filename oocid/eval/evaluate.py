@@ -19,7 +19,13 @@ from oocid.bank.store import BankStore
 from oocid.data.manifest import Manifest
 from oocid.data.reader import iter_samples
 from oocid.errors import DataError
-from oocid.method.knn import BLOCK_ROWS, knn_scores_from_topk, topk_hits, topk_streaming
+from oocid.method.knn import (
+    BLOCK_ROWS,
+    knn_scores_from_topk,
+    topk_accuracy,
+    topk_hits,
+    topk_streaming,
+)
 
 
 def read_labels(manifest: Manifest) -> np.ndarray:
@@ -47,6 +53,23 @@ def store_chunks(store: BankStore, device: torch.device) -> Iterator[tuple[int, 
 def tensor_chunks(rows: Tensor, chunk: int = 65536) -> Iterator[tuple[int, Tensor]]:
     for start in range(0, rows.shape[0], chunk):
         yield start, rows[start:start + chunk]
+
+
+def knn_evaluate(queries: Tensor, query_labels: Tensor, sims: Tensor, neighbours: Tensor,
+                 bank_labels: Tensor, ks: tuple[int, ...], temperature: float, num_classes: int
+                 ) -> dict[str, float]:
+    """top-1/top-5 for each k from one top-k at max(ks)."""
+    out: dict[str, float] = {}
+    nl = bank_labels.to(neighbours.device)[neighbours]  # (Q, kmax)
+    if (nl < 0).any():
+        raise DataError("the bank's shards have unlabeled samples; kNN accuracy needs labels")
+    for k in ks:
+        scores = knn_scores_from_topk(sims, nl, min(k, sims.shape[1]), temperature, num_classes)
+        acc = topk_accuracy(scores, query_labels, (1, 5))
+        suffix = "" if k == max(ks) else f"_k{k}"
+        out[f"top1{suffix}"] = acc[1]
+        out[f"top5{suffix}"] = acc[5]
+    return out
 
 
 QUERY_CHUNK = 4096  # queries scored per pass over the bank
