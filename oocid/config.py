@@ -102,7 +102,11 @@ class BankConfig:
     dtype: BankDtype = "float32"  # float32 | float16 (on disk)
     seed: int = 0
     cache_mb: float = 0.0  # device cache budget; 0: the whole bank if it fits in 1/4 of free memory
-    pool_chunks: int = 0  # cache chunks for the batch's positives; 0: max(S/4, 2*workers+2)
+    # cache chunks held for the batch's positives; 0: sized for the data order (streamed:
+    # max(S/4, max(1, workers) x (ceil(shuffle_buffer / R) + 5)); in memory: 2 x ceil(batch / R)
+    # + 1), then shrunk, down to one batch's chunks (streamed: one worker's share), until the
+    # window of negatives holds min(4 K, max(K, N/2)) rows (oocid.bank.sizing, train.make_cache)
+    pool_chunks: int = 0
 
 
 @dataclass

@@ -134,7 +134,8 @@ def ensure_bank(workdir: Path, rows: int, dim: int, store: str) -> Path:
 
 
 def _budget_and_pool(
-    rows: int, fraction: float, workers: int, pool_chunks: int = 0, buffer: int = 2048
+    rows: int, fraction: float, workers: int, pool_chunks: int = 0, buffer: int = 2048,
+    k: int = 4096
 ) -> tuple[int, int | None, str]:
     """(budget rows, pool chunks (as train.make_cache sizes it unless `pool_chunks`), "" or why
     n/a)."""
@@ -147,9 +148,11 @@ def _budget_and_pool(
         return budget, None, ""
     if slots < 3:
         return budget, None, "n/a (budget below 3 chunks)"
-    from oocid.bank.sizing import default_pool_chunks
+    from oocid.bank.sizing import default_pool_chunks, positives_pool, window_target_rows
 
-    pool = pool_chunks or default_pool_chunks(budget, CHUNK_ROWS, workers, buffer)  # = make_cache
+    pool = pool_chunks or default_pool_chunks(  # = make_cache
+        budget, CHUNK_ROWS, positives_pool(budget, CHUNK_ROWS, workers, buffer),
+        window_target_rows(k, rows))
     return budget, pool, ""
 
 
@@ -178,7 +181,8 @@ def run_child(a: argparse.Namespace) -> dict[str, Any]:
         "dim": d,
         "steps_per_epoch": spe,
     }
-    budget, pool, na = _budget_and_pool(n, a.cache_fraction, a.workers, a.pool_chunks, a.shuffle_buffer)
+    budget, pool, na = _budget_and_pool(n, a.cache_fraction, a.workers, a.pool_chunks,
+                                        a.shuffle_buffer, a.k)
     t0 = time.perf_counter()
     if kind == "memory":
         from oocid.bank.incore import InCoreBank
@@ -551,12 +555,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"N={rows}: round {rnd + 1}/{a.rounds}")
             runs.setdefault(None, []).append(spawn(a, "memory", rows, 1.0, 0))
             for f in fracs:
-                if _budget_and_pool(rows, f, a.workers, a.pool_chunks, a.shuffle_buffer)[2]:
+                if _budget_and_pool(rows, f, a.workers, a.pool_chunks, a.shuffle_buffer, a.k)[2]:
                     continue
                 runs.setdefault(f, []).append(spawn(a, "cache", rows, f, a.io_steps if rnd == 0 else 0))
         mem = _best(runs[None])
         for f in fracs:
-            na = _budget_and_pool(rows, f, a.workers, a.pool_chunks, a.shuffle_buffer)[2]
+            na = _budget_and_pool(rows, f, a.workers, a.pool_chunks, a.shuffle_buffer, a.k)[2]
             r = {"kind": "cache", "rows": rows, "na": na} if na else _best(runs[f])
             r.update(store=a.store, negatives=a.negatives, steps=a.steps, cache_fraction=f)
             if "error" not in mem and not r.get("na") and "error" not in r:

@@ -5,13 +5,12 @@ No rank gathers the bank: what crosses the wire is 2 x Q x k numbers per rank an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from oocid.distributed.world import World
-from oocid.eval.evaluate import knn_evaluate
 from oocid.method.knn import topk_streaming
 
 
@@ -25,18 +24,3 @@ def topk_across(world: World, queries: Tensor, chunks: Iterator[tuple[int, Tenso
     l_all = torch.cat(world.all_gather_tensor(lab.contiguous()), dim=1)
     best, at = s_all.topk(min(k, s_all.shape[1]), dim=1)
     return best, l_all.gather(1, at)
-
-
-def knn_across(world: World, queries: Tensor, query_labels: Tensor,
-               chunks: Callable[[], Iterator[tuple[int, Tensor]]], bank_labels: Tensor, k: int,
-               temperature: float, num_classes: int, query_chunk: int = 4096) -> dict[str, float]:
-    """`oocid.eval.evaluate.knn_against` over a bank split across the ranks (a collective)."""
-    sims, labs = [], []
-    for q in queries.split(query_chunk):  # type: ignore[no-untyped-call]
-        s, lab = topk_across(world, q, chunks(), bank_labels, k)
-        sims.append(s)
-        labs.append(lab)
-    s, lab = torch.cat(sims), torch.cat(labs)
-    at = torch.arange(lab.numel(), device=lab.device).view_as(lab)
-    return knn_evaluate(queries, query_labels, s, at, lab.flatten(), (k,), temperature,
-                        num_classes)

@@ -1,7 +1,8 @@
 """kNN evaluation: features of labeled validation shards scored against the memory bank.
 
 Feature extraction is kept apart from scoring (as DINO's eval does); the bank is streamed
-from the store chunk by chunk with a running top-k merge, so it never has to fit in memory.
+from the store chunk by chunk with a running top-k merge, so it never has to fit in memory,
+and the queries can come batch by batch (`knn_streamed`), so neither do they.
 Q queries, N bank rows, D dims, C classes.
 """
 
@@ -18,7 +19,13 @@ from oocid.bank.store import BankStore
 from oocid.data.manifest import Manifest
 from oocid.data.reader import iter_samples
 from oocid.errors import DataError
-from oocid.method.knn import knn_scores_from_topk, topk_accuracy, topk_streaming
+from oocid.method.knn import (
+    BLOCK_ROWS,
+    knn_scores_from_topk,
+    topk_accuracy,
+    topk_hits,
+    topk_streaming,
+)
 
 
 def read_labels(manifest: Manifest) -> np.ndarray:
@@ -65,19 +72,89 @@ def knn_evaluate(queries: Tensor, query_labels: Tensor, sims: Tensor, neighbours
     return out
 
 
+QUERY_CHUNK = 4096  # queries scored per pass over the bank
+
+
 def knn_against(queries: Tensor, query_labels: Tensor,
                 chunks: Callable[[], Iterator[tuple[int, Tensor]]], bank_labels: Tensor, k: int,
-                temperature: float, num_classes: int, query_chunk: int = 4096
+                temperature: float, num_classes: int, query_chunk: int = QUERY_CHUNK
                 ) -> dict[str, float]:
     """Weighted kNN accuracy of queries against bank chunks; `chunks()` starts a fresh pass
     over the bank for each block of `query_chunk` queries (memory: one chunk + top-k)."""
-    all_s, all_i = [], []
-    for q in queries.split(query_chunk):  # type: ignore[no-untyped-call]
-        s, i = topk_streaming(q, chunks(), k)
-        all_s.append(s)
-        all_i.append(i)
-    return knn_evaluate(queries, query_labels, torch.cat(all_s), torch.cat(all_i), bank_labels,
-                        (k,), temperature, num_classes)
+    return knn_streamed(iter([(queries, query_labels)]), chunks, bank_labels, k, temperature,
+                        num_classes, query_chunk)
+
+
+LabelledTopk = Callable[[Tensor, Iterator[tuple[int, Tensor]]], tuple[Tensor, Tensor]]
+
+
+def knn_streamed(batches: Iterator[tuple[Tensor, Tensor]],
+                 chunks: Callable[[], Iterator[tuple[int, Tensor]]], bank_labels: Tensor, k: int,
+                 temperature: float, num_classes: int, query_chunk: int = QUERY_CHUNK,
+                 block_rows: int = BLOCK_ROWS, topk: LabelledTopk | None = None
+                 ) -> dict[str, float]:
+    """Weighted kNN top-1/top-5 of query batches (features (b, D), labels (b,)) against bank
+    chunks, never holding the whole query set: the batches are taken as they come, cut into
+    blocks of `query_chunk` queries, and each block is scored by one pass over the bank
+    (`chunks()` starts one) keeping only its running top-k, then counted and dropped.
+
+    Memory: a block of queries and its (query_chunk, k) top-k, with `topk_streaming`'s block of
+    `block_rows` bank rows and score buffer, whatever the number of queries. The blocks are those
+    `knn_against` cut from all the queries at once, so the accuracies are the same. `topk`
+    (queries, chunks) -> (similarities, neighbours' labels) replaces the top-k over `chunks`
+    (several processes: `oocid.distributed.merge.topk_across`)."""
+    held: list[tuple[Tensor, Tensor]] = []
+    counts = _HitCounts(bank_labels, k, temperature, num_classes, block_rows, topk)
+    rows = 0
+    for feats, labels in batches:
+        held.append((feats, labels))
+        rows += feats.shape[0]
+        while rows >= query_chunk:
+            q, y = _joined(held)
+            counts.add(q[:query_chunk], y[:query_chunk], chunks)
+            held, rows = [(q[query_chunk:], y[query_chunk:])], rows - query_chunk
+    if rows:
+        counts.add(*_joined(held), chunks)
+    if not counts.n:
+        raise DataError("no samples to score")
+    return counts.accuracy()
+
+
+def _joined(held: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    if len(held) == 1:  # one batch (or what is left of one): its rows as they are
+        return held[0]
+    return torch.cat([f for f, _ in held]), torch.cat([lab for _, lab in held])
+
+
+class _HitCounts:
+    """Queries scored so far, and how many had their class among the top 1 and top 5."""
+
+    def __init__(self, bank_labels: Tensor, k: int, temperature: float, num_classes: int,
+                 block_rows: int, topk: LabelledTopk | None = None) -> None:
+        self.bank_labels, self.k, self.t, self.c = bank_labels, k, temperature, num_classes
+        self.block_rows, self.topk = block_rows, topk
+        self.n, self.hits = 0, {1: 0, 5: 0}
+
+    def add(self, q: Tensor, y: Tensor, chunks: Callable[[], Iterator[tuple[int, Tensor]]]
+            ) -> None:
+        if self.topk is not None:
+            sims, nl = self.topk(q, chunks())
+        else:
+            sims, neighbours = topk_streaming(q, chunks(), self.k, block_rows=self.block_rows)
+            if self.bank_labels.device != neighbours.device:  # moved once, not once a block
+                self.bank_labels = self.bank_labels.to(neighbours.device)
+            nl = self.bank_labels[neighbours]  # (q, k')
+        if (nl < 0).any():
+            raise DataError("the bank's shards have unlabeled samples; kNN accuracy needs labels")
+        scores = knn_scores_from_topk(sims, nl, min(self.k, sims.shape[1]), self.t, self.c)
+        for top, hit in topk_hits(scores, y, (1, 5)).items():
+            self.hits[top] += hit
+        self.n += q.shape[0]
+
+    def accuracy(self) -> dict[str, float]:
+        """{"top1", "top5"}: each count / n rounded to float32, as a float32 mean of 0/1 hits."""
+        return {f"top{top}": float(torch.tensor(float(h), dtype=torch.float32).div(self.n))
+                for top, h in self.hits.items()}
 
 
 def num_classes_of(manifest: Manifest, labels: np.ndarray) -> int:

@@ -273,9 +273,22 @@ def topk_accuracy(scores: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)
     res: dict[int, float] = {}
     if scores.shape[0] == 0:
         return {k: float("nan") for k in ks}
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    for k in ks:
-        kk = min(k, scores.shape[1])
-        hit = (order[:, :kk] == targets.view(-1, 1).to(order.device)).any(dim=1)
+    for k, hit in _topk_hit_rows(scores, targets, ks).items():
         res[k] = float(hit.float().mean().item())
     return res
+
+
+def topk_hits(scores: Tensor, targets: Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """Number of rows whose target is among the `k` best classes, for each k."""
+    if scores.shape[0] == 0:
+        return dict.fromkeys(ks, 0)
+    return {k: int(hit.sum().item()) for k, hit in _topk_hit_rows(scores, targets, ks).items()}
+
+
+def _topk_hit_rows(scores: Tensor, targets: Tensor, ks: tuple[int, ...]) -> dict[int, Tensor]:
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    out: dict[int, Tensor] = {}
+    for k in ks:
+        kk = min(k, scores.shape[1])
+        out[k] = (order[:, :kk] == targets.view(-1, 1).to(order.device)).any(dim=1)  # (Q,) bool
+    return out

@@ -22,19 +22,20 @@ from oocid.bank.store import BankStore
 from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, repair_metrics
 from oocid.config import Config, config_from_dict
 from oocid.data.batch import Batch, image_channels
-from oocid.data.eval_data import eval_batches, extract_features
+from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
 from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
 from oocid.distributed.layout import bank_layout
-from oocid.distributed.merge import knn_across
+from oocid.distributed.merge import topk_across
 from oocid.distributed.partition import deal_shards, global_rows, rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
+from oocid.eval.embed import iter_features
 from oocid.eval.evaluate import (
-    knn_against,
+    knn_streamed,
     num_classes_of,
     read_labels,
     tensor_chunks,
@@ -66,6 +67,7 @@ from oocid.train.setup import (
     lr_at,
     make_cache,
     resolve_loss,
+    window_warning,
 )
 from oocid.train.state import EpochTotals, RunState
 from oocid.train.tblog import TensorBoardLog, require_tensorboard
@@ -168,11 +170,9 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))
     bank.keep_own = part.n_rows / manifest.n  # 1 with one process (oocid.method.own_draws)
-    window_rows = bank.w * bank.r
-    if not bank.full and cfg.loss.kind != "softmax" and window_rows < cfg.loss.nce_k:
-        say(f"oocid: warning: the cache's window of negatives holds {window_rows} rows, fewer than "
-            f"loss.nce_k = {cfg.loss.nce_k}: negatives repeat within a step and the positive's own "
-            "row is often among them (raise --cache-mb)")
+    warning = window_warning(cfg, bank)
+    if warning is not None:
+        say(warning)
     if bank_state is not None:
         bank.load_state_dict(bank_state)
     tb = TensorBoardLog(run_dir / "tb") if cfg.train.tensorboard and world.main else None
@@ -350,34 +350,37 @@ def _duration(s: float) -> str:
 
 
 class _Evaluator:
-    """The end-of-epoch weighted kNN of the validation shards against the bank."""
+    """The end-of-epoch weighted kNN of the validation shards against the bank, streamed: each
+    evaluation reads the shards again batch by batch (`eval_batches`), embeds each batch and
+    scores it in blocks against the bank (`knn_streamed`), so device memory holds a batch, a
+    block of queries with its top-k and a block of bank rows, never the validation set; with
+    several processes, the same with each block's top-k merged across them (`topk_across`)."""
 
     def __init__(self, run: RunState) -> None:
         assert run.val_manifest is not None
-        self.run = run
+        self.run, self.val = run, run.val_manifest
         labels = read_labels(run.manifest)
         self.num_classes = num_classes_of(run.manifest, labels)
         # this process's rows of the bank (all of them with one process)
         self.train_labels = torch.from_numpy(labels[global_rows(run.local or run.manifest)])
-        self.val_batches = list(eval_batches(run.val_manifest, run.cfg.data, run.device))
 
     def __call__(self) -> dict[str, float]:
         run, cfg, bank = self.run, self.run.cfg, self.run.bank
-        feats, _, labels = extract_features(run.model, iter(self.val_batches),
-                                            cfg.model.channels_last)
+        batches = eval_batches(self.val, cfg.data, run.device)
         # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
         # scan loses nothing (docs/design.md, "Checkpoints and resume").
         chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
         c = self.num_classes
-        if run.world.distributed:  # each process scores its part; k candidates are merged
-            # rank 0's features for all: each process's BatchNorm statistics are its own, and
-            # rank 0's model is the one the checkpoint keeps
-            feats = run.world.broadcast_tensor(feats)
-            acc = knn_across(run.world, feats, labels, chunks, self.train_labels,
-                             cfg.train.knn_k, cfg.train.knn_temperature, c)
-        else:
-            acc = knn_against(feats, labels, chunks, self.train_labels, cfg.train.knn_k,
-                              cfg.train.knn_temperature, c)
+        world, k = run.world, cfg.train.knn_k
+        # several processes: rank 0's features for all (each process's BatchNorm statistics
+        # are its own; rank 0's model is the one the checkpoint keeps), each scores its part
+        # of the bank and k candidates per query are merged
+        queries = ((world.broadcast_tensor(f), label) for _, f, label in
+                   iter_features(run.model, batches, cfg.model.channels_last))
+        topk = (lambda q, rows: topk_across(world, q, rows, self.train_labels, k)) \
+            if world.distributed else None
+        acc = knn_streamed(queries, chunks, self.train_labels, k, cfg.train.knn_temperature, c,
+                           topk=topk)
         # With 5 classes or fewer every query's class is within the top 5: not worth a column.
         return {"knn_top1": acc["top1"], **({"knn_top5": acc["top5"]} if c > 5 else {})}
 

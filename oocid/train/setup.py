@@ -12,7 +12,13 @@ import torch
 
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
-from oocid.bank.sizing import cache_rows, default_pool_chunks
+from oocid.bank.sizing import (
+    WINDOW_K_TIMES,
+    cache_rows,
+    default_pool_chunks,
+    positives_pool,
+    window_target_rows,
+)
 from oocid.bank.store import BankStore, open_store
 from oocid.bank.verify import check_matches
 from oocid.config import Config, auto_loss, data_workers
@@ -107,15 +113,17 @@ def make_cache(cfg: Config, store: BankStore, device: torch.device, steps_per_ep
                budget: int, in_memory: bool = False) -> ChunkCache:
     """The device cache of `budget` rows (`cache_budget_rows`, computed once per start).
 
-    The pool for the positives is sized for the data order: a stream's shuffle buffers, or the
-    two groups of chunks that a chunk-local in-memory batch can span (`oocid.data.memory.local_order`)."""
+    The pool for the positives (`bank.pool_chunks`, or 0: sized here) is sized for the data
+    order: a stream's shuffle buffers, or the two groups of chunks that a chunk-local in-memory
+    batch can span (`oocid.data.memory.local_order`); it gives way, down to the chunks one batch
+    spans, to a window of negatives of `window_target_rows` (4 x K, or half a small bank)."""
     pool = cfg.bank.pool_chunks or None
     if pool is None and budget < store.n_rows:
-        if in_memory:
-            pool = 2 * -(-cfg.data.batch_size // store.chunk_rows) + 1  # + a short group
-        else:
-            pool = default_pool_chunks(budget, store.chunk_rows, data_workers(cfg.data.workers),
-                                       cfg.data.shuffle_buffer)
+        want = positives_pool(budget, store.chunk_rows, data_workers(cfg.data.workers),
+                              cfg.data.shuffle_buffer, cfg.data.batch_size if in_memory else 0)
+        window = 0 if cfg.loss.kind == "softmax" else window_target_rows(cfg.loss.nce_k,
+                                                                          store.n_rows)
+        pool = default_pool_chunks(budget, store.chunk_rows, want, window)
     return ChunkCache(store, budget, device, steps_per_epoch=steps_per_epoch, pool_chunks=pool)
 
 
@@ -130,3 +138,25 @@ def check_val(manifest: Manifest, val_manifest: Manifest | None, shards: Path,
         raise InputError(f"{shards}: training shards are unlabeled; the kNN check of --val "
                          "needs labels (train without --val)")
     check_same_classes(manifest, val_manifest, val)  # type: ignore[arg-type]
+
+
+def window_warning(cfg: Config, cache: ChunkCache) -> str | None:
+    """One line when the window of negatives of a partial cache holds fewer rows than
+    `window_target_rows` (the K negatives of a step are drawn from the window only), or None:
+    always None when the whole bank is cached or the loss has no sampled negatives."""
+    if cache.full or cfg.loss.kind == "softmax":
+        return None
+    k, rows = cfg.loss.nce_k, cache.w * cache.r
+    target = window_target_rows(k, cache.n)
+    if rows >= target:
+        return None
+    if rows < k:
+        what = (f"fewer than loss.nce_k = {k}: negatives repeat within a step and the "
+                "positive's own row is often among them")
+    else:
+        under = f"{WINDOW_K_TIMES} x loss.nce_k = {target}" if target == WINDOW_K_TIMES * k \
+            else f"half the bank's {cache.n} rows"
+        what = f"under {under}: a step's {k} negatives come from few of the bank's rows"
+    hint = "lower bank.pool_chunks or raise --cache-mb" if cfg.bank.pool_chunks \
+        else "raise --cache-mb"
+    return f"oocid: warning: the cache's window of negatives holds {rows} rows, {what} ({hint})"

@@ -6,6 +6,7 @@ run with the bank at its last commit, and `--resume` (2 processes, or 1) complet
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from helpers import kill_config, kill_shards, oocid_argv
 from oocid.bank.create import create_store
 from oocid.bank.store import open_store
 from oocid.bank.verify import verify_store
+from oocid.cli.knn import run_knn
 from oocid.config import Config
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"} | {"OMP_NUM_THREADS": "1"}
@@ -35,7 +37,7 @@ def torchrun(n: int, *args: str) -> list[str]:
 def train_args(root: Path, name: str, *extra: str) -> list[str]:
     return ["train", "--shards", str(root / "shards"), "--bank", str(root / f"{name}.zarr"),
             "--out", str(root / name), "--config", str(root / "cfg.toml"), "--no-progress",
-            "--cache-mb", "0.03", *extra]
+            "--cache-mb", "0.03", "--val", str(root / "shards"), *extra]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -90,7 +92,12 @@ def test_two_processes_train_every_row_of_the_bank(root: Path, two: tuple) -> No
     assert (np.abs(rows - first).max(axis=1) > 0).all()  # every row written
     metrics = (root / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == EPOCHS
-    assert '"images": 192' in metrics[-1]  # both ranks' samples, each once
+    last = json.loads(metrics[-1])
+    assert last["images"] == 192  # both ranks' samples, each once
+    # the end-of-run kNN, scored in parts and merged, is what `oocid knn` finds on the bank
+    one = run_knn(root / "two.zarr", root / "two" / "last.pt", root / "shards", None,
+                  [Config().train.knn_k], Config().train.knn_temperature, "cpu")
+    assert last["knn_top1"] == one["top1"]
 
 
 def workers(parent: int) -> list[int]:
