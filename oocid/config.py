@@ -38,8 +38,8 @@ class ModelConfig:
     arch: Arch = "resnet18"  # small | resnet18 | resnet50 | cifar_resnet18
     dim: int = 128  # feature / bank dimension D
     channels_last: bool = True
-    # several processes (torchrun) on CUDA: BatchNorm statistics over the global batch
-    # (SyncBatchNorm); the default keeps each process's own, as the paper's single GPU did
+    # several processes (torchrun): BatchNorm statistics over the global batch
+    # (oocid.distributed.batchnorm); the default keeps each process's own
     sync_batchnorm: bool = False
 
 

@@ -12,7 +12,8 @@ softmax needs the whole bank in one process. Two world-2 variants: the same glob
 world 1 (128 per process: the same steps, so the kNN isolates what the split changes), and the
 same per-process batch (256 each, 512 global, half the steps, lr unchanged). A control: one
 process whose BatchNorm normalises each half of the batch apart (what per-process statistics
-over 128 images do), everything else as the one-process run.
+over 128 images do), everything else as the one-process run; and 2 processes of 128 with
+model.sync_batchnorm (BatchNorm over the global batch).
 
 Reported per run: images/s of the last epoch (all processes), weighted kNN top-1 of the held-out
 images against the bank (k 200, t 0.07, the end-of-run --val check), and for world 2 the
@@ -43,6 +44,7 @@ from oocid.demo import demo_data_path
 CONFIG = """
 [model]
 arch = "small"
+sync_batchnorm = {sync}
 [data]
 image_size = 28
 augment = "gray"
@@ -70,7 +72,8 @@ knn_temperature = 0.07
 GATHER_K = 4096  # the paper's K, for the all-gather alternative
 VARIANTS = (("1 process", 1, 256), ("2 processes, same global batch", 2, 128),
             ("2 processes, same batch each", 2, 256),
-            ("1 process, BatchNorm over halves", 0, 256))  # world 0: the control below
+            ("1 process, BatchNorm over halves", 0, 256),  # world 0: the control below
+            ("2 processes of 128, global BatchNorm", -2, 128))  # -2: model.sync_batchnorm
 
 # The control: one process whose BatchNorm sees each half of the batch apart, as two processes
 # of 128 do with their own statistics (everything else as "1 process").
@@ -123,7 +126,9 @@ def shards(work: Path, toy: bool) -> tuple[Path, Path]:
 def run(work: Path, name: str, world: int, batch: int, epochs: int, seed: int, k: int,
         train: Path, val: Path) -> dict[str, Any]:
     cfg = work / f"{name}.toml"
-    cfg.write_text(CONFIG.format(batch=batch, epochs=epochs, seed=seed, k=k))
+    cfg.write_text(CONFIG.format(batch=batch, epochs=epochs, seed=seed, k=k,
+                                 sync="true" if world < 0 else "false"))
+    world = abs(world)
     args = ["train", "--shards", str(train), "--val", str(val), "--bank",
             str(work / f"{name}.zarr"), "--out", str(work / name), "--config", str(cfg),
             "--no-progress"]
@@ -204,7 +209,7 @@ def main() -> None:
                     help="400 / 200 images, 1 epoch, 1 seed, the first two variants")
     ap.add_argument("--work", type=Path, default=None, help="Keep the runs here.")
     ap.add_argument("--variants", type=int, nargs="+", default=None,
-                    help="Run only these rows of the table (1, 2, 3, 4).")
+                    help="Run only these rows of the table (1 to 5).")
     a = ap.parse_args()
     epochs, seeds, k = (1, a.seeds[:1], 64) if a.toy else (a.epochs, a.seeds, 2048)
     variants = VARIANTS[:2] if a.toy else VARIANTS

@@ -8,19 +8,22 @@ import torch
 from torch import Tensor
 
 
-def cache_rows(cache_mb: float, n_rows: int, dim: int, device: torch.device) -> int:
+def cache_rows(cache_mb: float, n_rows: int, dim: int, device: torch.device,
+               sharers: int = 1) -> int:
     """Rows the device cache may hold: `cache_mb` MB of float32 rows, or (0) the default."""
     if cache_mb > 0:
         return int(cache_mb * 2**20) // (dim * 4)
-    return default_cache_rows(n_rows, dim, device)
+    return default_cache_rows(n_rows, dim, device, sharers)
 
 
-def default_cache_rows(n_rows: int, dim: int, device: torch.device) -> int:
-    """The whole bank when it fits in a quarter of free device memory, else that quarter."""
+def default_cache_rows(n_rows: int, dim: int, device: torch.device, sharers: int = 1) -> int:
+    """The whole bank when it fits in a quarter of free device memory, else that quarter; on
+    the CPU, host memory is shared by `sharers` processes of one machine (one quarter among
+    them)."""
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        free = _available_ram()
+        free = _available_ram() // max(1, sharers)
     quarter = max(1, free // 4 // (dim * 4))
     return int(min(n_rows, quarter))
 

@@ -157,7 +157,7 @@ def train(
     if verify_checksums:
         from oocid.data.manifest import verify_shard_dirs
 
-        verify_shard_dirs([shards, val], progress)
+        verify_shard_dirs([shards, val], progress and not _other_rank())
     from oocid.train.loop import train as run_train  # torch: imported once the config is known good
 
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,

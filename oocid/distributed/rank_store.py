@@ -35,7 +35,7 @@ class RankStore:
     """The chunks `chunks` (ascending) of `base`, as chunks 0..len-1 of a bank of their rows."""
 
     def __init__(self, base: BankStore, chunks: list[int], world: World,
-                 layout: BankLayout) -> None:
+                 layout: BankLayout, launch: str = "") -> None:
         self.base, self.chunks, self.world, self.layout = base, list(chunks), world, layout
         self.chunk_rows = base.chunk_rows
         self.dim = base.dim
@@ -49,7 +49,7 @@ class RankStore:
             at += b - a
         self.n_rows = at
         self.n_chunks = len(self.chunks)
-        base.writer = f"r{world.rank}"
+        base.writer = f"r{world.rank}" + (f"-{launch}" if launch else "")
 
     @property
     def meta(self) -> BankMeta:

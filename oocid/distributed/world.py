@@ -31,6 +31,7 @@ class World:
     size: int = 1
     local_rank: int = 0
     node: int = 0  # torchrun's GROUP_RANK: which machine
+    local_size: int = 1  # processes on this machine (LOCAL_WORLD_SIZE)
 
     @property
     def distributed(self) -> bool:
@@ -106,12 +107,13 @@ def world_from_env(env: Mapping[str, str] | None = None) -> World:
         size, rank = int(env["WORLD_SIZE"]), int(env.get("RANK", "0"))
         local = int(env.get("LOCAL_RANK", str(rank)))
         node = int(env.get("GROUP_RANK", "0"))
+        local_size = int(env.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError as e:
         raise InputError(f"torchrun's environment is malformed ({e})") from e
     if size < 1 or not 0 <= rank < size or local < 0:
         raise InputError(f"torchrun's environment is inconsistent: RANK={rank}, "
                          f"WORLD_SIZE={size}, LOCAL_RANK={local}")
-    return World(rank, size, local, node)
+    return World(rank, size, local, node, max(1, local_size))
 
 
 def start_world(world: World, device: torch.device) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -152,6 +153,11 @@ class StepOut:
     z: float | None = None
 
 
+# True during an idle process's forward (`NPIDStep._idle`): layers that take part in
+# collectives in training (oocid.distributed.batchnorm) join them with nothing of their own.
+IDLE_FORWARD: ContextVar[bool] = ContextVar("IDLE_FORWARD", default=False)
+
+
 class StepSync(Protocol):
     """What a step needs from the other processes of a multi-process run (oocid.distributed.sync):
     each call is a collective, made by every process in the same order."""
@@ -266,11 +272,21 @@ class NPIDStep:
         return StepOut(total / max(n_all, 1), False, z)
 
     def _idle(self, step: int) -> bool:
-        """A micro-batch this process does not have: the collectives of a real one, a forward
+        """A micro-batch this process does not have: the collectives of a real one in the same
+        order (the model's forward, which under DistributedDataParallel may hold collectives
+        of its own, then Z's agreement and the finite check, then the backward), with a forward
         of `idle_input` in eval mode (running statistics untouched) and a zero gradient.
         False when another process's micro-batch was not finite (all skip the step)."""
         if self.sync is None or self.idle_input is None:
             raise ValueError("an idle micro-batch needs a StepSync and an idle_input")
+        self.model.eval()
+        token = IDLE_FORWARD.set(True)
+        try:
+            with autocast(self.precision, self.idle_input.device):
+                f = self.model(self.idle_input)
+        finally:
+            IDLE_FORWARD.reset(token)
+            self.model.train()
         z_before = self.zest.state_dict() if self.zest is not None else None
         if self.zest is not None:
             self.zest.idle()
@@ -278,14 +294,8 @@ class NPIDStep:
             if self.zest is not None and z_before is not None:
                 self.zest.load_state_dict(z_before)
             return False
-        self.model.eval()
-        try:
-            with autocast(self.precision, self.idle_input.device):
-                f = self.model(self.idle_input)
-            zero = f.float().sum() * 0.0
-            (self.scaler.scale(zero) if self.scaler is not None else zero).backward()
-        finally:
-            self.model.train()
+        zero = f.float().sum() * 0.0
+        (self.scaler.scale(zero) if self.scaler is not None else zero).backward()
         return True
 
     def _skip(self, step: int, z: float | None) -> StepOut:

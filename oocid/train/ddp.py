@@ -12,6 +12,7 @@ one (plain `oocid train`) every function here is the identity or the single-proc
 
 from __future__ import annotations
 
+import secrets
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -28,6 +29,7 @@ from oocid.config import Config
 from oocid.data.batch import image_channels, mix_seed
 from oocid.data.manifest import Manifest
 from oocid.distributed import stats
+from oocid.distributed.batchnorm import global_batchnorm
 from oocid.distributed.layout import BankLayout, claim_part
 from oocid.distributed.partition import check_chunked_by_shards, deal_shards
 from oocid.distributed.rank_store import RankStore
@@ -69,13 +71,13 @@ def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, wo
         store = open_or_create_bank(cfg, manifest, bank_path, resume, recover=world.main) \
             if leads else None
         try:
-            step = world.broadcast(store.meta.committed_step if store is not None else None)
-            if store is not None and not world.main:
-                store.settle(step)  # the run's committed step is the step of rank 0's bank
-            if store is not None and layout.node_local:
+            if store is not None and layout.node_local:  # the same chunks as before, or none
                 deal = deal_shards(manifest, world.size)
                 claim_part(bank_path, sorted(c for r in layout.group for c in deal[r]), world,
                            manifest.identity)
+            step = world.broadcast(store.meta.committed_step if store is not None else None)
+            if store is not None and not world.main:
+                store.settle(step)  # the run's committed step is the step of rank 0's bank
             world.barrier()
             if store is None:
                 if not bank_path.exists():
@@ -97,7 +99,9 @@ def rank_store(store: BankStore, manifest: Manifest, local: Manifest, world: Wor
         return store
     check_chunked_by_shards(manifest, store.chunk_rows)
     chunks = deal_shards(manifest, world.size)[world.rank]
-    view = RankStore(store, chunks, world, layout)
+    # writer names of this launch: a process of an earlier launch still finishing cannot
+    # write a part that this launch's commit would name
+    view = RankStore(store, chunks, world, layout, world.broadcast(secrets.token_hex(4)))
     assert view.n_rows == local.n
     return cast(BankStore, view)  # the part of BankStore's interface the cache uses
 
@@ -108,14 +112,12 @@ def rank_seed(seed: int, world: World) -> int:
 
 def sync_batchnorm(cfg: Config, model: Embedder, world: World, device: torch.device
                    ) -> Embedder:
-    """`model.sync_batchnorm`: BatchNorm over the global batch (CUDA only; a world of one has
-    nothing to synchronise)."""
+    """`model.sync_batchnorm`: BatchNorm over the global batch (`GlobalBatchNorm2d`, on the
+    CPU and on CUDA: torch's SyncBatchNorm runs on CUDA only and skips its collectives in eval
+    mode, where an idle process's forward runs). A world of one has nothing to synchronise."""
     if not cfg.model.sync_batchnorm or not world.distributed:
         return model
-    if device.type != "cuda":
-        raise InputError("model.sync_batchnorm needs CUDA (torch's SyncBatchNorm does not run "
-                         "on the CPU); leave it off for per-process statistics")
-    return cast(Embedder, torch.nn.SyncBatchNorm.convert_sync_batchnorm(model))  # type: ignore[no-untyped-call]
+    return cast(Embedder, global_batchnorm(model))
 
 
 def wrap_model(model: Embedder, world: World, device: torch.device) -> Embedder:
@@ -139,10 +141,14 @@ def idle_input(cfg: Config, manifest: Manifest, device: torch.device) -> torch.T
 
 
 def padded(batches: Iterator[T], count: int, world: World) -> Iterator[T | None]:
-    """`batches`, then None up to `count` items (several processes); `batches` alone (one)."""
+    """`batches`, then None up to `count` items (several processes); `batches` alone (one).
+    More than `count` batches would put this process a step out of line with the others."""
     n = 0
     for b in batches:
         n += 1
+        if world.distributed and n > count:
+            raise RuntimeError(f"rank {world.rank}: more batches this epoch than the {count} "
+                               "counted; the processes would fall out of step")
         yield b
     if world.distributed:
         for _ in range(count - n):
@@ -188,3 +194,20 @@ def report_comm(world: World, steps: int) -> None:
         every = world.gather(stats.mine())
         if world.main:
             stats.write_stats(every)
+
+
+def agree_on_inputs(world: World, manifest: Manifest, val: Manifest | None, resume: bool,
+                    max_epochs: int | None, max_steps: int | None, node_local: bool) -> None:
+    """InputError unless every process was started on the same shards with the same options
+    that decide its collectives (rank 0's config is sent to all; these are not)."""
+    if not world.distributed:
+        return
+    mine = {"shards": manifest.identity, "--val": val.identity if val is not None else None,
+            "--resume": resume, "max epochs": max_epochs, "--max-steps": max_steps,
+            "--node-local-bank": node_local}
+    every = world.gather(mine)
+    differ = sorted({k for e in every for k in e if e[k] != every[0][k]})
+    if differ:
+        raise InputError(f"rank {world.rank}: the processes were started with different "
+                         f"{', '.join(differ)} (run the same command, on the same shards, "
+                         "on every machine)")

@@ -46,6 +46,7 @@ from oocid.models import Embedder, build_model
 from oocid.progress import Progress, progress_bar
 from oocid.train.ddp import (
     Inputs,
+    agree_on_inputs,
     idle_input,
     open_bank,
     padded,
@@ -105,10 +106,12 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     try:
         # rank 0's config for all (another machine may not see the run folder's config.json)
         cfg = world.broadcast(cfg)
+        agree_on_inputs(world, manifest, val_manifest, resume, max_epochs, max_steps,
+                        node_local_bank)
         share = deal_shards(manifest, world.size)[world.rank] if world.distributed else None
         local = rank_manifest(manifest, share) if share is not None else manifest
         # Measured once: the default budget follows free memory, which changes between calls.
-        budget = cache_budget_rows(cfg, None, device, local.n)
+        budget = cache_budget_rows(cfg, None, device, local.n, sharers=world.local_size)
         cfg = resolve_loss(cfg, manifest.n, budget, say, whole_bank=not world.distributed)
         lc = cfg.loss
         if lc.kind in ("nce", "infonce") and lc.nce_k >= local.n:

@@ -81,10 +81,11 @@ def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume
 
 
 def cache_budget_rows(cfg: Config, store: BankStore | None, device: torch.device,
-                      n_rows: int = 0) -> int:
-    """Rows the device cache may hold: --cache-mb / (4 D), or the default budget."""
+                      n_rows: int = 0, sharers: int = 1) -> int:
+    """Rows the device cache may hold: --cache-mb / (4 D), or the default budget (on the CPU,
+    host memory shared by `sharers` processes)."""
     n, dim = (store.n_rows, store.dim) if store is not None else (n_rows, cfg.model.dim)
-    return cache_rows(cfg.bank.cache_mb, n, dim, device)
+    return cache_rows(cfg.bank.cache_mb, n, dim, device, sharers)
 
 
 def resolve_loss(cfg: Config, n_rows: int, budget_rows: int, say: Say | None = None,

@@ -147,3 +147,23 @@ def test_a_two_process_run_resumes_as_one(root: Path) -> None:
     rows, _ = result(root, "shrink")
     assert np.isfinite(rows).all()
     assert len((root / "shrink" / "metrics.jsonl").read_text().splitlines()) == EPOCHS
+
+
+def test_uneven_shards_idle_steps_stop_and_resume(tmp_path: Path) -> None:
+    """13 shards of 16: rank 0 has 7 batches an epoch, rank 1 has 6 and joins the 7th step
+    idle. With --val (k = 200 > either rank's rows), --max-steps then --resume equals the
+    uninterrupted run bit for bit, with model.sync_batchnorm (the idle forward joins DDP's and
+    the BatchNorm's collectives in the real steps' order)."""
+    kill_shards(tmp_path, n=208)
+    (tmp_path / "cfg.toml").write_text(kill_config(2))
+    extra = ["--set", "model.sync_batchnorm=true"]
+    full = run(torchrun(2, *train_args(tmp_path, "full", *extra)))
+    assert full.returncode == 0, full.stderr
+    part = train_args(tmp_path, "part", *extra)
+    first = run(torchrun(2, *part, "--max-steps", "5"))
+    assert first.returncode == 0, first.stderr
+    again = run(torchrun(2, *part, "--resume"))
+    assert again.returncode == 0, again.stderr
+    assert same(result(tmp_path, "part"), result(tmp_path, "full"))
+    last = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["images"] == 208 and last["step"] == 14 and "knn_top1" in last
