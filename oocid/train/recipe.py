@@ -50,7 +50,7 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
     if not gray:  # the demo's mean and std are its grayscale set's; colour: ImageNet's
         cfg.data.mean, cfg.data.std = Config().data.mean, Config().data.std
     cfg.data.in_memory = "auto"
-    steps_per_epoch = max(1, -(-n // cfg.data.batch_size))
+    steps_per_epoch = max(1, -(-n // (cfg.data.batch_size * processes)))  # batch per process
     cfg.optim.epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(STEPS / steps_per_epoch)))
     kind = "grayscale" if gray else "colour"
     loss = f"exact softmax (t {cfg.loss.temperature})"
