@@ -205,13 +205,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--k", type=int, default=2048, help="loss.nce_k (negatives per sample).")
     ap.add_argument("--toy", action="store_true",
                     help="400 / 200 images, 1 epoch, 1 seed, the first two variants")
     ap.add_argument("--work", type=Path, default=None, help="Keep the runs here.")
     ap.add_argument("--variants", type=int, nargs="+", default=None,
                     help="Run only these rows of the table (1 to 5).")
     a = ap.parse_args()
-    epochs, seeds, k = (1, a.seeds[:1], 64) if a.toy else (a.epochs, a.seeds, 2048)
+    epochs, seeds, k = (1, a.seeds[:1], 64) if a.toy else (a.epochs, a.seeds, a.k)
     variants = VARIANTS[:2] if a.toy else VARIANTS
     if a.variants:
         variants = tuple(VARIANTS[i - 1] for i in a.variants)
