@@ -12,8 +12,8 @@ once per soak from an .npz with oocid's shard writer and kept in the work folder
 `--max-steps 6` of batch 4,096 in memory with a checkpoint every 2 steps. With the full cache
 a batch touches every chunk, so each commit writes the whole bank (307 MB at 600,000 rows: a
 256 MB journal part and the record); with the partial cache (16 chunks) evicted chunks go into
-journal parts between the commits. Timed kills of a big run start counting at its first
-checkpoint (not during the 30 s decode of the images).
+journal parts between the commits. Timed kills of a big run fall between its first checkpoint
+(after the 30 s decode of the images) and last.pt naming its last one (before the exit).
 
 The variants cycle, two kills each in turn (toy variants first, then the big ones). Two kinds
 of kill alternate:
@@ -201,7 +201,7 @@ def variants(big_rows: int) -> list[Variant]:
 
 @dataclass
 class Calibration:
-    seconds: float  # from the bank's appearance to the run's end
+    seconds: float  # from the clock's start (Case.started) to the run's end (big: last.pt)
     ops: int  # durability calls once the bank exists
 
 
@@ -294,6 +294,15 @@ class Case:
             return any(self.run.glob("ckpt-*"))
         return self.bank.exists()
 
+    def finished(self) -> bool:
+        """A big run's clock stops once last.pt names its last checkpoint (after its last
+        commit: what follows is the process's exit)."""
+        last, final = self.run / "last.pt", ckpt_path(self.run, self.variant.steps)
+        try:
+            return bool(self.variant.big) and os.path.samefile(last, final)
+        except OSError:
+            return False
+
     def start(self, kill_at: int | None) -> subprocess.Popen[bytes]:
         """`oocid train`; with `kill_at` (0: count only) through the INJECT wrapper."""
         e = env()
@@ -324,11 +333,15 @@ def calibrate(case: Case) -> Calibration:
     if not wait_for(case, proc):
         raise SystemExit(f"calibration of {case.variant.name} never started: "
                          + (case.root / "train.err").read_text()[-2000:])
-    t0 = time.time()
+    t0, t_end = time.time(), None
+    while proc.poll() is None:
+        if t_end is None and case.finished():
+            t_end = time.time()
+        time.sleep(0.01)
     if proc.wait() != 0:
         raise SystemExit(f"calibration of {case.variant.name} failed: "
                          + (case.root / "train.err").read_text()[-2000:])
-    return Calibration(time.time() - t0, int((case.root / "inject.log").read_text()))
+    return Calibration((t_end or time.time()) - t0, int((case.root / "inject.log").read_text()))
 
 
 def landed_from_files(case: Case) -> str:
