@@ -72,9 +72,11 @@ import numpy as np
 N_IMAGES, SHARD_SIZE, EPOCHS, BATCH = 96, 16, 3, 16
 STEPS = EPOCHS * (N_IMAGES // BATCH)
 DIM = 128  # bank row width (model.dim), float32
-# big runs: --max-steps BIG_STEPS of batch BIG_BATCH, a checkpoint every BIG_EVERY steps
+# big runs: --max-steps BIG_STEPS of batch BIG_BATCH, a checkpoint every BIG_EVERY steps; with
+# the partial cache (BIG_PARTIAL_CHUNKS) BIG_PARTIAL_STEPS and a checkpoint every 4, so that
+# evictions come between the commits (6 steps evict about one chunk)
 BIG_ROWS, BIG_SHARD, BIG_BATCH, BIG_STEPS, BIG_EVERY = 600_000, 2000, 4096, 6, 2
-BIG_PARTIAL_CHUNKS = 16  # the partial cache of a big run, in chunks
+BIG_PARTIAL_CHUNKS, BIG_PARTIAL_STEPS = 16, 24
 
 CONFIG = """
 [model]
@@ -168,12 +170,14 @@ class Variant:
 
     @property
     def batch(self) -> int:
-        return min(BIG_BATCH, self.big // (2 * BIG_STEPS)) if self.big else BATCH
+        return min(BIG_BATCH, self.big // (2 * self.steps)) if self.big else BATCH
 
     @property
     def steps(self) -> int:
         """The bank's committed step at the run's end."""
-        return BIG_STEPS if self.big else STEPS
+        if not self.big:
+            return STEPS
+        return BIG_STEPS if self.cache == "full" else BIG_PARTIAL_STEPS
 
     @property
     def epochs_logged(self) -> list[int]:
@@ -195,7 +199,7 @@ def variants(big_rows: int) -> list[Variant]:
     """The eight toy variants, then the four big ones."""
     toy = [Variant(s, c, d, 1 + ((s == "zarr") ^ (c == "partial")))
            for d in ("mem", "stream") for c in ("full", "partial") for s in ("npy", "zarr")]
-    return toy + [Variant(s, c, "mem", BIG_EVERY, big_rows)
+    return toy + [Variant(s, c, "mem", BIG_EVERY if c == "full" else 4, big_rows)
                   for c in ("full", "partial") for s in ("npy", "zarr")]
 
 
@@ -283,7 +287,7 @@ class Case:
 
     def train_args(self, *extra: str, max_steps: int | None = None) -> list[str]:
         """The run's command; a big run stops after `max_steps` (default: all its steps)."""
-        steps = ["--max-steps", str(max_steps or BIG_STEPS)] if self.variant.big else []
+        steps = ["--max-steps", str(max_steps or self.variant.steps)] if self.variant.big else []
         return ["train", "--shards", str(self.shards), "--bank", str(self.bank), "--out",
                 str(self.run), "--config", str(self.cfg), "--no-progress", *steps, *extra]
 

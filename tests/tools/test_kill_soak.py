@@ -37,11 +37,11 @@ def test_big_toy_run_survives_its_kill_bit_exact(
     (res,) = summary["results"]
     assert rc == 0, res["failure"]
     assert summary["survived"] == 1 and summary["bit_exact"] == 1 and summary["big_kills"] == 1
-    assert res["variant"] == "big/npy/partial/mem/ck2" and res["landed"]
+    assert res["variant"] == "big/npy/partial/mem/ck4" and res["landed"]
     assert res["checks"]["bit-exact"] is True
-    twin = work / "twin-big-npy-partial-mem-ck2"
+    twin = work / "twin-big-npy-partial-mem-ck4"
     with open_store(twin / "bank.npy", read_only=True) as st:
-        assert (st.n_rows, st.chunk_rows, st.meta.committed_step) == (4000, 125, tool.BIG_STEPS)
+        assert (st.n_rows, st.chunk_rows, st.meta.committed_step) == (4000, 125, tool.BIG_PARTIAL_STEPS)
     # the partial cache: 16 chunks of the bank's 32
     assert "cache_mb = 0.9765625" in (twin / "cfg.toml").read_text()
     assert len(list((work / "big-4000" / "shards").glob("*.tar"))) == 32
@@ -50,8 +50,8 @@ def test_big_toy_run_survives_its_kill_bit_exact(
 def test_compare_with_twin_reports_a_changed_row_and_weight(
         soak: tuple[ModuleType, Path, int, dict[str, Any]], tmp_path: Path) -> None:
     tool, work, _, _ = soak
-    (variant,) = [v for v in tool.variants(4000) if v.name == "big/npy/partial/mem/ck2"]
-    twin = tool.Case(work / "twin-big-npy-partial-mem-ck2", work / "big-4000" / "shards", variant)
+    (variant,) = [v for v in tool.variants(4000) if v.name == "big/npy/partial/mem/ck4"]
+    twin = tool.Case(work / "twin-big-npy-partial-mem-ck4", work / "big-4000" / "shards", variant)
     copy = tool.Case(tmp_path / "copy", twin.shards, variant)
     shutil.copytree(twin.root, copy.root)
     assert tool.compare_with_twin(copy, twin) == ""
@@ -63,7 +63,7 @@ def test_compare_with_twin_reports_a_changed_row_and_weight(
     assert tool.compare_with_twin(copy, twin) == "1 of 4000 bank rows differ from the twin's"
 
     shutil.copy(twin.bank, copy.bank)
-    ck = tool.ckpt_path(copy.run, tool.BIG_STEPS)
+    ck = tool.ckpt_path(copy.run, tool.BIG_PARTIAL_STEPS)
     state = torch.load(ck, map_location="cpu", weights_only=False)
     name = next(iter(state["model"]))
     state["model"][name] = state["model"][name].clone()
