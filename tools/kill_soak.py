@@ -8,11 +8,12 @@ checkpoints), in-memory | streamed data.
 
 Big runs (`big/...`, four variants: .npy | Zarr, full | partial cache): a bank over 256 MB,
 `--big-rows` (default 600,000) gray 8x8 images in shards of 2,000 (a 1 MB chunk each), built
-once per soak from an .npz with oocid's shard writer and kept in the work folder. A run is
-`--max-steps 6` of batch 4,096 in memory with a checkpoint every 2 steps. With the full cache
-a batch touches every chunk, so each commit writes the whole bank (307 MB at 600,000 rows: a
-256 MB journal part and the record); with the partial cache (16 chunks) evicted chunks go into
-journal parts between the commits. Timed kills of a big run fall between its first checkpoint
+once per soak from an .npz with oocid's shard writer and kept in the work folder; batch 4,096
+in memory. With the full cache a run is `--max-steps 6` with a checkpoint every 2 steps, and a
+batch touches every chunk, so each commit writes the whole bank (307 MB at 600,000 rows: a
+268 MB journal part and the record); with the partial cache (16 chunks) a run is
+`--max-steps 24` with a checkpoint every 4 and evicts about 25 chunks into journal parts
+between its commits. Timed kills of a big run fall between its first checkpoint
 (after the 30 s decode of the images) and last.pt naming its last one (before the exit).
 
 The variants cycle, two kills each in turn (toy variants first, then the big ones). Two kinds
