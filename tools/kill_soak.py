@@ -1,33 +1,54 @@
-"""Kill soak: SIGKILL small training runs at random moments and check that nothing is lost.
+"""Kill soak: SIGKILL training runs at random moments and check that nothing is lost.
 
-Each kill is a fresh `oocid train` on a tiny synthetic set (96 gray 16x16 images in 6 shards,
+Toy runs: a fresh `oocid train` on a tiny synthetic set (96 gray 16x16 images in 6 shards,
 the small conv net, NCE with K = 16, 3 epochs of 6 steps, a checkpoint every 1 or 2 steps), so
-checkpoint writes and bank commits take a good share of the run. The runs cycle through eight
-variants: bank.npy | bank.zarr, a full cache | a partial one (4 of 6 chunks: evicted chunks are
-written back between checkpoints), in-memory | streamed data. Two kinds of kill alternate:
+checkpoint writes and bank commits take a good share of the run. Eight variants: bank.npy |
+bank.zarr, a full cache | a partial one (4 of 6 chunks: evicted chunks are written back between
+checkpoints), in-memory | streamed data.
 
-    timer   the parent sends SIGKILL at a uniform random moment between the bank's creation and
-            the run's end (measured by an uninterrupted calibration run of the same variant);
+Big runs (`big/...`, four variants: .npy | Zarr, full | partial cache): a bank over 256 MB,
+`--big-rows` (default 600,000) gray 8x8 images in shards of 2,000 (a 1 MB chunk each), built
+once per soak from an .npz with oocid's shard writer and kept in the work folder; batch 4,096
+in memory. With the full cache a run is `--max-steps 6` with a checkpoint every 2 steps, and a
+batch touches every chunk, so each commit writes the whole bank (307 MB at 600,000 rows: a
+268 MB journal part and the record); with the partial cache (16 chunks) a run is
+`--max-steps 24` with a checkpoint every 4 and evicts about 25 chunks into journal parts
+between its commits. Timed kills of a big run fall between its first checkpoint
+(after the 30 s decode of the images) and last.pt naming its last one (before the exit).
+
+The variants cycle, two kills each in turn (toy variants first, then the big ones). Two kinds
+of kill alternate:
+
+    timer   the parent sends SIGKILL at a uniform random moment between the bank's creation
+            (big runs: the first checkpoint) and the run's end (measured by an uninterrupted
+            calibration run of the same variant);
     inject  the trainer kills itself with SIGKILL just before its k-th durability call
             (os.fsync / fdatasync / replace / rename / link / unlink, counted once the bank
             exists), k uniform over the calls of the calibration run: this lands kills inside
             checkpoint writes, journal writes, journal applies, metadata updates and the
             last.pt link with certainty.
 
-After each kill, the kill counts as survived when all of these hold:
+The calibration run of a variant is also its uninterrupted twin: computed once, kept for the
+soak. After each kill, the kill counts as survived when all of these hold:
     1. `oocid bank verify BANK` exits 0;
     2. the checkpoint named by the bank's committed step (and last.pt, if any) loads: torch.load
        through oocid.checkpoint.load_checkpoint, then oocid.train.loop.model_from_checkpoint;
-    3. the same command with `--resume` exits 0 without a traceback;
+    3. the same command with `--resume` exits 0 without a traceback (a big run with
+       `--max-steps` the steps it still lacks; when the kill came after its last commit point,
+       check 5 comes first and the resume then runs one step more);
     4. metrics.jsonl then holds each epoch exactly once, the bank's committed step is the full
-       run's, and `oocid bank verify` exits 0 again.
+       run's, and `oocid bank verify` exits 0 again;
+    5. (bit-exact, unless --no-exact) the bank's rows and the model weights of the final
+       checkpoint equal the twin's bit for bit.
 
 Where a kill landed is reported: for an injected kill, the call and the innermost oocid function;
 for a timed one, what the files left behind show (a checkpoint .tmp, a journal, ...) or "step".
 
 Usage:
-    python tools/kill_soak.py                  # 50 kills, seed 0 (~15 min on 2 busy cores)
+    python tools/kill_soak.py                  # 50 kills, seed 0
     python tools/kill_soak.py --kills 8 --seed 3 --keep
+    python tools/kill_soak.py --kills 2 --only big --big-rows 4000   # a toy-size big run
+    python tools/kill_soak.py --kills 34 --skip big                 # the toy variants only
 Prints one line per kill, a summary "survived X/N" and, LAST, a JSON object.
 """
 
@@ -51,14 +72,19 @@ import numpy as np
 
 N_IMAGES, SHARD_SIZE, EPOCHS, BATCH = 96, 16, 3, 16
 STEPS = EPOCHS * (N_IMAGES // BATCH)
-CHUNK_MB = SHARD_SIZE * 128 * 4 / 2**20  # one bank chunk, float32, D = 128
+DIM = 128  # bank row width (model.dim), float32
+# big runs: --max-steps BIG_STEPS of batch BIG_BATCH, a checkpoint every BIG_EVERY steps; with
+# the partial cache (BIG_PARTIAL_CHUNKS) BIG_PARTIAL_STEPS and a checkpoint every 4, so that
+# evictions come between the commits (6 steps evict about one chunk)
+BIG_ROWS, BIG_SHARD, BIG_BATCH, BIG_STEPS, BIG_EVERY = 600_000, 2000, 4096, 6, 2
+BIG_PARTIAL_CHUNKS, BIG_PARTIAL_STEPS = 16, 24
 
 CONFIG = """
 [model]
 arch = "small"
 channels_last = false
 [data]
-image_size = 16
+image_size = {size}
 augment = "gray"
 in_memory = "{in_memory}"
 workers = 0
@@ -100,7 +126,7 @@ def where():
         if os.sep + "oocid" + os.sep in name and not name.endswith("cli.py"):
             return f"{f.f_code.co_name} ({os.path.basename(name)}:{f.f_lineno})"
         f = f.f_back
-    return "outside oocid"
+    return f"outside oocid (thread {threading.current_thread().name})"
 
 def wrap(name, fn):
     def call(*a, **kw):
@@ -131,24 +157,56 @@ class Variant:
     cache: str  # full | partial
     data: str  # mem | stream
     every: int  # checkpoint every N steps
+    big: int = 0  # rows of a big run's set (0: the toy set)
 
     @property
     def name(self) -> str:
-        return f"{self.store}/{self.cache}/{self.data}/ck{self.every}"
+        name = f"{self.store}/{self.cache}/{self.data}/ck{self.every}"
+        return f"big/{name}" if self.big else name
+
+    @property
+    def shard_size(self) -> int:
+        """Images per shard, which is the bank's chunk size."""
+        return min(BIG_SHARD, max(1, self.big // 32)) if self.big else SHARD_SIZE
+
+    @property
+    def batch(self) -> int:
+        return min(BIG_BATCH, self.big // (2 * self.steps)) if self.big else BATCH
+
+    @property
+    def steps(self) -> int:
+        """The bank's committed step at the run's end."""
+        if not self.big:
+            return STEPS
+        return BIG_STEPS if self.cache == "full" else BIG_PARTIAL_STEPS
+
+    @property
+    def epochs_logged(self) -> list[int]:
+        """The epochs metrics.jsonl holds at the run's end (a big run stops inside its first)."""
+        return [] if self.big else list(range(1, EPOCHS + 1))
 
     def config(self) -> str:
-        return CONFIG.format(in_memory="yes" if self.data == "mem" else "no", batch=BATCH,
-                             epochs=EPOCHS, every=self.every,
-                             cache_mb=0 if self.cache == "full" else round(4 * CHUNK_MB, 8))
+        chunk_mb = self.shard_size * DIM * 4 / 2**20
+        if self.cache == "full":  # an explicit budget over the bank: the same cache every start
+            cache_mb = 2 * (self.big or N_IMAGES) * DIM * 4 / 2**20
+        else:
+            cache_mb = (BIG_PARTIAL_CHUNKS if self.big else 4) * chunk_mb
+        return CONFIG.format(in_memory="yes" if self.data == "mem" else "no", batch=self.batch,
+                             size=8 if self.big else 16, epochs=1 if self.big else EPOCHS,
+                             every=self.every, cache_mb=round(cache_mb, 8))
 
 
-VARIANTS = [Variant(s, c, d, 1 + ((s == "zarr") ^ (c == "partial")))
-            for d in ("mem", "stream") for c in ("full", "partial") for s in ("npy", "zarr")]
+def variants(big_rows: int) -> list[Variant]:
+    """The eight toy variants, then the four big ones."""
+    toy = [Variant(s, c, d, 1 + ((s == "zarr") ^ (c == "partial")))
+           for d in ("mem", "stream") for c in ("full", "partial") for s in ("npy", "zarr")]
+    return toy + [Variant(s, c, "mem", BIG_EVERY if c == "full" else 4, big_rows)
+                  for c in ("full", "partial") for s in ("npy", "zarr")]
 
 
 @dataclass
 class Calibration:
-    seconds: float  # from the bank's appearance to the run's end
+    seconds: float  # from the clock's start (Case.started) to the run's end (big: last.pt)
     ops: int  # durability calls once the bank exists
 
 
@@ -164,6 +222,7 @@ class Result:
     seconds: float = 0.0
     attempts: int = 1
     checks: dict[str, bool] = field(default_factory=dict)
+    note: str = ""
 
 
 def log(msg: str) -> None:
@@ -177,14 +236,31 @@ def env() -> dict[str, str]:
     return e
 
 
-def make_shards(work: Path) -> Path:
+def write_set(folder: Path, n: int, side: int, shard_size: int) -> Path:
+    """n gray side x side noise images as shards of `shard_size` under folder/shards, written
+    with oocid's own shard writer from an .npz; kept and reused when already complete."""
     from oocid.data.writer import write_shards
 
+    shards = folder / "shards"
+    if (shards / "manifest.json").exists():
+        return shards
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (N_IMAGES, 16, 16), dtype=np.uint8)
-    np.savez(work / "data.npz", images=images, labels=np.arange(N_IMAGES) % 3)
-    write_shards(work / "data.npz", work / "shards", shard_size=SHARD_SIZE, progress=False)
-    return work / "shards"
+    images = rng.integers(0, 255, (n, side, side), dtype=np.uint8)
+    np.savez(folder / "data.npz", images=images, labels=np.arange(n) % 3)
+    write_shards(folder / "data.npz", shards, shard_size=shard_size, progress=False)
+    (folder / "data.npz").unlink()
+    return shards
+
+
+def make_shards(work: Path, variant: Variant) -> Path:
+    if not variant.big:
+        return write_set(work, N_IMAGES, 16, SHARD_SIZE)
+    t0 = time.time()
+    shards = write_set(work / f"big-{variant.big}", variant.big, 8, variant.shard_size)
+    log(f"{variant.big} 8x8 images in shards of {variant.shard_size}: {shards} "
+        f"({time.time() - t0:.0f} s)")
+    return shards
 
 
 @dataclass
@@ -210,9 +286,27 @@ class Case:
         self.root.mkdir(parents=True)
         self.cfg.write_text(self.variant.config())
 
-    def train_args(self, *extra: str) -> list[str]:
+    def train_args(self, *extra: str, max_steps: int | None = None) -> list[str]:
+        """The run's command; a big run stops after `max_steps` (default: all its steps)."""
+        steps = ["--max-steps", str(max_steps or self.variant.steps)] if self.variant.big else []
         return ["train", "--shards", str(self.shards), "--bank", str(self.bank), "--out",
-                str(self.run), "--config", str(self.cfg), "--no-progress", *extra]
+                str(self.run), "--config", str(self.cfg), "--no-progress", *steps, *extra]
+
+    def started(self) -> bool:
+        """Where a timed kill's clock starts: the bank exists (big runs: the first checkpoint is
+        under way, after the images' decode)."""
+        if self.variant.big:
+            return any(self.run.glob("ckpt-*"))
+        return self.bank.exists()
+
+    def finished(self) -> bool:
+        """A big run's clock stops once last.pt names its last checkpoint (after its last
+        commit: what follows is the process's exit)."""
+        last, final = self.run / "last.pt", ckpt_path(self.run, self.variant.steps)
+        try:
+            return bool(self.variant.big) and os.path.samefile(last, final)
+        except OSError:
+            return False
 
     def start(self, kill_at: int | None) -> subprocess.Popen[bytes]:
         """`oocid train`; with `kill_at` (0: count only) through the INJECT wrapper."""
@@ -223,31 +317,36 @@ class Case:
             e.update(SOAK_KILL_AT=str(kill_at), SOAK_BANK=str(self.bank),
                      SOAK_LOG=str(self.root / "inject.log"))
             argv = [sys.executable, "-c", INJECT, *self.train_args()]
-        return subprocess.Popen(argv, env=e, stdout=subprocess.DEVNULL,
-                                stderr=open(self.root / "train.err", "wb"))
+        with open(self.root / "train.err", "wb") as err:
+            return subprocess.Popen(argv, env=e, stdout=subprocess.DEVNULL, stderr=err)
 
 
-def wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 300) -> bool:
-    """Wait until `path` exists (True) or the process ends first (False)."""
+def wait_for(case: Case, proc: subprocess.Popen[bytes], timeout: float = 600) -> bool:
+    """Wait until the case has `started` (True) or the process ends first (False)."""
     deadline = time.time() + timeout
-    while not path.exists():
+    while not case.started():
         if proc.poll() is not None or time.time() > deadline:
-            return path.exists()
+            return case.started()
         time.sleep(0.01)
     return True
 
 
 def calibrate(case: Case) -> Calibration:
+    """An uninterrupted run of the case's variant, counted; it stays as the variant's twin."""
     case.fresh()
     proc = case.start(kill_at=0)
-    if not wait_for(case.bank, proc):
-        raise SystemExit(f"calibration of {case.variant.name} never created its bank: "
+    if not wait_for(case, proc):
+        raise SystemExit(f"calibration of {case.variant.name} never started: "
                          + (case.root / "train.err").read_text()[-2000:])
-    t0 = time.time()
+    t0, t_end = time.time(), None
+    while proc.poll() is None:
+        if t_end is None and case.finished():
+            t_end = time.time()
+        time.sleep(0.01)
     if proc.wait() != 0:
         raise SystemExit(f"calibration of {case.variant.name} failed: "
                          + (case.root / "train.err").read_text()[-2000:])
-    return Calibration(time.time() - t0, int((case.root / "inject.log").read_text()))
+    return Calibration((t_end or time.time()) - t0, int((case.root / "inject.log").read_text()))
 
 
 def landed_from_files(case: Case) -> str:
@@ -287,7 +386,38 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=600)
 
 
-def check_after_kill(case: Case, res: Result) -> None:
+def ckpt_path(run: Path, step: int) -> Path:
+    return run / f"ckpt-{step:09d}.pt"
+
+
+def compare_with_twin(case: Case, twin: Case) -> str:
+    """'' when the case's bank rows and the weights of its committed step's checkpoint equal
+    the twin's bit for bit, else what differs."""
+    import torch
+
+    from oocid.bank.store import open_store
+
+    step, want = committed_step(case.bank), committed_step(twin.bank)
+    if step != want:
+        return f"bank committed step {step}, the twin's {want}"
+    with open_store(case.bank, read_only=True) as a, open_store(twin.bank, read_only=True) as b:
+        if (a.n_rows, a.dim) != (b.n_rows, b.dim):
+            return f"bank shape {(a.n_rows, a.dim)}, the twin's {(b.n_rows, b.dim)}"
+        differ, span = 0, 65536
+        for start in range(0, a.n_rows, span):
+            stop = min(start + span, a.n_rows)
+            x, y = a.read_rows(start, stop), b.read_rows(start, stop)
+            differ += int(np.any(x.view(np.uint32) != y.view(np.uint32), axis=1).sum())
+    if differ:
+        return f"{differ} of {a.n_rows} bank rows differ from the twin's"
+    mine = torch.load(ckpt_path(case.run, step), map_location="cpu", weights_only=False)["model"]
+    ref = torch.load(ckpt_path(twin.run, step), map_location="cpu", weights_only=False)["model"]
+    bad = sorted(set(mine) ^ set(ref)) + [k for k in ref if k in mine
+                                         and not torch.equal(mine[k], ref[k])]
+    return f"model weights differ from the twin's: {', '.join(bad[:6])}" if bad else ""
+
+
+def check_after_kill(case: Case, res: Result, twin: Case | None) -> None:
     import torch
 
     from oocid.checkpoint import load_checkpoint, model_from_checkpoint
@@ -302,7 +432,7 @@ def check_after_kill(case: Case, res: Result) -> None:
     res.checks["verify"] = True
 
     step = res.committed_step = committed_step(case.bank)
-    paths = [case.run / f"ckpt-{step:09d}.pt"] if step >= 0 else []
+    paths = [ckpt_path(case.run, step)] if step >= 0 else []
     if (case.run / "last.pt").exists():
         paths.append(case.run / "last.pt")
     for p in paths:
@@ -312,24 +442,42 @@ def check_after_kill(case: Case, res: Result) -> None:
             fail("checkpoint", f"{p}: {type(e).__name__}: {e}")
     res.checks["checkpoint"] = True
 
-    r = cli(*case.train_args("--resume"))
+    steps_left, final_step = case.variant.steps - max(step, 0), case.variant.steps
+    if case.variant.big and steps_left == 0:
+        # killed after its last commit point: compare now, then resume for one step more so that
+        # the writable open (the replay of a record the kill left) still runs
+        res.note = "killed after its last commit: compared, then resumed for one more step"
+        if twin is not None:
+            if differs := compare_with_twin(case, twin):
+                fail("bit-exact", differs)
+            res.checks["bit-exact"] = True
+            twin = None
+        steps_left, final_step = 1, final_step + 1
+    r = cli(*case.train_args("--resume", max_steps=steps_left))
     if r.returncode != 0 or "Traceback" in r.stdout + r.stderr:
         fail("resume", f"exit {r.returncode}: {r.stderr}")
     res.checks["resume"] = True
 
-    epochs = [json.loads(x)["epoch"] for x in (case.run / "metrics.jsonl").read_text().splitlines()]
-    if epochs != list(range(1, EPOCHS + 1)):
+    metrics = case.run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    epochs = [json.loads(x)["epoch"] for x in lines]
+    if epochs != case.variant.epochs_logged:
         fail("metrics", f"epochs in metrics.jsonl: {epochs}")
     res.checks["metrics"] = True
-    if (final := committed_step(case.bank)) != STEPS:
-        fail("final step", f"bank committed step {final}, expected {STEPS}")
+    if (final := committed_step(case.bank)) != final_step:
+        fail("final step", f"bank committed step {final}, expected {final_step}")
     v = cli("bank", "verify", str(case.bank))
     if v.returncode != 0:
         fail("final verify", v.stdout + v.stderr)
     res.checks["final verify"] = True
+    if twin is not None:
+        if differs := compare_with_twin(case, twin):
+            fail("bit-exact", differs)
+        res.checks["bit-exact"] = True
 
 
-def one_kill(i: int, case: Case, mode: str, cal: Calibration, rng: random.Random) -> Result:
+def one_kill(i: int, case: Case, mode: str, cal: Calibration, rng: random.Random,
+             twin: Case | None) -> Result:
     res = Result(i, case.variant.name, mode)
     t_start = time.time()
     limit_s, limit_ops = cal.seconds, cal.ops
@@ -339,8 +487,8 @@ def one_kill(i: int, case: Case, mode: str, cal: Calibration, rng: random.Random
         if mode == "timer":
             delay = rng.uniform(0.0, limit_s)
             proc = case.start(kill_at=None)
-            if not wait_for(case.bank, proc):
-                res.failure = "run ended before its bank existed: " + (
+            if not wait_for(case, proc):
+                res.failure = "run ended before its clock started: " + (
                     (case.root / "train.err").read_text()[-600:])
                 return res
             t0 = time.time()
@@ -368,7 +516,7 @@ def one_kill(i: int, case: Case, mode: str, cal: Calibration, rng: random.Random
         res.failure = "every attempt ended before its kill"
         return res
     try:
-        check_after_kill(case, res)
+        check_after_kill(case, res, twin)
         res.survived = True
     except RuntimeError as e:
         res.failure = str(e)
@@ -376,53 +524,79 @@ def one_kill(i: int, case: Case, mode: str, cal: Calibration, rng: random.Random
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="Work folder (default: a temp dir).")
     ap.add_argument("--keep", action="store_true", help="Keep every kill's folder.")
-    args = ap.parse_args()
+    ap.add_argument("--big-rows", type=int, default=BIG_ROWS,
+                    help="Images (bank rows) of the big runs' set.")
+    ap.add_argument("--only", default="",
+                    help="Run only the variants whose name contains this (e.g. big, zarr/partial).")
+    ap.add_argument("--skip", default=None,
+                    help="Leave out the variants whose name contains this (e.g. big).")
+    ap.add_argument("--no-exact", dest="exact", action="store_false",
+                    help="Skip the bit-exact comparison with the uninterrupted twin.")
+    args = ap.parse_args(argv)
+    chosen = [v for v in variants(args.big_rows) if args.only in v.name
+              and (args.skip is None or args.skip not in v.name)]
+    if not chosen:
+        ap.error("no variant left to run: see --only and --skip")
     work = args.work or Path(tempfile.mkdtemp(prefix="oocid-kill-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     t0 = time.time()
-    shards = make_shards(work)
     log(f"work folder {work}; {args.kills} kills, seed {args.seed}")
     cals: dict[Variant, Calibration] = {}
+    twins: dict[Variant, Case] = {}
+    shard_dirs: dict[int, Path] = {}
     results: list[Result] = []
-    print(f"{'kill':>4}  {'variant':<26} {'mode':<6} {'step':>4}  {'ok':<3} {'s':>5}  landed / failure")
+    print(f"{'kill':>4}  {'variant':<30} {'mode':<6} {'step':>4}  {'ok':<3} {'s':>6}  "
+          "landed / failure")
     for i in range(args.kills):
-        variant = VARIANTS[(i // 2) % len(VARIANTS)]
+        variant = chosen[(i // 2) % len(chosen)]
         mode = ("timer", "inject")[i % 2]
+        if variant.big not in shard_dirs:
+            shard_dirs[variant.big] = make_shards(work, variant)
+        shards = shard_dirs[variant.big]
         case = Case(work / f"kill-{i:03d}", shards, variant)
         if variant not in cals:
-            cals[variant] = calibrate(Case(work / "calibration", shards, variant))
-            log(f"calibrated {variant.name}: {cals[variant].seconds:.1f} s, "
+            twins[variant] = Case(work / ("twin-" + variant.name.replace("/", "-")), shards, variant)
+            cals[variant] = calibrate(twins[variant])
+            log(f"calibrated {variant.name} (its twin): {cals[variant].seconds:.1f} s, "
                 f"{cals[variant].ops} durability calls after the bank exists")
-        res = one_kill(i, case, mode, cals[variant], rng)
+        res = one_kill(i, case, mode, cals[variant], rng, twins[variant] if args.exact else None)
         results.append(res)
-        print(f"{i:>4}  {res.variant:<26} {res.mode:<6} {res.committed_step:>4}  "
-              f"{'yes' if res.survived else 'NO':<3} {res.seconds:>5.1f}  "
-              f"{res.landed}{'  FAILED ' + res.failure if res.failure else ''}", flush=True)
+        print(f"{i:>4}  {res.variant:<30} {res.mode:<6} {res.committed_step:>4}  "
+              f"{'yes' if res.survived else 'NO':<3} {res.seconds:>6.1f}  {res.landed}"
+              f"{'  (' + res.note + ')' if res.note else ''}"
+              f"{'  FAILED ' + res.failure if res.failure else ''}", flush=True)
         if res.survived and not args.keep:
             shutil.rmtree(case.root, ignore_errors=True)
     survived = sum(r.survived for r in results)
+    exact = sum(r.checks.get("bit-exact", False) for r in results)
+    big = [r for r in results if r.variant.startswith("big/")]
     phases = Counter(r.landed.split(": ", 1)[-1].split(" (")[0] for r in results)
     print(f"\nsurvived {survived}/{len(results)} kills in {time.time() - t0:.0f} s "
-          f"(bank verifies, checkpoint loads, --resume completes, every epoch logged once)")
+          f"(bank verifies, checkpoint loads, --resume completes, every epoch logged once); "
+          f"big banks ({args.big_rows * DIM * 4 / 1e6:.0f} MB): "
+          f"{sum(r.survived for r in big)}/{len(big)}; "
+          f"bit-identical to the uninterrupted twin: {exact}/{len(results)}")
     print("landed in: " + "; ".join(f"{k} x{n}" for k, n in phases.most_common()))
     failed = [r for r in results if not r.survived]
     if failed:
         print(f"failed kills kept under {work}: " + ", ".join(str(r.i) for r in failed))
     elif not args.keep and args.work is None:
         shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"kills": len(results), "survived": survived, "seed": args.seed,
+    print(json.dumps({"kills": len(results), "survived": survived, "bit_exact": exact,
+                      "big_kills": len(big), "big_rows": args.big_rows, "seed": args.seed,
                       "seconds": round(time.time() - t0, 1),
                       "calibration": {v.name: asdict(c) for v, c in cals.items()},
                       "results": [asdict(r) for r in results]}))
-    sys.exit(0 if survived == len(results) else 1)
+    ok = survived == len(results) and (not args.exact or exact == len(results))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
