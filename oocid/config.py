@@ -28,6 +28,7 @@ StreamAugment = Literal["auto", "batch", "sample"]
 LossKind = Literal["auto", "nce", "softmax", "infonce"]
 ZMode = Literal["oneshot", "ema"]
 Negatives = Literal["per-sample", "shared"]
+NegativesFrom = Literal["whole", "own"]
 Schedule = Literal["step", "cosine"]
 BankDtype = Literal["float32", "float16"]
 Precision = Literal["auto", "32", "16", "bf16"]
@@ -81,6 +82,10 @@ class LossConfig:
     z: ZMode = "oneshot"  # oneshot (official) | ema (moving average)
     z_momentum: float = 0.99
     negatives: Negatives = "per-sample"  # per-sample (official) | shared (one set per batch)
+    # several processes: draw from each process's own rows (own), or from rows of the whole
+    # bank exchanged each step (whole: an all-gather of min(4 K, N) rows a step; measured no
+    # better on the demo set); docs/distributed.md, "Negatives"
+    negatives_from: NegativesFrom = "own"
     eps: float = 1e-7
 
 

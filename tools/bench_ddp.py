@@ -13,7 +13,8 @@ world 1 (128 per process: the same steps, so the kNN isolates what the split cha
 same per-process batch (256 each, 512 global, half the steps, lr unchanged). A control: one
 process whose BatchNorm normalises each half of the batch apart (what per-process statistics
 over 128 images do), everything else as the one-process run; and 2 processes of 128 with
-model.sync_batchnorm (BatchNorm over the global batch).
+model.sync_batchnorm (BatchNorm over the global batch), with loss.negatives_from = "whole"
+(negatives from rows of the whole bank, exchanged each step), and with both.
 
 Reported per run: images/s of the last epoch (all processes), weighted kNN top-1 of the held-out
 images against the bank (k 200, t 0.07, the end-of-run --val check), and for world 2 the
@@ -57,6 +58,7 @@ batch_size = {batch}
 [loss]
 kind = "infonce"
 nce_k = {k}
+negatives_from = "{source}"
 temperature = 0.1
 [optim]
 epochs = {epochs}
@@ -73,7 +75,9 @@ GATHER_K = 4096  # the paper's K, for the all-gather alternative
 VARIANTS = (("1 process", 1, 256), ("2 processes, same global batch", 2, 128),
             ("2 processes, same batch each", 2, 256),
             ("1 process, BatchNorm over halves", 0, 256),  # world 0: the control below
-            ("2 processes of 128, global BatchNorm", -2, 128))  # -2: model.sync_batchnorm
+            ("2 processes of 128, global BatchNorm", -2, 128),  # -2: model.sync_batchnorm
+            ("2 processes of 128, negatives from the whole bank", -3, 128),
+            ("2 processes of 128, global BatchNorm, whole-bank negatives", -4, 128))
 
 # The control: one process whose BatchNorm sees each half of the batch apart, as two processes
 # of 128 do with their own statistics (everything else as "1 process").
@@ -127,8 +131,9 @@ def run(work: Path, name: str, world: int, batch: int, epochs: int, seed: int, k
         train: Path, val: Path) -> dict[str, Any]:
     cfg = work / f"{name}.toml"
     cfg.write_text(CONFIG.format(batch=batch, epochs=epochs, seed=seed, k=k,
-                                 sync="true" if world < 0 else "false"))
-    world = abs(world)
+                                 sync="true" if world in (-2, -4) else "false",
+                                 source="whole" if world in (-3, -4) else "own"))
+    world = 2 if world < 0 else world
     args = ["train", "--shards", str(train), "--val", str(val), "--bank",
             str(work / f"{name}.zarr"), "--out", str(work / name), "--config", str(cfg),
             "--no-progress"]
@@ -210,7 +215,7 @@ def main() -> None:
                     help="400 / 200 images, 1 epoch, 1 seed, the first two variants")
     ap.add_argument("--work", type=Path, default=None, help="Keep the runs here.")
     ap.add_argument("--variants", type=int, nargs="+", default=None,
-                    help="Run only these rows of the table (1 to 5).")
+                    help="Run only these rows of the table (1 to 7).")
     a = ap.parse_args()
     epochs, seeds, k = (1, a.seeds[:1], 64) if a.toy else (a.epochs, a.seeds, a.k)
     variants = VARIANTS[:2] if a.toy else VARIANTS

@@ -59,6 +59,10 @@ class ChunkCache(ChunkSlots):
         # the rate at which a sample's own row stays among its negatives: 1 with one process;
         # this process's rows / the bank's with several (oocid.method.own_draws)
         self.keep_own = 1.0
+        # several processes drawing from the whole bank: `exchange` gathers every process's
+        # `share_rows` rows (oocid.train.ddp.exchange_negatives); None: draw from own rows
+        self.exchange: Callable[[Tensor], Tensor] | None = None
+        self.share_rows = 0
         if self.full:
             self.rows = self.flat[: self.n]  # (N, D): identity layout, as InCoreBank
             for c in range(self.n_chunks):
@@ -171,6 +175,8 @@ class ChunkCache(ChunkSlots):
         or LRU bookkeeping (the window is resident). With `own` (B,), the rows of per-sample
         draws (B, K), and `keep_own` < 1 (this cache holds one process's part of a bank), a
         draw of a sample's own row is thinned to the whole bank's rate (`thin_own`)."""
+        if self.exchange is not None:
+            return self._draw_across(shape, generator)
         thin = own is not None and self.keep_own < 1.0 and len(shape) == 2
         if self.full:
             pick = self.sample(shape, generator)
@@ -191,6 +197,23 @@ class ChunkCache(ChunkSlots):
             # copy spares scoring the pool's other rows too (docs/benchmarks.md, "training step")
             return take_rows(self.flat, at), pick
         return self.flat, at[pick]
+
+    def _draw_across(self, shape: tuple[int, ...], generator: torch.Generator
+                     ) -> tuple[Tensor, Tensor]:
+        """Several processes: each draws `share_rows` rows uniformly from its candidates (all
+        its rows, or its window); the rows of every process, exchanged (a collective), are the
+        table the step's negatives are drawn from, uniformly: each negative is then a uniform
+        draw from the whole bank, and a sample's own row comes back at about the whole bank's
+        rate, 1/N."""
+        if self.full:
+            mine = take_rows(self.rows, self._pick(self.n, (self.share_rows,), generator))
+        else:
+            rows, at = self._window_index()
+            pick = self._pick(int(rows.numel()), (self.share_rows,), generator)
+            mine = take_rows(self.flat, at[pick])
+        assert self.exchange is not None
+        table = self.exchange(mine)
+        return table, self._pick(int(table.shape[0]), shape, generator)
 
     def _pick(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         return torch.randint(0, n, shape, generator=generator,

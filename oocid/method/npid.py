@@ -287,6 +287,10 @@ class NPIDStep:
         finally:
             IDLE_FORWARD.reset(token)
             self.model.train()
+        if getattr(self.bank, "exchange", None) is not None:  # the negatives' exchange
+            g = torch.Generator(device=self.bank.device)
+            g.manual_seed(mix_seed(self.seed, 6, step))
+            self.bank.draw((1, 1), g)
         z_before = self.zest.state_dict() if self.zest is not None else None
         if self.zest is not None:
             self.zest.idle()

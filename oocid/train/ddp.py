@@ -211,3 +211,15 @@ def agree_on_inputs(world: World, manifest: Manifest, val: Manifest | None, resu
         raise InputError(f"rank {world.rank}: the processes were started with different "
                          f"{', '.join(differ)} (run the same command, on the same shards, "
                          "on every machine)")
+
+
+def exchange_negatives(cfg: Config, bank: Any, world: World, n_rows: int) -> None:
+    """`loss.negatives_from = "whole"` under several processes: each step every process sends
+    rows drawn from its own part and draws its negatives from all of them (`ChunkCache.draw`).
+    The table holds min(4 K, N) rows (the window rule of one process), an equal share from
+    each process."""
+    if not world.distributed or cfg.loss.negatives_from != "whole" or cfg.loss.kind == "softmax":
+        return
+    bank.share_rows = -(-min(4 * cfg.loss.nce_k, n_rows) // world.size)
+    bank.exchange = lambda rows: torch.cat(world.all_gather_tensor(rows.contiguous()))
+    bank.keep_own = 1.0  # the own row comes back at the whole bank's rate by itself

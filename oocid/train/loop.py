@@ -47,6 +47,7 @@ from oocid.progress import Progress, progress_bar
 from oocid.train.ddp import (
     Inputs,
     agree_on_inputs,
+    exchange_negatives,
     idle_input,
     open_bank,
     padded,
@@ -173,6 +174,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
     bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))
     bank.keep_own = part.n_rows / manifest.n  # 1 with one process (oocid.method.own_draws)
+    exchange_negatives(cfg, bank, world, manifest.n)
     warning = window_warning(cfg, bank)
     if warning is not None:
         say(warning)

@@ -152,11 +152,12 @@ def test_a_two_process_run_resumes_as_one(root: Path) -> None:
 def test_uneven_shards_idle_steps_stop_and_resume(tmp_path: Path) -> None:
     """13 shards of 16: rank 0 has 7 batches an epoch, rank 1 has 6 and joins the 7th step
     idle. With --val (k = 200 > either rank's rows), --max-steps then --resume equals the
-    uninterrupted run bit for bit, with model.sync_batchnorm (the idle forward joins DDP's and
-    the BatchNorm's collectives in the real steps' order)."""
+    uninterrupted run bit for bit, with model.sync_batchnorm and negatives exchanged across
+    processes (the idle step joins DDP's, the BatchNorm's and the exchange's collectives in the
+    real steps' order)."""
     kill_shards(tmp_path, n=208)
     (tmp_path / "cfg.toml").write_text(kill_config(2))
-    extra = ["--set", "model.sync_batchnorm=true"]
+    extra = ["--set", "model.sync_batchnorm=true", "--set", 'loss.negatives_from="whole"']
     full = run(torchrun(2, *train_args(tmp_path, "full", *extra)))
     assert full.returncode == 0, full.stderr
     part = train_args(tmp_path, "part", *extra)
