@@ -32,7 +32,7 @@ import tarfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, Any, BinaryIO, cast
 
 import numpy as np
 from PIL import Image
@@ -111,6 +111,10 @@ class _ShardWriter:
         self._tar = self._file = self._hash = None
 
     def abort(self) -> None:
+        if self._tar is not None:  # its stream would flush into the aborted file when collected
+            tar: Any = self._tar  # tarfile's _Stream and TarFile both skip their flush
+            tar.fileobj.closed = tar.closed = True  # once closed
+            self._tar = None
         if self._file is not None:
             self._file.abort()
 
@@ -219,6 +223,7 @@ def write_shards(
     _check_out(out, force)
 
     writer = _ShardWriter(out, shard_size)
+    created = False
     sizes: list[Encoded] = []
     order = np.random.default_rng(seed).permutation(len(source.paths))
     try:
@@ -238,6 +243,7 @@ def write_shards(
                 _warn(f"skipped {_shown(src, path)}: {reason}")
                 continue
             if writer.n == 0:
+                created = not out.exists()
                 _prepare_out(out)
             writer.add(enc, None if source.labels is None else source.labels[j], path)
             enc.data = b""  # written; keep only the sizes
@@ -246,6 +252,8 @@ def write_shards(
         bar.close()
     except OSError as e:
         writer.abort()
+        if writer.n <= shard_size and created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # made here and still empty: leave nothing behind
         raise write_error(writer.path(), "shard", e) from None
     if writer.n == 0:  # nothing written, not even the folder: no manifest lists the skipped
         raise InputError(f"{src}: no readable images ({len(skipped)} skipped, each named "

@@ -361,6 +361,19 @@ def test_embed_that_runs_out_of_space_keeps_the_earlier_output(setup: Setup) -> 
     assert sorted(p.name for p in out.parent.iterdir()) == ["feats.npz"]
 
 
+def test_shard_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """`oocid shard` whose first shard hits a file size limit (EFBIG, as a full disk): exit 4
+    naming the shard, no traceback (not even one printed when the tar stream is collected),
+    and no output folder left behind."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (64, 16, 16), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert_error(oocid("shard", tmp_path / "d.npz", out, "--shard-size", 32, "--no-progress",
+                       fsize=4_000), 4, (re.escape(str(out / "shard-000000.tar")),
+                                         r"could not write shard: disk full"))
+    assert not out.exists()
+
+
 # ---- corrupt shards and source folders ---------------------------------------------------------
 
 
