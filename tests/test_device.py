@@ -67,7 +67,7 @@ def test_train_makes_its_device_current(monkeypatch: pytest.MonkeyPatch, tmp_pat
 
     seen: list[torch.device] = []
 
-    def stop(*args: object) -> None:
+    def stop(*args: object, **kwargs: object) -> None:
         raise _Stop
 
     monkeypatch.setattr(loop, "read_manifest", lambda path: SimpleNamespace(n=10))
