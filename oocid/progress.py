@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 PLAIN_EVERY_S = 30.0  # longest gap between two plain progress lines
@@ -118,3 +119,29 @@ def progress_bar(total: int | None, desc: str, unit: str = "it", *, enabled: boo
         return tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave,  # type: ignore[no-any-return]
                     file=sys.stderr)
     return PlainProgress(total, desc, unit, initial, leave) if plain else _Off()
+
+
+class Eta:
+    """Says once, after the first steps, about how long the rest of this run's steps take (the
+    steps alone: evaluations and checkpoints come on top)."""
+
+    WARMUP, MEASURE = 3, 20  # steps skipped (first-call costs), then steps timed
+
+    def __init__(self, first_step: int, last_step: int, say: Callable[[str], None]) -> None:
+        self.first, self.last, self.say = first_step, last_step, say
+        self.t: float | None = None
+
+    def tick(self, step: int) -> None:
+        done = step - self.first
+        if done == self.WARMUP:
+            self.t = time.perf_counter()
+        elif done == self.WARMUP + self.MEASURE and self.t is not None:
+            per = (time.perf_counter() - self.t) / self.MEASURE
+            left = self.last - step
+            if left > 0:
+                self.say(f"oocid: about {duration(per * left)} for the {left} steps left "
+                         f"({per * 1e3:.0f} ms a step)")
+
+
+def duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"

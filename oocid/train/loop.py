@@ -43,7 +43,7 @@ from oocid.eval.evaluate import (
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
-from oocid.progress import Progress, progress_bar
+from oocid.progress import Eta, Progress, progress_bar
 from oocid.train.ddp import (
     Inputs,
     agree_on_inputs,
@@ -252,7 +252,7 @@ def _loop(run: RunState) -> RunResult:
     last_epoch = cfg.optim.epochs if run.max_epochs is None \
         else min(cfg.optim.epochs, run.epoch + run.max_epochs)
     stop_step = None if run.max_steps is None else run.step + run.max_steps
-    eta = _Eta(run.step, last_epoch * spe if stop_step is None else min(stop_step, last_epoch * spe),
+    eta = Eta(run.step, last_epoch * spe if stop_step is None else min(stop_step, last_epoch * spe),
                run.say)
     run.model.train()
     while run.epoch < last_epoch:
@@ -326,32 +326,6 @@ def _loop(run: RunState) -> RunResult:
     result.epochs, result.step = run.epoch, run.step
     report_comm(run.world, run.step - first_step)
     return result
-
-
-class _Eta:
-    """Says once, after the first steps, about how long the rest of this run's steps take (the
-    steps alone: evaluations and checkpoints come on top)."""
-
-    WARMUP, MEASURE = 3, 20  # steps skipped (first-call costs), then steps timed
-
-    def __init__(self, first_step: int, last_step: int, say: Say) -> None:
-        self.first, self.last, self.say = first_step, last_step, say
-        self.t: float | None = None
-
-    def tick(self, step: int) -> None:
-        done = step - self.first
-        if done == self.WARMUP:
-            self.t = time.perf_counter()
-        elif done == self.WARMUP + self.MEASURE and self.t is not None:
-            per = (time.perf_counter() - self.t) / self.MEASURE
-            left = self.last - step
-            if left > 0:
-                self.say(f"oocid: about {_duration(per * left)} for the {left} steps left "
-                         f"({per * 1e3:.0f} ms a step)")
-
-
-def _duration(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 class _Evaluator:
