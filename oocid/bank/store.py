@@ -258,10 +258,8 @@ class BankStore:
                 self._apply([*parts, record])
             elif have < step:
                 self._set_meta(committed_step=step)
-            for p in self._part_files():
-                p.unlink()
             self._rows.cleanup()
-            self._pending, self._overlay = PendingParts(), None
+            self._recover()  # discards the parts still here: of a step rank 0 never committed
 
     def pending_names(self) -> list[str]:
         """This writer's durable parts not yet committed, for another writer's record."""

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from oocid.bank.parts import part_path, read_part, write_part_info
+from oocid.data.manifest import Manifest
+from oocid.distributed.partition import deal_shards
 from oocid.distributed.world import World
 from oocid.errors import InputError
 
@@ -24,18 +26,26 @@ from oocid.errors import InputError
 class BankLayout:
     node_local: bool
     group: tuple[int, ...]  # the ranks writing into this process's bank directory, ascending
+    deal: tuple[tuple[int, ...], ...]  # each rank's shards = its bank chunks (`deal_shards`)
 
     def leads(self, world: World) -> bool:
         """Whether this process opens, locks and commits its bank directory."""
         return world.rank == self.group[0]
 
+    def group_chunks(self) -> list[int]:
+        """The chunks the ranks of this bank directory train."""
+        return sorted(c for r in self.group for c in self.deal[r])
 
-def bank_layout(world: World, node_local: bool) -> BankLayout:
-    """The layout of `world` (a collective when node-local: the ranks tell their machines)."""
+
+def bank_layout(world: World, node_local: bool, manifest: Manifest) -> BankLayout:
+    """The layout of `world` over the shards of `manifest`, dealt once for the run (a
+    collective when node-local: the ranks tell their machines)."""
+    deal = tuple(tuple(d) for d in deal_shards(manifest, world.size)) if world.distributed \
+        else (tuple(range(len(manifest.shards))),)
     if not node_local or not world.distributed:
-        return BankLayout(False, tuple(range(world.size)))
+        return BankLayout(False, tuple(range(world.size)), deal)
     nodes = world.gather(world.node)
-    return BankLayout(True, tuple(r for r, n in enumerate(nodes) if n == world.node))
+    return BankLayout(True, tuple(r for r, n in enumerate(nodes) if n == world.node), deal)
 
 
 def claim_part(bank: Path, chunks: list[int], world: World, manifest_id: str) -> None:

@@ -67,10 +67,6 @@ class RankStore:
         a, b = self.base.chunk_range(self.chunks[c])
         return self._lo[c], self._lo[c] + b - a
 
-    def global_start(self, c: int) -> int:
-        """The whole bank's first row of local chunk c."""
-        return self.base.chunk_range(self.chunks[c])[0]
-
     def read_chunk(self, c: int) -> np.ndarray:
         return self.base.read_chunk(self.chunks[c])
 

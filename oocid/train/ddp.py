@@ -31,7 +31,7 @@ from oocid.data.manifest import Manifest
 from oocid.distributed import stats
 from oocid.distributed.batchnorm import global_batchnorm
 from oocid.distributed.layout import BankLayout, claim_part
-from oocid.distributed.partition import check_chunked_by_shards, deal_shards
+from oocid.distributed.partition import check_chunked_by_shards
 from oocid.distributed.rank_store import RankStore
 from oocid.distributed.world import World
 from oocid.errors import InputError
@@ -72,9 +72,7 @@ def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, wo
             if leads else None
         try:
             if store is not None and layout.node_local:  # the same chunks as before, or none
-                deal = deal_shards(manifest, world.size)
-                claim_part(bank_path, sorted(c for r in layout.group for c in deal[r]), world,
-                           manifest.identity)
+                claim_part(bank_path, layout.group_chunks(), world, manifest.identity)
             step = world.broadcast(store.meta.committed_step if store is not None else None)
             if store is not None and not world.main:
                 store.settle(step)  # the run's committed step is the step of rank 0's bank
@@ -98,10 +96,10 @@ def rank_store(store: BankStore, manifest: Manifest, local: Manifest, world: Wor
     if not world.distributed:
         return store
     check_chunked_by_shards(manifest, store.chunk_rows)
-    chunks = deal_shards(manifest, world.size)[world.rank]
     # writer names of this launch: a process of an earlier launch still finishing cannot
     # write a part that this launch's commit would name
-    view = RankStore(store, chunks, world, layout, world.broadcast(secrets.token_hex(4)))
+    view = RankStore(store, list(layout.deal[world.rank]), world, layout,
+                     world.broadcast(secrets.token_hex(4)))
     assert view.n_rows == local.n
     return cast(BankStore, view)  # the part of BankStore's interface the cache uses
 

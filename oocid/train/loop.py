@@ -29,7 +29,7 @@ from oocid.data.stream import make_train_data
 from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
 from oocid.distributed.layout import bank_layout
 from oocid.distributed.merge import topk_across
-from oocid.distributed.partition import deal_shards, global_rows, rank_manifest
+from oocid.distributed.partition import global_rows, rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
@@ -109,8 +109,9 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         cfg = world.broadcast(cfg)
         agree_on_inputs(world, manifest, val_manifest, resume, max_epochs, max_steps,
                         node_local_bank)
-        share = deal_shards(manifest, world.size)[world.rank] if world.distributed else None
-        local = rank_manifest(manifest, share) if share is not None else manifest
+        layout = bank_layout(world, node_local_bank, manifest)  # the deal of shards to ranks
+        local = rank_manifest(manifest, list(layout.deal[world.rank])) if world.distributed \
+            else manifest
         # Measured once: the default budget follows free memory, which changes between calls.
         budget = cache_budget_rows(cfg, None, device, local.n, sharers=world.local_size)
         cfg = resolve_loss(cfg, manifest.n, budget, say, whole_bank=not world.distributed)
@@ -127,7 +128,6 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         if world.main and not resume and list_checkpoints(run_dir):
             raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                              "another --out")
-        layout = bank_layout(world, node_local_bank)
         with open_bank(cfg, manifest, bank_path, resume, world, layout, say) as store:
             if announce is not None:  # the inputs have passed their checks, the bank included
                 say(announce)
