@@ -26,7 +26,7 @@ from oocid.errors import InputError
 class BankLayout:
     node_local: bool
     group: tuple[int, ...]  # the ranks writing into this process's bank directory, ascending
-    deal: tuple[tuple[int, ...], ...]  # each rank's shards = its bank chunks (`deal_shards`)
+    deal: tuple[tuple[int, ...], ...]  # each rank's shards = its bank chunks; () for one process
 
     def leads(self, world: World) -> bool:
         """Whether this process opens, locks and commits its bank directory."""
@@ -40,9 +40,10 @@ class BankLayout:
 def bank_layout(world: World, node_local: bool, manifest: Manifest) -> BankLayout:
     """The layout of `world` over the shards of `manifest`, dealt once for the run (a
     collective when node-local: the ranks tell their machines)."""
-    deal = tuple(tuple(d) for d in deal_shards(manifest, world.size)) if world.distributed \
-        else (tuple(range(len(manifest.shards))),)
-    if not node_local or not world.distributed:
+    if not world.distributed:  # one process: no deal
+        return BankLayout(False, (0,), ())
+    deal = tuple(tuple(d) for d in deal_shards(manifest, world.size))
+    if not node_local:
         return BankLayout(False, tuple(range(world.size)), deal)
     nodes = world.gather(world.node)
     return BankLayout(True, tuple(r for r, n in enumerate(nodes) if n == world.node), deal)
