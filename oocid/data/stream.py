@@ -10,8 +10,11 @@ batch at a time in the workers with the in-memory path's `BatchAugment` (at smal
 per-sample recipe costs many times the decode: docs/benchmarks.md, "Training step").
 Bad samples (an image that does not decode) are reported with shard and key, skipped and
 counted; a shard that cannot be read at all stops the run with its name.
-Randomness is derived from (seed, epoch, step) so that a run resumed at an epoch boundary sees
-exactly the same batches.
+Each worker batches its own share of an epoch; the short batches that leaves (one per worker,
+and those with bad samples) are joined in the main process into batches of the configured size,
+so every batch but an epoch's last is whole, whatever the number of workers.
+Randomness is derived from (seed, epoch, sample or batch) so that a resumed run, at an epoch
+boundary or inside one, sees exactly the same batches.
 """
 
 from __future__ import annotations
@@ -116,14 +119,9 @@ class ShardStream(IterableDataset):
         split = [p for p in paths if p not in dealt]
         return [(p, 0, 1) for p in whole[wid::nw]] + [(p, wid, nw) for p in split]
 
-    def worker_samples(self, nw: int) -> list[int]:
-        """How many samples each of `nw` workers yields in an epoch (the same every epoch: the
-        shuffle changes which shards a worker gets, not how many samples)."""
-        def size(p: Path) -> int:
-            return self.spans[p.name][1] - self.spans[p.name][0]
-
-        return [sum(len(range(off, size(p), stride)) for p, off, stride in self.worker_parts(w, nw))
-                for w in range(nw)]
+    def samples(self) -> int:
+        """How many samples an epoch streams (every shard's, whatever the worker count)."""
+        return sum(stop - start for start, stop in self.spans.values())
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
@@ -219,40 +217,88 @@ class StreamData:
         self.workers = workers
 
     def steps_per_epoch(self) -> int:
-        """The batches `epoch_batches` yields: each DataLoader worker batches its own share of
-        the samples, so every worker's last batch may be short (one fewer for each batch whose
-        samples all fail to decode, which cannot be known ahead)."""
-        b = self.batch_size
-        return sum(-(-k // b) for k in self.dataset.worker_samples(max(1, self.workers)))
+        """The batches `epoch_batches` yields: whole batches of `batch_size` and one short last
+        one, whatever the number of workers; fewer where bad samples leave fewer samples to
+        batch (which cannot be known ahead)."""
+        return -(-self.dataset.samples() // self.batch_size)
 
-    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        """The batches of `epoch` from the `start_step`-th yielded one on (a resumed epoch skips
-        those it yielded before)."""
+    def worker_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+        """The DataLoader's batches of `epoch` as `Collate` makes them, in the order they come
+        (the same every time: the loader takes the workers' batches in turn)."""
         self.dataset.set_epoch(epoch)
         if getattr(self.transform, "needs_hue_tables", False):
             from oocid.data.stream_aug import hue_tables
 
             hue_tables()  # built once here; forked workers share the pages
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
-                            collate_fn=Collate(self.batch_augment, self.seed, epoch),
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
+        yield from DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+                              collate_fn=Collate(self.batch_augment, self.seed, epoch),
+                              pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of `epoch` from the `start_step`-th yielded one on (a resumed epoch skips
+        those it yielded before).
+
+        Each DataLoader worker batches its own share of the samples, so each ends its share with
+        a short batch (and a bad sample shortens the batch it falls in). A worker batch of
+        `batch_size` passes straight through; the short ones are joined, in the loader's order
+        (the same every time), into batches of `batch_size`, the rest at the end of the epoch
+        into its one short batch. A joined batch's pixels are its parts' (each augmented in its
+        worker), so a resumed epoch still sees the same batches."""
         done = 0  # batches yielded, or skipped as yielded before a mid-epoch resume
-        for b in loader:
+        short: list[dict[str, Any]] = []  # short worker batches (or what is left of them) held
+        for b in self.worker_batches(epoch):
             if b["fatal"]:
                 raise DataError(b["fatal"][0], exit_code=3)
-            if done < start_step:  # seen before a mid-epoch resume (and counted then)
-                done += int(b["index"].numel() > 0)  # one of bad samples only was not yielded
-                continue
-            for where in b["bad"]:
-                self.skips.add(where.split(": ")[0], where.split(": ", 1)[-1])
-            if b["index"].numel() == 0:
-                continue
-            x = b["x"].to(self.device, non_blocking=True)
-            if x.dtype == torch.uint8:
-                if self.normalize is None:
-                    raise ValueError("StreamData: a uint8 transform needs normalize=(mean, std)")
-                x = normalize_batch(x, *self.normalize)
-            yield Batch(x, b["index"].to(self.device), b["label"].to(self.device))
+            if done >= start_step:  # else reported (and counted) before a mid-epoch resume
+                for where in b["bad"]:
+                    self.skips.add(where.split(": ")[0], where.split(": ", 1)[-1])
+            k = int(b["index"].numel())
+            if k == self.batch_size:
+                whole = [b]
+            elif k > 0:
+                short.append(b)
+                if sum(int(p["index"].numel()) for p in short) < self.batch_size:
+                    continue
+                whole, short = split_off(short, self.batch_size)
+            else:
+                continue  # bad samples only
+            done += 1
+            if done > start_step:
+                yield self._batch(whole)
+        if short and done >= start_step:
+            yield self._batch(short)
+
+    def _batch(self, parts: list[dict[str, Any]]) -> Batch:
+        """The batch of these (collated) parts on the device, normalised if uint8."""
+        if len(parts) == 1:
+            x, index, label = parts[0]["x"], parts[0]["index"], parts[0]["label"]
+        else:
+            x, index, label = (torch.cat([p[key] for p in parts]) for key in ("x", "index", "label"))
+        x = x.to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            if self.normalize is None:
+                raise ValueError("StreamData: a uint8 transform needs normalize=(mean, std)")
+            x = normalize_batch(x, *self.normalize)
+        return Batch(x, index.to(self.device), label.to(self.device))
+
+
+def split_off(parts: list[dict[str, Any]], n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the parts holding the first `n` samples of `parts`, the parts holding the rest): a part
+    that straddles the cut is split in two (views, no copy)."""
+    head: list[dict[str, Any]] = []
+    got = 0
+    for i, p in enumerate(parts):
+        k = int(p["index"].numel())
+        if got + k <= n:
+            head.append(p)
+            got += k
+            continue
+        cut = n - got
+        cols = ("x", "index", "label")
+        if cut > 0:
+            head.append({c: p[c][:cut] for c in cols})
+        return head, [{c: p[c][cut:] for c in cols}, *parts[i + 1:]]
+    return head, []
 
 
 def make_train_data(manifest: Manifest, data_cfg: DataConfig, seed: int, device: torch.device,

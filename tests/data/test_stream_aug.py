@@ -253,12 +253,16 @@ def _same_size_set(tmp_path: Path, n: int, bad: int | None = None) -> Path:
     return tmp_path / "shards"
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers, 2 CPUs
+@pytest.mark.parametrize("workers", [0, 2, 3])
 def test_batched_stream_equals_batch_augment_of_the_decoded_images(tmp_path: Path, workers: int
                                                                    ) -> None:
     """Same-size small images stream decoded per sample and augmented a batch at a time in the
-    worker: each batch equals BatchAugment on those images with the generator seeded by (seed,
-    epoch, first index); every index once, in a shuffled order, the same on a second pass."""
+    worker: each worker batch equals BatchAugment on those images with the generator seeded by
+    (seed, epoch, first index); each batch trained on is a whole worker batch as it is or, for
+    the short ones joined into whole batches, the concatenation of its parts' BatchAugment
+    outputs (3 workers: one part is cut across two batches); every index once, in a shuffled
+    order, the same on a second pass and on a resume at any step."""
     from oocid.config import DataConfig
     from oocid.data.augment import batch_augment_for
     from oocid.data.batch import mix_seed
@@ -273,19 +277,37 @@ def test_batched_stream_equals_batch_augment_of_the_decoded_images(tmp_path: Pat
     assert isinstance(data, StreamData) and isinstance(data.transform, DecodeFixed)
     aug = batch_augment_for("cifar", 12, cfg.mean, cfg.std, cfg.crop_scale_min)
     by_index = {s.index: s.image for p in m.shard_paths() for s in iter_samples(p)}
-    seen: list[int] = []
+    pixels: dict[int, torch.Tensor] = {}  # each sample's pixels in its worker batch
+    parts: list[list[int]] = []
+    for w in data.worker_batches(epoch=1):
+        idx = w["index"].tolist()
+        raw = torch.stack([torch.from_numpy(np.asarray(decode_image(by_index[i], 3)).copy())
+                           .permute(2, 0, 1) for i in idx])
+        g = torch.Generator().manual_seed(mix_seed(11, 7, 1, idx[0]))
+        torch.testing.assert_close(w["x"], aug(raw, g), atol=1e-6, rtol=0)
+        pixels.update(zip(idx, w["x"], strict=True))
+        parts.append(idx)
     batches = list(data.epoch_batches(epoch=1))
+    seen: list[int] = []
     for b in batches:
         assert b.images.dtype == torch.float32 and b.images.shape[1:] == (3, 12, 12)
-        raw = torch.stack([torch.from_numpy(np.asarray(decode_image(by_index[i], 3)).copy())
-                           .permute(2, 0, 1) for i in b.index.tolist()])
-        g = torch.Generator().manual_seed(mix_seed(11, 7, 1, int(b.index[0])))
-        torch.testing.assert_close(b.images, aug(raw, g), atol=1e-6, rtol=0)
-        seen += b.index.tolist()
+        idx = b.index.tolist()
+        assert torch.equal(b.images, torch.stack([pixels[i] for i in idx]))
+        seen += idx
+    full = [p for p in parts if len(p) == 5]
+    assert [b.index.tolist() for b in batches if b.index.tolist() in full] == full
+    joined = [i for b in batches if b.index.tolist() not in full for i in b.index.tolist()]
+    assert joined == [i for p in parts if len(p) < 5 for i in p]  # in the loader's order
+    assert [len(b.index) for b in batches] == [5, 5, 5, 5, 3]
+    cut = any(not set(p) <= set(b.index.tolist()) and set(p) & set(b.index.tolist())
+              for p in parts for b in batches)
+    assert cut == (workers == 3)
     assert sorted(seen) == list(range(23)) and seen != list(range(23))
-    again = list(data.epoch_batches(epoch=1, start_step=2))  # a mid-epoch resume's batches
-    assert all(torch.equal(x.images, y.images) and torch.equal(x.index, y.index)
-               for x, y in zip(batches[2:], again, strict=True))
+    for s in range(len(batches) + 1):  # a mid-epoch resume's batches
+        again = list(data.epoch_batches(epoch=1, start_step=s))
+        assert len(again) == len(batches) - s and all(
+            torch.equal(x.images, y.images) and torch.equal(x.index, y.index)
+            for x, y in zip(batches[s:], again, strict=True)), s
 
 
 def test_batched_stream_skips_an_image_of_another_size_and_sample_mode_is_per_sample(
