@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from oocid.distributed.world import World
 
@@ -23,7 +24,9 @@ class DistSync:
     def all_finite(self, ok: bool) -> bool:
         return self.world.all_sum([0.0 if ok else 1.0], self.device)[0] == 0.0
 
-    def agree_z(self, estimate: float, weight: float) -> float:
-        """The weighted mean of the processes' Z estimates (`ZEstimator.agree`)."""
-        s, w = self.world.all_sum([estimate * weight, weight], self.device)
-        return s / w if w > 0 else estimate
+    def agree_z(self, estimate: Tensor, weight: float) -> Tensor:
+        """The weighted mean of the processes' Z estimates (`ZEstimator.agree`): 0-d float64
+        tensors, all-reduced on the device, never read back to the host."""
+        est = estimate.to(self.device, torch.float64)
+        s, w = self.world.all_sum_tensor(torch.stack([est * weight, torch.full_like(est, weight)]))
+        return torch.where(w > 0, s / w, est)

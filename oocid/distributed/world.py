@@ -79,6 +79,18 @@ class World:
         count_small(t.numel() * 8, t0)
         return out
 
+    def all_sum_tensor(self, t: Tensor) -> Tensor:
+        """The element-wise sum over ranks of a small tensor, left on its device (a new tensor:
+        `t` is not changed). On a GPU nothing waits for the result here (the counted time is
+        the call's, not the reduction's)."""
+        if not self.distributed:
+            return t
+        t0 = time.perf_counter()
+        t = t.clone()
+        dist.all_reduce(t)
+        count_small(t.numel() * t.element_size(), t0)
+        return t
+
     def all_max(self, value: int, device: torch.device) -> int:
         if not self.distributed:
             return value

@@ -117,9 +117,10 @@ def infonce_loss(x: Tensor, weights: Tensor, temperature: float) -> Tensor:
 
 def bank_loss(f: Tensor, index: Tensor, bank: Bank, lc: LossConfig, n_data: int,
               zest: ZEstimator | None, generator: torch.Generator
-              ) -> tuple[Tensor, float | None, Tensor | None]:
+              ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The loss of features f (B, D) of images `index` (B,) against the bank, by `lc.kind`:
-    returns (loss, Z or None, the positives' rows v_i as gathered; None for the exact softmax)."""
+    returns (loss, Z (0-d float64, on the device) or None, the positives' rows v_i as gathered;
+    None for the exact softmax)."""
     if lc.kind == "auto":
         raise ValueError('loss.kind "auto" must be resolved first (oocid.train.setup.resolve_loss)')
     if lc.kind == "softmax":  # scores against all N rows (the fast GEMM: fast.softmax_loss)
@@ -143,14 +144,14 @@ def bank_loss(f: Tensor, index: Tensor, bank: Bank, lc: LossConfig, n_data: int,
         raise ValueError("NCE needs a ZEstimator for its normalising constant Z")
     z = zest(scores, n_data, lc.temperature)
     probs, _ = nce_probs(scores, n_data, lc.temperature, z)
-    return nce_criterion(probs, n_data, lc.eps), zest.value, pos  # Z as a float: no host sync
+    return nce_criterion(probs, n_data, lc.eps), zest.z, pos  # Z left on the device: no sync
 
 
 @dataclass
 class StepOut:
     loss: float
     skipped: bool
-    z: float | None = None
+    z: Tensor | None = None  # NCE's Z, 0-d float64 on the device (float() reads it back)
 
 
 # True during an idle process's forward (`NPIDStep._idle`): layers that take part in
@@ -168,6 +169,10 @@ class StepSync(Protocol):
 
     def all_finite(self, ok: bool) -> bool:
         """True when every process's features and loss are finite (else all skip together)."""
+
+    def agree_z(self, estimate: Tensor, weight: float) -> Tensor:
+        """The weighted mean of the processes' Z estimates, 0-d float64 tensors on the device
+        (`ZEstimator.agree`; an idle process gives weight 0)."""
 
 
 @dataclass
@@ -199,7 +204,7 @@ class NPIDStep:
         self.last_features: Tensor | None = None
 
     def loss(self, f: Tensor, index: Tensor, step: int
-             ) -> tuple[Tensor, float | None, Tensor | None]:
+             ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """`bank_loss` with this step's negatives drawn from a generator seeded by (seed, step)."""
         g = torch.Generator(device=self.bank.device)
         g.manual_seed(mix_seed(self.seed, 6, step))
@@ -231,7 +236,7 @@ class NPIDStep:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(self.precision, x.device):
                     f = self.model(x)  # (B, D) unit, float32 (Embedder normalises in float32)
-                z_before = self.zest.state_dict() if self.zest is not None else None
+                z_before = self.zest.snapshot() if self.zest is not None else None
                 loss, z, old = self.loss(f, b.index, step * self.cfg.optim.accumulate + i)
                 # one host sync checks both: f's rows are unit, so its sum is finite iff every
                 # entry is; a non-finite feature never reaches the bank, nor Z's estimate (undone)
@@ -241,7 +246,7 @@ class NPIDStep:
                     ok = self.sync.all_finite(ok)
                 if not ok:
                     if self.zest is not None and z_before is not None:
-                        self.zest.load_state_dict(z_before)
+                        self.zest.restore(z_before)
                     return self._skip(step, z if math.isfinite(f_sum) else None)
                 weighted = loss * (b.index.numel() / n_all)
                 if weight != 1.0:
@@ -291,18 +296,18 @@ class NPIDStep:
             g = torch.Generator(device=self.bank.device)
             g.manual_seed(mix_seed(self.seed, 6, step))
             self.bank.draw((1, 1), g)
-        z_before = self.zest.state_dict() if self.zest is not None else None
+        z_before = self.zest.snapshot() if self.zest is not None else None
         if self.zest is not None:
-            self.zest.idle()
+            self.zest.idle(f.device)
         if not self.sync.all_finite(True):
             if self.zest is not None and z_before is not None:
-                self.zest.load_state_dict(z_before)
+                self.zest.restore(z_before)
             return False
         zero = f.float().sum() * 0.0
         (self.scaler.scale(zero) if self.scaler is not None else zero).backward()
         return True
 
-    def _skip(self, step: int, z: float | None) -> StepOut:
+    def _skip(self, step: int, z: Tensor | None) -> StepOut:
         """Never write a non-finite feature into the bank: skip the step, count it, carry on."""
         self.skipped += 1
         self.skipped_in_a_row += 1

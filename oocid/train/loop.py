@@ -305,7 +305,7 @@ def _loop(run: RunState) -> RunResult:
         if npid.scaler is not None:  # fp16: optimiser steps the loss scaler skipped
             rec["scaler_skips"] = npid.scaler_skips - scaler0
         if totals.z is not None:
-            rec["z"] = totals.z
+            rec["z"] = float(totals.z)
             rec["z_drift"] = run.zest.drift() if run.zest is not None else 1.0
         if watch.fired:
             rec["collapse"] = sorted(watch.fired)

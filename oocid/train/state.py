@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from oocid import __version__
 from oocid.bank.cache import ChunkCache
@@ -36,10 +37,16 @@ class EpochTotals:
     skipped_steps: int = 0
     bad_samples: int = 0
     scaler_skips: int = 0
-    z: float | None = None
+    z: Tensor | float | None = None  # the last step's Z: left on the device until saved
 
     def __post_init__(self) -> None:
         self.images_at_start = self.images
+
+    def saved(self) -> dict[str, Any]:
+        """The totals as plain numbers, for a checkpoint (Z read back: a host sync on a GPU)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["z"] = None if self.z is None else float(self.z)
+        return out
 
 
 @dataclass
@@ -98,7 +105,7 @@ class RunState:
             "n_data": self.manifest.n,
             "rng": {"torch": torch.get_rng_state()},
             "bank_cache": self.bank.state_dict(),
-            "partial_epoch": dataclasses.asdict(totals) if totals is not None else None,
+            "partial_epoch": totals.saved() if totals is not None else None,
             "epoch_metrics": record,
         }
         if self.world.distributed:  # every rank's window, RNG and totals; rank 0 writes

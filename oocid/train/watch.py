@@ -3,6 +3,9 @@ the features collapsing to one direction; each with its likely cause and a remed
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from oocid.config import Config
 from oocid.method.npid import NPIDStep, StepOut
 from oocid.train.setup import Say
@@ -16,9 +19,10 @@ class CollapseWatch:
     collapsing to one direction (mean pairwise cosine > 0.95)."""
 
     EARLY_STEPS = 5
-    # the features' check reads a number back from the device: on a GPU a host sync that
-    # stalls the queued work, so done every this many steps there (every step on the CPU)
-    FEATURE_CHECK_EVERY = 50
+    # the checks of Z and the features read numbers back from the device: on a GPU a host
+    # sync that stalls the queued work, so done every this many steps there (every step on
+    # the CPU)
+    CHECK_EVERY = 50
 
     def __init__(self, cfg: Config, say: Say) -> None:
         self.cfg = cfg
@@ -43,18 +47,26 @@ class CollapseWatch:
             self._fire("loss", f"loss exploded to {out.loss:.4g} at step {step} (median of the "
                                f"first {len(self.early)} steps {base:.4g}); "
                                + (remedy if lc.kind == "nce" else "lower optim.lr"))
-        if npid.zest is not None and npid.zest.value is not None:
-            d = npid.zest.drift()
-            if d > 100 or d < 0.01:
-                self._fire("z", f"NCE normaliser Z drifted {d:.3g}x from its first estimate at "
-                                f"step {step}; {remedy}")
+        # Z's drift and the features' mean cosine are read back from the device together: on
+        # a GPU one host sync that stalls the queued work, so every CHECK_EVERY steps there
         f = npid.last_features
-        every = 1 if f is None or f.device.type == "cpu" else self.FEATURE_CHECK_EVERY
-        if f is not None and f.shape[0] > 1 and step % every == 0:
+        z = npid.zest.drift_tensor() if npid.zest is not None else None
+        on = f if f is not None else z
+        every = 1 if on is None or on.device.type == "cpu" else self.CHECK_EVERY
+        if step % every != 0:
+            return
+        checks: dict[str, Tensor] = {} if z is None else {"z": z.double()}
+        if f is not None and f.shape[0] > 1:
             b = f.shape[0]
             m = f.mean(0)
-            sim = float((b * b * (m @ m) - b) / (b * (b - 1)))  # mean pairwise cosine
-            if sim > 0.95:
-                self._fire("features", f"features collapsed (mean pairwise cosine {sim:.3f}) at "
-                                       f"step {step}; " + (remedy if lc.kind == "nce"
-                                                           else "lower optim.lr"))
+            checks["features"] = ((b * b * (m @ m) - b) / (b * (b - 1))).double()  # mean cosine
+        if not checks:
+            return
+        got = dict(zip(checks, torch.stack(list(checks.values())).tolist(), strict=True))
+        if "z" in got and (got["z"] > 100 or got["z"] < 0.01):
+            self._fire("z", f"NCE normaliser Z drifted {got['z']:.3g}x from its first estimate "
+                            f"at step {step}; {remedy}")
+        if got.get("features", 0.0) > 0.95:
+            self._fire("features", f"features collapsed (mean pairwise cosine "
+                                   f"{got['features']:.3f}) at step {step}; "
+                                   + (remedy if lc.kind == "nce" else "lower optim.lr"))

@@ -71,11 +71,11 @@ def test_collapse_on_known_setting_only(tmp_path: Path, demo_shards: Path, setti
 
 
 def test_watch_reads_features_back_from_a_device_only_every_n_steps() -> None:
-    """Off the CPU the features' check (a host sync) runs every FEATURE_CHECK_EVERY steps; a
+    """Off the CPU the features' check (a host sync) runs every CHECK_EVERY steps; a
     meta tensor stands for a GPU's: reading it back raises, so only those steps may read."""
     w = CollapseWatch(demo_config(), lambda m: None)
     off_cpu = torch.empty(64, 16, device="meta")
-    n = CollapseWatch.FEATURE_CHECK_EVERY
+    n = CollapseWatch.CHECK_EVERY
     for i in range(1, n):
         w.check(i, StepOut(5.0, False), FakeStep(off_cpu))  # type: ignore[arg-type]
     with pytest.raises((RuntimeError, NotImplementedError)):
