@@ -215,6 +215,7 @@ class StreamData:
         self.skips = SkipLog()
         self.dataset = ShardStream(manifest, channels, transform, seed, shuffle, shuffle_buffer, size)
         self.workers = workers
+        self.resume_workers: int | None = None  # the workers a resumed epoch was started with
 
     def steps_per_epoch(self) -> int:
         """The batches `epoch_batches` yields: whole batches of `batch_size` and one short last
@@ -222,15 +223,17 @@ class StreamData:
         batch (which cannot be known ahead)."""
         return -(-self.dataset.samples() // self.batch_size)
 
-    def worker_batches(self, epoch: int) -> Iterator[dict[str, Any]]:
+    def worker_batches(self, epoch: int, workers: int | None = None) -> Iterator[dict[str, Any]]:
         """The DataLoader's batches of `epoch` as `Collate` makes them, in the order they come
-        (the same every time: the loader takes the workers' batches in turn)."""
+        (the same every time: the loader takes the workers' batches in turn); `workers`, if
+        given, instead of `self.workers`."""
         self.dataset.set_epoch(epoch)
         if getattr(self.transform, "needs_hue_tables", False):
             from oocid.data.stream_aug import hue_tables
 
             hue_tables()  # built once here; forked workers share the pages
-        yield from DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+        nw = self.workers if workers is None else workers
+        yield from DataLoader(self.dataset, batch_size=self.batch_size, num_workers=nw,
                               collate_fn=Collate(self.batch_augment, self.seed, epoch),
                               pin_memory=self.device.type == "cuda", persistent_workers=False)
 
@@ -243,10 +246,13 @@ class StreamData:
         `batch_size` passes straight through; the short ones are joined, in the loader's order
         (the same every time), into batches of `batch_size`, the rest at the end of the epoch
         into its one short batch. A joined batch's pixels are its parts' (each augmented in its
-        worker), so a resumed epoch still sees the same batches."""
+        worker), so a resumed epoch still sees the same batches. The worker count decides
+        which samples each worker shuffles together: a resumed epoch (`start_step` > 0) is
+        streamed with `resume_workers`, the count it started with, when that is set."""
+        workers = self.resume_workers if start_step > 0 else None
         done = 0  # batches yielded, or skipped as yielded before a mid-epoch resume
         short: list[dict[str, Any]] = []  # short worker batches (or what is left of them) held
-        for b in self.worker_batches(epoch):
+        for b in self.worker_batches(epoch, workers):
             if b["fatal"]:
                 raise DataError(b["fatal"][0], exit_code=3)
             if done >= start_step:  # else reported (and counted) before a mid-epoch resume

@@ -175,6 +175,7 @@ def rank_part(state: dict[str, Any], world: World) -> tuple[Any, Any]:
     total = dict(parts[0])
     for key in ("loss_sum", "images", "images_at_start"):
         total[key] = sum(p[key] for p in parts) if world.main else 0
+    total["workers"] = None  # the shards are dealt anew: no order to keep
     return None, total
 
 

@@ -71,7 +71,7 @@ from oocid.train.setup import (
     resolve_loss,
     window_warning,
 )
-from oocid.train.state import EpochTotals, RunState
+from oocid.train.state import EpochTotals, RunState, resume_workers
 from oocid.train.tblog import TensorBoardLog, require_tensorboard
 from oocid.train.watch import CollapseWatch
 
@@ -258,6 +258,7 @@ def _loop(run: RunState) -> RunResult:
     while run.epoch < last_epoch:
         t0 = time.perf_counter()
         totals = EpochTotals(**run.partial) if run.partial else EpochTotals()
+        totals.workers = resume_workers(data, totals.workers, run.say)
         run.partial = None
         skipped0 = npid.skipped - totals.skipped_steps
         scaler0 = npid.scaler_skips - totals.scaler_skips

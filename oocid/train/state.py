@@ -17,6 +17,7 @@ from oocid.checkpoint import finish_checkpoint, save_checkpoint
 from oocid.config import Config
 from oocid.data.batch import TrainData
 from oocid.data.manifest import Manifest
+from oocid.data.stream import StreamData
 from oocid.distributed.world import World
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder
@@ -38,6 +39,7 @@ class EpochTotals:
     bad_samples: int = 0
     scaler_skips: int = 0
     z: Tensor | float | None = None  # the last step's Z: left on the device until saved
+    workers: int | None = None  # streamed: the data workers the epoch started with (its order)
 
     def __post_init__(self) -> None:
         self.images_at_start = self.images
@@ -47,6 +49,20 @@ class EpochTotals:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["z"] = None if self.z is None else float(self.z)
         return out
+
+
+def resume_workers(data: TrainData, started: int | None, say: Say) -> int | None:
+    """The data workers an epoch streams with, to save with its totals (None in memory): the
+    worker count decides which samples each worker shuffles together, so an epoch resumed
+    inside keeps the count it started with (`data.workers` may have changed with the resume)."""
+    if not isinstance(data, StreamData):
+        return None
+    data.resume_workers = started
+    if started is not None and started != data.workers:
+        say(f"oocid: this epoch started with {started} data workers and finishes with them (they "
+            f"decide its order); the next epochs use {data.workers}")
+        return started
+    return data.workers
 
 
 @dataclass

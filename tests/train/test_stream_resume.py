@@ -66,3 +66,39 @@ def test_two_workers_train_whole_batches_and_resume_exactly(tmp_path: Path,
     sa = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
     sb = torch.load(tmp_path / "b" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_an_epoch_resumed_with_other_workers_keeps_the_order_it_started_with(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker count decides which samples each worker shuffles together. Stopped inside an
+    epoch streamed by 2 workers and resumed with 3, the epoch finishes in the order it started
+    with (every image once), says so, and the next epoch streams with 3."""
+    tr = tmp_path / "tr"
+    write_shards(tiny_npz(tmp_path / "tiny.npz"), tr, shard_size=16, seed=0, progress=False)
+    seen: list[list[int]] = []
+    workers: list[int | None] = []
+    make, stream = StreamData._batch, StreamData.worker_batches
+
+    def recording(self: StreamData, parts: list[dict[str, Any]]) -> Batch:
+        b = make(self, parts)
+        seen.append(b.index.tolist())
+        return b
+
+    def counting(self: StreamData, epoch: int, nw: int | None = None) -> Any:
+        workers.append(self.workers if nw is None else nw)
+        return stream(self, epoch, nw)
+
+    monkeypatch.setattr(StreamData, "_batch", recording)
+    monkeypatch.setattr(StreamData, "worker_batches", counting)
+    cfg = config()
+    train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, max_steps=2,
+          log=lambda m: None)
+    cfg.data.workers = 3
+    said: list[str] = []
+    rest = train(cfg, tr, tmp_path / "b.npy", tmp_path / "b", progress=False, resume=True,
+                 log=said.append)
+    assert rest.step == 9
+    first = [i for b in seen[:3] for i in b]
+    assert sorted(first) == list(range(96))  # the stopped epoch: every image exactly once
+    assert workers == [2, 2, 3, 3]  # stopped run; resumed epoch 1, then epochs 2 and 3
+    assert any("started with 2 data workers" in m for m in said)
