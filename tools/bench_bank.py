@@ -74,10 +74,12 @@ def _worker_stream(shards: np.ndarray, n: int, buffer: int, rng: np.random.Gener
 
 
 def positive_batches(n: int, batch: int, workers: int, buffer: int, seed: int) -> Iterator[np.ndarray]:
-    """Batches of B indices as the trainer sees them (endless: epoch after epoch)."""
+    """Batches of B indices as the trainer sees them (endless: epoch after epoch): the
+    workers' batches in turn, their short last batches joined into whole ones."""
     epoch = 0
     n_shards = -(-n // CHUNK_ROWS)
     while True:
+        held: list[int] = []  # the short batches' indices, joined as oocid.data.stream does
         order = np.random.default_rng([seed, 4, epoch]).permutation(n_shards)
         streams = [
             _worker_stream(order[w::workers], n, buffer, np.random.default_rng([seed, 5, epoch, w]))
@@ -93,8 +95,15 @@ def positive_batches(n: int, batch: int, workers: int, buffer: int, seed: int) -
                         break
                 if len(out) < batch:
                     live.remove(w)
+                    held += out
+                    if len(held) >= batch:
+                        out, held = held[:batch], held[batch:]
+                    else:
+                        out = []
                 if out:
                     yield np.asarray(out, dtype=np.int64)
+        if held:
+            yield np.asarray(held, dtype=np.int64)
         epoch += 1
 
 

@@ -285,7 +285,8 @@ class StreamData:
             if self.normalize is None:
                 raise ValueError("StreamData: a uint8 transform needs normalize=(mean, std)")
             x = normalize_batch(x, *self.normalize)
-        return Batch(x, index.to(self.device), label.to(self.device))
+        return Batch(x, index.to(self.device, non_blocking=True),
+                     label.to(self.device, non_blocking=True))
 
 
 def split_off(parts: list[dict[str, Any]], n: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -17,9 +17,9 @@ class DistSync:
     world: World
     device: torch.device
 
-    def batch_weight(self, n: int) -> float:
+    def batch_weight(self, n: int) -> float | None:
         total = self.world.all_sum([float(n)], self.device)[0]
-        return self.world.size * n / total if total > 0 else 0.0
+        return self.world.size * n / total if total > 0 else None
 
     def all_finite(self, ok: bool) -> bool:
         return self.world.all_sum([0.0 if ok else 1.0], self.device)[0] == 0.0

@@ -163,9 +163,10 @@ class StepSync(Protocol):
     """What a step needs from the other processes of a multi-process run (oocid.distributed.sync):
     each call is a collective, made by every process in the same order."""
 
-    def batch_weight(self, n: int) -> float:
+    def batch_weight(self, n: int) -> float | None:
         """world size x n / (samples of this step over all processes): scales this process's
-        mean loss so that the averaged gradient is the mean over the whole step's samples."""
+        mean loss so that the averaged gradient is the mean over the whole step's samples;
+        None when no process has a sample this step (all skip it alike)."""
 
     def all_finite(self, ok: bool) -> bool:
         """True when every process's features and loss are finite (else all skip together)."""
@@ -225,6 +226,9 @@ class NPIDStep:
         feats, olds, total, z = [], [], 0.0, None
         n_all = sum(int(b.index.numel()) for b in micro if b is not None)
         weight = self.sync.batch_weight(n_all) if self.sync is not None else 1.0
+        if weight is None:  # no process has a sample (bad ones only): no update of any kind,
+            self.bank.end_step()  # not even the optimiser's momentum and weight decay
+            return StepOut(0.0, False, None)
         for i, b in enumerate(micro):
             with self._no_sync(i == len(micro) - 1):
                 if b is None:

@@ -50,11 +50,11 @@ class CollapseWatch:
         # Z's drift and the features' mean cosine are read back from the device together: on
         # a GPU one host sync that stalls the queued work, so every CHECK_EVERY steps there
         f = npid.last_features
-        z = npid.zest.drift_tensor() if npid.zest is not None else None
-        on = f if f is not None else z
+        on = f if f is not None else (npid.zest.z if npid.zest is not None else None)
         every = 1 if on is None or on.device.type == "cpu" else self.CHECK_EVERY
         if step % every != 0:
             return
+        z = npid.zest.drift_tensor() if npid.zest is not None else None
         checks: dict[str, Tensor] = {} if z is None else {"z": z.double()}
         if f is not None and f.shape[0] > 1:
             b = f.shape[0]

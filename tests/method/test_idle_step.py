@@ -1,0 +1,59 @@
+"""A step in which no process has a sample (every one of its batches was bad): all processes
+skip it alike, with no update of any kind; weight decay and momentum would otherwise move the
+weights, and Z's agreement would average in a zero."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from helpers import tiny_config
+
+from oocid.bank.create import create_store
+from oocid.bank.incore import InCoreBank
+from oocid.data.batch import Batch
+from oocid.distributed.sync import DistSync
+from oocid.distributed.world import World
+from oocid.method.npid import NPIDStep
+from oocid.method.zest import ZEstimator
+from oocid.models import build_model
+from oocid.train.setup import build_optimizer
+
+
+class NobodyHasASample:
+    """The step's agreements as the other processes would answer when none has a sample."""
+
+    def batch_weight(self, n: int) -> float | None:
+        return None if n == 0 else 1.0
+
+    def all_finite(self, ok: bool) -> bool:
+        return ok
+
+
+def test_no_sample_anywhere_means_no_update(tmp_path: Path) -> None:
+    n = 256
+    cfg = tiny_config(kind="nce", nce_k=32, z="ema")
+    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=128)
+    bank = InCoreBank(store, torch.device("cpu"))
+    model = build_model("small", 1, 128)
+    zest = ZEstimator("ema")
+    step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, zest, 0)
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    step(Batch(x, torch.arange(16), torch.zeros(16)), 0, 0.03)  # momentum buffers exist now
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    buffers = [s["momentum_buffer"].clone() for s in step.optimizer.state.values()]
+    rows, z = bank.all_rows().clone(), zest.value
+    step.sync, step.idle_input = NobodyHasASample(), torch.zeros(2, 1, 16, 16)
+    out = step(None, 1, 0.03)
+    assert not out.skipped and out.z is None
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(s["momentum_buffer"], b)
+               for s, b in zip(step.optimizer.state.values(), buffers, strict=True))
+    assert torch.equal(bank.all_rows(), rows) and zest.value == z
+    store.close()
+
+
+def test_the_agreement_says_when_no_process_has_a_sample() -> None:
+    sync = DistSync(World(), torch.device("cpu"))
+    assert sync.batch_weight(0) is None
+    assert sync.batch_weight(5) == 1.0
