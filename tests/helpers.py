@@ -134,3 +134,24 @@ def load_tool(name: str) -> ModuleType:
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def tiny_nce_step(path: Path, z: str = "ema", n: int = 512) -> tuple[Any, Any, Any]:
+    """(NPIDStep, its ZEstimator, the store): the small net, NCE with K 32, over an in-memory
+    bank of `n` rows created at `path` (one process, CPU); close the store when done."""
+    import torch
+
+    from oocid.bank.create import create_store
+    from oocid.bank.incore import InCoreBank
+    from oocid.method.npid import NPIDStep
+    from oocid.method.zest import ZEstimator
+    from oocid.models import build_model
+    from oocid.train.setup import build_optimizer
+
+    cfg = tiny_config(kind="nce", nce_k=32, z=z)
+    store = create_store(path, n, 128, chunk_rows=128)
+    model = build_model("small", 1, 128)
+    zest = ZEstimator(cfg.loss.z)
+    step = NPIDStep(cfg, model, build_optimizer(cfg, model), InCoreBank(store, torch.device("cpu")),
+                    n, zest, 0)
+    return step, zest, store

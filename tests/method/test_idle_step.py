@@ -7,17 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from helpers import tiny_config
+from helpers import tiny_nce_step
 
-from oocid.bank.create import create_store
-from oocid.bank.incore import InCoreBank
 from oocid.data.batch import Batch
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World
-from oocid.method.npid import NPIDStep
-from oocid.method.zest import ZEstimator
-from oocid.models import build_model
-from oocid.train.setup import build_optimizer
 
 
 class NobodyHasASample:
@@ -31,13 +25,8 @@ class NobodyHasASample:
 
 
 def test_no_sample_anywhere_means_no_update(tmp_path: Path) -> None:
-    n = 256
-    cfg = tiny_config(kind="nce", nce_k=32, z="ema")
-    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=128)
-    bank = InCoreBank(store, torch.device("cpu"))
-    model = build_model("small", 1, 128)
-    zest = ZEstimator("ema")
-    step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, zest, 0)
+    step, zest, store = tiny_nce_step(tmp_path / "b.npy")
+    model, bank = step.model, step.bank
     x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
     step(Batch(x, torch.arange(16), torch.zeros(16)), 0, 0.03)  # momentum buffers exist now
     weights = {k: v.clone() for k, v in model.state_dict().items()}

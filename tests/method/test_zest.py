@@ -11,18 +11,14 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import tiny_config, tiny_nce_step
 from torch import Tensor
 
-from oocid.bank.create import create_store
-from oocid.bank.incore import InCoreBank
 from oocid.data.batch import Batch
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World
-from oocid.method.npid import NPIDStep, StepOut, nce_criterion, nce_probs
+from oocid.method.npid import StepOut, nce_criterion, nce_probs
 from oocid.method.zest import ZEstimator
-from oocid.models import build_model
-from oocid.train.setup import build_optimizer
 from oocid.train.watch import CollapseWatch
 
 N = 5000
@@ -157,13 +153,7 @@ def test_a_step_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch,
 
 def test_an_nce_ema_step_reads_back_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The whole step: one read (the finite check's), Z never (it was read every step)."""
-    n = 512
-    cfg = tiny_config(kind="nce", nce_k=32, z="ema")
-    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=128)
-    bank = InCoreBank(store, torch.device("cpu"))
-    model = build_model("small", 1, 128)
-    zest = ZEstimator("ema")
-    step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, zest, 0)
+    step, zest, store = tiny_nce_step(tmp_path / "b.npy")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, 16, 16, generator=g)
     step(Batch(x, torch.arange(16), torch.zeros(16)), 0, 0.03)

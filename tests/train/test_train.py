@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, tiny_npz
+from helpers import tiny_config, tiny_nce_step, tiny_npz
 
 import oocid.train.loop as loop_mod
 from oocid.bank.cache import ChunkCache
@@ -225,13 +225,7 @@ def test_non_finite_features_are_skipped_and_counted(tmp_path: Path,
 
 def test_non_finite_batch_does_not_poison_z(tmp_path: Path) -> None:
     """A NaN batch is skipped before it reaches the NCE normaliser's estimate."""
-    n = 512
-    cfg = tiny_config(kind="nce", nce_k=32, z="oneshot")
-    store = create_store(tmp_path / "b.npy", n, 128, chunk_rows=128)
-    bank = InCoreBank(store, torch.device("cpu"))
-    model = build_model("small", 1, 128)
-    zest = ZEstimator("oneshot")
-    step = NPIDStep(cfg, model, build_optimizer(cfg, model), bank, n, zest, 0)
+    step, zest, store = tiny_nce_step(tmp_path / "b.npy", z="oneshot")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, 16, 16, generator=g)
     bad = step(Batch(x * float("nan"), torch.arange(16), torch.zeros(16)), 0, 0.03)
