@@ -2,8 +2,9 @@
 
 On a terminal, a live tqdm bar on stderr. Anywhere else (a pipe, a log file, a CI job) bar frames
 would be noise (carriage returns, partial lines): instead a plain line `oocid: DESC n/total
-(p%)` about every tenth of a long total and at least every 30 s, plus one at the end of a bar
-that tqdm would leave on screen (the training loop prints its own line per epoch).
+(p%)` about every tenth of a long total, but not within 5 s of the last line (a total done in
+seconds says nothing on the way), and at least every 30 s, plus one at the end of a bar that
+tqdm would leave on screen (the training loop prints its own line per epoch).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import IO, Any, Protocol
 
 PLAIN_EVERY_S = 30.0  # longest gap between two plain progress lines
+PLAIN_MIN_GAP_S = 5.0  # shortest gap before a tenth-of-the-total line
 PLAIN_STEPS = 10  # plain lines over a long total (one about every 10 %)
 PLAIN_MIN_TOTAL = 2 * PLAIN_STEPS  # shorter totals: lines by time only
 
@@ -37,9 +39,9 @@ class PlainProgress:
 
     def __init__(self, total: int | None, desc: str, unit: str, initial: int = 0,
                  leave: bool = True, file: IO[str] | None = None,
-                 every_s: float = PLAIN_EVERY_S) -> None:
+                 every_s: float = PLAIN_EVERY_S, min_gap_s: float = PLAIN_MIN_GAP_S) -> None:
         self.total, self.desc, self.unit, self.n = total, desc, unit, initial
-        self.leave, self.file, self.every_s = leave, file, every_s
+        self.leave, self.file, self.every_s, self.min_gap_s = leave, file, every_s, min_gap_s
         self.postfix = ""
         self.step = -(-total // PLAIN_STEPS) if total and total >= PLAIN_MIN_TOTAL else None
         self.next_n = initial + self.step if self.step else None
@@ -56,12 +58,13 @@ class PlainProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         due_n = self.next_n is not None and self.n >= self.next_n
-        if (due_n and (self.total is None or self.n < self.total)) \
-                or time.monotonic() - self.last_t >= self.every_s:
+        gap = time.monotonic() - self.last_t
+        if (due_n and (self.total is None or self.n < self.total) and gap >= self.min_gap_s) \
+                or gap >= self.every_s:
             self._line()
-            if self.step is not None:
-                while self.next_n is not None and self.next_n <= self.n:
-                    self.next_n += self.step
+        if self.step is not None:  # a tenth passed within the gap is not said later
+            while self.next_n is not None and self.next_n <= self.n:
+                self.next_n += self.step
 
     def set_postfix(self, **kwargs: Any) -> None:
         self.postfix = " ".join(f"{k}={v}" for k, v in kwargs.items())

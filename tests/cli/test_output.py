@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import tiny_npz
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("OOCID_DEBUG", "COLUMNS")}
@@ -118,20 +119,29 @@ def test_piped_train_and_knn_print_plain_lines(tmp_path: Path) -> None:
     assert "(k=5, t=" in p.stdout and "top-5" not in p.stdout, p.stdout
 
 
-def test_plain_progress_lines_every_tenth_of_a_long_total() -> None:
+@pytest.mark.parametrize(("tick", "said"), [(1.0, range(20, 200, 20)), (0.01, ()),
+                                            (0.2, range(40, 200, 40))])
+def test_plain_progress_lines_every_tenth_of_a_long_total(
+        monkeypatch: pytest.MonkeyPatch, tick: float, said: range | tuple[()]) -> None:
+    """A line each tenth of the total, but none within 5 s of the last: an epoch of 200 steps
+    at 1 s a step says every tenth, at 0.01 s nothing on the way (the loop's own epoch line
+    says it), at 0.2 s every second tenth (8 s apart)."""
     import io
 
-    from oocid.progress import PlainProgress
+    import oocid.progress as progress
 
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
     out = io.StringIO()
-    bar = PlainProgress(200, "epoch 1/3", "step", leave=False, file=out)
+    bar = progress.PlainProgress(200, "epoch 1/3", "step", leave=False, file=out)
     for _ in range(200):
+        clock[0] += tick
         bar.update(1)
     bar.close()
     lines = out.getvalue().splitlines()
-    assert lines == [f"oocid: epoch 1/3 {n}/200 step ({n // 2}%)" for n in range(20, 200, 20)]
+    assert lines == [f"oocid: epoch 1/3 {n}/200 step ({n // 2}%)" for n in said]
     out = io.StringIO()
-    with PlainProgress(5, "shard", "img", file=out) as short:  # short: one line, at the end
+    with progress.PlainProgress(5, "shard", "img", file=out) as short:  # short: one line, at the end
         for _ in range(5):
             short.update(1)
     assert out.getvalue() == "oocid: shard 5/5 img (100%)\n"
