@@ -328,7 +328,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for shards, bank, run and demo.json "
                                       "(rebuilt if it is a previous demo folder).")] = Path("oocid-demo"),
     epochs: Annotated[int | None, typer.Option(help="Training epochs (default from the demo "
-                                               "config, sized for ~5 min on 2 cores).")] = None,
+                                               "config, 90: about 3 min on 2 cores).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Shard the bundled Fashion-MNIST subset, train, and compare kNN accuracy with baselines."""
