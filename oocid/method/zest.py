@@ -58,11 +58,6 @@ class ZEstimator:
         return self._z
 
     @property
-    def started(self) -> bool:
-        """Whether a batch has set Z (no host sync)."""
-        return self._z is not None
-
-    @property
     def value(self) -> float | None:
         """Z as a Python float (a host sync on a GPU)."""
         return None if self._z is None else float(self._z)

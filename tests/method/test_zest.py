@@ -148,7 +148,7 @@ def test_a_step_reads_nothing_back_to_the_host(monkeypatch: pytest.MonkeyPatch,
                 z(s, N, 0.07)
                 z.restore(saved)  # a skipped step's undo
                 z.idle()  # (with agree: weight 0 alone, so its own estimate 0)
-            assert out.device.type == device and z.started and z.drift_tensor() is not None
+            assert out.device.type == device and z.z is not None and z.drift_tensor() is not None
 
 
 def test_an_nce_ema_step_reads_back_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +191,7 @@ def test_state_dict_holds_plain_floats_and_a_checkpoint_of_the_old_code_loads() 
     assert again.state_dict() == state
     fresh = ZEstimator("oneshot")
     fresh.load_state_dict({"mode": "oneshot", "momentum": 0.99, "value": None, "first": None})
-    assert not fresh.started and fresh.state_dict()["value"] is None and fresh.drift() == 1.0
+    assert fresh.z is None and fresh.state_dict()["value"] is None and fresh.drift() == 1.0
 
 
 def _save(state: dict[str, Any]) -> Any:
