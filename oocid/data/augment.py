@@ -139,16 +139,30 @@ def batch_augment_for(recipe: str, size: int, mean: Sequence[float], std: Sequen
                         contrast=0.4, saturation=0.4, hue=0.4, grayscale_p=0.2)
 
 
-def batch_eval_transform(size: int, mean: Sequence[float], std: Sequence[float]
+def eval_resize(recipe: str, size: int) -> int:
+    """The shorter side the test transform resizes to before its centre crop of `size`: the
+    paper's 256 for 224 under the imagenet recipe (8 % of each side cropped away), else `size`."""
+    return round(size * 256 / 224) if recipe == "imagenet" else size
+
+
+def batch_eval_transform(recipe: str, size: int, mean: Sequence[float], std: Sequence[float]
                          ) -> Callable[[Tensor], Tensor]:
-    """uint8 (B, C, H, W) -> normalised float (B, C, S, S): resize only if the size differs."""
+    """uint8 (B, C, H, W) -> normalised float (B, C, S, S): the test transform of
+    `sample_transform` on a batch, torchvision's Resize(R) + CenterCrop(S) with R =
+    `eval_resize(recipe, size)`; a square S x S batch passes unresized except under imagenet."""
     mean_std = (tuple(mean), tuple(std))
+    resize = eval_resize(recipe, size)
 
     def apply(images: Tensor) -> Tensor:
         x = images.float().div_(255.0)
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
+        h, w = x.shape[-2:]
+        # Resize(R): the shorter side to R, the longer in proportion (truncated, as torchvision)
+        out_h, out_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+        if (out_h, out_w) != (h, w):
+            x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True,
                               align_corners=False)
+        top, left = round((out_h - size) / 2), round((out_w - size) / 2)
+        x = x[..., top:top + size, left:left + size]
         m, s = norm_constants(*mean_std, x.device)
         return (x - m) / s
 
@@ -164,8 +178,7 @@ def sample_transform(recipe: str, size: int, mean: Sequence[float], std: Sequenc
     norm = [T.ToTensor(), T.Normalize(list(mean), list(std))]
     steps: list[Callable]
     if not train:
-        resize = round(size * 256 / 224) if recipe == "imagenet" else size
-        steps = [T.Resize(resize), T.CenterCrop(size), *norm]
+        steps = [T.Resize(eval_resize(recipe, size)), T.CenterCrop(size), *norm]
     else:
         crop = T.RandomResizedCrop(size, scale=(scale_min, 1.0))
         if recipe == "imagenet":

@@ -32,7 +32,7 @@ def eval_batches(manifest: Manifest, data_cfg: DataConfig, device: torch.device,
                                                             data_cfg.in_memory_max_mb)
     if use_mem:
         imgs, labels, valid = decode_all(manifest, channels, progress)
-        tf = batch_eval_transform(data_cfg.image_size, mean, std)
+        tf = batch_eval_transform(data_cfg.augment, data_cfg.image_size, mean, std)
         keep = torch.from_numpy(np.flatnonzero(valid))
         images = torch.from_numpy(imgs)
         lab = torch.from_numpy(labels)

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageStat
 from torch import Tensor
 
+from oocid.data.augment import eval_resize
 from oocid.data.decode import load_image, need_for
 
 _HUE_TABLES: tuple[np.ndarray, np.ndarray] | None = None
@@ -182,7 +183,7 @@ class StreamEval:
 
     def __init__(self, recipe: str, size: int, channels: int) -> None:
         self.size, self.channels = size, channels
-        self.resize = round(size * 256 / 224) if recipe == "imagenet" else size
+        self.resize = eval_resize(recipe, size)
 
     def __call__(self, img: Image.Image) -> Tensor:
         from torchvision.transforms import functional as F

@@ -194,11 +194,11 @@ def load_query(path: Path, channels: int) -> Image.Image:
 def query_transform(manifest: Manifest, data: DataConfig, channels: int
                     ) -> Callable[[Image.Image], Tensor]:
     """PIL image -> (C, S, S): the test transform `eval_data.eval_batches` applies to `manifest`
-    (the batched resize-only transform where the set is held in memory, else the per-sample
-    resize + centre crop)."""
+    (the batched resize + centre crop on tensors where the set is held in memory, else the same
+    steps per sample on the PIL image)."""
     mean, std = normalization_stats(data, channels)
     if data.in_memory != "no" and fits_in_memory(manifest, channels, data.in_memory_max_mb):
-        tf = batch_eval_transform(data.image_size, mean, std)
+        tf = batch_eval_transform(data.augment, data.image_size, mean, std)
 
         def apply(img: Image.Image) -> Tensor:
             arr = np.asarray(img).reshape(img.height, img.width, channels)
