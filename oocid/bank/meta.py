@@ -13,8 +13,8 @@ import numpy as np
 from oocid.errors import DataError
 
 BANK_FORMAT = "oocid-bank"
-BANK_VERSION = 2  # 2: journals in parts named by a commit record (1: one journal; still read)
-READABLE_VERSIONS = (1, 2)
+BANK_VERSION = 3  # 3: previous_step; 2: journals in parts named by a commit record; 1: one journal
+READABLE_VERSIONS = (1, 2, 3)
 DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
 
@@ -29,6 +29,7 @@ class BankMeta:
     manifest_id: str | None = None
     momentum: float | None = None
     committed_step: int = -1
+    previous_step: int | None = None  # the step committed before (None: unknown, version < 3)
     init: str = "unit-gaussian"
     seed: int = 0
     format: str = BANK_FORMAT
@@ -42,6 +43,8 @@ class BankMeta:
         if obj.get("version") not in READABLE_VERSIONS or type(obj.get("version")) is not int:
             raise DataError(f"{where}: unsupported bank version {obj.get('version')!r}")
         names = {f.name for f in fields(cls)}
+        if obj["version"] < 3:  # written before previous_step was kept
+            obj = {"previous_step": None, **obj}
         if set(obj) != names:
             raise DataError(f"{where}: bank metadata keys differ from {sorted(names)}")
         meta = cls(**obj)
@@ -53,6 +56,8 @@ class BankMeta:
             bad.append("manifest_id")
         if obj["momentum"] is not None and not isinstance(obj["momentum"], (int, float)):
             bad.append("momentum")
+        if obj["previous_step"] is not None and type(obj["previous_step"]) is not int:
+            bad.append("previous_step")
         if bad:
             raise DataError(f"{where}: bad bank metadata field(s) {', '.join(bad)}")
         return meta

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from oocid.atomic import fsync_dir
-from oocid.errors import InputError
+from oocid.bank.meta import DTYPES, BankMeta
+from oocid.errors import DataError, InputError
 
 
 class _ZarrRows:
@@ -152,3 +153,20 @@ def _layout(path: Path) -> tuple[type[_ZarrRows] | type[_NpyRows], Path, Path, P
         meta, journal = (path.with_name(path.name + ext) for ext in (".meta.json", ".journal"))
         return _NpyRows, meta, journal, journal.with_name(journal.name + ".tmp")
     raise InputError(f"{path}: a bank path must end with .zarr or .npy")
+
+
+def open_rows(backend: type[_ZarrRows] | type[_NpyRows], path: Path, read_only: bool,
+              meta: BankMeta, meta_name: str) -> _ZarrRows | _NpyRows:
+    """The bank's rows, checked against its metadata (read from `meta_name`)."""
+    try:
+        rows = backend(path, read_only)
+    except Exception as e:  # zarr / numpy raise many types for a damaged array
+        raise DataError(f"{path}: cannot open the bank's rows ({type(e).__name__}: {e})") from e
+    want = ((meta.n_rows, meta.dim), DTYPES[meta.dtype])
+    chunks = rows.chunks is None or rows.chunks == (meta.chunk_rows, meta.dim)
+    if (rows.shape, rows.dtype) != want or not chunks:
+        rows.close()
+        raise DataError(f"{path}: rows {rows.shape} {rows.dtype} (chunks {rows.chunks}) disagree "
+                        f"with {meta_name}: ({meta.n_rows}, {meta.dim}) {meta.dtype} "
+                        f"(chunks of {meta.chunk_rows})")
+    return rows

@@ -28,7 +28,7 @@ import numpy as np
 from oocid.atomic import atomic_write
 from oocid.bank.journal import Journal, PendingParts, read_journal, write_journal
 from oocid.bank.meta import BANK_VERSION, DTYPES, BankMeta
-from oocid.bank.rows import _layout, _NpyRows, _ZarrRows
+from oocid.bank.rows import _layout, _NpyRows, _ZarrRows, open_rows
 from oocid.bank.snapshot import committed_snapshot, file_size, trainer_may_write
 from oocid.errors import DataError, InputError, WriteError
 from oocid.progress import Progress, progress_bar
@@ -235,11 +235,11 @@ class BankStore:
         self.journal_bytes_written += sum(a.nbytes for _, a in items)
         self._pending.add(journal)
 
-    def settle(self, step: int) -> None:
-        """Bring a node-local bank of a several-machine run to the run's committed `step` (the
-        step rank 0's bank holds): replay its own record if any, then, if it is one step behind
-        (killed between rank 0's commit and its own), commit the parts on disk, which all belong
-        to that step, or else discard them. Opened with `recover=False`."""
+    def settle(self, step: int, previous: int | None = None) -> None:
+        """Bring a node-local bank (opened with `recover=False`) to the run's committed `step`
+        (rank 0's bank's; `previous`: the one before, None if unknown): replay its own record,
+        then, one commit behind (killed between rank 0's commit and its own), commit its parts,
+        all of that step, or else discard them. At any other step: DataError."""
         self._check_writable()
         with self._lock:
             self._journal_tmp.unlink(missing_ok=True)
@@ -247,9 +247,11 @@ class BankStore:
             if journals is not None:
                 self._apply(journals)
             have = self.meta.committed_step
-            if have > step:
-                raise DataError(f"{self.path}: holds step {have}, beyond the run's committed "
-                                f"step {step}; it belongs to another run")
+            if have > step or (previous is not None and have not in (step, previous)):
+                last = (f"last two commits are steps {previous} and {step}" if previous is not None
+                        else f"last commit is step {step}")
+                raise DataError(f"{self.path}: holds step {have}, but the run's {last}: another "
+                                "run's bank or an older copy")
             files = self._part_files()
             if have < step and files:
                 parts = [read_journal(p, self.meta) for p in files]  # in writer, seq order
@@ -257,9 +259,10 @@ class BankStore:
                                        self.dim, step, self.path, tuple(p.name for p in files))
                 self._apply([*parts, record])
             elif have < step:
-                self._set_meta(committed_step=step)
+                self._set_step(step)
             self._rows.cleanup()
             self._recover()  # discards the parts still here: of a step rank 0 never committed
+            self._upgrade()
 
     def pending_names(self) -> list[str]:
         """This writer's durable parts not yet committed, for another writer's record."""
@@ -286,7 +289,7 @@ class BankStore:
                     touched.add(c)
             self._rows.sync(sorted(touched))
             if record.step is not None:
-                self._set_meta(committed_step=record.step)
+                self._set_step(record.step)
             # No directory fsync for the unlinks: if a power cut brings the record back, it is
             # the latest committed one (each commit fsyncs its name), so replaying is harmless;
             # parts it no longer names are discarded on open.
@@ -337,6 +340,16 @@ class BankStore:
         with self._lock:
             self._set_meta(**updates)
 
+    def _set_step(self, step: int) -> None:
+        """Commit `step`, remembering the step committed before it (a replayed record: same)."""
+        if step != self.meta.committed_step:
+            self._set_meta(committed_step=step, previous_step=self.meta.committed_step)
+
+    def _upgrade(self) -> None:
+        """A bank of an older version, written from now on as this version writes."""
+        if self.meta.version < BANK_VERSION:
+            self._set_meta(version=BANK_VERSION)
+
     def _set_meta(self, **updates: Any) -> None:
         meta = replace(self.meta, **updates)
         atomic_write(self._meta_path, meta.to_bytes(), "bank metadata")
@@ -374,17 +387,7 @@ def open_store(path: Path | str, *, read_only: bool = False, recover: bool = Tru
         meta = BankMeta.from_json(json.loads(meta_path.read_text()), meta_path)
     except (OSError, ValueError, TypeError) as e:
         raise DataError(f"{meta_path}: unreadable bank metadata ({e})") from e
-    try:
-        rows = backend(path, read_only)
-    except Exception as e:  # zarr / numpy raise many types for a damaged array
-        raise DataError(f"{path}: cannot open the bank's rows ({type(e).__name__}: {e})") from e
-    want = ((meta.n_rows, meta.dim), DTYPES[meta.dtype])
-    chunks = rows.chunks is None or rows.chunks == (meta.chunk_rows, meta.dim)
-    if (rows.shape, rows.dtype) != want or not chunks:
-        rows.close()
-        raise DataError(f"{path}: rows {rows.shape} {rows.dtype} (chunks {rows.chunks}) disagree "
-                        f"with {meta_path.name}: ({meta.n_rows}, {meta.dim}) {meta.dtype} "
-                        f"(chunks of {meta.chunk_rows})")
+    rows = open_rows(backend, path, read_only, meta, meta_path.name)
     store = BankStore(path, meta, read_only, rows, meta_path, journal, journal_tmp)
     try:
         if read_only:
@@ -392,8 +395,7 @@ def open_store(path: Path | str, *, read_only: bool = False, recover: bool = Tru
             rows.stable = isinstance(rows, _NpyRows) and trainer_may_write(path)
         elif recover:
             store._recover()
-            if store.meta.version < BANK_VERSION:  # its journals are now written as parts
-                store._set_meta(version=BANK_VERSION)
+            store._upgrade()
     except BaseException:
         store.close()
         raise

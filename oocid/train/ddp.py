@@ -73,9 +73,10 @@ def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, wo
         try:
             if store is not None and layout.node_local:  # the same chunks as before, or none
                 claim_part(bank_path, layout.group_chunks(), world, manifest.identity)
-            step = world.broadcast(store.meta.committed_step if store is not None else None)
+            steps = world.broadcast((store.meta.committed_step, store.meta.previous_step)
+                                    if store is not None else None)
             if store is not None and not world.main:
-                store.settle(step)  # the run's committed step is the step of rank 0's bank
+                store.settle(*steps)  # the run's committed step is the step of rank 0's bank
             world.barrier()
             if store is None:
                 if not bank_path.exists():

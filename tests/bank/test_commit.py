@@ -18,6 +18,7 @@ import oocid.bank.store as store_mod
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
 from oocid.bank.journal import write_journal
+from oocid.bank.meta import BANK_VERSION
 from oocid.bank.store import open_store
 from oocid.bank.verify import verify_store
 
@@ -183,18 +184,35 @@ def test_a_partial_cache_commit_killed_anywhere_is_old_or_new(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_version_1_bank_and_its_journal_are_still_read(tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_bank_and_its_journal_are_still_read(tmp_path: Path, kind: str, version: int
+                                                      ) -> None:
+    """Versions 1 and 2 (no previous_step) are replayed and upgraded."""
     path, old = make(tmp_path, kind)
     s = open_store(path)
     meta_path = s._meta_path
     write_journal(s._journal_tmp, s._journal, [(1, new_rows(1)[1])], "float32", D, 7, path)
     s.close()
     meta = json.loads(meta_path.read_text())
-    meta["version"] = 1
+    meta["version"] = version
+    del meta["previous_step"]
     meta_path.write_text(json.dumps(meta))
     rows, step = state(path)
     want = old.copy()
     want[R:2 * R] = new_rows(1)[1]
-    assert step == 7 and json.loads(meta_path.read_text())["version"] == 2
+    meta = json.loads(meta_path.read_text())
+    assert step == 7 and meta["version"] == BANK_VERSION == 3 and meta["previous_step"] == 3
     np.testing.assert_array_equal(rows, want)
+
+
+def test_a_commit_remembers_the_step_before(tmp_path: Path) -> None:
+    path, _ = make(tmp_path, "npy")
+    with open_store(path) as s:
+        assert (s.meta.committed_step, s.meta.previous_step) == (3, -1)
+        s.write_chunks({0: new_rows(1)[0]}, step=5)
+        s.write_chunks({0: new_rows(2)[0]}, step=9)
+        s.write_chunks({0: new_rows(3)[0]}, step=9)  # the same step again (a final checkpoint)
+        assert (s.meta.committed_step, s.meta.previous_step) == (9, 5)
+    with open_store(path) as s:
+        assert (s.meta.committed_step, s.meta.previous_step) == (9, 5)
 

@@ -128,6 +128,26 @@ def test_settle_commits_the_parts_of_the_step_rank_0_committed(tmp_path: Path) -
     s = open_store(tmp_path / "b.zarr", recover=False)
     s.settle(5)
     assert np.array_equal(s.read_rows(32, 48), first[32:48])  # discarded
-    with pytest.raises(DataError, match="beyond the run's committed step 4"):
+    with pytest.raises(DataError, match="holds step 5, but the run's last commit is step 4"):
         s.settle(4)
+    s.close()
+
+
+def test_settle_refuses_a_bank_more_than_one_commit_behind(tmp_path: Path) -> None:
+    """Rank 0's bank remembers the commit before its last: a node-local bank at neither is an
+    older copy (or another run's), whose parts must not be committed as the run's step."""
+    s = create_store(tmp_path / "b.zarr", 64, 8, chunk_rows=16)
+    s.write_chunks({0: np.eye(8, dtype=np.float32)[np.arange(16) % 8]}, step=3)
+    s.writer = "r1"
+    s.write_part({1: np.full((16, 8), 0.5, np.float32)})  # of the commit after step 3
+    s.close()
+    s = open_store(tmp_path / "b.zarr", recover=False)
+    with pytest.raises(DataError, match="holds step 3, but the run's last two commits are steps "
+                                        "5 and 9: another run's bank or an older copy"):
+        s.settle(9, 5)
+    assert s.meta.committed_step == 3 and len(s._part_files()) == 1  # untouched
+    s.settle(9, 3)  # one commit behind: its parts are the step's
+    assert (s.meta.committed_step, s.meta.previous_step) == (9, 3)
+    assert np.array_equal(s.read_rows(16, 32), np.full((16, 8), 0.5, np.float32))
+    s.settle(9, 3)  # at the run's step: nothing to do
     s.close()
