@@ -6,6 +6,7 @@ Drawn with PIL alone (no plotting dependency): one panel per series, axes with t
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -36,13 +37,39 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> tuple[list[float], int]:
+    """(ticks, decimals to print them with): the multiples inside [lo, hi] of a round step (1,
+    2, 2.5 or 5 times a power of ten; whole numbers where `integer`), as close to `n` as any."""
     if hi <= lo:
-        return [lo]
-    return [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+        return [lo], 0 if integer else 3
+    mag = 10.0 ** math.floor(math.log10((hi - lo) / max(n - 1, 1)))
+    steps = [m * mag * k for k in (0.1, 1, 10) for m in (1, 2, 2.5, 5)]
+    if integer:
+        steps = [x for x in steps if x >= 1 and x == int(x)] or [1.0]
+
+    def ticks(step: float) -> list[float]:
+        return [k * step for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
+
+    step = min(reversed(steps), key=lambda x: abs(len(ticks(x)) - n))  # ties: the larger step
+    decimals = len(f"{step:.10f}".rstrip("0").split(".")[1])
+    return ticks(step) or [lo], decimals
 
 
-def _panel(title: str, xs: list[float], ys: list[float], color: tuple[int, int, int]) -> Image.Image:
+def y_range(ys: list[float], bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+    """The y axis for `ys`: their span plus 5 % each side (a flat series: +-0.5), kept inside
+    `bounds` (an accuracy: 0-1)."""
+    lo, hi = min(ys), max(ys)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    margin = 0.05 * (hi - lo)
+    lo, hi = lo - margin, hi + margin
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return lo, hi
+
+
+def _panel(title: str, xs: list[float], ys: list[float], color: tuple[int, int, int],
+           bounds: tuple[float, float] | None = None) -> Image.Image:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -50,11 +77,7 @@ def _panel(title: str, xs: list[float], ys: list[float], color: tuple[int, int, 
     d.text((PAD_L, 8), title, fill="black", font=font)
     d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
     xlo, xhi = min(xs), max(xs)
-    ylo, yhi = min(ys), max(ys)
-    if yhi - ylo < 1e-12:
-        ylo, yhi = ylo - 0.5, yhi + 0.5
-    margin = 0.05 * (yhi - ylo)
-    ylo, yhi = ylo - margin, yhi + margin
+    ylo, yhi = y_range(ys, bounds)
 
     def px(x: float) -> float:
         return x0 + (x - xlo) / max(xhi - xlo, 1e-12) * (x1 - x0) if xhi > xlo else (x0 + x1) / 2
@@ -62,11 +85,12 @@ def _panel(title: str, xs: list[float], ys: list[float], color: tuple[int, int, 
     def py(y: float) -> float:
         return y1 - (y - ylo) / (yhi - ylo) * (y1 - y0)
 
-    for t in _ticks(ylo, yhi):
+    yt, dec = nice_ticks(ylo, yhi)
+    for t in yt:
         d.line([x0 - 4, py(t), x0, py(t)], fill="black")
         d.line([x0, py(t), x1, py(t)], fill=(235, 235, 235))
-        d.text((4, py(t) - 6), f"{t:.4g}", fill="black", font=font)
-    for t in _ticks(xlo, xhi, min(6, len(set(xs)))):
+        d.text((4, py(t) - 6), f"{t:.{dec}f}", fill="black", font=font)
+    for t in nice_ticks(xlo, xhi, 6, integer=True)[0]:
         d.line([px(t), y1, px(t), y1 + 4], fill="black")
         d.text((px(t) - 8, y1 + 8), f"{t:.0f}", fill="black", font=font)
     d.text(((x0 + x1) // 2 - 15, H - 18), "epoch", fill="black", font=font)
@@ -89,7 +113,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     knn = [(r["epoch"], r["knn_top1"]) for r in rows if isinstance(r.get("knn_top1"), (int, float))]
     if knn:
         panels.append(_panel("kNN top-1 on the validation shards", [e for e, _ in knn],
-                             [v for _, v in knn], (214, 39, 40)))
+                             [v for _, v in knn], (214, 39, 40), bounds=(0.0, 1.0)))
     if not panels:
         raise DataError(f"{run_dir / 'metrics.jsonl'}: nothing to plot")
     img = Image.new("RGB", (W, H * len(panels)), "white")
@@ -115,9 +139,7 @@ def line_chart(out: Path, series: dict[str, list[tuple[float, float]]], flat: di
     xlo, xhi = min(xs), max(xs)
     if xhi - xlo < 1e-12:
         xlo, xhi = xlo - 0.5, xhi + 0.5
-    ylo, yhi = min(ys), max(ys)
-    pad = 0.05 * max(yhi - ylo, 1e-6)
-    ylo, yhi = ylo - pad, yhi + pad
+    ylo, yhi = y_range(ys)
     legend_w = 230
     img = Image.new("RGB", (width + legend_w, height), "white")
     d = ImageDraw.Draw(img)
@@ -132,10 +154,11 @@ def line_chart(out: Path, series: dict[str, list[tuple[float, float]]], flat: di
 
     d.text((PAD_L, 8), title, fill="black", font=font)
     d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
-    for t in _ticks(ylo, yhi, 6):
+    yt, dec = nice_ticks(ylo, yhi, 6)
+    for t in yt:
         d.line([x0 - 4, py(t), x0, py(t)], fill="black")
         d.line([x0, py(t), x1, py(t)], fill=(235, 235, 235))
-        d.text((4, py(t) - 6), f"{t:.3f}", fill="black", font=font)
+        d.text((4, py(t) - 6), f"{t:.{dec}f}", fill="black", font=font)
     for t in sorted(set(xs)):
         d.line([px(t), y1, px(t), y1 + 4], fill="black")
         d.text((px(t) - 8, y1 + 8), f"{t:.3g}", fill="black", font=font)
