@@ -16,9 +16,12 @@ class CollapseWatch:
     the loss exploding (10x the median of its first EARLY_STEPS steps: the paper's NCE on small
     data explodes within tens of steps, so a later or longer baseline would already hold the
     exploded values), Z drifting 100x from its first estimate, or the batch's features
-    collapsing to one direction (mean pairwise cosine > 0.95)."""
+    collapsing to one direction (mean pairwise cosine > 0.95 after a check below it). An
+    untrained network's features may start above 0.95: that is a warning of its own ("stuck")
+    only if they have not spread apart STUCK_STEPS steps on."""
 
     EARLY_STEPS = 5
+    STUCK_STEPS = 100
     # the checks of Z and the features read numbers back from the device: on a GPU a host
     # sync that stalls the queued work, so done every this many steps there (every step on
     # the CPU)
@@ -29,6 +32,8 @@ class CollapseWatch:
         self.say = say
         self.early: list[float] = []
         self.fired: set[str] = set()
+        self.first_step: int | None = None
+        self.spread = False  # a check has seen the features spread apart (mean cosine <= 0.95)
 
     def _fire(self, cause: str, msg: str) -> None:
         if cause not in self.fired:
@@ -41,6 +46,7 @@ class CollapseWatch:
                   "--set loss.z=ema, or loss.kind = \"softmax\" when the bank fits")
         if out.skipped:
             return
+        self.first_step = step if self.first_step is None else self.first_step
         if len(self.early) < self.EARLY_STEPS:
             self.early.append(out.loss)
         elif out.loss > 10 * max(1e-6, base := sorted(self.early)[len(self.early) // 2]):
@@ -66,7 +72,16 @@ class CollapseWatch:
         if "z" in got and (got["z"] > 100 or got["z"] < 0.01):
             self._fire("z", f"NCE normaliser Z drifted {got['z']:.3g}x from its first estimate "
                             f"at step {step}; {remedy}")
-        if got.get("features", 0.0) > 0.95:
-            self._fire("features", f"features collapsed (mean pairwise cosine "
-                                   f"{got['features']:.3f}) at step {step}; "
-                                   + (remedy if lc.kind == "nce" else "lower optim.lr"))
+        cos = got.get("features")
+        if cos is None:
+            return
+        if cos <= 0.95:
+            self.spread = True
+        elif self.spread:
+            self._fire("features", f"features collapsed (mean pairwise cosine {cos:.3f}) at step "
+                                   f"{step}; " + (remedy if lc.kind == "nce" else "lower optim.lr"))
+        elif step - self.first_step >= self.STUCK_STEPS:
+            self._fire("stuck", f"features have not spread apart in {step - self.first_step} "
+                                f"steps (mean pairwise cosine {cos:.3f}): the network is not "
+                                "learning yet; if it stays so, raise optim.lr or train a smaller "
+                                "model (--arch small)")

@@ -37,6 +37,19 @@ def test_watch_unit() -> None:
     assert len(said) == 2  # once per cause
 
 
+def test_features_that_start_together_are_not_a_collapse() -> None:
+    """An untrained network may map every image near one direction: no collapse at its first
+    steps (a user saw one at step 1), but a warning of its own if they never spread apart."""
+    said: list[str] = []
+    w = CollapseWatch(demo_config(), said.append)
+    same = torch.nn.functional.normalize(torch.ones(64, 16) + 0.01 * torch.randn(64, 16), dim=1)
+    for i in range(7, 7 + CollapseWatch.STUCK_STEPS):
+        w.check(i, StepOut(4.6, False), FakeStep(same))  # type: ignore[arg-type]
+    assert not w.fired and not said
+    w.check(7 + CollapseWatch.STUCK_STEPS, StepOut(4.6, False), FakeStep(same))  # type: ignore[arg-type]
+    assert w.fired == {"stuck"} and "not spread apart in 100 steps" in said[0]
+
+
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "train"
