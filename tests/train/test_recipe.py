@@ -179,3 +179,20 @@ def test_train_without_a_config_says_and_saves_its_recipe(tmp_path: Path) -> Non
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["arch"] == "small" and saved["data"]["image_size"] == 16
     assert saved["data"]["flip"] is False and saved["optim"]["epochs"] == 1
+
+
+def test_the_cpu_recipe_trains_and_evaluates_a_mixed_size_set(tmp_path: Path) -> None:
+    """Mixed sizes cannot be held in memory: the recipe's run streams them (random resized
+    crops to 64 px in a DataLoader worker), and the kNN on mixed-size validation shards
+    resizes and centre-crops them; both paths end to end, one epoch."""
+    from oocid.train.loop import train
+
+    write_shards(_mixed_folder(tmp_path / "img", USERS_SIZES, 4), tmp_path / "s", progress=False)
+    write_shards(_mixed_folder(tmp_path / "vimg", USERS_SIZES), tmp_path / "v", progress=False)
+    cfg, _ = recipe_for(read_manifest(tmp_path / "s"), device="cpu")
+    cfg.optim.epochs, cfg.train.eval_every, cfg.train.device = 1, 1, "cpu"
+    said: list[str] = []
+    res = train(cfg, tmp_path / "s", tmp_path / "b.npy", tmp_path / "r", val=tmp_path / "v",
+                progress=False, log=said.append)
+    assert res.step == 1 and res.metrics[-1]["images"] == 40
+    assert 0.0 <= res.metrics[-1]["knn_top1"] <= 1.0 and res.metrics[-1]["bad_samples"] == 0
