@@ -181,15 +181,29 @@ def test_train_without_a_config_says_and_saves_its_recipe(tmp_path: Path) -> Non
     assert saved["data"]["flip"] is False and saved["optim"]["epochs"] == 1
 
 
-def test_the_cpu_recipe_trains_and_evaluates_a_mixed_size_set(tmp_path: Path) -> None:
+@pytest.mark.parametrize("same", [False, True])
+def test_the_cpu_recipe_trains_and_evaluates_larger_images(tmp_path: Path, same: bool) -> None:
     """Mixed sizes cannot be held in memory: the recipe's run streams them (random resized
-    crops to 64 px in a DataLoader worker), and the kNN on mixed-size validation shards
-    resizes and centre-crops them; both paths end to end, one epoch."""
+    crops to 64 px in a DataLoader worker) and the kNN on mixed-size validation shards resizes
+    and centre-crops each; 96 px images of one size are held in memory and cropped to 64 px in
+    batches. Both paths end to end, one epoch."""
+    from oocid.data.memory import InMemoryData
+    from oocid.data.stream import make_train_data
     from oocid.train.loop import train
 
-    write_shards(_mixed_folder(tmp_path / "img", USERS_SIZES, 4), tmp_path / "s", progress=False)
-    write_shards(_mixed_folder(tmp_path / "vimg", USERS_SIZES), tmp_path / "v", progress=False)
+    if same:
+        for name, n in (("s", 40), ("v", 10)):
+            write_shards(_colour_npz(tmp_path / f"{name}.npz", n, 96), tmp_path / name,
+                         progress=False)
+    else:
+        write_shards(_mixed_folder(tmp_path / "img", USERS_SIZES, 4), tmp_path / "s",
+                     progress=False)
+        write_shards(_mixed_folder(tmp_path / "vimg", USERS_SIZES), tmp_path / "v",
+                     progress=False)
     cfg, _ = recipe_for(read_manifest(tmp_path / "s"), device="cpu")
+    assert cfg.data.image_size == 64 and cfg.data.in_memory == "auto"
+    data = make_train_data(read_manifest(tmp_path / "s"), cfg.data, 0, torch.device("cpu"))
+    assert isinstance(data, InMemoryData) is same
     cfg.optim.epochs, cfg.train.eval_every, cfg.train.device = 1, 1, "cpu"
     said: list[str] = []
     res = train(cfg, tmp_path / "s", tmp_path / "b.npy", tmp_path / "r", val=tmp_path / "v",
