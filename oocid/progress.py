@@ -125,25 +125,50 @@ def progress_bar(total: int | None, desc: str, unit: str = "it", *, enabled: boo
 
 
 class Eta:
-    """Says once, after the first steps, about how long the rest of this run's steps take (the
-    steps alone: evaluations and checkpoints come on top)."""
+    """Says early how long the rest of this run's steps take, and once more if a longer
+    measurement disagrees: a user needs the estimate before committing hours, not after the
+    first epochs.
 
-    WARMUP, MEASURE = 3, 20  # steps skipped (first-call costs), then steps timed
+    The first step is not timed (it starts the DataLoader workers and allocates the step's
+    buffers). The first estimate comes once FIRST_STEPS steps or FIRST_S seconds after it
+    have been timed, whichever comes first (a step of many seconds is estimated from one or
+    two); a second one after MEASURE timed steps, if it differs from the first by more than
+    a quarter. What happens between steps in that window (an epoch's end, a checkpoint) is
+    counted with them; a final evaluation comes on top. `clock`: seconds, for tests."""
 
-    def __init__(self, first_step: int, last_step: int, say: Callable[[str], None]) -> None:
-        self.first, self.last, self.say = first_step, last_step, say
+    WARMUP = 1  # steps not timed
+    FIRST_STEPS, FIRST_S = 5, 10.0  # the first estimate: after this many steps or seconds
+    MEASURE = 20  # timed steps of the firmer estimate
+    AGAIN = 0.25  # relative difference that makes it worth saying
+
+    def __init__(self, first_step: int, last_step: int, say: Callable[[str], None],
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.first, self.last, self.say, self.clock = first_step, last_step, say, clock
         self.t: float | None = None
+        self.per: float | None = None  # seconds a step, as said first
 
     def tick(self, step: int) -> None:
         done = step - self.first
         if done == self.WARMUP:
-            self.t = time.perf_counter()
-        elif done == self.WARMUP + self.MEASURE and self.t is not None:
-            per = (time.perf_counter() - self.t) / self.MEASURE
-            left = self.last - step
-            if left > 0:
-                self.say(f"oocid: about {duration(per * left)} for the {left} steps left "
-                         f"({per * 1e3:.0f} ms a step)")
+            self.t = self.clock()
+            return
+        if self.t is None or done < self.WARMUP or done > self.WARMUP + self.MEASURE:
+            return
+        timed = done - self.WARMUP
+        elapsed = self.clock() - self.t
+        per = elapsed / timed
+        if self.per is None and (timed >= self.FIRST_STEPS or elapsed >= self.FIRST_S):
+            self.per = per
+            self._say(step, per, "")
+        elif self.per is not None and timed == self.MEASURE \
+                and abs(per - self.per) > self.AGAIN * self.per:
+            self._say(step, per, f", measured over {timed} steps")
+
+    def _say(self, step: int, per: float, how: str) -> None:
+        left = self.last - step
+        if left > 0:
+            self.say(f"oocid: about {duration(per * left)} for the {left} step{'s' * (left != 1)} left "
+                     f"({per * 1e3:.0f} ms a step{how})")
 
 
 def duration(s: float) -> str:

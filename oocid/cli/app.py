@@ -142,13 +142,15 @@ def train(
                          "config; pass its --config, or start the run again without --resume")
     elif config is None:  # no config: a recipe that fits the data (oocid.train.recipe)
         from oocid.data.manifest import read_manifest
-        from oocid.train.recipe import recipe_for
+        from oocid.train.recipe import recipe_for, with_overrides
 
-        load_config(None, overrides)  # bad overrides are reported before the shards are read
+        probe = load_config(None, overrides)  # bad overrides: reported before the shards are read
+        from oocid.device import resolve_device
         from oocid.distributed.world import world_from_env
 
-        base, recipe = recipe_for(read_manifest(shards), processes=world_from_env().size)
-        recipe += f"; then {', '.join(overrides)}" if overrides else ""
+        base, recipe = recipe_for(read_manifest(shards), processes=world_from_env().size,
+                                  device=resolve_device(probe.train.device).type)
+        recipe = with_overrides(recipe, overrides)
         cfg = load_config(None, overrides, base=base)
     else:
         cfg = load_config(config, overrides)

@@ -1,31 +1,44 @@
-"""A training recipe from the data, for `oocid train` without --config.
+"""A training recipe from the data and the machine, for `oocid train` without --config.
 
-Small images (both sides at most SMALL_SIDE px) get the small conv net at their own size, the
-exact softmax, a cosine schedule and an epoch count that gives about STEPS optimiser steps
-whatever N is; grayscale images are not mirrored (a mirrored digit or letter is another
-thing). Larger images get the paper's ImageNet recipe (`Config()`: ResNet-18 at 224 px,
-200 epochs). Every choice can still be overridden with --set. The measurements behind the
-rule: docs/method.md, "Defaults from the data".
+Small images (every image's shorter side at most SMALL_SIDE px) get the small conv net at that
+size, the exact softmax, a cosine schedule and an epoch count that gives about STEPS optimiser
+steps whatever N is; grayscale images are not mirrored (a mirrored digit or letter is another
+thing). Larger images (or images of unknown size):
+- on a CPU, the same small-net recipe at SMALL_SIDE px: random resized crops of the larger
+  images, and for evaluation the shorter side resized to SMALL_SIDE and a centre crop. The
+  paper's ResNet-18 at 224 px costs about 17 s a step of 256 images on 2 cores, a run hours;
+- on a GPU, the paper's ImageNet recipe (`Config()`: ResNet-18 at 224 px, 200 epochs).
+The line said names what was chosen, why, the run's real step count and how to override it.
+The measurements behind the rule: docs/method.md, "Defaults from the data".
 """
 
 from __future__ import annotations
 
 import copy
 
-from oocid.config import Config, demo_config
+from oocid.config import AUTO_WORKERS, Config, demo_config
 from oocid.data.manifest import Manifest
+from oocid.distributed.partition import deal_shards
 
 SMALL_SIDE = 64
 STEPS = 3000  # optimiser steps of a small-image run (where the measured sets stopped gaining)
 MIN_EPOCHS, MAX_EPOCHS = 80, 400
+HINT = "override with --config or --set"
 
 
-def _side(manifest: Manifest) -> int:
+def _sides(manifest: Manifest) -> tuple[int, int]:
+    """(an upper bound on every image's shorter side, the longest side); (0, 0) unknown.
+
+    min(largest height, largest width) bounds each image's shorter side, and so does the
+    shard step's --short-side (an image whose shorter side exceeded it was resized to it)."""
     stats = manifest.image_stats or {}
     try:
-        return int(max(stats["height"]["max"], stats["width"]["max"]))
+        h, w = int(stats["height"]["max"]), int(stats["width"]["max"])
     except (KeyError, TypeError, ValueError):
-        return 0  # no statistics (an old manifest): treat as large
+        return 0, 0  # no statistics (an old manifest)
+    limit = (stats.get("resize") or {}).get("short_side")
+    short = min(h, w, limit) if isinstance(limit, int) and limit > 0 else min(h, w)
+    return short, max(h, w)
 
 
 def _gray(manifest: Manifest) -> bool:
@@ -33,32 +46,71 @@ def _gray(manifest: Manifest) -> bool:
     return set(channels) == {"1"}
 
 
-def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 1
-               ) -> tuple[Config, str]:
+def _local_sizes(manifest: Manifest, processes: int) -> tuple[int, int]:
+    """(fewest, most) samples of one process: the shards are dealt to them whole."""
+    if processes <= 1:
+        return manifest.n, manifest.n
+    sizes = [sum(manifest.shards[i].stop - manifest.shards[i].start for i in part)
+             for part in deal_shards(manifest, processes)]
+    return min(sizes), max(sizes)
+
+
+def _steps(cfg: Config, most: int) -> tuple[int, int]:
+    """(optimiser steps per epoch, in all) of `cfg` when the busiest process has `most` samples
+    (every process takes as many steps as the busiest)."""
+    per_epoch = max(1, -(-most // cfg.data.batch_size))
+    per_epoch = -(-per_epoch // cfg.optim.accumulate)
+    return per_epoch, per_epoch * cfg.optim.epochs
+
+
+def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 1,
+               device: str = "cpu") -> tuple[Config, str]:
     """(config, one line saying what was chosen and why) for the shards of `manifest`, trained
-    by `processes` processes (several: InfoNCE, as no process holds the whole bank)."""
-    side, gray, n = _side(manifest), _gray(manifest), manifest.n
-    if not 0 < side <= SMALL_SIDE:
+    by `processes` processes (several: InfoNCE, as no process holds the whole bank) on
+    `device` (a torch device type: "cpu", "cuda", ...)."""
+    short, long = _sides(manifest)
+    gray, n = _gray(manifest), manifest.n
+    fewest, most = _local_sizes(manifest, processes)
+    kind = "grayscale" if gray else "colour"
+    what = ("images of unknown size" if not long else
+            f"{long} px {kind} images" if short == long else f"{kind} images up to {long} px")
+    if not 0 < short <= SMALL_SIDE and device != "cpu":
         cfg = copy.deepcopy(base) if base is not None else Config()
-        what = f"{side} px images" if side else "images of unknown size"
-        return cfg, (f"oocid: recipe for {what}, N {n}: the paper's ImageNet recipe "
-                     f"({cfg.model.arch}, {cfg.data.image_size} px, {cfg.optim.epochs} epochs)")
+        _, total = _steps(cfg, most)
+        return cfg, (f"oocid: recipe for {what}, N {n}, on {device}: the paper's ImageNet "
+                     f"recipe ({cfg.model.arch}, {cfg.data.image_size} px, {cfg.optim.epochs} "
+                     f"epochs, {total} steps); {HINT}")
+    size = short if 0 < short <= SMALL_SIDE else SMALL_SIDE
     cfg = demo_config()
-    cfg.data.image_size = side
+    cfg.data.image_size = size
     cfg.data.augment = "gray" if gray else "cifar"
     cfg.data.flip = not gray
     if not gray:  # the demo's mean and std are its grayscale set's; colour: ImageNet's
         cfg.data.mean, cfg.data.std = Config().data.mean, Config().data.std
-    cfg.data.in_memory = "auto"
-    steps_per_epoch = max(1, -(-n // (cfg.data.batch_size * processes)))  # batch per process
-    cfg.optim.epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(STEPS / steps_per_epoch)))
-    kind = "grayscale" if gray else "colour"
+    # Same-size sets that fit are held in memory and cropped in batches (bilinear sampling,
+    # no antialiasing: fine up to 2x down); larger or mixed sizes stream, decoded and cropped
+    # per image in DataLoader workers.
+    cfg.data.in_memory = "auto" if 0 < long <= 2 * size else "no"
+    cfg.data.workers = AUTO_WORKERS
+    per_epoch, _ = _steps(cfg, most)
+    cfg.optim.epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(STEPS / per_epoch)))
     loss = f"exact softmax (t {cfg.loss.temperature})"
     if processes > 1:  # the softmax scores every row; each process holds only its part
         cfg.loss.kind = "infonce"
-        cfg.loss.nce_k = min(cfg.loss.nce_k, max(1, n // processes // 2))
+        cfg.loss.nce_k = min(cfg.loss.nce_k, max(1, fewest // 2))  # below every part's rows
         loss = f"InfoNCE, K {cfg.loss.nce_k} per process (t {cfg.loss.temperature})"
-    return cfg, (f"oocid: recipe for {side} px {kind} images, N {n}: small net at {side} px, "
-                 f"{loss}, crop scale "
-                 f"{cfg.data.crop_scale_min}-1, flip {'on' if cfg.data.flip else 'off'}, "
-                 f"{cfg.optim.epochs} epochs (~{STEPS} steps); override with --config or --set")
+    why = " (on a CPU; the ImageNet recipe, ResNet-18 at 224 px, is for a GPU)" \
+        if size != short else ""
+    _, total = _steps(cfg, most)
+    return cfg, (f"oocid: recipe for {what}, N {n}: small net at {size} px{why}, "
+                 f"{loss}, crop scale {cfg.data.crop_scale_min}-1, "
+                 f"flip {'on' if cfg.data.flip else 'off'}, {cfg.optim.epochs} epochs "
+                 f"({total} steps); {HINT}")
+
+
+def with_overrides(line: str, overrides: list[str]) -> str:
+    """The recipe line naming the overrides applied on top of it, the hint still last."""
+    if not overrides:
+        return line
+    head = line.removesuffix(f"; {HINT}")
+    return f"{head}; then {', '.join(overrides)}; {HINT}"
