@@ -97,7 +97,7 @@ def store_info(path: Path | str) -> dict[str, Any]:
         return {"path": str(store.path), "kind": store.kind, "n_rows": m.n_rows, "dim": m.dim,
                 "dtype": m.dtype, "chunk_rows": m.chunk_rows, "n_chunks": store.n_chunks,
                 "nbytes_on_disk": store.nbytes_on_disk(), "committed_step": m.committed_step,
-                "manifest_id": m.manifest_id, "momentum": m.momentum, "seed": m.seed,
+                "bank_id": m.bank_id, "manifest_id": m.manifest_id, "momentum": m.momentum, "seed": m.seed,
                 "pending_journal": store.pending_journal, "norm_min": float(lo),
                 "norm_mean": float(total / m.n_rows), "norm_max": float(hi)}
 
