@@ -140,6 +140,7 @@ def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: in
     Memory: one block of chunks, the (Q, k) buffers, and the chunks' indices: a (start, n) pair
     per chunk of consecutive indices (the bank's), else the (rows,) int64 index map."""
     seen: list[tuple[int, int] | Tensor] = []  # per chunk: (first index, n) or its indices
+    ended: list[bool] = []  # the chunks ran out (rather than raised)
 
     def positions() -> Iterator[tuple[int, Tensor]]:
         offset = 0
@@ -151,11 +152,12 @@ def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: in
             seen.append((first, n) if consecutive else idx)
             yield offset, rows
             offset += rows.shape[0]
+        ended.append(True)
 
     try:
         sims, pos = topk_streaming(queries, positions(), k)
     except ValueError:
-        if seen:  # not the empty stream, but an error of a chunk's source: not ours to reword
+        if not ended or seen:  # an error of a chunk's source, not an empty stream: as it is
             raise
         raise DataError("no training features to search (every sample failed to decode?)") from None
     pos = pos.cpu()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config, tiny_npz
 from PIL import Image
+from torch import Tensor
 from typer.testing import CliRunner
 
 from oocid.bank.create import create_store, write_rows
@@ -183,6 +184,21 @@ def test_topk_indexed_chunks_in_any_order() -> None:
     want_s, want_i = (q @ bank.t()).topk(5, dim=1)
     assert torch.equal(index, want_i)
     assert torch.allclose(sims, want_s)
+
+
+def test_topk_indexed_passes_a_chunk_sources_error_through() -> None:
+    """Only an empty stream is "no training features"; a source that fails (a ValueError of a
+    damaged chunk) is not reworded into it."""
+    q = F.normalize(torch.randn(3, 4), dim=1)
+
+    def failing() -> Iterator[tuple[Tensor, Tensor]]:
+        raise ValueError("cannot reshape array of size 250")
+        yield torch.arange(2), q[:2]
+
+    with pytest.raises(ValueError, match="cannot reshape"):
+        topk_indexed(q, failing(), 2)
+    with pytest.raises(DataError, match="no training features to search"):
+        topk_indexed(q, iter([]), 2)
 
 
 def test_topk_indexed_consecutive_chunks_out_of_order() -> None:
