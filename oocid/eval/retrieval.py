@@ -124,10 +124,11 @@ def step_warning(bank: Path, bank_step: int, checkpoint: Path, step: int | None)
     than the bank's last commit, and the rows are used as they are."""
     if step is None or bank_step == step:
         return None
-    n = abs(bank_step - step)
-    how = (f"{n} steps ahead of the checkpoint {checkpoint} (step {step}): its rows were "
+    gap = abs(bank_step - step)
+    n = f"{gap} step" + ("s" if gap != 1 else "")
+    how = (f"{n} ahead of the checkpoint {checkpoint} (step {step}): its rows were "
            "trained further than this model" if bank_step > step else
-           f"{n} steps behind the checkpoint {checkpoint} (step {step}): its rows are older "
+           f"{n} behind the checkpoint {checkpoint} (step {step}): its rows are older "
            "than this model")
     return (f"oocid: warning: {bank} is at step {bank_step}, {how}; they are used as they are "
             "(give the checkpoint of the bank's step for matching features)")
