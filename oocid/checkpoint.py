@@ -111,6 +111,28 @@ def checkpoint_for_step(run_dir: Path, step: int) -> Path:
                     f"(checkpoints at steps: {have})")
 
 
+def check_bank_id(state: dict[str, Any], checkpoint: Path | str, bank: Path | str,
+                  bank_id: str | None) -> None:
+    """DataError unless `bank` (of id `bank_id`) is the bank the checkpoint trained: another
+    run's bank on the same shards, even at the same step, holds other rows. A checkpoint
+    written before banks had ids records none: no check."""
+    want = state.get("bank_id")
+    if want is None or want == bank_id:
+        return
+    have = f"bank {bank_id}" if bank_id is not None else "a bank without an id"
+    raise DataError(f"{bank}: is not the bank the checkpoint {checkpoint} trained ({have}, the "
+                    f"checkpoint's is bank {want}): another run's bank, or a copy made anew")
+
+
+def paired(state: dict[str, Any], checkpoint: Path, manifest_id: str, shards: Path, bank: Path,
+           bank_id: str | None) -> None:
+    """DataError unless the checkpoint (`state`, read from `checkpoint`) was trained on these
+    shards and this bank (a resume)."""
+    if state["manifest_id"] != manifest_id:
+        raise DataError(f"{checkpoint}: belongs to other shards than {shards}")
+    check_bank_id(state, checkpoint, bank, bank_id)
+
+
 def repair_metrics(path: Path, epoch: int, record: dict[str, Any] | None) -> None:
     """Make the run's metrics log agree with a checkpoint after `epoch` whole epochs (resume).
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from oocid.atomic import atomic_write, fsync_dir
-from oocid.bank.meta import DTYPES, BankMeta
+from oocid.bank.meta import DTYPES, BankMeta, new_bank_id
 from oocid.bank.rows import _layout, _ZarrRows
 from oocid.bank.store import BankStore, chunk_bar, open_store
 from oocid.errors import InputError, WriteError
@@ -37,11 +37,13 @@ def _init_rows(seed: int, c: int, n: int, dim: int) -> np.ndarray:
 def create_store(path: Path | str, n_rows: int, dim: int = 128, *, dtype: str = "float32",
                  chunk_rows: int = 4096, manifest_id: str | None = None,
                  momentum: float | None = None, seed: int = 0,
-                 progress: bool = False) -> BankStore:
+                 progress: bool = False, bank_id: str | None = None) -> BankStore:
     """Create a bank of `n_rows` random unit rows (D = `dim`) in bounded memory and open it.
 
     Row content depends only on (seed, chunk), not on write order. The bank is built under a
     temporary name and renamed into place, so a killed create leaves no half-made bank.
+    `bank_id`: the bank's identity (default: a new random one; a bank assembled from parts
+    keeps theirs).
     """
     path = Path(path)
     backend, meta_path, journal, journal_tmp = _layout(path)
@@ -54,7 +56,8 @@ def create_store(path: Path | str, n_rows: int, dim: int = 128, *, dtype: str = 
         raise InputError(f"{path}: already exists (open it, or remove it to start a new bank)")
     if not path.parent.is_dir():
         raise InputError(f"{path.parent}: no such directory")
-    meta = BankMeta(n_rows, dim, dtype, chunk_rows, manifest_id, momentum, seed=seed)
+    meta = BankMeta(n_rows, dim, dtype, chunk_rows, manifest_id, momentum, seed=seed,
+                    bank_id=bank_id or new_bank_id())
     n_chunks = -(-n_rows // chunk_rows)
     tmp = path.with_name(path.name + ".creating")
     _remove(tmp)  # left by a killed create

@@ -4,6 +4,7 @@ the row dtypes a bank may store."""
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 from oocid.errors import DataError
 
 BANK_FORMAT = "oocid-bank"
-BANK_VERSION = 3  # 3: previous_step; 2: journals in parts named by a commit record; 1: one journal
+BANK_VERSION = 3  # 3: previous_step, bank_id; 2: journals in parts named by a commit record; 1: one journal
 READABLE_VERSIONS = (1, 2, 3)
 DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 
@@ -30,6 +31,7 @@ class BankMeta:
     momentum: float | None = None
     committed_step: int = -1
     previous_step: int | None = None  # the step committed before (None: unknown, version < 3)
+    bank_id: str | None = None  # random, made with the bank (None: read from version < 3)
     init: str = "unit-gaussian"
     seed: int = 0
     format: str = BANK_FORMAT
@@ -43,8 +45,9 @@ class BankMeta:
         if obj.get("version") not in READABLE_VERSIONS or type(obj.get("version")) is not int:
             raise DataError(f"{where}: unsupported bank version {obj.get('version')!r}")
         names = {f.name for f in fields(cls)}
-        if obj["version"] < 3:  # written before previous_step was kept
+        if obj["version"] < 3:  # written before previous_step and bank_id were kept
             obj = {"previous_step": None, **obj}
+        obj = {"bank_id": None, **obj}  # also absent from a version 3 of before the ids
         if set(obj) != names:
             raise DataError(f"{where}: bank metadata keys differ from {sorted(names)}")
         meta = cls(**obj)
@@ -58,6 +61,8 @@ class BankMeta:
             bad.append("momentum")
         if obj["previous_step"] is not None and type(obj["previous_step"]) is not int:
             bad.append("previous_step")
+        if obj["bank_id"] is not None and not isinstance(obj["bank_id"], str):
+            bad.append("bank_id")
         if bad:
             raise DataError(f"{where}: bad bank metadata field(s) {', '.join(bad)}")
         return meta
@@ -65,3 +70,9 @@ class BankMeta:
     def to_bytes(self) -> bytes:
         """The sidecar file's content."""
         return json.dumps(asdict(self), indent=1).encode()
+
+
+def new_bank_id() -> str:
+    """A bank's identity: random, made when the bank is created (or upgraded to version 3), so
+    that two banks of the same shards, even at the same step, are told apart."""
+    return secrets.token_hex(8)

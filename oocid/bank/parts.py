@@ -62,10 +62,10 @@ def chunks_of(banks: Sequence[Path]) -> list[tuple[Path, list[int]]]:
     stats = []
     for b in banks:
         with open_store(b, read_only=True) as s:
-            stats.append((s.n_chunks, s.meta.manifest_id, committed(s)))
+            stats.append((s.n_chunks, s.meta.manifest_id, committed(s), s.meta.bank_id))
     if len(set(stats)) > 1:
         raise DataError(f"{banks[0]} and the other parts disagree on (chunks, shards, committed "
-                        f"step): {sorted(set(stats), key=str)}")
+                        f"step, bank id): {sorted(set(stats), key=str)}")
     owner: dict[int, Path] = {}
     out = []
     for b, info in zip(banks, infos, strict=True):
@@ -90,9 +90,10 @@ def committed(store: BankStore) -> int:
 
 def iter_part_chunks(banks: Sequence[Path]) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) of every chunk of a whole bank or of a set of parts, each chunk from
-    the part that trained it."""
+    the part that trained it; DataError at the first damaged row (`BankStore.check_rows`)."""
     for b, chunks in chunks_of(banks):
         with open_store(b, read_only=True) as s:
+            s.check_rows = True
             for c in chunks:
                 yield s.chunk_range(c)[0], s.read_chunk(c)
 
@@ -103,7 +104,8 @@ def assemble(banks: Sequence[Path], out: Path, progress: bool = False) -> int:
     with open_store(banks[0], read_only=True) as s0:
         meta, step = s0.meta, committed(s0)
     store = create_store(out, meta.n_rows, meta.dim, dtype=meta.dtype, chunk_rows=meta.chunk_rows,
-                         manifest_id=meta.manifest_id, momentum=meta.momentum, seed=meta.seed)
+                         manifest_id=meta.manifest_id, momentum=meta.momentum, seed=meta.seed,
+                         bank_id=meta.bank_id)
     try:
         with chunk_bar(meta.n_rows and -(-meta.n_rows // meta.chunk_rows), "assembling",
                        progress) as bar:

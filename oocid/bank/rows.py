@@ -34,6 +34,9 @@ class _ZarrRows:
         self.arr = arr.with_config({"write_empty_chunks": True})
         self.shape, self.dtype, self.chunks = arr.shape, np.dtype(arr.dtype), arr.chunks
         self.stable = False  # unused: each chunk file is replaced whole
+        # every chunk is a file of exactly this size (uncompressed; None: a codec that changes it)
+        self.chunk_bytes = None if arr.compressors or arr.filters else \
+            int(np.prod(arr.chunks)) * self.dtype.itemsize
 
     @staticmethod
     def create(path: Path, n: int, dim: int, dtype: np.dtype, chunk_rows: int) -> None:
@@ -45,8 +48,32 @@ class _ZarrRows:
                           chunk_key_encoding={"name": "default", "separator": "."},
                           dimension_names=("row", "dim"))
 
+    def chunk_file(self, c: int) -> Path:
+        return self.path / self.arr.metadata.encode_chunk_key((c, 0))
+
     def read(self, start: int, stop: int) -> np.ndarray:
-        return np.asarray(self.arr[start:stop]).astype(np.float32, copy=False)
+        """Rows [start, stop). Every chunk is written as a file (write_empty_chunks), so a
+        missing one is damage, not zeros (zarr would read it as its fill value): DataError,
+        as for a chunk file of the wrong size or one that does not decode."""
+        rows = self.chunks[0]
+        spans = range(start // rows, -(-stop // rows))
+        for c in spans:
+            path = self.chunk_file(c)
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                raise DataError(f"{path}: the bank's chunk file is missing (rows "
+                                f"{c * rows}-{min((c + 1) * rows, self.shape[0]) - 1})") from None
+            if self.chunk_bytes is not None and size != self.chunk_bytes:
+                raise DataError(f"{path}: the bank's chunk file is truncated or damaged ({size} "
+                                f"bytes, a chunk is {self.chunk_bytes})")
+        try:
+            out = np.asarray(self.arr[start:stop])
+        except Exception as e:  # zarr raises many types for a chunk that does not decode
+            names = ", ".join(str(self.chunk_file(c)) for c in spans)
+            raise DataError(f"{names}: the bank's chunk does not decode ({type(e).__name__}: "
+                            f"{e})") from e
+        return out.astype(np.float32, copy=False)
 
     def take(self, index: np.ndarray) -> np.ndarray | None:
         return None  # grouped by chunk in BankStore

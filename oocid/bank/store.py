@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 
 from oocid.atomic import atomic_write
+from oocid.bank.damage import check_unit_rows
 from oocid.bank.journal import Journal, PendingParts, read_journal, write_journal
-from oocid.bank.meta import BANK_VERSION, DTYPES, BankMeta
+from oocid.bank.meta import BANK_VERSION, DTYPES, BankMeta, new_bank_id
 from oocid.bank.rows import _layout, _NpyRows, _ZarrRows, open_rows
+from oocid.bank.settle import settle_store
 from oocid.bank.snapshot import committed_snapshot, file_size, trainer_may_write
 from oocid.errors import DataError, InputError, WriteError
 from oocid.progress import Progress, progress_bar
@@ -60,6 +62,7 @@ class BankStore:
         self._pending = PendingParts()  # written since the last commit, not yet in the rows
         self._seq = 0
         self.writer = "0"  # names this writer's parts (several writers may write one step's parts)
+        self.check_rows = False  # read_chunk: DataError for a row not finite or not unit-norm
         self._lock = threading.RLock()
         self._count_lock = threading.Lock()
 
@@ -135,8 +138,11 @@ class BankStore:
                 out[a - start:b - start] = rows[a - lo:b - lo]
 
     def read_chunk(self, c: int) -> np.ndarray:
-        """Chunk c as a fresh (chunk_len, D) float32 array."""
-        return self.read_rows(*self.chunk_range(c))
+        """Chunk c as a fresh (chunk_len, D) float32 array (checked with `check_rows`)."""
+        rows = self.read_rows(*self.chunk_range(c))
+        if self.check_rows:
+            check_unit_rows(rows, c * self.chunk_rows, self.path, self.meta.dtype)
+        return rows
 
     def read_index(self, index: np.ndarray) -> np.ndarray:
         """Rows `index` (any order, repeats allowed) as a (len(index), D) float32 array."""
@@ -235,34 +241,10 @@ class BankStore:
         self.journal_bytes_written += sum(a.nbytes for _, a in items)
         self._pending.add(journal)
 
-    def settle(self, step: int, previous: int | None = None) -> None:
-        """Bring a node-local bank (opened with `recover=False`) to the run's committed `step`
-        (rank 0's bank's; `previous`: the one before, None if unknown): replay its own record,
-        then, one commit behind (killed between rank 0's commit and its own), commit its parts,
-        all of that step, or else discard them. At any other step: DataError."""
-        self._check_writable()
-        with self._lock:
-            self._journal_tmp.unlink(missing_ok=True)
-            journals = self._committed()
-            if journals is not None:
-                self._apply(journals)
-            have = self.meta.committed_step
-            if have > step or (previous is not None and have not in (step, previous)):
-                last = (f"last two commits are steps {previous} and {step}" if previous is not None
-                        else f"last commit is step {step}")
-                raise DataError(f"{self.path}: holds step {have}, but the run's {last}: another "
-                                "run's bank or an older copy")
-            files = self._part_files()
-            if have < step and files:
-                parts = [read_journal(p, self.meta) for p in files]  # in writer, seq order
-                record = write_journal(self._journal_tmp, self._journal, [], self.meta.dtype,
-                                       self.dim, step, self.path, tuple(p.name for p in files))
-                self._apply([*parts, record])
-            elif have < step:
-                self._set_step(step)
-            self._rows.cleanup()
-            self._recover()  # discards the parts still here: of a step rank 0 never committed
-            self._upgrade()
+    def settle(self, step: int, previous: int | None = None, bank_id: str | None = None
+               ) -> None:
+        """A node-local bank brought to the run's step and id (`oocid.bank.settle`)."""
+        settle_store(self, step, previous, bank_id)
 
     def pending_names(self) -> list[str]:
         """This writer's durable parts not yet committed, for another writer's record."""
@@ -346,9 +328,10 @@ class BankStore:
             self._set_meta(committed_step=step, previous_step=self.meta.committed_step)
 
     def _upgrade(self) -> None:
-        """A bank of an older version, written from now on as this version writes."""
-        if self.meta.version < BANK_VERSION:
-            self._set_meta(version=BANK_VERSION)
+        """A bank of an older version, written from now on as this version writes (with an id
+        of its own from now on: checkpoints written before it recorded none)."""
+        if self.meta.version < BANK_VERSION or self.meta.bank_id is None:
+            self._set_meta(version=BANK_VERSION, bank_id=self.meta.bank_id or new_bank_id())
 
     def _set_meta(self, **updates: Any) -> None:
         meta = replace(self.meta, **updates)

@@ -9,13 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from oocid.bank.damage import DEFAULT_TOL
 from oocid.bank.store import BankStore, chunk_bar, open_store
 from oocid.errors import DataError
-
-# Largest |norm - 1| accepted by `verify_store`. A unit row rounded to float16 has every element
-# within a relative 2**-11 of its value, so its norm is within 2**-11 = 4.9e-4 of 1; 1e-3 leaves
-# a factor two. Float32 rounding of a unit row gives ~1e-7; 1e-4 catches any real drift.
-DEFAULT_TOL = {"float32": 1e-4, "float16": 1e-3}
 
 
 @dataclass
@@ -47,9 +43,11 @@ def verify_store(path: Path | str, *, tol: float | None = None,
                  progress: bool = False) -> VerifyReport:
     """Check every row is finite and unit-norm within `tol`, streaming chunk by chunk.
 
-    Metadata that disagrees with the rows is a problem too. A committed journal not yet replayed
-    (a kill between the journal's commit and its copy into the rows) is a legitimate state, not
-    a problem: its chunks are what a read sees, so they are the ones checked, and a note says so.
+    Metadata that disagrees with the rows is a problem too, and so is each chunk file that is
+    missing, truncated or does not decode (named; the other chunks are still checked). A
+    committed journal not yet replayed (a kill between the journal's commit and its copy into
+    the rows) is a legitimate state, not a problem: its chunks are what a read sees, so they
+    are the ones checked, and a note says so.
     """
     path = Path(path)
     try:
@@ -62,7 +60,16 @@ def verify_store(path: Path | str, *, tol: float | None = None,
         if store.pending_journal:
             rep.notes.append(f"{path}: a committed journal from an interrupted write is checked in "
                              "place of the rows it covers; the next open for writing replays it")
-        for c, x in store.iter_chunks():
+        unreadable = 0
+        for c in range(store.n_chunks):
+            try:
+                x = store.read_chunk(c)
+            except DataError as e:  # a chunk file missing, truncated or undecodable: named
+                unreadable += 1
+                if unreadable <= 5:
+                    rep.problems.append(str(e))
+                bar.update()
+                continue
             err = np.abs(_row_norms(x) - 1.0)
             bad = np.flatnonzero(~(err <= tol))  # nan -> bad
             good = np.delete(err, bad)
@@ -72,6 +79,8 @@ def verify_store(path: Path | str, *, tol: float | None = None,
             room = 20 - len(rep.bad_rows)
             rep.bad_rows += (bad[:room] + store.chunk_range(c)[0]).tolist() if room > 0 else []
             bar.update()
+    if unreadable > 5:
+        rep.problems.append(f"{path}: {unreadable - 5} more unreadable chunk file(s)")
     if rep.n_bad:
         rep.problems.append(f"{path}: {rep.n_bad} row(s) not finite or not unit-norm within {tol}")
     return rep
@@ -88,7 +97,7 @@ def store_info(path: Path | str) -> dict[str, Any]:
         return {"path": str(store.path), "kind": store.kind, "n_rows": m.n_rows, "dim": m.dim,
                 "dtype": m.dtype, "chunk_rows": m.chunk_rows, "n_chunks": store.n_chunks,
                 "nbytes_on_disk": store.nbytes_on_disk(), "committed_step": m.committed_step,
-                "manifest_id": m.manifest_id, "momentum": m.momentum, "seed": m.seed,
+                "bank_id": m.bank_id, "manifest_id": m.manifest_id, "momentum": m.momentum, "seed": m.seed,
                 "pending_journal": store.pending_journal, "norm_min": float(lo),
                 "norm_mean": float(total / m.n_rows), "norm_max": float(hi)}
 

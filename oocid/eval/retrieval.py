@@ -19,9 +19,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from oocid.bank.parts import chunks_of, iter_part_chunks
+from oocid.bank.parts import chunks_of, committed, iter_part_chunks
 from oocid.bank.store import open_store
-from oocid.checkpoint import load_checkpoint, model_from_checkpoint
+from oocid.checkpoint import check_bank_id, load_checkpoint, model_from_checkpoint
 from oocid.config import Config, DataConfig, config_from_dict
 from oocid.data.augment import batch_eval_transform, sample_transform
 from oocid.data.batch import fits_in_memory, normalization_stats
@@ -79,7 +79,8 @@ def load_training_side(checkpoint: Path, banks: Sequence[Path] | None, train_sha
                        progress: bool = False, *, verify: bool = False) -> TrainingSide:
     """Load the checkpoint's model and check the bank (or every part of a node-local bank) and
     the training shards belong to it (with `verify`, each shard's sha256 against the manifest
-    too)."""
+    too). A bank whose id is not the checkpoint's is refused; one at another step than the
+    checkpoint is used with a warning that says which is ahead."""
     parts = tuple(banks or ())
     if parts:
         chunks_of(parts)  # a whole bank, or parts that make one
@@ -109,14 +110,28 @@ def load_training_side(checkpoint: Path, banks: Sequence[Path] | None, train_sha
             if store.dim != model.out_dim:
                 raise DataError(f"{bank}: rows of dimension {store.dim}, the model's are "
                                 f"{model.out_dim}")
-            bank_step = store.pending_step if store.pending_journal else None
-            bank_step = store.meta.committed_step if bank_step is None else bank_step
-            if "step" in state and bank_step != state["step"]:
-                print(f"oocid: warning: {bank} is at step {bank_step} but the checkpoint "
-                      f"{checkpoint} at step {state['step']} (a trainer still writing it?); the "
-                      "bank's rows are used as they are", file=sys.stderr)
+            check_bank_id(state, checkpoint, bank, store.meta.bank_id)
+            warning = step_warning(bank, committed(store), checkpoint, state.get("step"))
+            if warning is not None:
+                print(warning, file=sys.stderr)
     return TrainingSide(checkpoint, cfg, model, device, tm, parts[0] if parts else None,
                         recompute, progress, parts if len(parts) > 1 else ())
+
+
+def step_warning(bank: Path, bank_step: int, checkpoint: Path, step: int | None) -> str | None:
+    """One line when the bank the checkpoint trained is at another step than the checkpoint
+    (None: at the same one, or a checkpoint without a step): the checkpoint is older or newer
+    than the bank's last commit, and the rows are used as they are."""
+    if step is None or bank_step == step:
+        return None
+    gap = abs(bank_step - step)
+    n = f"{gap} step" + ("s" if gap != 1 else "")
+    how = (f"{n} ahead of the checkpoint {checkpoint} (step {step}): its rows were "
+           "trained further than this model" if bank_step > step else
+           f"{n} behind the checkpoint {checkpoint} (step {step}): its rows are older "
+           "than this model")
+    return (f"oocid: warning: {bank} is at step {bank_step}, {how}; they are used as they are "
+            "(give the checkpoint of the bank's step for matching features)")
 
 
 def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: int
@@ -126,6 +141,7 @@ def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: in
     Memory: one block of chunks, the (Q, k) buffers, and the chunks' indices: a (start, n) pair
     per chunk of consecutive indices (the bank's), else the (rows,) int64 index map."""
     seen: list[tuple[int, int] | Tensor] = []  # per chunk: (first index, n) or its indices
+    ended: list[bool] = []  # the chunks ran out (rather than raised)
 
     def positions() -> Iterator[tuple[int, Tensor]]:
         offset = 0
@@ -137,10 +153,13 @@ def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: in
             seen.append((first, n) if consecutive else idx)
             yield offset, rows
             offset += rows.shape[0]
+        ended.append(True)
 
     try:
         sims, pos = topk_streaming(queries, positions(), k)
     except ValueError:
+        if not ended or seen:  # an error of a chunk's source, not an empty stream: as it is
+            raise
         raise DataError("no training features to search (every sample failed to decode?)") from None
     pos = pos.cpu()
     if all(isinstance(c, tuple) for c in seen):  # index = first index of its chunk + offset in it

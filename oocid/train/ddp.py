@@ -63,7 +63,7 @@ def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, wo
     """The bank, open for writing. The leader of each bank directory (rank 0; with node-local
     banks, the lowest rank of each machine) takes the trainer's lock and opens or creates it;
     rank 0 recovers an interrupted commit, the other leaders settle at rank 0's committed step
-    (`BankStore.settle`); then the other ranks open it without recovering."""
+    and take its bank id (`BankStore.settle`); then the other ranks open it without recovering."""
     leads = layout.leads(world)
     with BankLock(bank_path) if leads else nullcontext() as lock:
         if lock is not None and lock.took_over:
@@ -73,10 +73,10 @@ def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, wo
         try:
             if store is not None and layout.node_local:  # the same chunks as before, or none
                 claim_part(bank_path, layout.group_chunks(), world, manifest.identity)
-            steps = world.broadcast((store.meta.committed_step, store.meta.previous_step)
-                                    if store is not None else None)
+            steps = world.broadcast((store.meta.committed_step, store.meta.previous_step,
+                                     store.meta.bank_id) if store is not None else None)
             if store is not None and not world.main:
-                store.settle(*steps)  # the run's committed step is the step of rank 0's bank
+                store.settle(*steps)  # the run's step and id are those of rank 0's bank
             world.barrier()
             if store is None:
                 if not bank_path.exists():
@@ -84,6 +84,7 @@ def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, wo
                                      "several machines, put --bank on a file system all of "
                                      "them mount, or pass --node-local-bank")
                 store = open_store(bank_path, recover=False)
+                store.check_rows = True  # damage stops the run (oocid.bank.damage)
                 check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
             yield store
         finally:

@@ -19,7 +19,7 @@ import torch
 
 from oocid.atomic import atomic_write
 from oocid.bank.store import BankStore
-from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, repair_metrics
+from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, paired, repair_metrics
 from oocid.config import Config, config_from_dict
 from oocid.data.batch import Batch, image_channels
 from oocid.data.eval_data import eval_batches
@@ -32,7 +32,7 @@ from oocid.distributed.merge import topk_across
 from oocid.distributed.partition import global_rows, rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
-from oocid.errors import DataError, InputError
+from oocid.errors import InputError
 from oocid.eval.embed import iter_features
 from oocid.eval.evaluate import (
     knn_streamed,
@@ -215,8 +215,7 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
         if cfg.optim.epochs < int(state["epoch"]):
             raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
                              f"optim.epochs = {cfg.optim.epochs} is fewer")
-        if state["manifest_id"] != manifest.identity:
-            raise DataError(f"{path}: belongs to other shards than {manifest.root}")
+        paired(state, path, manifest.identity, manifest.root, store.path, store.meta.bank_id)
         repair_metrics(run_dir / "metrics.jsonl", int(state["epoch"]), state.get("epoch_metrics"))
     state = world.broadcast(state)
     assert state is not None

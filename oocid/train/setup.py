@@ -63,9 +63,11 @@ def build_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimize
 def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool,
                         recover: bool = True) -> BankStore:
     """The bank at `bank_path`, checked against the shards; created from the manifest if absent.
-    `recover=False`: the caller settles an interrupted commit itself (`BankStore.settle`)."""
+    `recover=False`: the caller settles an interrupted commit itself (`BankStore.settle`).
+    Its chunk reads check the rows: damage stops the run (`oocid.bank.damage`)."""
     if bank_path.exists():
         store = open_store(bank_path, recover=recover)
+        store.check_rows = True
         check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
         if not resume and store.meta.committed_step >= 0:
             store.close()
@@ -75,9 +77,11 @@ def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume
         return store
     if resume:
         raise InputError(f"{bank_path}: no bank to resume")
-    return create_store(bank_path, manifest.n, cfg.model.dim, dtype=cfg.bank.dtype,
-                        chunk_rows=manifest.shard_size, manifest_id=manifest.identity,
-                        momentum=cfg.bank.momentum, seed=cfg.bank.seed)
+    store = create_store(bank_path, manifest.n, cfg.model.dim, dtype=cfg.bank.dtype,
+                         chunk_rows=manifest.shard_size, manifest_id=manifest.identity,
+                         momentum=cfg.bank.momentum, seed=cfg.bank.seed)
+    store.check_rows = True
+    return store
 
 
 def cache_budget_rows(cfg: Config, store: BankStore | None, device: torch.device,

@@ -117,6 +117,7 @@ class RunState:
             "epoch": self.epoch,
             "step": self.step,
             "manifest_id": self.manifest.identity,
+            "bank_id": self.bank.store.meta.bank_id,  # the bank it pairs with (check_bank_id)
             "shards": str(self.manifest.root.resolve()),
             "n_data": self.manifest.n,
             "rng": {"torch": torch.get_rng_state()},

@@ -85,10 +85,13 @@ def test_meta_round_trip_and_sidecar_format(tmp_path: Path, kind: str) -> None:
         with pytest.raises(ValueError):
             s.set_meta(n_rows=3)
     sidecar = path / "oocid.json" if kind == "zarr" else Path(f"{path}.meta.json")
-    assert json.loads(sidecar.read_text()) == {
+    meta = json.loads(sidecar.read_text())
+    bank_id = meta.pop("bank_id")
+    assert meta == {
         "format": "oocid-bank", "version": 3, "n_rows": 10, "dim": 4, "dtype": "float32",
         "chunk_rows": 3, "manifest_id": "m2", "momentum": 0.25, "committed_step": 12,
         "previous_step": None, "init": "unit-gaussian", "seed": 7}
+    assert isinstance(bank_id, str) and len(bank_id) == 16  # random, made with the bank
     info = store_info(path)
     assert (info["kind"], info["n_chunks"], info["committed_step"]) == (kind, 4, 12)
     assert info["nbytes_on_disk"] >= 10 * 4 * 4

@@ -18,6 +18,7 @@ from PIL import Image
 from oocid.bank.create import create_store
 from oocid.bank.parts import chunks_of
 from oocid.bank.store import open_store
+from oocid.checkpoint import load_checkpoint
 from oocid.cli.knn import run_knn, run_search
 from oocid.errors import DataError
 
@@ -84,6 +85,17 @@ def test_the_parts_verify_and_assemble_into_the_shared_bank_run(root: Path) -> N
             open_store(root / "shared.zarr", read_only=True) as b:
         assert a.meta.committed_step == b.meta.committed_step
         assert np.array_equal(a.read_rows(0, a.n_rows), b.read_rows(0, b.n_rows))
+
+
+def test_the_parts_carry_rank_0s_bank_id_which_the_checkpoints_record(root: Path) -> None:
+    """Each machine created its own bank; the other machine's took rank 0's id when it settled,
+    so the run's checkpoints pair with every part (knn, search, --resume check it)."""
+    ids = []
+    for bank in ("a.zarr", "b.zarr"):
+        with open_store(root / bank, read_only=True) as s:
+            ids.append(s.meta.bank_id)
+    assert ids[0] is not None and ids[0] == ids[1] == \
+        load_checkpoint(root / "run0" / "last.pt")["bank_id"]
 
 
 def test_a_missing_part_is_named(root: Path) -> None:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_config, tiny_npz
 from PIL import Image
+from torch import Tensor
 from typer.testing import CliRunner
 
 from oocid.bank.create import create_store, write_rows
@@ -66,6 +67,14 @@ def oocid(*args: object) -> Run:
     p = subprocess.run([sys.executable, "-m", "oocid", *argv], capture_output=True, text=True,
                        env=ENV, timeout=120, check=False)
     return Run(argv, p.returncode, p.stdout, p.stderr)
+
+
+def foreign_bank(bank: Path, out: Path) -> None:
+    """A copy of `bank` with another id: as another run's bank of the same shards and step."""
+    shutil.copytree(bank, out)
+    meta = json.loads((out / "oocid.json").read_text())
+    meta["bank_id"] = "0123456789abcdef"
+    (out / "oocid.json").write_text(json.dumps(meta))
 
 
 @dataclass
@@ -110,6 +119,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     (d / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(2048))
     create_store(d / "other.zarr", 96, 128, chunk_rows=32,
                  manifest_id=read_manifest(va).identity).close()
+    foreign_bank(d / "bank.zarr", d / "foreign.zarr")
+    shutil.copytree(d / "bank.zarr", d / "holed.zarr")
+    (d / "holed.zarr" / "c.1.0").unlink()  # a deleted chunk file: never read as zeros
     ckpt = d / "run" / "last.pt"
     pool = ThreadPoolExecutor(max_workers=2)
     cmds = {
@@ -122,6 +134,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
                                "--out", d / "g.npy", "--device", "cpu"],
         "other-bank": ["knn", "--bank", d / "other.zarr", "--checkpoint", ckpt, "--shards", va,
                        "--device", "cpu"],
+        "foreign-bank": ["knn", "--bank", d / "foreign.zarr", "--checkpoint", ckpt, "--shards",
+                         va, "--device", "cpu"],
+        "missing-chunk": ["knn", "--bank", d / "holed.zarr", "--checkpoint", ckpt, "--shards",
+                          va, "--device", "cpu"],
     }
     jobs = {name: pool.submit(oocid, *args) for name, args in cmds.items()}
     yield Trained(d, tr, va, d / "bank.zarr", ckpt, query, qdir, jobs)
@@ -170,6 +186,21 @@ def test_topk_indexed_chunks_in_any_order() -> None:
     assert torch.allclose(sims, want_s)
 
 
+def test_topk_indexed_passes_a_chunk_sources_error_through() -> None:
+    """Only an empty stream is "no training features"; a source that fails (a ValueError of a
+    damaged chunk) is not reworded into it."""
+    q = F.normalize(torch.randn(3, 4), dim=1)
+
+    def failing() -> Iterator[tuple[Tensor, Tensor]]:
+        raise ValueError("cannot reshape array of size 250")
+        yield torch.arange(2), q[:2]
+
+    with pytest.raises(ValueError, match="cannot reshape"):
+        topk_indexed(q, failing(), 2)
+    with pytest.raises(DataError, match="no training features to search"):
+        topk_indexed(q, iter([]), 2)
+
+
 def test_topk_indexed_consecutive_chunks_out_of_order() -> None:
     """Chunks of consecutive indices (a bank's) are mapped back without an index map; a mix with
     scattered chunks falls back to one."""
@@ -214,7 +245,53 @@ def test_knn_warns_when_bank_and_checkpoint_steps_differ(trained: Trained, tmp_p
         store.set_meta(committed_step=step + 5)
     run_knn(bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
     err = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
-    assert len(err) == 1 and f"step {step + 5}" in err[0] and f"step {step}" in err[0], err
+    assert len(err) == 1 and f"step {step + 5}" in err[0] and f"step {step})" in err[0], err
+    assert "5 steps ahead of the checkpoint" in err[0] and "writing" not in err[0], err
+    with open_store(bank) as store:
+        store.set_meta(committed_step=step - 3)
+    run_knn(bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
+    err = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(err) == 1 and "3 steps behind the checkpoint" in err[0], err
+
+
+def test_knn_refuses_another_runs_bank_of_the_same_shards_and_step(trained: Trained,
+                                                                   tmp_path: Path) -> None:
+    """The checkpoint records the id of the bank it trained; a checkpoint of before the ids
+    records none, and then any bank of its shards is used as before."""
+    state = load_checkpoint(trained.ckpt)
+    with open_store(trained.bank, read_only=True) as store:
+        assert state["bank_id"] == store.meta.bank_id is not None
+    foreign = trained.d / "foreign.zarr"
+    with pytest.raises(DataError, match=f"{re.escape(str(foreign))}: is not the bank the "
+                       f"checkpoint {re.escape(str(trained.ckpt))} trained"):
+        run_knn(foreign, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
+    with pytest.raises(DataError, match="is not the bank the checkpoint"):
+        run_search(foreign, trained.ckpt, [trained.query], None, 3, "cpu")
+    del state["bank_id"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    assert run_knn(foreign, old, trained.val, None, 3, 0.07, "cpu")["top1"] == \
+        run_knn(trained.bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")["top1"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_knn_stops_at_the_first_damaged_row(trained: Trained, tmp_path: Path, dtype: str
+                                            ) -> None:
+    """Rows are checked as they are scanned: a scaled or non-finite row is damage, named
+    with the bank and suggesting `oocid bank verify`; a float16 bank's rounding is not."""
+    bank = tmp_path / "b.zarr"
+    with open_store(trained.bank, read_only=True) as src:
+        rows = src.read_rows(0, src.n_rows)
+        with create_store(bank, src.n_rows, src.dim, dtype=dtype, chunk_rows=src.chunk_rows,
+                          manifest_id=src.meta.manifest_id, bank_id=src.meta.bank_id) as st:
+            write_rows(st, 0, rows, step=src.meta.committed_step)
+    good = run_knn(bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
+    assert good["top1"] > 0.5
+    with open_store(bank) as st:
+        write_rows(st, 40, rows[40:41] * 3)
+    with pytest.raises(DataError, match=f"{re.escape(str(bank))}: row 40 has norm 3, not 1: "
+                       r".*oocid bank verify"):
+        run_knn(bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
 
 
 def test_knn_recompute_scores_fresh_training_features(trained: Trained) -> None:
@@ -255,7 +332,8 @@ def test_query_against_a_bank_of_own_features(trained: Trained) -> None:
     assert np.array_equal(np.load(trained.d / "own.index.npy"), np.arange(96)) and res.rows == 96
     bank = trained.d / "own.zarr"
     with create_store(bank, 96, 128, chunk_rows=32,
-                      manifest_id=read_manifest(trained.train).identity) as st:
+                      manifest_id=read_manifest(trained.train).identity,
+                      bank_id=load_checkpoint(trained.ckpt)["bank_id"]) as st:
         write_rows(st, 0, feats)
     meta, hits = run_search(bank, trained.ckpt, [trained.query, trained.query_dir], None, 6, "cpu")
     assert meta["features"] == "memory bank" and len(hits) == 3  # file + folder of 2
@@ -402,7 +480,11 @@ def test_cli_search_end_to_end(trained: Trained) -> None:
 @pytest.mark.parametrize(("name", "code", "pattern"),
                          [("bad-query", 2, r"bad\.png: not a readable image"),
                           ("garbage-checkpoint", 3, r"garbage\.pt"),
-                          ("other-bank", 3, r"other\.zarr: belongs to other shards")])
+                          ("other-bank", 3, r"other\.zarr: belongs to other shards"),
+                          ("foreign-bank", 3, r"foreign\.zarr: is not the bank the checkpoint "
+                                              r"\S*last\.pt trained"),
+                          ("missing-chunk", 3, r"holed\.zarr/c\.1\.0: the bank's chunk file is "
+                                               "missing")])
 def test_cli_bad_inputs(trained: Trained, name: str, code: int, pattern: str) -> None:
     run = trained.jobs[name].result()
     assert run.rc == code, run

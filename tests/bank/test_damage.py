@@ -1,0 +1,205 @@
+"""Damage is never read as data (oocid.bank.damage, oocid.bank.rows): a Zarr chunk file that is
+missing (zarr would read its fill value, zeros), truncated or undecodable is a DataError naming
+it; `verify_store` names each one; a read that checks its rows stops at the first one that is
+not finite or not unit-norm. And a bank's id: made with it, kept, taken from rank 0 by a
+node-local part."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oocid.bank.create import create_store, write_rows
+from oocid.bank.meta import BANK_VERSION
+from oocid.bank.parts import assemble, chunks_of, write_part_info
+from oocid.bank.store import open_store
+from oocid.bank.verify import store_info, verify_store
+from oocid.errors import DataError
+
+N, D, R = 40, 8, 16  # chunks of 16, 16 and 8 rows
+
+
+def zarr_bank(tmp_path: Path, name: str = "b.zarr", dtype: str = "float32") -> Path:
+    path = tmp_path / name
+    create_store(path, N, D, chunk_rows=R, dtype=dtype).close()
+    return path
+
+
+def poke(path: Path, row: int, value: float) -> None:
+    """Set one element of a row in the bank's files, bypassing the store."""
+    if path.suffix == ".npy":
+        mm = np.load(path, mmap_mode="r+")
+        mm[row, 0] = value
+        mm.flush()
+        del mm
+    else:
+        import zarr
+
+        zarr.open_array(path, mode="r+")[row, 0] = value
+
+
+def test_a_missing_chunk_file_is_named_not_read_as_zeros(tmp_path: Path) -> None:
+    path = zarr_bank(tmp_path)
+    (path / "c.1.0").unlink()
+    with open_store(path, read_only=True) as s:
+        assert s.read_rows(0, 16).shape == (16, D)  # the other chunks read as before
+        with pytest.raises(DataError, match=re.escape(f"{path / 'c.1.0'}: the bank's chunk "
+                                                      "file is missing (rows 16-31)")):
+            s.read_rows(10, 20)
+        with pytest.raises(DataError, match="c.1.0"):
+            s.read_index(np.array([3, 17]))
+    rep = verify_store(path)
+    assert not rep.ok and rep.n_bad == 0
+    assert any(str(path / "c.1.0") in p and "missing" in p for p in rep.problems), rep.problems
+
+
+@pytest.mark.parametrize("size", [1000, 0, 3 * R * D * 4])
+def test_a_chunk_file_of_the_wrong_size_is_named(tmp_path: Path, size: int) -> None:
+    path = zarr_bank(tmp_path)
+    chunk = path / "c.2.0"
+    data = chunk.read_bytes()
+    chunk.write_bytes((data * 3)[:size])
+    with open_store(path, read_only=True) as s, \
+            pytest.raises(DataError, match=re.escape(f"{chunk}: the bank's chunk file is "
+                                                     f"truncated or damaged ({size} bytes")):
+        s.read_chunk(2)
+    with pytest.raises(DataError, match=re.escape(str(chunk))):
+        store_info(path)  # was an internal ValueError (cannot reshape)
+    rep = verify_store(path)
+    assert not rep.ok and any(str(chunk) in p for p in rep.problems), rep.problems
+
+
+def test_a_chunk_that_does_not_decode_is_named(tmp_path: Path) -> None:
+    path = zarr_bank(tmp_path)
+    with open_store(path, read_only=True) as s:
+        rows = s._rows
+        assert rows.chunk_bytes == R * D * 4
+        rows.chunk_bytes = None  # as for a codec whose sizes vary: the decode itself fails
+        (path / "c.0.0").write_bytes(b"\0" * 1000)
+        with pytest.raises(DataError, match=re.escape(f"{path / 'c.0.0'}: the bank's chunk "
+                                                      "does not decode")):
+            s.read_chunk(0)
+
+
+def test_verify_names_every_unreadable_chunk_and_checks_the_rest(tmp_path: Path) -> None:
+    path = zarr_bank(tmp_path)
+    (path / "c.0.0").unlink()
+    (path / "c.2.0").write_bytes(b"x")
+    with open_store(path) as s:
+        pass  # a writable open (recover, upgrade) reads no rows
+    with open_store(path, read_only=True) as s:
+        s._rows.read(16, 32)  # the sound chunk
+    with create_store(tmp_path / "scaled.zarr", N, D, chunk_rows=R) as s:
+        write_rows(s, 20, s.read_rows(20, 21) * 2)
+    rep = verify_store(path)
+    assert [p.split(":")[0] for p in rep.problems] == [str(path / "c.0.0"), str(path / "c.2.0")]
+    rep = verify_store(tmp_path / "scaled.zarr")
+    assert rep.bad_rows == [20] and len(rep.problems) == 1
+
+
+@pytest.mark.parametrize("kind", ["zarr", "npy"])
+def test_checked_reads_stop_at_the_first_damaged_row(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"b.{kind}"
+    with create_store(path, N, D, chunk_rows=R) as s:
+        rows = s.read_rows(0, N)
+        write_rows(s, 21, rows[21:22] * 1.01)  # 1% off
+        s.check_rows = True
+        s.read_chunk(0)
+        with pytest.raises(DataError, match=re.escape(f"{path}: row 21 has norm 1.01, not 1: "
+                                                      "the bank is damaged") + ".*" +
+                           re.escape(f"`oocid bank verify {path}`")):
+            s.read_chunk(1)
+        s.check_rows = False
+        write_rows(s, 21, rows[21:22])  # repaired
+        s.check_rows = True
+        s.read_chunk(1)
+        poke(path, 23, np.nan)  # a store refuses to write it: damage from outside
+        with pytest.raises(DataError, match="row 23 is not finite"):
+            s.read_chunk(1)
+        s.check_rows = False
+        assert np.isnan(s.read_chunk(1)[23 - R, 0])  # verify and info read as it is
+
+
+def test_a_float16_banks_rounding_is_not_damage(tmp_path: Path) -> None:
+    path = zarr_bank(tmp_path, dtype="float16")
+    rng = np.random.default_rng(1)
+    with open_store(path) as s:
+        x = rng.standard_normal((N, D)).astype(np.float32)
+        write_rows(s, 0, x / np.linalg.norm(x, axis=1, keepdims=True))
+        s.check_rows = True
+        for c in range(s.n_chunks):
+            s.read_chunk(c)
+        write_rows(s, 5, s.read_rows(5, 6) * 1.002)
+        with pytest.raises(DataError, match="row 5 has norm 1.00"):
+            s.read_chunk(0)
+
+
+def test_each_bank_has_an_id_of_its_own_kept_by_reopens(tmp_path: Path) -> None:
+    a, b = zarr_bank(tmp_path, "a.zarr"), zarr_bank(tmp_path, "b.zarr")
+    with open_store(a) as sa, open_store(b, read_only=True) as sb:
+        ida = sa.meta.bank_id
+        assert ida is not None and sb.meta.bank_id is not None and ida != sb.meta.bank_id
+        sa.write_chunks({}, step=4)
+    with open_store(a, read_only=True) as sa:
+        assert sa.meta.bank_id == ida
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_bank_without_an_id_gets_one_when_opened_for_writing(tmp_path: Path, version: int
+                                                               ) -> None:
+    path = zarr_bank(tmp_path)
+    meta = json.loads((path / "oocid.json").read_text())
+    del meta["bank_id"]
+    meta["version"] = version
+    if version < 3:
+        del meta["previous_step"]
+    (path / "oocid.json").write_text(json.dumps(meta))
+    with open_store(path, read_only=True) as s:
+        assert s.meta.bank_id is None  # a read-only open changes nothing
+    with open_store(path) as s:
+        new = s.meta.bank_id
+    meta = json.loads((path / "oocid.json").read_text())
+    assert isinstance(new, str) and meta["bank_id"] == new and meta["version"] == BANK_VERSION
+
+
+def test_a_node_local_part_takes_rank_0s_id(tmp_path: Path) -> None:
+    """Fresh (or without an id): it adopts the id rank 0's bank broadcasts; trained with
+    another id: another run's part, refused."""
+    rank0, other = zarr_bank(tmp_path, "a.zarr"), zarr_bank(tmp_path, "b.zarr")
+    with open_store(rank0, read_only=True) as s:
+        run_id = s.meta.bank_id
+    assert run_id is not None
+    with open_store(other, recover=False) as s:
+        s.settle(-1, None, run_id)
+        assert s.meta.bank_id == run_id
+    with open_store(other, recover=False) as s:
+        s.write_chunks({}, step=6)
+        s.settle(6, 2, run_id)  # at the run's step, its id: nothing to do
+    third = zarr_bank(tmp_path, "c.zarr")
+    with open_store(third) as s:
+        s.write_chunks({}, step=6)
+    with open_store(third, recover=False) as s, \
+            pytest.raises(DataError, match=f"c.zarr: is bank {s.meta.bank_id}, but the run's "
+                                           f"\\(rank 0's\\) is bank {run_id}: another run's"):
+        s.settle(6, 2, run_id)
+
+
+def test_parts_of_different_banks_are_not_one_bank_and_assemble_keeps_the_id(tmp_path: Path
+                                                                              ) -> None:
+    a, b = zarr_bank(tmp_path, "a.zarr"), zarr_bank(tmp_path, "b.zarr")
+    write_part_info(a, [0, 2], 2, 0, None)
+    write_part_info(b, [1], 2, 1, None)
+    with pytest.raises(DataError, match="bank id"):
+        chunks_of([a, b])
+    with open_store(a, read_only=True) as s:
+        run_id = s.meta.bank_id
+    with open_store(b, recover=False) as s:
+        s.settle(-1, None, run_id)
+    assert len(chunks_of([a, b])) == 2
+    assemble([a, b], tmp_path / "whole.npy")
+    with open_store(tmp_path / "whole.npy", read_only=True) as s:
+        assert s.meta.bank_id == run_id
