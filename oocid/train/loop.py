@@ -22,24 +22,15 @@ from oocid.bank.store import BankStore
 from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, repair_metrics
 from oocid.config import Config, config_from_dict
 from oocid.data.batch import Batch, image_channels
-from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
 from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
 from oocid.distributed.layout import bank_layout
-from oocid.distributed.merge import topk_across
-from oocid.distributed.partition import global_rows, rank_manifest
+from oocid.distributed.partition import rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
-from oocid.eval.embed import iter_features
-from oocid.eval.evaluate import (
-    knn_streamed,
-    num_classes_of,
-    read_labels,
-    tensor_chunks,
-)
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
@@ -59,6 +50,7 @@ from oocid.train.ddp import (
     sync_batchnorm,
     wrap_model,
 )
+from oocid.train.evaluator import Evaluator
 from oocid.train.setup import (
     RESUME_MAY_CHANGE,
     Say,
@@ -246,7 +238,7 @@ def _loop(run: RunState) -> RunResult:
     watch = CollapseWatch(cfg, run.say)
     acc_n = cfg.optim.accumulate
     spe = -(-run.batches // acc_n)  # optimiser steps per epoch
-    evaluate = _Evaluator(run) if run.val_manifest is not None else None
+    evaluate = Evaluator(run) if run.val_manifest is not None else None
     result = RunResult(run.run_dir, run.epoch, run.step, quiet=not run.world.main)
     first_step = run.step
     last_epoch = cfg.optim.epochs if run.max_epochs is None \
@@ -327,42 +319,6 @@ def _loop(run: RunState) -> RunResult:
     result.epochs, result.step = run.epoch, run.step
     report_comm(run.world, run.step - first_step)
     return result
-
-
-class _Evaluator:
-    """The end-of-epoch weighted kNN of the validation shards against the bank, streamed: each
-    evaluation reads the shards again batch by batch (`eval_batches`), embeds each batch and
-    scores it in blocks against the bank (`knn_streamed`), so device memory holds a batch, a
-    block of queries with its top-k and a block of bank rows, never the validation set; with
-    several processes, the same with each block's top-k merged across them (`topk_across`)."""
-
-    def __init__(self, run: RunState) -> None:
-        assert run.val_manifest is not None
-        self.run, self.val = run, run.val_manifest
-        labels = read_labels(run.manifest)
-        self.num_classes = num_classes_of(run.manifest, labels)
-        # this process's rows of the bank (all of them with one process)
-        self.train_labels = torch.from_numpy(labels[global_rows(run.local or run.manifest)])
-
-    def __call__(self) -> dict[str, float]:
-        run, cfg, bank = self.run, self.run.cfg, self.run.bank
-        batches = eval_batches(self.val, cfg.data, run.device)
-        # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
-        # scan loses nothing (docs/design.md, "Checkpoints and resume").
-        chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
-        c = self.num_classes
-        world, k = run.world, cfg.train.knn_k
-        # several processes: rank 0's features for all (each process's BatchNorm statistics
-        # are its own; rank 0's model is the one the checkpoint keeps), each scores its part
-        # of the bank and k candidates per query are merged
-        queries = ((world.broadcast_tensor(f), label) for _, f, label in
-                   iter_features(run.model, batches, cfg.model.channels_last))
-        topk = (lambda q, rows: topk_across(world, q, rows, self.train_labels, k)) \
-            if world.distributed else None
-        acc = knn_streamed(queries, chunks, self.train_labels, k, cfg.train.knn_temperature, c,
-                           topk=topk)
-        # With 5 classes or fewer every query's class is within the top 5: not worth a column.
-        return {"knn_top1": acc["top1"], **({"knn_top5": acc["top5"]} if c > 5 else {})}
 
 
 def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch | None], epoch: int, i: int, spe: int,
