@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -51,6 +50,7 @@ from oocid.train.ddp import (
     wrap_model,
 )
 from oocid.train.evaluator import Evaluator
+from oocid.train.report import RunResult, schedule_note
 from oocid.train.setup import (
     RESUME_MAY_CHANGE,
     Say,
@@ -66,15 +66,6 @@ from oocid.train.setup import (
 from oocid.train.state import EpochTotals, RunState, resume_workers
 from oocid.train.tblog import TensorBoardLog, require_tensorboard
 from oocid.train.watch import CollapseWatch
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    epochs: int
-    step: int
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    quiet: bool = False  # a process other than rank 0: it reports nothing
 
 
 def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Path | None = None,
@@ -142,7 +133,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum) if cfg.loss.kind == "nce" else None
-    epoch, step, bank_state, partial, scaler_state = 0, 0, None, None, None
+    epoch, step, bank_state, partial, scaler_state, saved = 0, 0, None, None, None, None
     if resume and store.meta.committed_step < 0:
         # killed before the first bank commit: any checkpoint here was never paired with the bank
         say(f"oocid: {store.path} has no committed step yet; starting {run_dir} from the beginning")
@@ -151,7 +142,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
         state = _restore(cfg, manifest, store, run_dir, model, optimizer, zest, world)
         epoch, step = int(state["epoch"]), int(state["step"])
         bank_state, partial = rank_part(state, world)
-        scaler_state = state.get("scaler")
+        scaler_state, saved = state.get("scaler"), config_from_dict(state["config"], "")
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     if world.main:
         atomic_write(run_dir / "config.json", cfg.to_json() + "\n", "the run's config")
@@ -164,6 +155,10 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     # every process takes the same number of steps: the most any has (oocid.distributed)
     batches = world.all_max(data.steps_per_epoch(), device)
     spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
+    note = None if saved is None else schedule_note(
+        saved, cfg, epoch, int((partial or {}).get("steps_done", 0)), spe, step)
+    if note is not None:
+        say(note)
     bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))
     bank.keep_own = part.n_rows / manifest.n  # 1 with one process (oocid.method.own_draws)
     exchange_negatives(cfg, bank, world, manifest.n)
@@ -206,7 +201,8 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
                              f"resume with the config saved in {run_dir / 'config.json'}")
         if cfg.optim.epochs < int(state["epoch"]):
             raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
-                             f"optim.epochs = {cfg.optim.epochs} is fewer")
+                             f"optim.epochs = {cfg.optim.epochs} is fewer (to train on, "
+                             f"resume with --epochs above {state['epoch']})")
         if state["manifest_id"] != manifest.identity:
             raise DataError(f"{path}: belongs to other shards than {manifest.root}")
         repair_metrics(run_dir / "metrics.jsonl", int(state["epoch"]), state.get("epoch_metrics"))
@@ -239,8 +235,9 @@ def _loop(run: RunState) -> RunResult:
     acc_n = cfg.optim.accumulate
     spe = -(-run.batches // acc_n)  # optimiser steps per epoch
     evaluate = Evaluator(run) if run.val_manifest is not None else None
-    result = RunResult(run.run_dir, run.epoch, run.step, quiet=not run.world.main)
-    first_step = run.step
+    first_step, t_start = run.step, time.perf_counter()
+    result = RunResult(run.run_dir, run.epoch, run.step, quiet=not run.world.main,
+                       total_epochs=cfg.optim.epochs, first_step=first_step)
     last_epoch = cfg.optim.epochs if run.max_epochs is None \
         else min(cfg.optim.epochs, run.epoch + run.max_epochs)
     stop_step = None if run.max_steps is None else run.step + run.max_steps
@@ -279,6 +276,7 @@ def _loop(run: RunState) -> RunResult:
                 if stop:
                     bar.close()
                     result.epochs, result.step = run.epoch, run.step
+                    result.seconds, result.stopped = time.perf_counter() - t_start, "--max-steps"
                     return result
         if micro:
             i = _train_step(cfg, npid, micro, run.epoch, i, spe, run.step, totals, watch, bar, t0)
@@ -317,6 +315,10 @@ def _loop(run: RunState) -> RunResult:
         if stop_step is not None and run.step >= stop_step:
             break
     result.epochs, result.step = run.epoch, run.step
+    result.seconds = time.perf_counter() - t_start
+    if run.epoch < cfg.optim.epochs:  # a limit of this call stopped it before the end
+        result.stopped = "--max-steps" if stop_step is not None and run.step >= stop_step \
+            else "max_epochs"
     report_comm(run.world, run.step - first_step)
     return result
 
