@@ -13,6 +13,7 @@ import typer
 
 from oocid.atomic import atomic_write, check_writable
 from oocid.cli.bank import bank_app
+from oocid.cli.helptext import EXPORT_HELP, VERIFY_HELP
 from oocid.errors import InputError, OocidError
 
 app = typer.Typer(
@@ -24,10 +25,6 @@ app.add_typer(bank_app, name="bank")
 
 def _err(msg: str) -> None:
     print(f"oocid: {msg}", file=sys.stderr)
-
-
-VERIFY_HELP = ("Check every shard's sha256 against its manifest before use: finds a shard that "
-               "changed after `oocid shard` (reads each shard once more).")
 
 
 @app.command()
@@ -273,21 +270,6 @@ def embed(
           + (f"; skipped {res.skipped} undecodable" if res.skipped else ""))
 
 
-EXPORT_HELP = (
-    "Export the backbone as a state dict (torch.load(PATH, weights_only=True)) that loads with "
-    "strict=True into the model built as below.\n\n"
-    "Keys: every parameter and buffer of the backbone (conv1, bn1, layer1-4 with BN running "
-    "statistics; features.* for small), none of the fc.* projection head unless --head.\n\n"
-    "resnet18 / resnet50: m = torchvision.models.resnet18() (resnet50()); m.fc = nn.Identity() "
-    "-> (B, 512) / (B, 2048) pooled pre-fc features. A 1-channel checkpoint also needs "
-    "m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False).\n\n"
-    "cifar_resnet18: as resnet18, plus m.conv1 = nn.Conv2d(C, 64, 3, 1, 1, bias=False) and "
-    "m.maxpool = nn.Identity().\n\n"
-    "small: m = oocid.models.SmallConvNet(C); m.fc = nn.Identity() -> (B, 128).\n\n"
-    "--head: keep fc; build with num_classes=D (the checkpoint's dim, 128 by default; "
-    "SmallConvNet(C, out_dim=D)) and no m.fc = nn.Identity(): the un-normalised D-dim embedding.")
-
-
 @app.command(help=EXPORT_HELP)
 def export(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint to export.")],
@@ -297,7 +279,7 @@ def export(
     head: Annotated[bool, typer.Option(help="Also include the fc head (fc.weight, fc.bias).")
                     ] = False,
 ) -> None:
-    """Export the backbone as a strict-loading state dict (see EXPORT_HELP, oocid/export.py)."""
+    """Export the backbone as a strict-loading state dict (see EXPORT_HELP in oocid/cli/helptext.py)."""
     from oocid.eval.export import export_checkpoint, load_recipe
 
     info = export_checkpoint(checkpoint, out, arch=arch, head=head)
