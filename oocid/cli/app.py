@@ -13,6 +13,7 @@ import typer
 
 from oocid.atomic import atomic_write, check_writable
 from oocid.cli.bank import bank_app
+from oocid.cli.helptext import EXPORT_HELP, VERIFY_HELP
 from oocid.errors import InputError, OocidError
 
 app = typer.Typer(
@@ -24,10 +25,6 @@ app.add_typer(bank_app, name="bank")
 
 def _err(msg: str) -> None:
     print(f"oocid: {msg}", file=sys.stderr)
-
-
-VERIFY_HELP = ("Check every shard's sha256 against its manifest before use: finds a shard that "
-               "changed after `oocid shard` (reads each shard once more).")
 
 
 @app.command()
@@ -50,8 +47,12 @@ def shard(
     """Write images as shuffled WebDataset tar shards plus manifest.json."""
     from oocid.data.writer import write_shards
 
-    m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split, progress=progress,
-                     short_side=short_side, quality=quality, force=force)
+    try:
+        m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split,
+                         progress=progress, short_side=short_side, quality=quality, force=force)
+    except KeyboardInterrupt as e:  # the writer says what it removed
+        _on_interrupt(str(e) or INTERRUPTED)
+        raise
     cls = f", {len(m.classes)} classes" if m.classes else ", unlabeled"
     print(f"wrote {m.n} samples in {len(m.shards)} shards to {out}{cls}; "
           f"skipped {len(m.skipped)} unreadable")
@@ -113,6 +114,9 @@ def train(
     Several processes: launch it with torchrun (docs/distributed.md)."""
     from oocid.config import load_config
 
+    if bank.suffix not in (".zarr", ".npy"):  # before any line about the run (recipe, loss)
+        raise InputError(f"{bank}: a bank path must end with .zarr or .npy")
+    _on_interrupt(TRAIN_INTERRUPTED)
     overrides = list(set_ or [])
     recipe = None  # the line saying how the config was chosen, when no --config was given
     for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
@@ -161,11 +165,13 @@ def train(
 
         verify_shard_dirs([shards, val], progress and not _other_rank())
     from oocid.train.loop import train as run_train  # torch: imported once the config is known good
+    from oocid.train.report import summary
 
     res = run_train(cfg, shards, bank, out, val=val, resume=resume, progress=progress,
                     max_steps=max_steps, announce=recipe, node_local_bank=node_local_bank)
     last = res.metrics[-1] if res.metrics else {}
-    if not res.quiet:
+    if not res.quiet:  # one line in words, then the JSON line scripts parse (kept last)
+        print(summary(res))
         print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
 
 
@@ -194,9 +200,10 @@ def knn(
     out: Annotated[Path | None, typer.Option(help="Write the result as JSON here (with "
                                              "per-class top-1 and the confusion matrix).")
                    ] = None,
-    sheet: Annotated[Path | None, typer.Option(help="With --query: write a contact sheet PNG, one "
-                                               "row per query (query, then neighbours with "
-                                               "their similarity).")] = None,
+    sheet: Annotated[Path | None, typer.Option(help="With --query: write a contact sheet (.png or "
+                                               ".jpg/.jpeg, as the suffix says), one row per "
+                                               "query (query, then neighbours with their "
+                                               "similarity).")] = None,
     tile: Annotated[int, typer.Option(help="Contact sheet tile size in pixels.")] = 96,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar for --recompute.")] = True,
@@ -212,6 +219,8 @@ def knn(
     if query:
         if k is not None and len(k) > 1:
             raise InputError("--query takes one --k")
+        if sheet is not None:
+            knn_cli.sheet_format(sheet)  # a suffix it cannot write is refused before the search
         meta, hits = knn_cli.run_search(bank, checkpoint, query, train_shards,
                                         k[0] if k else 10, device, recompute=recompute,
                                         progress=progress, verify=verify_checksums)
@@ -263,21 +272,6 @@ def embed(
           + (f"; skipped {res.skipped} undecodable" if res.skipped else ""))
 
 
-EXPORT_HELP = (
-    "Export the backbone as a state dict (torch.load(PATH, weights_only=True)) that loads with "
-    "strict=True into the model built as below.\n\n"
-    "Keys: every parameter and buffer of the backbone (conv1, bn1, layer1-4 with BN running "
-    "statistics; features.* for small), none of the fc.* projection head unless --head.\n\n"
-    "resnet18 / resnet50: m = torchvision.models.resnet18() (resnet50()); m.fc = nn.Identity() "
-    "-> (B, 512) / (B, 2048) pooled pre-fc features. A 1-channel checkpoint also needs "
-    "m.conv1 = nn.Conv2d(1, 64, 7, 2, 3, bias=False).\n\n"
-    "cifar_resnet18: as resnet18, plus m.conv1 = nn.Conv2d(C, 64, 3, 1, 1, bias=False) and "
-    "m.maxpool = nn.Identity().\n\n"
-    "small: m = oocid.models.SmallConvNet(C); m.fc = nn.Identity() -> (B, 128).\n\n"
-    "--head: keep fc; build with num_classes=D (the checkpoint's dim, 128 by default; "
-    "SmallConvNet(C, out_dim=D)) and no m.fc = nn.Identity(): the un-normalised D-dim embedding.")
-
-
 @app.command(help=EXPORT_HELP)
 def export(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint to export.")],
@@ -287,7 +281,7 @@ def export(
     head: Annotated[bool, typer.Option(help="Also include the fc head (fc.weight, fc.bias).")
                     ] = False,
 ) -> None:
-    """Export the backbone as a strict-loading state dict (see EXPORT_HELP, oocid/export.py)."""
+    """Export the backbone as a strict-loading state dict (see EXPORT_HELP in oocid/cli/helptext.py)."""
     from oocid.eval.export import export_checkpoint, load_recipe
 
     info = export_checkpoint(checkpoint, out, arch=arch, head=head)
@@ -356,8 +350,14 @@ def plot(
 HELP_WIDTH = 120  # help text width when stdout is no terminal (rich would assume 80)
 
 
-INTERRUPTED = ("interrupted; the bank and the last checkpoint are intact (a run continues with "
-               "--resume)")
+INTERRUPTED = "interrupted"  # what a command without a word of its own says
+TRAIN_INTERRUPTED = ("interrupted; the bank and the last checkpoint are intact (a run continues "
+                     "with --resume)")
+_interrupted = [INTERRUPTED]  # the line for Ctrl-C: set by the command that runs
+
+
+def _on_interrupt(msg: str) -> None:
+    _interrupted[0] = msg
 
 
 def main() -> None:
@@ -372,11 +372,11 @@ def main() -> None:
         _err(f"error: {e}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        _err(INTERRUPTED)
+        _err(_interrupted[0])
         sys.exit(130)
     except SystemExit as e:
         if e.code == 130:  # typer turns Ctrl-C inside a command into exit 130, without a word
-            _err(INTERRUPTED)
+            _err(_interrupted[0])
         raise
     except Exception as e:
         if os.environ.get("OOCID_DEBUG"):

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from oocid.atomic import atomic_open
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
@@ -27,7 +28,7 @@ from oocid.eval.plot import save_png
 from oocid.eval.retrieval import (
     contact_sheet,
     embed_images,
-    load_query,
+    load_queries,
     load_training_side,
     lookup_samples,
     query_files,
@@ -97,14 +98,14 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     tm = side.manifest
     check_same_classes(tm, vm, val)
     labels = read_labels(tm)
-    if (labels < 0).any():
-        raise DataError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
+    if (labels < 0).any():  # shards of the wrong kind for the command: input, as `train --val`
+        raise InputError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
     c = num_classes_of(tm, labels)
     classes = list(tm.classes) if tm.classes else [str(i) for i in range(c)]
     feats, _, vlab = extract_features(side.model, eval_batches(vm, side.cfg.data, side.device),
                                       side.cfg.model.channels_last)
     if (vlab < 0).any():
-        raise DataError(f"{val}: validation shards are unlabeled")
+        raise InputError(f"{val}: validation shards are unlabeled; kNN accuracy needs labels")
     if int(vlab.max()) >= c:
         raise DataError(f"{val}: label {int(vlab.max())} outside the training set's {c} classes")
     sims, index = topk_indexed(feats, side.chunks(), max(ks))  # (Q, k'), once at the largest k
@@ -167,7 +168,7 @@ def run_search(bank: Path | Sequence[Path] | None, checkpoint: Path, queries: Se
     side = load_training_side(checkpoint, _banks(bank), train_shards, device_name, recompute, progress,
                               verify=verify)
     channels = side.model.in_channels
-    images = [load_query(f, channels) for f in files]
+    files, images = load_queries(files, channels, queries)  # a folder's unreadable ones skipped
     sims, index = topk_indexed(embed_images(side, images), side.chunks(), k)  # (Q, k')
     tm = side.manifest
     samples = lookup_samples(tm, index.flatten().tolist())
@@ -205,16 +206,32 @@ def format_hits(hits: list[QueryHits]) -> str:
     return "\n".join(lines)
 
 
+SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def sheet_format(path: Path) -> str:
+    """The image format a contact sheet's suffix names (PNG or JPEG); InputError otherwise."""
+    fmt = SHEET_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{path}: a contact sheet is written as .png, .jpg or .jpeg")
+    return fmt
+
+
 def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]:
-    """The contact sheet PNG: per query, the query then its neighbours captioned with the
-    similarity. Returns its (width, height)."""
+    """The contact sheet (PNG or JPEG, as `path`'s suffix says): per query, the query then its
+    neighbours captioned with the similarity. Returns its (width, height)."""
+    fmt = sheet_format(path)
     if tile < 8:
         raise InputError(f"--tile must be >= 8 pixels, got {tile}")
     rows = [[(h.image, "query"), *((t, f"{n['similarity']:.3f}")
                                    for t, n in zip(h.thumbs, h.neighbours, strict=True))]
             for h in hits]
     sheet = contact_sheet(rows, tile)
-    save_png(sheet, path)
+    if fmt == "PNG":
+        save_png(sheet, path)
+    else:
+        with atomic_open(path, "image") as f:
+            sheet.save(f, format="JPEG", quality=90)
     return sheet.size
 
 

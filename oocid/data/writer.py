@@ -136,9 +136,12 @@ def _check_out(out: Path, force: bool) -> None:
         raise InputError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not _is_shard_dir(out):
         raise InputError(f"{out}: not empty and not an oocid shard folder; refusing to overwrite")
-    if not force and out.is_dir() and any(p.name == MANIFEST_NAME or p.suffix == ".tar"
-                                          for p in out.iterdir() if _OWN_NAME.match(p.name)):
+    own = [p.name for p in out.iterdir() if _OWN_NAME.match(p.name)] if out.is_dir() else []
+    if not force and MANIFEST_NAME in own:
         raise InputError(f"{out}: already holds shards; pass --force to replace them")
+    if own and MANIFEST_NAME not in own:  # shards without the manifest, which is written last
+        _warn(f"{out}: holds shards but no {MANIFEST_NAME} (an unfinished `oocid shard`, "
+              "killed); replacing them")
 
 
 def _prepare_out(out: Path) -> None:
@@ -152,6 +155,30 @@ def _prepare_out(out: Path) -> None:
                 p.unlink()
     except OSError as e:
         raise WriteError(f"{out}: cannot prepare output folder: {e}") from None
+
+
+def _undo(writer: _ShardWriter, out: Path, prepared: bool, created: bool) -> str:
+    """Ctrl-C before the manifest: remove what this call wrote (the shard being written, the
+    shards finished, the folder if this call made it and it is empty), nothing else; returns
+    the line that says so. A manifest in place means the set was complete: it is kept."""
+    writing = writer.n % writer.size != 0  # a shard was open (its temporary file goes now)
+    writer.abort()
+    if not prepared:
+        return f"interrupted; nothing written to {out}"
+    if (out / MANIFEST_NAME).is_file():
+        return f"interrupted after {out} was complete; its shards and {MANIFEST_NAME} are kept"
+    try:
+        for info in writer.shards:
+            (out / info.name).unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+    except OSError as e:
+        return f"interrupted; could not remove the partial shards in {out} ({e})"
+    k = len(writer.shards)
+    done = f"the {k} shard{'s' if k != 1 else ''}" if k else "the shard"
+    return (f"interrupted; removed {done} this run had written to {out}"
+            f"{' and the one it was writing' if k and writing else ''}, and nothing else (run "
+            "the same command again)")
 
 
 def _stats(encs: list[Encoded], short: int, quality: int) -> dict:
@@ -223,7 +250,7 @@ def write_shards(
     _check_out(out, force)
 
     writer = _ShardWriter(out, shard_size)
-    created = False
+    created = prepared = False
     sizes: list[Encoded] = []
     order = np.random.default_rng(seed).permutation(len(source.paths))
     try:
@@ -245,6 +272,7 @@ def write_shards(
             if writer.n == 0:
                 created = not out.exists()
                 _prepare_out(out)
+                prepared = True
             writer.add(enc, None if source.labels is None else source.labels[j], path)
             enc.data = b""  # written; keep only the sizes
             sizes.append(enc)
@@ -255,6 +283,8 @@ def write_shards(
         if writer.n <= shard_size and created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # made here and still empty: leave nothing behind
         raise write_error(writer.path(), "shard", e) from None
+    except KeyboardInterrupt:  # Ctrl-C: leave no partial set to block the same command
+        raise KeyboardInterrupt(_undo(writer, out, prepared, created)) from None
     if writer.n == 0:  # nothing written, not even the folder: no manifest lists the skipped
         raise InputError(f"{src}: no readable images ({len(skipped)} skipped, each named "
                          f"above); nothing written to {out}")
@@ -263,14 +293,25 @@ def write_shards(
             f"skipped {len(skipped)} of {len(source.paths) + len(source.skipped)} inputs "
             f"(listed in {out / MANIFEST_NAME})"
         )
+    try:
+        return _write_manifest(src, out, source.classes, writer, skipped, sizes, short_side,
+                               quality, seed)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_undo(writer, out, prepared, created)) from None
 
+
+def _write_manifest(src: Path, out: Path, classes: tuple[str, ...] | None, writer: _ShardWriter,
+                    skipped: list[dict[str, str]], sizes: list[Encoded], short_side: int,
+                    quality: int, seed: int) -> Manifest:
+    """manifest.json, the last file of a shard set: written once every shard is in place."""
+    shard_size = writer.size
     shards = tuple(writer.shards)
     manifest = Manifest(
         root=out,
         n=writer.n,
         shard_size=shard_size,
         shards=shards,
-        classes=source.classes,
+        classes=classes,
         image_stats=_stats(sizes, short_side, quality),
         source=str(src),
         seed=seed,

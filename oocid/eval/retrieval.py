@@ -203,11 +203,32 @@ def thumbnail(sample: RawSample, channels: int) -> Image.Image:
         return Image.new("L" if channels == 1 else "RGB", (32, 32), 128)
 
 
-def load_query(path: Path, channels: int) -> Image.Image:
-    try:
-        return decode_image(path.read_bytes(), channels)
-    except Exception as e:  # PIL raises many kinds for a non-image
-        raise InputError(f"{path}: not a readable image ({type(e).__name__})") from None
+def _why(e: Exception) -> str:
+    """An exception as one line, as `oocid shard` reports a skipped image."""
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def load_queries(files: Sequence[Path], channels: int, named: Sequence[Path]
+                 ) -> tuple[list[Path], list[Image.Image]]:
+    """The query files that decode, and their images. A file found in a folder that does not
+    decode is skipped with one warning line giving the reason; a file in `named` (given by
+    itself) is an InputError, and so are no readable images at all."""
+    direct = set(named)
+    kept: list[Path] = []
+    images: list[Image.Image] = []
+    for f in files:
+        try:
+            images.append(decode_image(f.read_bytes(), channels))
+        except Exception as e:  # PIL raises many kinds for a non-image
+            if f in direct:
+                raise InputError(f"{f}: not a readable image ({_why(e)})") from None
+            print(f"oocid: warning: skipped {f}: {_why(e)}", file=sys.stderr)
+            continue
+        kept.append(f)
+    if not kept:
+        raise InputError(f"{', '.join(map(str, named))}: no readable query images "
+                         f"({len(files)} skipped, each named above)")
+    return kept, images
 
 
 def query_transform(manifest: Manifest, data: DataConfig, channels: int

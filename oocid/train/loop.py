@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,24 +21,15 @@ from oocid.bank.store import BankStore
 from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, paired, repair_metrics
 from oocid.config import Config, config_from_dict
 from oocid.data.batch import Batch, image_channels
-from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
 from oocid.data.stream import make_train_data
 from oocid.device import keep_large_buffers, resolve_device, resolve_precision, use_device
 from oocid.distributed.layout import bank_layout
-from oocid.distributed.merge import topk_across
-from oocid.distributed.partition import global_rows, rank_manifest
+from oocid.distributed.partition import rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import InputError
-from oocid.eval.embed import iter_features
-from oocid.eval.evaluate import (
-    knn_streamed,
-    num_classes_of,
-    read_labels,
-    tensor_chunks,
-)
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
@@ -59,6 +49,8 @@ from oocid.train.ddp import (
     sync_batchnorm,
     wrap_model,
 )
+from oocid.train.evaluator import Evaluator
+from oocid.train.report import RunResult, schedule_note
 from oocid.train.setup import (
     RESUME_MAY_CHANGE,
     Say,
@@ -74,15 +66,6 @@ from oocid.train.setup import (
 from oocid.train.state import EpochTotals, RunState, resume_workers
 from oocid.train.tblog import TensorBoardLog, require_tensorboard
 from oocid.train.watch import CollapseWatch
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    epochs: int
-    step: int
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    quiet: bool = False  # a process other than rank 0: it reports nothing
 
 
 def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Path | None = None,
@@ -150,7 +133,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg, model)
     zest = ZEstimator(cfg.loss.z, cfg.loss.z_momentum) if cfg.loss.kind == "nce" else None
-    epoch, step, bank_state, partial, scaler_state = 0, 0, None, None, None
+    epoch, step, bank_state, partial, scaler_state, saved = 0, 0, None, None, None, None
     if resume and store.meta.committed_step < 0:
         # killed before the first bank commit: any checkpoint here was never paired with the bank
         say(f"oocid: {store.path} has no committed step yet; starting {run_dir} from the beginning")
@@ -159,7 +142,7 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
         state = _restore(cfg, manifest, store, run_dir, model, optimizer, zest, world)
         epoch, step = int(state["epoch"]), int(state["step"])
         bank_state, partial = rank_part(state, world)
-        scaler_state = state.get("scaler")
+        scaler_state, saved = state.get("scaler"), config_from_dict(state["config"], "")
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
     if world.main:
         atomic_write(run_dir / "config.json", cfg.to_json() + "\n", "the run's config")
@@ -172,6 +155,10 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
     # every process takes the same number of steps: the most any has (oocid.distributed)
     batches = world.all_max(data.steps_per_epoch(), device)
     spe = -(-batches // cfg.optim.accumulate)  # optimiser steps (end_step calls)
+    note = None if saved is None else schedule_note(
+        saved, cfg, epoch, int((partial or {}).get("steps_done", 0)), spe, step)
+    if note is not None:
+        say(note)
     bank = make_cache(cfg, part, device, spe, budget, in_memory=isinstance(data, InMemoryData))
     bank.keep_own = part.n_rows / manifest.n  # 1 with one process (oocid.method.own_draws)
     exchange_negatives(cfg, bank, world, manifest.n)
@@ -214,7 +201,8 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
                              f"resume with the config saved in {run_dir / 'config.json'}")
         if cfg.optim.epochs < int(state["epoch"]):
             raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
-                             f"optim.epochs = {cfg.optim.epochs} is fewer")
+                             f"optim.epochs = {cfg.optim.epochs} is fewer (to train on, "
+                             f"resume with --epochs above {state['epoch']})")
         paired(state, path, manifest.identity, manifest.root, store.path, store.meta.bank_id)
         repair_metrics(run_dir / "metrics.jsonl", int(state["epoch"]), state.get("epoch_metrics"))
     state = world.broadcast(state)
@@ -245,9 +233,10 @@ def _loop(run: RunState) -> RunResult:
     watch = CollapseWatch(cfg, run.say)
     acc_n = cfg.optim.accumulate
     spe = -(-run.batches // acc_n)  # optimiser steps per epoch
-    evaluate = _Evaluator(run) if run.val_manifest is not None else None
-    result = RunResult(run.run_dir, run.epoch, run.step, quiet=not run.world.main)
-    first_step = run.step
+    evaluate = Evaluator(run) if run.val_manifest is not None else None
+    first_step, t_start = run.step, time.perf_counter()
+    result = RunResult(run.run_dir, run.epoch, run.step, quiet=not run.world.main,
+                       total_epochs=cfg.optim.epochs, first_step=first_step)
     last_epoch = cfg.optim.epochs if run.max_epochs is None \
         else min(cfg.optim.epochs, run.epoch + run.max_epochs)
     stop_step = None if run.max_steps is None else run.step + run.max_steps
@@ -286,6 +275,7 @@ def _loop(run: RunState) -> RunResult:
                 if stop:
                     bar.close()
                     result.epochs, result.step = run.epoch, run.step
+                    result.seconds, result.stopped = time.perf_counter() - t_start, "--max-steps"
                     return result
         if micro:
             i = _train_step(cfg, npid, micro, run.epoch, i, spe, run.step, totals, watch, bar, t0)
@@ -324,44 +314,12 @@ def _loop(run: RunState) -> RunResult:
         if stop_step is not None and run.step >= stop_step:
             break
     result.epochs, result.step = run.epoch, run.step
+    result.seconds = time.perf_counter() - t_start
+    if run.epoch < cfg.optim.epochs:  # a limit of this call stopped it before the end
+        result.stopped = "--max-steps" if stop_step is not None and run.step >= stop_step \
+            else "max_epochs"
     report_comm(run.world, run.step - first_step)
     return result
-
-
-class _Evaluator:
-    """The end-of-epoch weighted kNN of the validation shards against the bank, streamed: each
-    evaluation reads the shards again batch by batch (`eval_batches`), embeds each batch and
-    scores it in blocks against the bank (`knn_streamed`), so device memory holds a batch, a
-    block of queries with its top-k and a block of bank rows, never the validation set; with
-    several processes, the same with each block's top-k merged across them (`topk_across`)."""
-
-    def __init__(self, run: RunState) -> None:
-        assert run.val_manifest is not None
-        self.run, self.val = run, run.val_manifest
-        labels = read_labels(run.manifest)
-        self.num_classes = num_classes_of(run.manifest, labels)
-        # this process's rows of the bank (all of them with one process)
-        self.train_labels = torch.from_numpy(labels[global_rows(run.local or run.manifest)])
-
-    def __call__(self) -> dict[str, float]:
-        run, cfg, bank = self.run, self.run.cfg, self.run.bank
-        batches = eval_batches(self.val, cfg.data, run.device)
-        # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
-        # scan loses nothing (docs/design.md, "Checkpoints and resume").
-        chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now
-        c = self.num_classes
-        world, k = run.world, cfg.train.knn_k
-        # several processes: rank 0's features for all (each process's BatchNorm statistics
-        # are its own; rank 0's model is the one the checkpoint keeps), each scores its part
-        # of the bank and k candidates per query are merged
-        queries = ((world.broadcast_tensor(f), label) for _, f, label in
-                   iter_features(run.model, batches, cfg.model.channels_last))
-        topk = (lambda q, rows: topk_across(world, q, rows, self.train_labels, k)) \
-            if world.distributed else None
-        acc = knn_streamed(queries, chunks, self.train_labels, k, cfg.train.knn_temperature, c,
-                           topk=topk)
-        # With 5 classes or fewer every query's class is within the top 5: not worth a column.
-        return {"knn_top1": acc["top1"], **({"knn_top5": acc["top5"]} if c > 5 else {})}
 
 
 def _train_step(cfg: Config, npid: NPIDStep, micro: list[Batch | None], epoch: int, i: int, spe: int,

@@ -179,6 +179,8 @@ BAD: dict[str, tuple[int, tuple[str, ...]]] = {
     "train-resume-fresh-bank": (2, (r"fresh\.zarr",)),
     "knn-garbage-checkpoint": (3, (r"garbage\.pt",)),
     "verify-corrupted-row": (1, (r"corrupt\.npy", r"\b37\b")),
+    # refused before the line about loss.kind = auto (one line in all)
+    "train-bank-of-another-kind": (2, (r"bx\.txt", r"\.zarr or \.npy")),
 }
 
 
@@ -202,13 +204,15 @@ def bad_args(i: Inputs) -> dict[str, list[object]]:
         "knn-garbage-checkpoint": ["knn", "--bank", d / "knn.zarr", "--checkpoint",
                                    d / "garbage.pt", "--shards", i.val, "--device", "cpu"],
         "verify-corrupted-row": ["bank", "verify", d / "corrupt.npy"],
+        "train-bank-of-another-kind": train("bx.txt", "--loss", "auto"),
     }
 
 
 # Outputs a refused command must not leave behind.
 NOT_CREATED = {"shard-missing-source": "s1", "shard-empty-folder": "s2",
                "train-unknown-config-key": "t1.zarr", "train-config-wrong-type": "t2.zarr",
-               "train-missing-shards": "t3.zarr", "train-resume-fresh-bank": "fresh.zarr"}
+               "train-missing-shards": "t3.zarr", "train-resume-fresh-bank": "fresh.zarr",
+               "train-bank-of-another-kind": "bx.txt"}
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +269,16 @@ def jobs(inputs: Inputs) -> Iterator[dict[str, Future[Any]]]:
     start("resume-same", resume("same", "--epochs", 1))  # no --config: config.json + override
     start("resume-changed", resume("changed", "--config", changed))
     start("resume-more", resume("more", "--epochs", 2))
+    start("train-max-steps", train(w / "steps.npy", w / "run-steps", "--config", i.config,
+                                   "--max-steps", 2))
+
+    def resume_fewer() -> Run:  # the 2-epoch run resumed with --epochs 1
+        succeeded(futures["train-zarr"].result())
+        bank, out = copy_run(w / "bank.zarr", w / "run", w / "resume-fewer")
+        return oocid("train", "--shards", i.train, "--bank", bank, "--out", out, "--resume",
+                     "--no-progress", "--epochs", 1)
+
+    start("resume-fewer", resume_fewer)
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
@@ -280,6 +294,10 @@ def test_train_knn_verify_info_zarr(inputs: Inputs, jobs: dict[str, Future[Any]]
     assert [m["epoch"] for m in metrics(w / "run")] == [1, 2]
     assert 0.0 <= summary["knn_top1"] <= 1.0 and "knn_top5" not in summary  # 3 classes
     assert (w / "run" / "last.pt").is_file() and (w / "run" / "config.json").is_file()
+    done = run.out.strip().splitlines()[-2]  # the line in words before the JSON
+    assert re.fullmatch(rf"done: epochs 1-2 of 2 \({2 * STEPS} steps, \d+ s\); kNN top-1 "
+                        rf"{summary['knn_top1']:.4f} \(epoch 2\); checkpoint "
+                        rf"{re.escape(str(w / 'run' / 'last.pt'))}", done), run
 
     knn = succeeded(jobs["knn-zarr"].result())
     res = json.loads((w / "res.json").read_text())
@@ -336,6 +354,9 @@ def test_resume_without_config_reuses_the_runs_config(jobs: dict[str, Future[Any
     run, _, out = jobs["resume-same"].result()
     succeeded(run)
     assert "resumed" in run.err and run.last_json()["epochs"] == 1, run
+    assert run.out.splitlines()[0] == (f"run already complete at epoch 1 (step {STEPS}); "
+                                       "nothing to do"), run
+    assert "lr schedule" not in run.err, run
     assert [m["epoch"] for m in metrics(out)] == [1]
 
 
@@ -352,7 +373,22 @@ def test_resume_continues_with_more_epochs(jobs: dict[str, Future[Any]]) -> None
     assert run.rc == 0, run
     assert run.last_json()["epochs"] == 2, run
     assert [m["epoch"] for m in metrics(out)] == [1, 2]
+    # cosine over 1 epoch ends at 0; over 2 the next step's lr is half of 0.03
+    assert ("oocid: optim.epochs 1 -> 2: the lr schedule is recomputed for 2 epochs; lr 0.015 "
+            f"now, 0 at the checkpoint (step {STEPS})") in run.err.splitlines(), run
+    assert run.out.splitlines()[0].startswith(f"done: epoch 2 of 2 ({STEPS} steps, "), run
     assert info(bank)["committed_step"] == str(2 * STEPS)
+
+
+def test_resume_with_fewer_epochs_than_done_is_refused(jobs: dict[str, Future[Any]]) -> None:
+    assert_error(jobs["resume-fewer"].result(), 2,
+                 ("has already trained 2 epochs", "--epochs above 2"))
+
+
+def test_max_steps_says_where_it_stopped_before_the_json(jobs: dict[str, Future[Any]]) -> None:
+    run = succeeded(jobs["train-max-steps"].result())
+    assert run.out.splitlines()[0] == "stopped at step 2 (--max-steps); continue with --resume"
+    assert run.last_json()["step"] == 2 and len(run.out.splitlines()) == 2, run
 
 
 # ------------------------------------------------------------------------------ help

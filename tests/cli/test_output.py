@@ -180,3 +180,69 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path: Path) -> None:
     assert last.startswith("oocid: interrupted; the bank and the last checkpoint are intact"), err
     assert "Traceback" not in err
     assert oocid("bank", "verify", tmp_path / "b.npy").returncode == 0
+
+
+# A `oocid shard` that stops once its second shard is open (the first one renamed into place,
+# the second still under its temporary name), says so in a file, and waits for the SIGINT.
+PAUSED_SHARD = """
+import sys, time
+from pathlib import Path
+from oocid.data import writer
+add, flag = writer._ShardWriter.add, Path(sys.argv[1])
+def slow_add(self, *a, **kw):
+    add(self, *a, **kw)
+    if len(self.shards) == 1 and self.n == self.size + 1:
+        flag.write_text("paused")
+        time.sleep(600)
+writer._ShardWriter.add = slow_add
+sys.argv = ["oocid", *sys.argv[2:]]
+from oocid.cli.app import main
+main()
+"""
+
+
+def test_ctrl_c_during_shard_removes_its_partial_set_and_the_rerun_works(tmp_path: Path) -> None:
+    """SIGINT with one shard finished and the next half written: exit 130, one line saying what
+    was removed (not the training line), nothing of the run left in OUT (a folder that was
+    there before stays); the same command then runs without --force."""
+    import signal
+    import time
+
+    src, out = tiny_npz(tmp_path / "t.npz", n=20), tmp_path / "shards"
+    out.mkdir()
+    args = ["shard", str(src), str(out), "--shard-size", "8", "--no-progress"]
+    flag = tmp_path / "paused"
+    p = subprocess.Popen([sys.executable, "-c", PAUSED_SHARD, str(flag), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 120  # a bound on a hang, not a timed assertion
+    while not flag.exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (out / "shard-000000.tar").is_file() and (out / "shard-000001.tar.tmp").is_file()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == (f"oocid: interrupted; removed the 1 shard this run had written to {out} and "
+                    "the one it was writing, and nothing else (run the same command again)"), err
+    assert "checkpoint" not in err
+    assert list(out.iterdir()) == []  # the folder was there before: kept, empty
+    rerun = oocid(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "wrote 20 samples in 3 shards" in rerun.stdout
+
+
+def test_shards_without_a_manifest_are_an_unfinished_write_the_same_command_replaces(
+        tmp_path: Path) -> None:
+    """A shard run killed before its manifest (SIGKILL: no clean-up) leaves shards and a
+    temporary file; the same command replaces them without --force, saying so in one line."""
+    src, out = tiny_npz(tmp_path / "t.npz", n=20), tmp_path / "shards"
+    out.mkdir()
+    (out / "shard-000000.tar").write_bytes(b"x" * 512)
+    (out / "shard-000001.tar.tmp").write_bytes(b"y" * 100)
+    p = oocid("shard", src, out, "--shard-size", 8, "--no-progress")
+    assert p.returncode == 0, p.stderr
+    assert f"oocid: warning: {out}: holds shards but no manifest.json" in p.stderr, p.stderr
+    assert sorted(x.name for x in out.iterdir()) == [
+        "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]

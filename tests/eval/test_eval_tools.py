@@ -116,6 +116,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     (qdir / "sub" / "a.png").write_bytes(sample.image)
     Image.new("RGB", (24, 20), (10, 200, 30)).save(qdir / "b.png")
     (d / "bad.png").write_text("not an image\n")
+    mixed = d / "mixed"  # a good query and a truncated JPEG (the first half of one)
+    mixed.mkdir()
+    (mixed / "good.png").write_bytes(sample.image)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(d / "whole.jpg", quality=95)
+    whole = (d / "whole.jpg").read_bytes()
+    (mixed / "trunc.jpg").write_bytes(whole[:len(whole) // 2])
+    broken = d / "broken"
+    broken.mkdir()
+    shutil.copy(mixed / "trunc.jpg", broken / "trunc.jpg")
+    unlabeled = d / "unlabeled"
+    np.savez(d / "u.npz", images=np.random.default_rng(2).integers(0, 256, (20, 16, 16),
+                                                                   dtype=np.uint8))
+    write_shards(d / "u.npz", unlabeled, shard_size=32, progress=False)
     (d / "garbage.pt").write_bytes(np.random.default_rng(0).bytes(2048))
     create_store(d / "other.zarr", 96, 128, chunk_rows=32,
                  manifest_id=read_manifest(va).identity).close()
@@ -130,6 +144,16 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
                    "--out", d / "search.json", "--device", "cpu"],
         "bad-query": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--query",
                       d / "bad.png", "--device", "cpu"],
+        "mixed-query": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--query",
+                        mixed, "--k", 3, "--sheet", d / "sheet.jpg", "--device", "cpu"],
+        "named-trunc": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--query",
+                        mixed / "trunc.jpg", "--device", "cpu"],
+        "no-readable": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--query",
+                        broken, "--device", "cpu"],
+        "sheet-txt": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--query", query,
+                      "--sheet", d / "s.txt", "--device", "cpu"],
+        "unlabeled-val": ["knn", "--bank", d / "bank.zarr", "--checkpoint", ckpt, "--shards",
+                          unlabeled, "--device", "cpu"],
         "garbage-checkpoint": ["embed", "--checkpoint", d / "garbage.pt", "--shards", va,
                                "--out", d / "g.npy", "--device", "cpu"],
         "other-bank": ["knn", "--bank", d / "other.zarr", "--checkpoint", ckpt, "--shards", va,
@@ -479,6 +503,10 @@ def test_cli_search_end_to_end(trained: Trained) -> None:
 
 @pytest.mark.parametrize(("name", "code", "pattern"),
                          [("bad-query", 2, r"bad\.png: not a readable image"),
+                          ("named-trunc", 2,
+                           r"trunc\.jpg: not a readable image \(image file is truncated"),
+                          ("sheet-txt", 2, r"s\.txt: a contact sheet is written as \.png, "),
+                          ("unlabeled-val", 2, r"unlabeled: validation shards are unlabeled"),
                           ("garbage-checkpoint", 3, r"garbage\.pt"),
                           ("other-bank", 3, r"other\.zarr: belongs to other shards"),
                           ("foreign-bank", 3, r"foreign\.zarr: is not the bank the checkpoint "
@@ -491,6 +519,31 @@ def test_cli_bad_inputs(trained: Trained, name: str, code: int, pattern: str) ->
     assert "Traceback" not in run.out + run.err, run
     lines = run.err.strip().splitlines()
     assert len(lines) == 1 and re.search(pattern, lines[0]), run
+
+
+def test_cli_search_skips_an_unreadable_image_of_a_folder(trained: Trained) -> None:
+    """A truncated JPEG in a --query folder: one warning line with Pillow's reason, the other
+    image searched; --sheet s.jpg is a JPEG."""
+    run = trained.jobs["mixed-query"].result()
+    assert run.rc == 0 and "Traceback" not in run.out + run.err, run
+    trunc = trained.d / "mixed" / "trunc.jpg"
+    warned = [ln for ln in run.err.splitlines() if "trunc.jpg" in ln]
+    assert len(warned) == 1 and re.fullmatch(
+        rf"oocid: warning: skipped {re.escape(str(trunc))}: image file is truncated "
+        r"\(\d+ bytes not processed\)", warned[0]), run
+    assert "query 1/1: " in run.out and "good.png" in run.out, run
+    with Image.open(trained.d / "sheet.jpg") as im:
+        assert im.format == "JPEG" and im.size == sheet_size(1, 4, 96)
+
+
+def test_cli_search_of_a_folder_without_a_readable_image_is_an_error(trained: Trained) -> None:
+    run = trained.jobs["no-readable"].result()
+    assert run.rc == 2 and "Traceback" not in run.out + run.err and run.out == "", run
+    warning, error = run.err.strip().splitlines()
+    assert warning.startswith(f"oocid: warning: skipped {trained.d / 'broken' / 'trunc.jpg'}: "
+                              "image file is truncated"), run
+    assert error == (f"oocid: error: {trained.d / 'broken'}: no readable query images (1 skipped, "
+                     "each named above)"), run
 
 
 # ------------------------------------------------------------------------------ linear probe
