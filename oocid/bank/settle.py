@@ -33,11 +33,13 @@ def settle_store(store: BankStore, step: int, previous: int | None = None,
         if bank_id is not None and mine not in (None, bank_id) and have >= 0:
             raise DataError(f"{s.path}: is bank {mine}, but the run's (rank 0's) is bank "
                             f"{bank_id}: another run's bank")
-        if have > step or (previous is not None and have not in (step, previous)):
-            last = (f"last two commits are steps {previous} and {step}" if previous is not None
-                    else f"last commit is step {step}")
-            raise DataError(f"{s.path}: holds step {have}, but the run's {last}: another "
-                            "run's bank or an older copy")
+        if have > step:
+            raise DataError(f"{s.path}: holds step {have}, ahead of the run's last commit (step "
+                            f"{step}): another run's bank")
+        if previous is not None and have not in (step, previous):
+            raise DataError(f"{s.path}: holds step {have}, but the run's last two commits are "
+                            f"steps {previous} and {step}: an older copy of this machine's bank, "
+                            "or another run's")
         files = s._part_files()
         if have < step and files:
             parts = [read_journal(p, s.meta) for p in files]  # in writer, seq order
@@ -48,6 +50,4 @@ def settle_store(store: BankStore, step: int, previous: int | None = None,
             s._set_step(step)
         s._rows.cleanup()
         s._recover()  # discards the parts still here: of a step rank 0 never committed
-        s._upgrade()
-        if bank_id is not None and s.meta.bank_id != bank_id:
-            s._set_meta(bank_id=bank_id)
+        s._upgrade(bank_id)  # a kill cannot leave it trained under an id of its own

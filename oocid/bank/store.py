@@ -327,11 +327,13 @@ class BankStore:
         if step != self.meta.committed_step:
             self._set_meta(committed_step=step, previous_step=self.meta.committed_step)
 
-    def _upgrade(self) -> None:
+    def _upgrade(self, bank_id: str | None = None) -> None:
         """A bank of an older version, written from now on as this version writes (with an id
-        of its own from now on: checkpoints written before it recorded none)."""
-        if self.meta.version < BANK_VERSION or self.meta.bank_id is None:
-            self._set_meta(version=BANK_VERSION, bank_id=self.meta.bank_id or new_bank_id())
+        of its own from now on: checkpoints written before it recorded none), or taking
+        `bank_id` (a node-local bank takes rank 0's): one metadata write."""
+        want = bank_id or self.meta.bank_id or new_bank_id()
+        if self.meta.version < BANK_VERSION or self.meta.bank_id != want:
+            self._set_meta(version=BANK_VERSION, bank_id=want)
 
     def _set_meta(self, **updates: Any) -> None:
         meta = replace(self.meta, **updates)

@@ -55,10 +55,11 @@ class CollapseWatch:
                                + (remedy if lc.kind == "nce" else "lower optim.lr"))
         # Z's drift and the features' mean cosine are read back from the device together: on
         # a GPU one host sync that stalls the queued work, so every CHECK_EVERY steps there
+        # (and at the first step, so that a collapse is told from features that start together)
         f = npid.last_features
         on = f if f is not None else (npid.zest.z if npid.zest is not None else None)
         every = 1 if on is None or on.device.type == "cpu" else self.CHECK_EVERY
-        if step % every != 0:
+        if step % every != 0 and step != self.first_step:  # the first: where the features start
             return
         z = npid.zest.drift_tensor() if npid.zest is not None else None
         checks: dict[str, Tensor] = {} if z is None else {"z": z.double()}

@@ -16,7 +16,7 @@ import pytest
 from oocid.bank.create import create_store, write_rows
 from oocid.bank.meta import BANK_VERSION
 from oocid.bank.parts import assemble, chunks_of, write_part_info
-from oocid.bank.store import open_store
+from oocid.bank.store import BankStore, open_store
 from oocid.bank.verify import store_info, verify_store
 from oocid.errors import DataError
 
@@ -178,7 +178,11 @@ def test_a_node_local_part_takes_rank_0s_id(tmp_path: Path) -> None:
         assert s.meta.bank_id == run_id
     with open_store(other, recover=False) as s:
         s.write_chunks({}, step=6)
+        meta_file = s._meta_path
+        before = meta_file.stat().st_mtime_ns, meta_file.read_bytes()
         s.settle(6, 2, run_id)  # at the run's step, its id: nothing to do
+        assert (s.meta.committed_step, s.meta.bank_id) == (6, run_id)
+        assert (meta_file.stat().st_mtime_ns, meta_file.read_bytes()) == before  # not rewritten
     third = zarr_bank(tmp_path, "c.zarr")
     with open_store(third) as s:
         s.write_chunks({}, step=6)
@@ -186,6 +190,32 @@ def test_a_node_local_part_takes_rank_0s_id(tmp_path: Path) -> None:
             pytest.raises(DataError, match=f"c.zarr: is bank {s.meta.bank_id}, but the run's "
                                            f"\\(rank 0's\\) is bank {run_id}: another run's"):
         s.settle(6, 2, run_id)
+
+
+def test_an_older_node_local_bank_takes_rank_0s_id_in_one_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trained version-2 part settling: the upgrade and rank 0's id are one metadata write,
+    so a kill cannot leave it trained under an id of its own (refused on the next launch)."""
+    bank = zarr_bank(tmp_path)
+    with open_store(bank) as s:
+        s.write_chunks({}, step=6)
+    meta = json.loads((bank / "oocid.json").read_text())
+    meta["version"] = 2
+    del meta["bank_id"], meta["previous_step"]
+    (bank / "oocid.json").write_text(json.dumps(meta))
+    ids: list[str] = []
+    set_meta = BankStore._set_meta
+
+    def spy(self: BankStore, **updates: object) -> None:
+        if "bank_id" in updates:
+            ids.append(str(updates["bank_id"]))
+        set_meta(self, **updates)
+
+    monkeypatch.setattr(BankStore, "_set_meta", spy)
+    with open_store(bank, recover=False) as s:
+        s.settle(6, 2, "rank0id")
+        assert (s.meta.bank_id, s.meta.version) == ("rank0id", BANK_VERSION)
+    assert ids == ["rank0id"]
 
 
 def test_parts_of_different_banks_are_not_one_bank_and_assemble_keeps_the_id(tmp_path: Path

@@ -140,7 +140,8 @@ def test_settle_commits_the_parts_of_the_step_rank_0_committed(tmp_path: Path) -
     s = open_store(tmp_path / "b.zarr", recover=False)
     s.settle(5)
     assert np.array_equal(s.read_rows(32, 48), first[32:48])  # discarded
-    with pytest.raises(DataError, match="holds step 5, but the run's last commit is step 4"):
+    with pytest.raises(DataError, match=r"holds step 5, ahead of the run's last commit \(step 4\): "
+                                        "another run's bank"):
         s.settle(4)
     s.close()
 
@@ -155,7 +156,7 @@ def test_settle_refuses_a_bank_more_than_one_commit_behind(tmp_path: Path) -> No
     s.close()
     s = open_store(tmp_path / "b.zarr", recover=False)
     with pytest.raises(DataError, match="holds step 3, but the run's last two commits are steps "
-                                        "5 and 9: another run's bank or an older copy"):
+                                        "5 and 9: an older copy of this machine's bank"):
         s.settle(9, 5)
     assert s.meta.committed_step == 3 and len(s._part_files()) == 1  # untouched
     s.settle(9, 3)  # one commit behind: its parts are the step's

@@ -83,13 +83,39 @@ def test_collapse_on_known_setting_only(tmp_path: Path, demo_shards: Path, setti
         assert not fired and not warnings
 
 
+class OnGPU(torch.Tensor):
+    """A CPU tensor that says it is on a GPU: the watch reads it back only on its check steps."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda")
+
+
+def test_a_collapse_between_a_devices_checks_is_still_a_collapse() -> None:
+    """Off the CPU the features are read every CHECK_EVERY steps, and also at the first step:
+    features spread there and together at the next check collapsed (the paper's NCE on small
+    data does so within tens of steps); they did not 'never spread apart'."""
+    said: list[str] = []
+    w = CollapseWatch(demo_config(), said.append)
+    spread = torch.nn.functional.normalize(torch.randn(64, 16), dim=1).as_subclass(OnGPU)
+    same = torch.nn.functional.normalize(torch.ones(64, 16) + 0.01 * torch.randn(64, 16),
+                                         dim=1).as_subclass(OnGPU)
+    assert spread.device.type == "cuda"
+    for i in range(1, 3 * CollapseWatch.CHECK_EVERY + 1):
+        w.check(i, StepOut(5.0, False), FakeStep(spread if i < 20 else same))  # type: ignore[arg-type]
+    assert w.fired == {"features"} and "collapsed" in said[0], said
+
+
 def test_watch_reads_features_back_from_a_device_only_every_n_steps() -> None:
-    """Off the CPU the features' check (a host sync) runs every CHECK_EVERY steps; a
-    meta tensor stands for a GPU's: reading it back raises, so only those steps may read."""
+    """Off the CPU the features' check (a host sync) runs at the first step and every
+    CHECK_EVERY steps; a meta tensor stands for a GPU's: reading it back raises, so only those
+    steps may read."""
     w = CollapseWatch(demo_config(), lambda m: None)
     off_cpu = torch.empty(64, 16, device="meta")
     n = CollapseWatch.CHECK_EVERY
-    for i in range(1, n):
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        w.check(1, StepOut(5.0, False), FakeStep(off_cpu))  # type: ignore[arg-type]
+    for i in range(2, n):
         w.check(i, StepOut(5.0, False), FakeStep(off_cpu))  # type: ignore[arg-type]
     with pytest.raises((RuntimeError, NotImplementedError)):
         w.check(n, StepOut(5.0, False), FakeStep(off_cpu))  # type: ignore[arg-type]
