@@ -69,10 +69,11 @@ class _ZarrRows:
                                 f"bytes, a chunk is {self.chunk_bytes})")
         try:
             out = np.asarray(self.arr[start:stop])
-        except Exception as e:  # zarr raises many types for a chunk that does not decode
+        except (ValueError, TypeError, KeyError, OSError, RuntimeError) as e:  # zarr's, for a
+            # chunk that does not decode
             names = ", ".join(str(self.chunk_file(c)) for c in spans)
             raise DataError(f"{names}: the bank's chunk does not decode ({type(e).__name__}: "
-                            f"{e})") from e
+                            f"{' '.join(str(e).split())})") from e
         return out.astype(np.float32, copy=False)
 
     def take(self, index: np.ndarray) -> np.ndarray | None:

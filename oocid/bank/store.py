@@ -141,7 +141,16 @@ class BankStore:
         """Chunk c as a fresh (chunk_len, D) float32 array (checked with `check_rows`)."""
         rows = self.read_rows(*self.chunk_range(c))
         if self.check_rows:
-            check_unit_rows(rows, c * self.chunk_rows, self.path, self.meta.dtype)
+            try:
+                check_unit_rows(rows, c * self.chunk_rows, self.path, self.meta.dtype)
+            except DataError:
+                if not (self.read_only and isinstance(self._rows, _NpyRows)):
+                    raise
+                # a trainer started since this open may be writing the row in place: from now
+                # on read until two reads agree, and check again
+                self._rows.stable = True
+                rows = self.read_rows(*self.chunk_range(c))
+                check_unit_rows(rows, c * self.chunk_rows, self.path, self.meta.dtype)
         return rows
 
     def read_index(self, index: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from oocid.bank.damage import DEFAULT_TOL
+from oocid.bank.damage import DEFAULT_TOL, norm_errors
 from oocid.bank.store import BankStore, chunk_bar, open_store
 from oocid.errors import DataError
 
@@ -70,8 +70,8 @@ def verify_store(path: Path | str, *, tol: float | None = None,
                     rep.problems.append(str(e))
                 bar.update()
                 continue
-            err = np.abs(_row_norms(x) - 1.0)
-            bad = np.flatnonzero(~(err <= tol))  # nan -> bad
+            err = norm_errors(x)
+            bad = np.flatnonzero(~(err <= tol))  # nan -> bad: as a checked read (damage.py)
             good = np.delete(err, bad)
             if good.size:
                 rep.max_norm_error = max(rep.max_norm_error, float(good.max()))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from oocid.bank.create import create_store, write_rows
+from oocid.bank.damage import check_unit_rows
 from oocid.bank.meta import BANK_VERSION
 from oocid.bank.parts import assemble, chunks_of, write_part_info
 from oocid.bank.store import BankStore, open_store
@@ -122,6 +123,49 @@ def test_checked_reads_stop_at_the_first_damaged_row(tmp_path: Path, kind: str) 
             s.read_chunk(1)
         s.check_rows = False
         assert np.isnan(s.read_chunk(1)[23 - R, 0])  # verify and info read as it is
+
+
+def test_verify_and_checked_reads_draw_one_line(tmp_path: Path) -> None:
+    """Rows just inside and just outside the float32 tolerance: `bank verify` lists exactly
+    the rows a checked read stops at (it tells the user to run verify)."""
+    path = tmp_path / "b.npy"
+    with create_store(path, N, D, chunk_rows=R) as s:
+        rows = s.read_rows(0, N)
+        for i, f in enumerate([1 + 0.9e-4, 1 + 1.1e-4, 1 - 0.9e-4, 1 - 1.1e-4, 1 + 0.99995e-4]):
+            write_rows(s, 2 * i, rows[2 * i:2 * i + 1] * f)
+        refused = []
+        s.check_rows = True
+        for i in range(0, 10, 2):
+            try:
+                check_unit_rows(s.read_rows(i, i + 1), i, path, "float32")
+            except DataError:
+                refused.append(i)
+    assert refused[:2] == [2, 6] and not {0, 4} & set(refused)  # row 8: either, but the same
+    assert verify_store(path).bad_rows == refused
+
+
+def test_a_read_only_npy_rereads_a_row_a_trainer_is_writing(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A .npy bank is written in place: a knn that opened it before a trainer started may read
+    a row half old, half new. That is not damage: it reads again until two reads agree."""
+    path = tmp_path / "b.npy"
+    create_store(path, N, D, chunk_rows=R).close()
+    with open_store(path, read_only=True) as s:
+        s.check_rows = True
+        assert not s._rows.stable  # no trainer held the lock when it was opened
+        real = type(s._rows)._read
+        torn = [True]
+
+        def read(self: object, start: int, stop: int) -> np.ndarray:
+            out = real(self, start, stop)  # type: ignore[arg-type]
+            if torn[0]:
+                torn[0] = False
+                out[3, : D // 2] *= 1.5  # half the row rewritten
+            return out
+
+        monkeypatch.setattr(type(s._rows), "_read", read)
+        assert np.allclose(np.linalg.norm(s.read_chunk(0), axis=1), 1, atol=1e-5)
+        assert s._rows.stable  # and from now on every read is read twice
 
 
 def test_a_float16_banks_rounding_is_not_damage(tmp_path: Path) -> None:
