@@ -55,7 +55,7 @@ def test_ticks_inside_evenly_spaced_with_distinct_labels(lo: float, span: float,
     assert all(lo - eps <= t <= hi + eps for t in ticks)
     step = ticks[1] - ticks[0]
     assert all(math.isclose(b - a, step, rel_tol=1e-6) for a, b in itertools.pairwise(ticks))
-    mantissa = step / 10 ** math.floor(math.log10(step) + 1e-9)  # ticks[1] - ticks[0] may be 0.00999...
+    mantissa = step / 10 ** math.floor(round(math.log10(step), 6))  # the difference may be 0.00999...
     assert any(math.isclose(mantissa, m, rel_tol=1e-6) for m in (1, 2, 2.5, 5))
     labels = [f"{t:.{dec}f}" for t in ticks]
     assert len(set(labels)) == len(labels)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config, tiny_npz
 
-import oocid.train.loop as loop_mod
+import oocid.train.evaluator as evaluator_mod
 from oocid.bank.store import open_store
 from oocid.bank.verify import verify_store
 from oocid.config import Config
@@ -52,7 +52,7 @@ def test_a_kill_during_the_evaluation_leaves_bank_and_checkpoint_paired(
     tr, va = shards
     one = train(config(cache_mb), tr, tmp_path / "one.npy", tmp_path / "one", val=va,
                 progress=False, log=lambda m: None, max_epochs=1)
-    real, calls = loop_mod.knn_streamed, [0]
+    real, calls = evaluator_mod.knn_streamed, [0]
 
     def dying(*a: object, **kw: object) -> dict[str, float]:
         calls[0] += 1
@@ -60,7 +60,7 @@ def test_a_kill_during_the_evaluation_leaves_bank_and_checkpoint_paired(
             raise Killed
         return real(*a, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(loop_mod, "knn_streamed", dying)
+    monkeypatch.setattr(evaluator_mod, "knn_streamed", dying)
     with pytest.raises(Killed):  # killed in epoch 2's kNN, before its checkpoint
         train(config(cache_mb), tr, tmp_path / "two.npy", tmp_path / "two", val=va,
               progress=False, log=lambda m: None)
