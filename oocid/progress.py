@@ -173,3 +173,8 @@ class Eta:
 
 def duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def chunk_bar(total: int, desc: str, on: bool) -> Progress:
+    """A progress bar over a bank's chunks (none unless `on`)."""
+    return progress_bar(total, desc, "chunk", enabled=on)

@@ -12,8 +12,9 @@ import numpy as np
 from oocid.atomic import atomic_write, fsync_dir
 from oocid.bank.meta import DTYPES, BankMeta, new_bank_id
 from oocid.bank.rows import _layout, _ZarrRows
-from oocid.bank.store import BankStore, chunk_bar, open_store
+from oocid.bank.store import BankStore, open_store
 from oocid.errors import InputError, WriteError
+from oocid.progress import chunk_bar
 
 
 def _remove(p: Path) -> None:

@@ -17,8 +17,9 @@ import numpy as np
 
 from oocid.atomic import atomic_write
 from oocid.bank.create import create_store
-from oocid.bank.store import BankStore, chunk_bar, open_store
+from oocid.bank.store import BankStore, open_store
 from oocid.errors import DataError, InputError
+from oocid.progress import chunk_bar
 
 PART_FORMAT = "oocid-bank-part"
 

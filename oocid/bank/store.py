@@ -30,19 +30,12 @@ from oocid.bank.damage import check_unit_rows
 from oocid.bank.journal import Journal, PendingParts, read_journal, write_journal
 from oocid.bank.meta import BANK_VERSION, DTYPES, BankMeta, new_bank_id
 from oocid.bank.rows import _layout, _NpyRows, _ZarrRows, open_rows
-from oocid.bank.settle import settle_store
+from oocid.bank.settle import check_settle
 from oocid.bank.snapshot import committed_snapshot, file_size, trainer_may_write
 from oocid.errors import DataError, InputError, WriteError
-from oocid.progress import Progress, progress_bar
 
-_SETTABLE = ("manifest_id", "momentum", "committed_step")
 MAX_WRITE_BYTES = 256 * 2**20  # cap one journal part at this many bytes of rows
 _ABSENT = "no bank here (create one with `oocid bank init` or `oocid train`)"
-
-
-def chunk_bar(total: int, desc: str, on: bool) -> Progress:
-    """A progress bar over a bank's chunks (none unless `on`; oocid.progress)."""
-    return progress_bar(total, desc, "chunk", enabled=on)
 
 
 class BankStore:
@@ -143,12 +136,10 @@ class BankStore:
         if self.check_rows:
             try:
                 check_unit_rows(rows, c * self.chunk_rows, self.path, self.meta.dtype)
-            except DataError:
+            except DataError:  # a .npy a trainer started since the open may write in place:
                 if not (self.read_only and isinstance(self._rows, _NpyRows)):
                     raise
-                # a trainer started since this open may be writing the row in place: from now
-                # on read until two reads agree, and check again
-                self._rows.stable = True
+                self._rows.stable = True  # from now on read until two reads agree; again
                 rows = self.read_rows(*self.chunk_range(c))
                 check_unit_rows(rows, c * self.chunk_rows, self.path, self.meta.dtype)
         return rows
@@ -252,8 +243,29 @@ class BankStore:
 
     def settle(self, step: int, previous: int | None = None, bank_id: str | None = None
                ) -> None:
-        """A node-local bank brought to the run's step and id (`oocid.bank.settle`)."""
-        settle_store(self, step, previous, bank_id)
+        """Bring a node-local bank (opened with `recover=False`) to the run's committed `step`
+        (rank 0's; `previous`: the one before) and `bank_id`: replay its own record, then, one
+        commit behind (killed between rank 0's commit and its own), commit its parts, all of
+        that step, or else discard them. Another run's bank: DataError (`check_settle`)."""
+        self._check_writable()
+        with self._lock:
+            self._journal_tmp.unlink(missing_ok=True)
+            journals = self._committed()
+            if journals is not None:
+                self._apply(journals)
+            have = self.meta.committed_step
+            check_settle(self.path, have, self.meta.bank_id, step, previous, bank_id)
+            files = self._part_files()
+            if have < step and files:
+                parts = [read_journal(p, self.meta) for p in files]  # in writer, seq order
+                self._apply([*parts, write_journal(self._journal_tmp, self._journal, [],
+                                                   self.meta.dtype, self.dim, step, self.path,
+                                                   tuple(p.name for p in files))])
+            elif have < step:
+                self._set_step(step)
+            self._rows.cleanup()
+            self._recover()  # discards the parts still here: of a step rank 0 never committed
+            self._upgrade(bank_id)  # one metadata write: a kill leaves no id of its own
 
     def pending_names(self) -> list[str]:
         """This writer's durable parts not yet committed, for another writer's record."""
@@ -321,15 +333,6 @@ class BankStore:
             self._apply(journals)
             self._rows.cleanup()
         self._overlay = None
-
-    def set_meta(self, **updates: Any) -> None:
-        """Atomically update metadata fields: manifest_id, momentum, committed_step."""
-        self._check_writable()
-        unknown = set(updates) - set(_SETTABLE)
-        if unknown:
-            raise ValueError(f"set_meta: only {_SETTABLE} can be set, not {sorted(unknown)}")
-        with self._lock:
-            self._set_meta(**updates)
 
     def _set_step(self, step: int) -> None:
         """Commit `step`, remembering the step committed before it (a replayed record: same)."""

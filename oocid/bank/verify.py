@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from oocid.bank.damage import DEFAULT_TOL, norm_errors
-from oocid.bank.store import BankStore, chunk_bar, open_store
+from oocid.bank.store import BankStore, open_store
 from oocid.errors import DataError
+from oocid.progress import chunk_bar
 
 
 @dataclass

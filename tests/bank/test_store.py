@@ -81,9 +81,7 @@ def test_create_gives_seeded_unit_rows_and_reopens_equal(tmp_path: Path, kind: s
 def test_meta_round_trip_and_sidecar_format(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"bank.{kind}"
     with create_store(path, 10, 4, chunk_rows=3, manifest_id="m1", momentum=0.5, seed=7) as s:
-        s.set_meta(manifest_id="m2", momentum=0.25, committed_step=12)
-        with pytest.raises(ValueError):
-            s.set_meta(n_rows=3)
+        s._set_meta(manifest_id="m2", momentum=0.25, committed_step=12)
     sidecar = path / "oocid.json" if kind == "zarr" else Path(f"{path}.meta.json")
     meta = json.loads(sidecar.read_text())
     bank_id = meta.pop("bank_id")
@@ -164,7 +162,7 @@ def test_reads_match_in_memory_model(no_fsync: None, kind: str, data: st.DataObj
                 np.testing.assert_array_equal(s.read_index(idx), model[idx])
             elif op == "meta":
                 step += 1
-                s.set_meta(committed_step=step)
+                s._set_meta(committed_step=step)
             else:
                 s.close()
                 s = open_store(path, read_only=data.draw(st.booleans()))

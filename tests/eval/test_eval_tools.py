@@ -266,13 +266,13 @@ def test_knn_warns_when_bank_and_checkpoint_steps_differ(trained: Trained, tmp_p
     shutil.copytree(trained.bank, bank)
     with open_store(bank) as store:
         step = store.meta.committed_step
-        store.set_meta(committed_step=step + 5)
+        store._set_meta(committed_step=step + 5)
     run_knn(bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
     err = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
     assert len(err) == 1 and f"step {step + 5}" in err[0] and f"step {step})" in err[0], err
     assert "5 steps ahead of the checkpoint" in err[0] and "writing" not in err[0], err
     with open_store(bank) as store:
-        store.set_meta(committed_step=step - 3)
+        store._set_meta(committed_step=step - 3)
     run_knn(bank, trained.ckpt, trained.val, None, 3, 0.07, "cpu")
     err = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
     assert len(err) == 1 and "3 steps behind the checkpoint" in err[0], err
