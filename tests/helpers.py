@@ -155,3 +155,19 @@ def tiny_nce_step(path: Path, z: str = "ema", n: int = 512) -> tuple[Any, Any, A
     step = NPIDStep(cfg, model, build_optimizer(cfg, model), InCoreBank(store, torch.device("cpu")),
                     n, zest, 0)
     return step, zest, store
+
+
+def assert_device_reads_on_check_steps(watch: Any, step: Any) -> None:
+    """`watch` (a CollapseWatch) reads what `step` holds on a meta tensor (a GPU's: reading it
+    back raises) at the first step and at CHECK_EVERY, and at no step between."""
+    import pytest
+
+    from oocid.method.npid import StepOut
+
+    n = watch.CHECK_EVERY
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        watch.check(1, StepOut(5.0, False), step)
+    for i in range(2, n):
+        watch.check(i, StepOut(5.0, False), step)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        watch.check(n, StepOut(5.0, False), step)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_device_reads_on_check_steps
 
 from oocid.config import demo_config
 from oocid.data.writer import write_shards
@@ -110,12 +111,5 @@ def test_watch_reads_features_back_from_a_device_only_every_n_steps() -> None:
     """Off the CPU the features' check (a host sync) runs at the first step and every
     CHECK_EVERY steps; a meta tensor stands for a GPU's: reading it back raises, so only those
     steps may read."""
-    w = CollapseWatch(demo_config(), lambda m: None)
-    off_cpu = torch.empty(64, 16, device="meta")
-    n = CollapseWatch.CHECK_EVERY
-    with pytest.raises((RuntimeError, NotImplementedError)):
-        w.check(1, StepOut(5.0, False), FakeStep(off_cpu))  # type: ignore[arg-type]
-    for i in range(2, n):
-        w.check(i, StepOut(5.0, False), FakeStep(off_cpu))  # type: ignore[arg-type]
-    with pytest.raises((RuntimeError, NotImplementedError)):
-        w.check(n, StepOut(5.0, False), FakeStep(off_cpu))  # type: ignore[arg-type]
+    assert_device_reads_on_check_steps(CollapseWatch(demo_config(), lambda m: None),
+                                       FakeStep(torch.empty(64, 16, device="meta")))
