@@ -124,15 +124,6 @@ def check_bank_id(state: dict[str, Any], checkpoint: Path | str, bank: Path | st
                     f"checkpoint's is bank {want}): another run's bank, or a copy made anew")
 
 
-def paired(state: dict[str, Any], checkpoint: Path, manifest_id: str, shards: Path, bank: Path,
-           bank_id: str | None) -> None:
-    """DataError unless the checkpoint (`state`, read from `checkpoint`) was trained on these
-    shards and this bank (a resume)."""
-    if state["manifest_id"] != manifest_id:
-        raise DataError(f"{checkpoint}: belongs to other shards than {shards}")
-    check_bank_id(state, checkpoint, bank, bank_id)
-
-
 def repair_metrics(path: Path, epoch: int, record: dict[str, Any] | None) -> None:
     """Make the run's metrics log agree with a checkpoint after `epoch` whole epochs (resume).
 

@@ -18,7 +18,13 @@ import torch
 
 from oocid.atomic import atomic_write
 from oocid.bank.store import BankStore
-from oocid.checkpoint import checkpoint_for_step, list_checkpoints, load_checkpoint, paired, repair_metrics
+from oocid.checkpoint import (
+    check_bank_id,
+    checkpoint_for_step,
+    list_checkpoints,
+    load_checkpoint,
+    repair_metrics,
+)
 from oocid.config import Config, config_from_dict
 from oocid.data.batch import Batch, image_channels
 from oocid.data.manifest import Manifest, read_manifest
@@ -29,7 +35,7 @@ from oocid.distributed.layout import bank_layout
 from oocid.distributed.partition import rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
-from oocid.errors import InputError
+from oocid.errors import DataError, InputError
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
@@ -203,7 +209,9 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
             raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
                              f"optim.epochs = {cfg.optim.epochs} is fewer (to train on, "
                              f"resume with --epochs above {state['epoch']})")
-        paired(state, path, manifest.identity, manifest.root, store.path, store.meta.bank_id)
+        if state["manifest_id"] != manifest.identity:
+            raise DataError(f"{path}: belongs to other shards than {manifest.root}")
+        check_bank_id(state, path, store.path, store.meta.bank_id)
         repair_metrics(run_dir / "metrics.jsonl", int(state["epoch"]), state.get("epoch_metrics"))
     state = world.broadcast(state)
     assert state is not None
