@@ -28,7 +28,7 @@ from oocid.data.writer import write_shards
 from oocid.device import resolve_device
 from oocid.errors import InputError
 from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
-from oocid.eval.plot import plot_run, save_png
+from oocid.eval.plot import plot_run, save_image
 from oocid.eval.retrieval import contact_sheet
 from oocid.models import build_model
 from oocid.train.loop import train
@@ -158,7 +158,7 @@ def _pictures(out: Path, fq: torch.Tensor, ql: torch.Tensor, ft: torch.Tensor,
                 for j in nn]
         rows.append(row)
     sheet = out / "neighbours.png"
-    save_png(contact_sheet(rows, tile=56), sheet)
+    save_image(contact_sheet(rows, tile=56), sheet)
     return [curve, sheet]
 
 

@@ -58,7 +58,7 @@ from oocid.data.memory import decode_all
 from oocid.data.writer import write_shards
 from oocid.demo import demo_data_path, pixel_features
 from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
-from oocid.eval.plot import PALETTE, save_png
+from oocid.eval.plot import PALETTE, save_image
 from oocid.models import build_model
 from oocid.train.recipe import recipe_for
 
@@ -289,7 +289,7 @@ def bar_chart(rows: list[dict[str, Any]], out: Path) -> Path:
         ly = y0 + 16 * j
         d.rectangle([width + 10, ly, width + 24, ly + 10], fill=PALETTE[j % len(PALETTE)])
         d.text((width + 30, ly), label, fill="black", font=font)
-    save_png(img, out)
+    save_image(img, out)
     return out
 
 

@@ -19,12 +19,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from oocid.atomic import atomic_open
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
 from oocid.eval.evaluate import check_same_classes, num_classes_of, read_labels
-from oocid.eval.plot import save_png
+from oocid.eval.plot import save_image
 from oocid.eval.retrieval import (
     contact_sheet,
     embed_images,
@@ -227,11 +226,7 @@ def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]
                                    for t, n in zip(h.thumbs, h.neighbours, strict=True))]
             for h in hits]
     sheet = contact_sheet(rows, tile)
-    if fmt == "PNG":
-        save_png(sheet, path)
-    else:
-        with atomic_open(path, "image") as f:
-            sheet.save(f, format="JPEG", quality=90)
+    save_image(sheet, path, fmt)
     return sheet.size
 
 

@@ -120,7 +120,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     for i, p in enumerate(panels):
         img.paste(p, (0, i * H))
     out = out if out is not None else run_dir / "metrics.png"
-    save_png(img, out)
+    save_image(img, out)
     return out
 
 
@@ -182,11 +182,12 @@ def line_chart(out: Path, series: dict[str, list[tuple[float, float]]], flat: di
         d.line([width + 5, ly + 6, width + 25, ly + 6], fill=color, width=1)
         d.text((width + 30, ly), f"{label} ({y:.3f})", fill="black", font=font)
         ly += 16
-    save_png(img, out)
+    save_image(img, out)
     return out
 
 
-def save_png(img: Image.Image, path: Path) -> None:
-    """Write a PNG all or nothing (oocid.atomic); WriteError naming the path on failure."""
+def save_image(img: Image.Image, path: Path, fmt: str = "PNG") -> None:
+    """Write an image (PNG, or `fmt`: "JPEG" at quality 90) all or nothing (oocid.atomic);
+    WriteError naming the path on failure."""
     with atomic_open(path, "image") as f:
-        img.save(f, format="PNG")
+        img.save(f, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
