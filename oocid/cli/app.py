@@ -13,6 +13,7 @@ import typer
 
 from oocid.atomic import atomic_write, check_writable
 from oocid.cli.bank import bank_app
+from oocid.cli.exits import INTERRUPTED, TRAIN_INTERRUPTED, fail, interrupted, on_interrupt
 from oocid.cli.helptext import EXPORT_HELP, VERIFY_HELP
 from oocid.errors import InputError, OocidError
 
@@ -21,10 +22,6 @@ app = typer.Typer(
     help="oocid: unsupervised features by non-parametric instance discrimination (NPID), "
          "with the memory bank on disk. Start with `oocid demo`.")
 app.add_typer(bank_app, name="bank")
-
-
-def _err(msg: str) -> None:
-    print(f"oocid: {msg}", file=sys.stderr)
 
 
 @app.command()
@@ -51,7 +48,7 @@ def shard(
         m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split,
                          progress=progress, short_side=short_side, quality=quality, force=force)
     except KeyboardInterrupt as e:  # the writer says what it removed
-        _on_interrupt(str(e) or INTERRUPTED)
+        on_interrupt(str(e) or INTERRUPTED)
         raise
     cls = f", {len(m.classes)} classes" if m.classes else ", unlabeled"
     print(f"wrote {m.n} samples in {len(m.shards)} shards to {out}{cls}; "
@@ -117,7 +114,7 @@ def train(
 
     if bank.suffix not in (".zarr", ".npy"):  # before any line about the run (recipe, loss)
         raise InputError(f"{bank}: a bank path must end with .zarr or .npy")
-    _on_interrupt(TRAIN_INTERRUPTED)
+    on_interrupt(TRAIN_INTERRUPTED)
     overrides = list(set_ or [])
     recipe = None  # the line saying how the config was chosen, when no --config was given
     for key, value in (("optim.epochs", epochs), ("data.batch_size", batch_size),
@@ -348,17 +345,14 @@ def plot(
     print(f"wrote {plot_run(run_dir, out)}")
 
 
+def _other_rank() -> bool:
+    """Whether this is a torchrun process other than rank 0 (which sends the run's config)."""
+    from oocid.distributed.world import world_from_env
+
+    return not world_from_env().main
+
+
 HELP_WIDTH = 120  # help text width when stdout is no terminal (rich would assume 80)
-
-
-INTERRUPTED = "interrupted"  # what a command without a word of its own says
-TRAIN_INTERRUPTED = ("interrupted; the bank and the last checkpoint are intact (a run continues "
-                     "with --resume)")
-_interrupted = [INTERRUPTED]  # the line for Ctrl-C: set by the command that runs
-
-
-def _on_interrupt(msg: str) -> None:
-    _interrupted[0] = msg
 
 
 def main() -> None:
@@ -370,29 +364,19 @@ def main() -> None:
     try:
         app()
     except OocidError as e:
-        _err(f"error: {e}")
-        sys.exit(e.exit_code)
+        fail(f"error: {e}", e.exit_code)
     except KeyboardInterrupt:
-        _err(_interrupted[0])
-        sys.exit(130)
+        fail(interrupted(), 130)
     except SystemExit as e:
         if e.code == 130:  # typer turns Ctrl-C inside a command into exit 130, without a word
-            _err(_interrupted[0])
+            fail(interrupted(), 130)
         raise
     except Exception as e:
         if os.environ.get("OOCID_DEBUG"):
             traceback.print_exc()
-        _err(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-             "(set OOCID_DEBUG=1 for the traceback)")
-        sys.exit(70)
+        fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
+             "(set OOCID_DEBUG=1 for the traceback)", 70)
 
 
 if __name__ == "__main__":
     main()
-
-
-def _other_rank() -> bool:
-    """Whether this is a torchrun process other than rank 0 (which sends the run's config)."""
-    from oocid.distributed.world import world_from_env
-
-    return not world_from_env().main

@@ -168,3 +168,16 @@ def test_uneven_shards_idle_steps_stop_and_resume(tmp_path: Path) -> None:
     assert same(result(tmp_path, "part"), result(tmp_path, "full"))
     last = json.loads((tmp_path / "full" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["images"] == 208 and last["step"] == 14 and "knn_top1" in last
+
+
+def test_a_bad_argument_is_said_once_and_named_in_torchruns_summary(root: Path) -> None:
+    """Both processes fail on the same missing folder: at most one of them prints the line (the
+    first may be stopped by torchrun before it does), and torchrun's failure summary names it
+    instead of its "To enable traceback see ..." (for the first process to fail at least)."""
+    args = train_args(root, "bad")
+    args[args.index("--shards") + 1] = str(root / "no-such-shards")
+    p = run(torchrun(2, *args))
+    assert p.returncode != 0
+    line = f"oocid: error: {root / 'no-such-shards'}: no such shard folder"
+    assert sum(s == line for s in p.stderr.splitlines()) <= 1, p.stderr
+    assert f"traceback : {line}" in p.stderr, p.stderr

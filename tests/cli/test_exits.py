@@ -1,0 +1,53 @@
+"""A failing command says one line, and under torchrun says it once per machine: every process
+writes it to torchrun's error file (shown in torchrun's failure summary), the first prints it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from oocid.cli.app import main
+
+BAD = ["oocid", "train", "--shards", "/nonexistent-shards", "--bank", "b.zarr"]
+LINE = "oocid: error: /nonexistent-shards: no such shard folder"
+
+
+def fail_with(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+              env: dict[str, str]) -> str:
+    for key in ("TORCHELASTIC_ERROR_FILE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", BAD)
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_a_plain_run_prints_the_line(monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert fail_with(monkeypatch, capsys, {}) == LINE + "\n"
+
+
+@pytest.mark.parametrize("local_rank, printed", [("0", LINE + "\n"), ("1", "")])
+def test_under_torchrun_each_process_records_it_and_the_first_prints_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        local_rank: str, printed: str) -> None:
+    error_file = tmp_path / "error.json"
+    err = fail_with(monkeypatch, capsys, {"TORCHELASTIC_ERROR_FILE": str(error_file),
+                                          "LOCAL_RANK": local_rank})
+    assert err == printed
+    record = json.loads(error_file.read_text())
+    assert record["message"] == LINE and isinstance(record["timestamp"], int)
+
+
+def test_an_error_file_that_cannot_be_written_leaves_the_line_printed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    err = fail_with(monkeypatch, capsys, {"TORCHELASTIC_ERROR_FILE": str(tmp_path / "no" / "e"),
+                                          "LOCAL_RANK": "3"})
+    assert err == LINE + "\n"
