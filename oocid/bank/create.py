@@ -25,6 +25,14 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def remove_bank(path: Path) -> None:
+    """Remove a bank and its metadata and journal files (one this process made and failed to
+    fill: nothing of it may pass for a bank)."""
+    _, meta_path, journal, journal_tmp = _layout(path)
+    for p in (meta_path, journal, journal_tmp, path):
+        _remove(p)
+
+
 def _init_rows(seed: int, c: int, n: int, dim: int) -> np.ndarray:
     """Chunk c's initial rows: (n, D) float32 i.i.d. normal, each row scaled to unit norm."""
     x = np.random.default_rng([seed, c]).standard_normal((n, dim), dtype=np.float32)
@@ -104,7 +112,7 @@ def write_rows(store: BankStore, start: int, rows: np.ndarray, step: int | None 
         if start <= lo and hi <= stop:
             chunks[c] = rows[lo - start:hi - start]
         else:
-            cur = store.read_chunk(c)
+            cur = store.read_rows(lo, hi)  # as stored: rows written here may repair damage
             a, b = max(lo, start), min(hi, stop)
             cur[a - lo:b - lo] = rows[a - start:b - start]
             chunks[c] = cur

@@ -1,6 +1,7 @@
 """Damage is never read as data: a bank's rows are finite unit vectors, so a row that is not
-is damage (a scaled or overwritten row, a chunk read back as zeros), and a read that checks
-(`BankStore.check_rows`: kNN, training) stops at the first one instead of using it."""
+is damage (a scaled or overwritten row, a chunk read back as zeros), and a chunk read
+(`BankStore.read_chunk`: kNN, training, merging parts) stops at the first one instead of using
+it. Only `oocid bank verify` turns the check off (`check_rows`), to list every damaged row."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from oocid.atomic import atomic_write
-from oocid.bank.create import create_store
+from oocid.bank.create import create_store, remove_bank
 from oocid.bank.store import BankStore, open_store
 from oocid.errors import DataError, InputError
 from oocid.progress import chunk_bar
@@ -91,16 +91,16 @@ def committed(store: BankStore) -> int:
 
 def iter_part_chunks(banks: Sequence[Path]) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) of every chunk of a whole bank or of a set of parts, each chunk from
-    the part that trained it; DataError at the first damaged row (`BankStore.check_rows`)."""
+    the part that trained it; DataError at the first damaged row (oocid.bank.damage)."""
     for b, chunks in chunks_of(banks):
         with open_store(b, read_only=True) as s:
-            s.check_rows = True
             for c in chunks:
                 yield s.chunk_range(c)[0], s.read_chunk(c)
 
 
 def assemble(banks: Sequence[Path], out: Path, progress: bool = False) -> int:
-    """Join node-local parts into one ordinary bank at `out`; returns its committed step."""
+    """Join node-local parts into one ordinary bank at `out`; returns its committed step.
+    A part that cannot be read, or holds a damaged row, stops it and leaves no bank at `out`."""
     plan = chunks_of(banks)
     with open_store(banks[0], read_only=True) as s0:
         meta, step = s0.meta, committed(s0)
@@ -116,6 +116,9 @@ def assemble(banks: Sequence[Path], out: Path, progress: bool = False) -> int:
                         store.write_part({c: s.read_chunk(c)})
                         bar.update()
         store.write_chunks({}, step)  # one commit of every part, at the parts' step
-    finally:
+    except BaseException:
         store.close()
+        remove_bank(out)
+        raise
+    store.close()
     return step

@@ -55,7 +55,7 @@ class BankStore:
         self._pending = PendingParts()  # written since the last commit, not yet in the rows
         self._seq = 0
         self.writer = "0"  # names this writer's parts (several writers may write one step's parts)
-        self.check_rows = False  # read_chunk: DataError for a row not finite or not unit-norm
+        self.check_rows = True  # read_chunk: DataError at a row not finite or not unit-norm
         self._lock = threading.RLock()
         self._count_lock = threading.Lock()
 

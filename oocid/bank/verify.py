@@ -55,6 +55,7 @@ def verify_store(path: Path | str, *, tol: float | None = None,
         store = open_store(path, read_only=True)
     except DataError as e:
         return VerifyReport(0, 0, "?", problems=[str(e)])
+    store.check_rows = False  # every damaged row is listed below, not only the first
     with store, chunk_bar(store.n_chunks, f"verifying {path.name}", progress) as bar:
         tol = DEFAULT_TOL[store.meta.dtype] if tol is None else tol
         rep = VerifyReport(store.n_rows, store.dim, store.meta.dtype)
@@ -90,6 +91,7 @@ def verify_store(path: Path | str, *, tol: float | None = None,
 def store_info(path: Path | str) -> dict[str, Any]:
     """Summary of a bank: shape, dtype, kind, sizes, metadata and row-norm statistics."""
     with open_store(path, read_only=True) as store:
+        store.check_rows = False  # the norms of a damaged bank are what this reports
         lo, hi, total = np.inf, -np.inf, 0.0
         for _, x in store.iter_chunks():
             norms = _row_norms(x)

@@ -84,7 +84,6 @@ def open_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume: bool, wo
                                      "several machines, put --bank on a file system all of "
                                      "them mount, or pass --node-local-bank")
                 store = open_store(bank_path, recover=False)
-                store.check_rows = True  # damage stops the run (oocid.bank.damage)
                 check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
             yield store
         finally:

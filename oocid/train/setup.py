@@ -67,7 +67,6 @@ def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume
     Its chunk reads check the rows: damage stops the run (`oocid.bank.damage`)."""
     if bank_path.exists():
         store = open_store(bank_path, recover=recover)
-        store.check_rows = True
         check_matches(store, manifest.n, cfg.model.dim, manifest.identity)
         if not resume and store.meta.committed_step >= 0:
             store.close()
@@ -80,7 +79,6 @@ def open_or_create_bank(cfg: Config, manifest: Manifest, bank_path: Path, resume
     store = create_store(bank_path, manifest.n, cfg.model.dim, dtype=cfg.bank.dtype,
                          chunk_rows=manifest.shard_size, manifest_id=manifest.identity,
                          momentum=cfg.bank.momentum, seed=cfg.bank.seed)
-    store.check_rows = True
     return store
 
 

@@ -277,3 +277,19 @@ def test_parts_of_different_banks_are_not_one_bank_and_assemble_keeps_the_id(tmp
     assemble([a, b], tmp_path / "whole.npy")
     with open_store(tmp_path / "whole.npy", read_only=True) as s:
         assert s.meta.bank_id == run_id
+
+
+def test_assembling_parts_stops_at_a_damaged_row_and_writes_no_bank(tmp_path: Path) -> None:
+    """A damaged row in one part is not copied into the assembled bank: DataError naming the
+    part and the row, and no bank at the output path."""
+    a, b = zarr_bank(tmp_path, "a.zarr"), zarr_bank(tmp_path, "b.zarr")
+    write_part_info(a, [0, 2], 2, 0, None)
+    write_part_info(b, [1], 2, 1, None)
+    with open_store(a, read_only=True) as s:
+        run_id = s.meta.bank_id
+    with open_store(b, recover=False) as s:
+        s.settle(-1, None, run_id)
+    poke(b, R + 3, 7.0)  # row 19, in chunk 1: part b's
+    with pytest.raises(DataError, match=r"b\.zarr.*row 19"):
+        assemble([a, b], tmp_path / "whole.zarr")
+    assert not (tmp_path / "whole.zarr").exists()

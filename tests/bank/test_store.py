@@ -141,6 +141,7 @@ def test_reads_match_in_memory_model(no_fsync: None, kind: str, data: st.DataObj
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"b.{kind}"
         s = create_store(path, n, d, dtype=dtype, chunk_rows=cr)
+        s.check_rows = False  # rows of any norm: this is storage; damage is test_damage.py's
         model = expected_init(n, d, cr, seed=0).astype(dtype).astype(np.float32)
         step = -1
         for op in data.draw(st.lists(ops, max_size=10), "ops"):
@@ -169,6 +170,7 @@ def test_reads_match_in_memory_model(no_fsync: None, kind: str, data: st.DataObj
                 if s.read_only:
                     s.close()
                     s = open_store(path)
+                s.check_rows = False
             assert s.meta.committed_step == step
             c = data.draw(st.integers(0, s.n_chunks - 1))
             np.testing.assert_array_equal(s.read_chunk(c), model[slice(*s.chunk_range(c))])
@@ -260,7 +262,7 @@ def test_corrupt_committed_journal_is_a_data_error(tmp_path: Path, kind: str) ->
 def test_failed_apply_keeps_new_content_visible_and_replays(
         tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / f"b.{kind}"
-    new = np.full((4, 2), 0.6, np.float32)
+    new = np.full((4, 2), np.sqrt(0.5), np.float32)  # unit rows, as a trainer writes
     with create_store(path, 8, 2, chunk_rows=4) as s:
         with monkeypatch.context() as m:
             def broken_sync(chunk_ids: list[int]) -> None:
