@@ -41,6 +41,16 @@ def _sides(manifest: Manifest) -> tuple[int, int]:
     return short, max(h, w)
 
 
+def _one_size(manifest: Manifest) -> bool:
+    """Whether every image is square and of one size (a bound equal to the longest side does
+    not say it: 32x48 and 48x32 images have both)."""
+    stats = manifest.image_stats or {}
+    try:
+        return len({stats[k][m] for k in ("height", "width") for m in ("min", "max")}) == 1
+    except (KeyError, TypeError):
+        return False
+
+
 def _gray(manifest: Manifest) -> bool:
     channels = (manifest.image_stats or {}).get("channels") or {}
     return set(channels) == {"1"}
@@ -73,7 +83,8 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
     fewest, most = _local_sizes(manifest, processes)
     kind = "grayscale" if gray else "colour"
     what = ("images of unknown size" if not long else
-            f"{long} px {kind} images" if short == long else f"{kind} images up to {long} px")
+            f"{long} px {kind} images" if _one_size(manifest) else
+            f"{kind} images up to {long} px")
     if not 0 < short <= SMALL_SIDE and device != "cpu":
         cfg = copy.deepcopy(base) if base is not None else Config()
         _, total = _steps(cfg, most)

@@ -110,6 +110,17 @@ def test_the_shorter_side_decides_small_even_on_a_gpu(tmp_path: Path) -> None:
     assert cfg.data.image_size == 40 and "colour images up to 120 px" in note
 
 
+def test_portrait_and_landscape_images_of_one_size_are_not_called_square(tmp_path: Path
+                                                                          ) -> None:
+    """32x48 and 48x32 images: the largest height and width are both 48, the images are not
+    48 px; the line says "up to 48 px", and the recipe works at the bound, 48."""
+    write_shards(_mixed_folder(tmp_path / "img", [(32, 48), (48, 32)]), tmp_path / "s",
+                 progress=False)
+    cfg, note = recipe_for(read_manifest(tmp_path / "s"))
+    assert "colour images up to 48 px" in note and "48 px colour" not in note
+    assert cfg.data.image_size == 48
+
+
 def test_several_processes_count_the_busiest_and_keep_k_below_the_smallest(tmp_path: Path
                                                                             ) -> None:
     """Shards go to processes whole: 4100 samples in shards of 4096 and 4 leave one process 4
