@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from math import ceil
 from typing import Any
 
 import numpy as np
@@ -46,9 +47,11 @@ class ChunkCache(ChunkSlots):
         max_slots = budget_rows // r
         self.full = budget_rows >= store.n_rows or max_slots >= n_chunks
         if not self.full and max_slots < 3:
-            raise InputError(
-                f"{store.path}: a cache of {budget_rows} rows holds {max_slots} chunks of "
-                f"{r} rows; it needs at least 3 (raise --cache-mb)")
+            need = store.n_rows if n_chunks <= 3 else 3 * r  # the whole bank, or 3 chunks
+            what = "the whole bank" if n_chunks <= 3 else f"3 chunks of {r} rows"
+            mb = ceil(need * store.dim * 4 / 2**20 * 1000) / 1000  # rounded up: enough
+            raise InputError(f"{store.path}: a device cache of {budget_rows} rows is too small: "
+                             f"it needs {what}, {need} rows (--cache-mb {mb:g} or more)")
         super().__init__(store, n_chunks if self.full else max_slots, device,
                          io=prefetch and not self.full)
         self.window: deque[int] = deque()

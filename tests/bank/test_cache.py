@@ -21,6 +21,7 @@ import oocid.bank.cache as cache_mod
 from oocid.bank.cache import ChunkCache
 from oocid.bank.create import create_store
 from oocid.bank.incore import InCoreBank
+from oocid.bank.sizing import cache_rows
 from oocid.bank.slots import at_bank_precision
 from oocid.bank.store import open_store
 from oocid.config import demo_config
@@ -299,8 +300,13 @@ def test_update_after_gather_reuses_the_rows_positions(tmp_path: Path) -> None:
 
 def test_budget_is_respected_and_too_small_budget_is_an_error(tmp_path: Path) -> None:
     store = create_store(tmp_path / "b.zarr", 1000, 8, chunk_rows=50)
-    with pytest.raises(InputError, match="at least 3"):
+    with pytest.raises(InputError, match=r"needs 3 chunks of 50 rows, 150 rows \(--cache-mb "
+                                         r"0\.005 or more\)"):  # 150 x 8 x 4 B = 0.0046 MB
         ChunkCache(store, 120, CPU)
+    assert cache_rows(0.005, 1000, 8, CPU) >= 150  # the figure said is enough
+    with create_store(tmp_path / "small.zarr", 180, 8, chunk_rows=4096) as small:
+        with pytest.raises(InputError, match=r"needs the whole bank, 180 rows"):
+            ChunkCache(small, 20, CPU)  # one chunk, of 180 rows: not "3 chunks of 4096"
     cache = ChunkCache(store, 250, CPU, steps_per_epoch=10, pool_chunks=2)
     g = torch.Generator().manual_seed(0)
     for _ in range(60):
