@@ -238,6 +238,27 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: data.workers must be >= 0, or -1 for as many as the CPUs allow")
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise InputError(f"{where}: data.crop_scale_min must be in (0, 1]")
+    if cfg.bank.cache_mb < 0:
+        raise InputError(f"{where}: bank.cache_mb must be >= 0 (0: the default budget)")
+    if cfg.model.arch == "small" and cfg.data.image_size < SMALL_MIN_SIDE:
+        raise InputError(f"{where}: data.image_size must be >= {SMALL_MIN_SIDE} for the small "
+                         "net (it halves the image 3 times)")
+
+
+BUNDLED = Path(__file__).resolve().parent.parent / "configs"  # a clone's, or an editable install's
+
+
+def find_config(path: Path) -> Path:
+    """`path`, else the bundled config it names from another folder (`imagenet_resnet18`,
+    `configs/imagenet_resnet18.toml`); not found: the error lists the bundled ones."""
+    if path.is_file():
+        return path
+    bundled = BUNDLED / (path.name if path.suffix == ".toml" else path.name + ".toml")
+    if not path.is_absolute() and str(path.parent) in (".", "configs") and bundled.is_file():
+        return bundled
+    have = sorted(p.stem for p in BUNDLED.glob("*.toml"))
+    hint = f" (bundled configs: {', '.join(have)})" if have else ""
+    raise InputError(f"{path}: config file not found{hint}")
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None,
@@ -245,9 +266,7 @@ def load_config(path: Path | None, overrides: list[str] | None = None,
     """Defaults (or `base`), then the TOML file, then `key=value` overrides (TOML values)."""
     cfg = base if base is not None else Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: config file not found")
+        path = find_config(Path(path))
         try:
             data = tomllib.loads(path.read_text())
         except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, an int of > 4300 digits
@@ -277,6 +296,9 @@ def parse_override(item: str) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any], where: str = "checkpoint") -> Config:
     """Rebuild a Config saved with `to_dict` (strict)."""
     return apply_mapping(Config(), json.loads(json.dumps(data)), where)
+
+
+SMALL_MIN_SIDE = 8  # the smallest crop the small net takes: 3 max-pools of 2 (models.py)
 
 
 def demo_config() -> Config:

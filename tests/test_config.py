@@ -76,3 +76,28 @@ def test_data_workers_auto_by_default_and_negative_counts_refused(monkeypatch: p
     assert load_config(None, ["data.workers=-1"]).data.workers == -1
     with pytest.raises(InputError, match=r"data\.workers must be >= 0, or -1"):
         load_config(None, ["data.workers=-2"])
+
+
+def test_a_bundled_config_is_found_by_name_from_any_folder(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's `--config configs/imagenet_resnet18.toml` run outside the clone, or the
+    bare name, loads the bundled file; a name that is none lists the bundled ones."""
+    monkeypatch.chdir(tmp_path)
+    want = load_config(ROOT / "configs" / "cifar10_resnet18.toml").to_dict()
+    for given in ("configs/cifar10_resnet18.toml", "cifar10_resnet18", "cifar10_resnet18.toml"):
+        assert load_config(Path(given)).to_dict() == want
+    (tmp_path / "cifar10_resnet18.toml").write_text("[optim]\nepochs = 3\n")  # a file here wins
+    assert load_config(Path("cifar10_resnet18.toml")).optim.epochs == 3
+    with pytest.raises(InputError, match=r"nope\.toml: config file not found \(bundled "
+                                         r"configs: .*demo, .*imagenet_resnet18"):
+        load_config(Path("nope.toml"))
+    with pytest.raises(InputError, match="config file not found"):
+        load_config(tmp_path / "elsewhere" / "demo.toml")  # a path elsewhere is not a name
+
+
+def test_a_negative_cache_and_a_crop_too_small_for_the_small_net_are_refused() -> None:
+    with pytest.raises(InputError, match=r"bank\.cache_mb must be >= 0"):
+        load_config(None, ["bank.cache_mb=-5"])
+    with pytest.raises(InputError, match=r"data\.image_size must be >= 8 for the small net"):
+        load_config(None, ['model.arch="small"', "data.image_size=7"])
+    assert load_config(None, ['model.arch="small"', "data.image_size=8"]).data.image_size == 8

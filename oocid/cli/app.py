@@ -60,12 +60,15 @@ def train(
     shards: Annotated[Path, typer.Option(help="Training shard folder (from `oocid shard`).")],
     bank: Annotated[Path, typer.Option(help="Bank path: DIR.zarr (Zarr v3) or FILE.npy (memmap); "
                                        "created when missing.")],
-    config: Annotated[Path | None, typer.Option(help="TOML config (see configs/).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file, or a bundled one by "
+                                                "name (configs/: demo, imagenet_resnet18, ...). "
+                                                "Default: a recipe from the data.")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, config.json.")
                    ] = Path("runs/oocid"),
     val: Annotated[Path | None, typer.Option(help="Labeled validation shards for a kNN check "
-                                             "every train.eval_every epochs (default 1; 0: "
-                                             "at the end only) and after the last.")] = None,
+                                             "every train.eval_every epochs (default 1, a "
+                                             "recipe's a tenth of its epochs; 0: at the end "
+                                             "only) and after the last.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")
                       ] = False,
     epochs: Annotated[int | None, typer.Option(help="Override optim.epochs.")] = None,

@@ -1,8 +1,9 @@
 """A training recipe from the data and the machine, for `oocid train` without --config.
 
 Small images (every image's shorter side at most SMALL_SIDE px) get the small conv net at that
-size, the exact softmax, a cosine schedule and an epoch count that gives about STEPS optimiser
-steps whatever N is; grayscale images are not mirrored (a mirrored digit or letter is another
+size (scaled up to its smallest input, SMALL_MIN_SIDE, if below), the exact softmax, a cosine
+schedule, an epoch count that gives about STEPS optimiser steps whatever N is, and (with --val)
+a kNN check every tenth of the run; grayscale images are not mirrored (a mirrored digit or letter is another
 thing). Larger images (or images of unknown size):
 - on a CPU, the same small-net recipe at SMALL_SIDE px: random resized crops of the larger
   images, and for evaluation the shorter side resized to SMALL_SIDE and a centre crop. The
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import copy
 
-from oocid.config import AUTO_WORKERS, Config, demo_config
+from oocid.config import AUTO_WORKERS, SMALL_MIN_SIDE, Config, demo_config
 from oocid.data.manifest import Manifest
 from oocid.distributed.partition import deal_shards
 
@@ -91,7 +92,7 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
         return cfg, (f"oocid: recipe for {what}, N {n}, on {device}: the paper's ImageNet "
                      f"recipe ({cfg.model.arch}, {cfg.data.image_size} px, {cfg.optim.epochs} "
                      f"epochs, {total} steps); {HINT}")
-    size = short if 0 < short <= SMALL_SIDE else SMALL_SIDE
+    size = max(SMALL_MIN_SIDE, short) if 0 < short <= SMALL_SIDE else SMALL_SIDE
     cfg = demo_config()
     cfg.data.image_size = size
     cfg.data.augment = "gray" if gray else "cifar"
@@ -105,13 +106,15 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
     cfg.data.workers = AUTO_WORKERS
     per_epoch, _ = _steps(cfg, most)
     cfg.optim.epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(STEPS / per_epoch)))
+    cfg.train.eval_every = max(1, cfg.optim.epochs // 10)  # with --val: 10 checks a run
     loss = f"exact softmax (t {cfg.loss.temperature})"
     if processes > 1:  # the softmax scores every row; each process holds only its part
         cfg.loss.kind = "infonce"
         cfg.loss.nce_k = min(cfg.loss.nce_k, max(1, fewest // 2))  # below every part's rows
         loss = f"InfoNCE, K {cfg.loss.nce_k} per process (t {cfg.loss.temperature})"
-    why = " (on a CPU; the ImageNet recipe, ResNet-18 at 224 px, is for a GPU)" \
-        if size != short else ""
+    why = (" (on a CPU; the ImageNet recipe, ResNet-18 at 224 px, is for a GPU)"
+           if short > SMALL_SIDE or not short else
+           " (scaled up: the smallest input it takes)" if size > short else "")
     _, total = _steps(cfg, most)
     return cfg, (f"oocid: recipe for {what}, N {n}: small net at {size} px{why}, "
                  f"{loss}, crop scale {cfg.data.crop_scale_min}-1, "

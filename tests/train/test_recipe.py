@@ -14,7 +14,7 @@ import torch
 from helpers import ENV, run_process, tiny_npz
 from PIL import Image
 
-from oocid.config import AUTO_WORKERS, Config
+from oocid.config import AUTO_WORKERS, SMALL_MIN_SIDE, Config
 from oocid.data.manifest import Manifest, ShardInfo, read_manifest
 from oocid.data.writer import write_shards
 from oocid.train.recipe import HINT, MAX_EPOCHS, MIN_EPOCHS, SMALL_SIDE, STEPS, recipe_for
@@ -108,6 +108,28 @@ def test_the_shorter_side_decides_small_even_on_a_gpu(tmp_path: Path) -> None:
                  progress=False)
     cfg, note = recipe_for(read_manifest(tmp_path / "w"), device="cuda")
     assert cfg.data.image_size == 40 and "colour images up to 120 px" in note
+
+
+def test_images_below_the_small_nets_smallest_input_are_scaled_up_to_it(tmp_path: Path) -> None:
+    """3 px images: the small net at 3 px would pool to nothing (an internal error); the recipe
+    takes 8 px crops, says why, and one epoch trains."""
+    write_shards(_colour_npz(tmp_path / "t.npz", 30, 3), tmp_path / "t", progress=False)
+    cfg, note = recipe_for(read_manifest(tmp_path / "t"))
+    assert cfg.data.image_size == SMALL_MIN_SIDE == 8
+    assert "3 px colour images" in note and "small net at 8 px (scaled up" in note
+    assert "on a CPU" not in note
+    cfg.optim.epochs = 1
+    from oocid.train.loop import train
+
+    res = train(cfg, tmp_path / "t", tmp_path / "b.zarr", tmp_path / "run", progress=False)
+    assert res.step == 1 and np.isfinite(res.metrics[-1]["loss"])
+
+
+def test_a_recipe_checks_val_ten_times_a_run(tmp_path: Path) -> None:
+    write_shards(tiny_npz(tmp_path / "g.npz", n=96, size=16), tmp_path / "g", shard_size=32,
+                 progress=False)
+    cfg, _ = recipe_for(read_manifest(tmp_path / "g"))
+    assert cfg.train.eval_every == cfg.optim.epochs // 10 == MAX_EPOCHS // 10
 
 
 def test_portrait_and_landscape_images_of_one_size_are_not_called_square(tmp_path: Path
