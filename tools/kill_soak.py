@@ -109,7 +109,7 @@ threads = 1
 checkpoint_every = {every}
 """
 
-# Runs the real entry point, oocid.cli.app.main, with os's durability calls counted; with
+# Runs the real entry point, oocid.cli.entry.main, with os's durability calls counted; with
 # SOAK_KILL_AT = k > 0 the process SIGKILLs itself just before the k-th one (counted once the
 # bank exists) after writing where it was to SOAK_LOG; with k = 0 it writes the count at exit.
 INJECT = r"""
@@ -146,7 +146,7 @@ for name in ("fsync", "fdatasync", "replace", "rename", "link", "unlink"):
 if k == 0:
     atexit.register(lambda: open(log, "w").write(str(state["n"])))
 sys.argv = ["oocid", *sys.argv[1:]]
-from oocid.cli.app import main
+from oocid.cli.entry import main
 main()
 """
 

@@ -1,5 +1,5 @@
 """The `oocid` command: parses arguments and calls the library; nothing else lives here."""
 
-from oocid.cli.app import main
+from oocid.cli.entry import main
 
 __all__ = ["main"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -13,15 +10,30 @@ import typer
 
 from oocid.atomic import atomic_write, check_writable
 from oocid.cli.bank import bank_app
-from oocid.cli.exits import INTERRUPTED, TRAIN_INTERRUPTED, fail, interrupted, on_interrupt
+from oocid.cli.exits import INTERRUPTED, TRAIN_INTERRUPTED, on_interrupt
 from oocid.cli.helptext import EXPORT_HELP, VERIFY_HELP
-from oocid.errors import InputError, OocidError
+from oocid.errors import InputError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="oocid: unsupervised features by non-parametric instance discrimination (NPID), "
          "with the memory bank on disk. Start with `oocid demo`.")
 app.add_typer(bank_app, name="bank")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"oocid {version('oocid')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True,
+        help="Print the installed version and exit.")] = False) -> None:
+    pass
 
 
 @app.command()
@@ -353,33 +365,3 @@ def _other_rank() -> bool:
     from oocid.distributed.world import world_from_env
 
     return not world_from_env().main
-
-
-HELP_WIDTH = 120  # help text width when stdout is no terminal (rich would assume 80)
-
-
-def main() -> None:
-    """Entry point: one-line errors with documented exit codes, no tracebacks."""
-    if "COLUMNS" not in os.environ and not sys.stdout.isatty():
-        # At rich's 80 columns the options table leaves ~18 for the help text: one word a line
-        # in a pipe or a file. COLUMNS set by the user still wins.
-        os.environ["COLUMNS"] = str(HELP_WIDTH)
-    try:
-        app()
-    except OocidError as e:
-        fail(f"error: {e}", e.exit_code)
-    except KeyboardInterrupt:
-        fail(interrupted(), 130)
-    except SystemExit as e:
-        if e.code == 130:  # typer turns Ctrl-C inside a command into exit 130, without a word
-            fail(interrupted(), 130)
-        raise
-    except Exception as e:
-        if os.environ.get("OOCID_DEBUG"):
-            traceback.print_exc()
-        fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
-             "(set OOCID_DEBUG=1 for the traceback)", 70)
-
-
-if __name__ == "__main__":
-    main()

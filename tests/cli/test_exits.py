@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from oocid.cli.app import main
+from oocid.cli.entry import main
 
 BAD = ["oocid", "train", "--shards", "/nonexistent-shards", "--bank", "b.zarr"]
 LINE = "oocid: error: /nonexistent-shards: no such shard folder"
@@ -51,3 +51,35 @@ def test_an_error_file_that_cannot_be_written_leaves_the_line_printed(
     err = fail_with(monkeypatch, capsys, {"TORCHELASTIC_ERROR_FILE": str(tmp_path / "no" / "e"),
                                           "LOCAL_RANK": "3"})
     assert err == LINE + "\n"
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train", "--shard", "s", "--bank", "b.zarr"],
+     "oocid: error: No such option: --shard (Possible options: --arch, --shards, --tensorboard) "
+     "(see `oocid train --help`)"),
+    (["bank", "verify"], "oocid: error: Missing argument 'paths' (see `oocid bank verify --help`)"),
+    (["trian"], "oocid: error: No such command 'trian'. Did you mean 'train'? (see `oocid --help`)"),
+])
+def test_a_usage_error_is_one_plain_line(monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], argv: list[str],
+                                         line: str) -> None:
+    """Not typer's framed box of several lines (box-drawing bytes in a log file)."""
+    monkeypatch.setattr(sys, "argv", ["oocid", *argv])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_version_and_no_arguments(monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    monkeypatch.setattr(sys, "argv", ["oocid", "--version"])
+    main()  # exit 0: returns
+    assert capsys.readouterr().out == f"oocid {version('oocid')}\n"
+    monkeypatch.setattr(sys, "argv", ["oocid"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    assert e.value.code == 2 and "Usage: oocid" in out.out + out.err and "error" not in out.err

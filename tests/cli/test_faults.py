@@ -93,7 +93,7 @@ if "FAULT_CALLS" in os.environ:
         return f * value if hit else f
     models.Embedder.forward = poisoned
 sys.argv = ["oocid", *sys.argv[1:]]
-from oocid.cli.app import main
+from oocid.cli.entry import main
 main()
 """
 

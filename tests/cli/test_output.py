@@ -196,7 +196,7 @@ def slow_add(self, *a, **kw):
         time.sleep(600)
 writer._ShardWriter.add = slow_add
 sys.argv = ["oocid", *sys.argv[2:]]
-from oocid.cli.app import main
+from oocid.cli.entry import main
 main()
 """
 
