@@ -185,3 +185,23 @@ def test_the_high_depth_count_is_read_back_and_checked(tmp_path: Path) -> None:
         path.write_text(json.dumps({**good, "image_stats": {**good["image_stats"], "high_depth": bad}}))
         with pytest.raises(DataError, match="image_stats"):
             read_manifest(m.root)
+
+
+def test_16_bit_images_oocid_shard_resizes_or_turns_are_scaled_first(tmp_path: Path) -> None:
+    """The images `oocid shard` re-encodes: a 16-bit PNG over --short-side (resized to a JPEG)
+    and a 16-bit TIFF with an EXIF orientation (turned, stored as PNG) keep their brightness."""
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((40, 60), 40000, np.uint16)).save(src / "big.png")
+    turned = np.full((10, 20), 20560, np.uint16)  # 80 * 257
+    turned[:, :4] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(turned).save(src / "t.tif", exif=exif.tobytes())
+    m = write_shards(src, tmp_path / "out", short_side=16, progress=False)
+    got = {s.path: np.asarray(decode_image(s.image, 1)) for s in iter_samples(m.shard_paths()[0])}
+    assert got["big.png"].shape == (16, 24)
+    assert np.abs(got["big.png"].astype(int) - 156).max() <= 1  # 40000 / 257 = 155.6
+    assert got["t.tif"].shape == (20, 10)
+    assert (got["t.tif"][:4] == 0).all() and (got["t.tif"][4:] == 80).all()  # left edge on top
+    assert m.image_stats["high_depth"] == 2
