@@ -54,7 +54,7 @@ def shard(
                      ] = False,
 ) -> None:
     """Write images as shuffled WebDataset tar shards plus manifest.json."""
-    from oocid.data.writer import write_shards
+    from oocid.data.writer import shard_summary, write_shards
 
     try:
         m = write_shards(src, out, shard_size=shard_size, seed=seed, split=split,
@@ -62,9 +62,7 @@ def shard(
     except KeyboardInterrupt as e:  # the writer says what it removed
         on_interrupt(str(e) or INTERRUPTED)
         raise
-    cls = f", {len(m.classes)} classes" if m.classes else ", unlabeled"
-    print(f"wrote {m.n} samples in {len(m.shards)} shards to {out}{cls}; "
-          f"skipped {len(m.skipped)} unreadable")
+    print(shard_summary(m, out))
 
 
 @app.command()

@@ -7,6 +7,12 @@ Pillow decodes a JPEG at 1/2, 1/4 or 1/8 of its size in the DCT ("draft" mode), 
 output is much smaller than the image. `load_image` uses that reduction only as far as the pixels
 the caller needs (`need`, in reduced-image pixels) allow, so it never upsamples what a full
 decode would have downsampled.
+
+Every reader turns pixels into 8 bits the same way (`to_8bit`, called by `load_image`): 16-bit
+modes (I;16, I;16B, I;16L, I;16N, and I, which holds 16-bit PNG/PGM/TIFF data) as round(v / 257)
+of v clipped to 0..65535; float (F) images whose values all lie in [0, 1] as round(255 v), other
+float images clipped to 0..255 and rounded (NaN as 0). Pillow itself reads 16-bit RGB(A) PNGs as
+8 bits (the high byte of each value, within 1 of v / 257).
 """
 
 from __future__ import annotations
@@ -14,13 +20,22 @@ from __future__ import annotations
 import io
 import math
 
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_ORIENTATION = 0x0112  # the EXIF tag; 2..8 mirror and/or rotate, 5..8 swap width and height
+_TURN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,  # as Pillow's
+         4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,  # exif_transpose
+         6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
 def open_image(data: bytes) -> Image.Image:
     """Read the header only: size and mode are known, nothing is decoded yet. Bytes PIL cannot
     read raise UnidentifiedImageError with a message that suits a file's skip line (PIL's own
     names its in-memory buffer, `<_io.BytesIO object at 0x...>`)."""
+    if not data:
+        raise UnidentifiedImageError("empty file (0 bytes)")
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
@@ -41,6 +56,7 @@ def load_image(img: Image.Image, channels: int, need: tuple[int, int] | None = N
         if got is not None:  # (mode, (0, 0, width / s, height / s))
             scale = width / got[1][2]
     img.load()
+    img = to_8bit(img)
     mode = "L" if channels == 1 else "RGB"
     if img.mode != mode:
         img = img.convert(mode)
@@ -50,6 +66,47 @@ def load_image(img: Image.Image, channels: int, need: tuple[int, int] | None = N
 def decode_image(data: bytes, channels: int) -> Image.Image:
     """The whole image at full size, mode L (channels 1) or RGB."""
     return load_image(open_image(data), channels)[0]
+
+
+def high_depth(img: Image.Image) -> bool:
+    """True for an image from `open_image` whose values have more than 8 bits: a 16-bit or float
+    mode, or a 16-bit colour PNG that Pillow reads as 8 bits (call before `load`)."""
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
+        return True
+    tiles = img.tile if isinstance(img, ImageFile.ImageFile) else []
+    return img.format == "PNG" and any(";16" in str(t[3]) for t in tiles)
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit or float image (a loaded one) as mode L, by the rule in this module's docstring;
+    any other image as it is."""
+    if img.mode == "F":
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0)
+        if a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        return Image.fromarray(np.rint(np.clip(a, 0.0, 255.0)).astype(np.uint8))
+    if img.mode in SIXTEEN_BIT_MODES:
+        v = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((v + 128) // 257).astype(np.uint8))  # round(v / 257): no ties
+    return img
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation (2..8) of an image from `open_image`, 1 for none or a broken one."""
+    try:
+        value = img.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a broken EXIF block: the image as stored
+        return 1
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def decode_file(data: bytes, channels: int) -> Image.Image:
+    """A user's image file (a query), not a shard's member: `decode_image`, then turned as its
+    EXIF orientation says, as `oocid shard` stores such an image."""
+    img = open_image(data)
+    turn = exif_orientation(img)
+    out = load_image(img, channels)[0]
+    return out if turn == 1 else out.transpose(_TURN[turn])
 
 
 def need_for(width: int, height: int, box_w: float, box_h: float, out_w: int, out_h: int

@@ -27,7 +27,10 @@ from oocid.progress import progress_bar
 MANIFEST_NAME = "manifest.json"
 FORMAT = "oocid-shards"
 VERSION = 1
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# The file names `oocid shard` and a `knn --query` folder take as images (JPEG's .jfif and .jpe,
+# and the Netpbm family, which Pillow reads, included); every other file is skipped by its name.
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif",
+                        ".tiff", ".pbm", ".pgm", ".ppm", ".pnm"})
 STORED_EXTS = frozenset({"jpg", "png", "webp"})  # the image members a shard holds
 _SHARD_NAME = re.compile(r"^shard-[0-9]+\.tar$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -135,15 +138,17 @@ def _check_stats(stats: Any, where: str) -> dict:
         return isinstance(d, dict) and set(d) == {"height", "width"} and all(map(mmm, d.values()))
 
     base = {"height", "width", "channels", "formats"}
-    ok = (isinstance(stats, dict) and set(stats) in (base, base | {"original", "resize"})
+    sized = base | {"original", "resize"}  # "high_depth": written since 16-bit images are scaled
+    ok = (isinstance(stats, dict) and set(stats) in (base, sized, sized | {"high_depth"})
           and mmm(stats["height"]) and mmm(stats["width"])
           and all(isinstance(stats[k], dict) and all(map(count, stats[k].values()))
                   for k in ("channels", "formats"))
-          and (len(stats) == 4 or (original(stats["original"]) and resize(stats["resize"]))))
+          and (len(stats) == 4 or (original(stats["original"]) and resize(stats["resize"])))
+          and count(stats.get("high_depth", 0)))
     if not ok:
         raise DataError(f"{where}: 'image_stats' must hold height and width {{min, max, mean}} "
-                        "and channels and formats counts (and optionally original sizes and "
-                        "the resize option)")
+                        "and channels and formats counts (and optionally original sizes, "
+                        "the resize option and the count of 16-bit or float images)")
     return cast(dict, stats)
 
 

@@ -2,10 +2,13 @@
 
 A source is an ImageFolder tree (class sub-folders -> labels), a flat folder of images
 (unlabeled) or an `.npz` with `images` (N, H, W[, C]) uint8 [+ `labels` (N,), `class_names`].
-`open_source` lists its candidates (paths, labels, class names, non-image files skipped) and
-gives an `encode` that turns candidate i into the bytes a shard stores: JPEG/PNG/WEBP as given,
-other formats re-encoded to PNG, npz arrays encoded to PNG; with a short side N > 0, an image
-whose shorter side exceeds N is stored resized to N on that side, aspect kept, as JPEG.
+`open_source` lists its candidates (paths, labels, class names; files without an image
+extension skipped, hidden files and folders and `__MACOSX` left out, empty class folders left
+out with a note) and gives an `encode` that turns candidate i into the bytes a shard stores:
+JPEG/PNG/WEBP as given, other formats re-encoded to PNG, npz arrays encoded to PNG; with a short
+side N > 0, an image whose shorter side exceeds N is stored resized to N on that side, aspect
+kept, as JPEG. Whatever is re-encoded is first made 8-bit by `decode.to_8bit`, the rule every
+reader applies to the images stored as given.
 """
 
 from __future__ import annotations
@@ -13,20 +16,22 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from oocid.data.decode import open_image
+from oocid.data.decode import exif_orientation, high_depth, open_image, to_8bit
 from oocid.data.manifest import IMAGE_EXTS
 from oocid.errors import InputError, OocidError
 
 DEFAULT_SHORT_SIDE = 256  # store images with a shorter side above this resized to it (0: never)
 DEFAULT_QUALITY = 90  # JPEG quality of resized images
 _KEEP = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> stored ext
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_GRAY_MODES = frozenset({"1", "L", "LA"})  # after `to_8bit`
+NOT_IMAGE = "not an image extension"  # the skip reason of a file whose name is not an image's
+_LEFT_OUT = frozenset({"__MACOSX"})  # the resource forks a macOS zip adds, like hidden files
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Encoded:
     channels: int
     orig_height: int = 0  # the source's size where it was resized, else 0
     orig_width: int = 0
+    high_depth: bool = False  # 16-bit or float pixels in the source, read as 8-bit
 
 
 @dataclass
@@ -49,8 +55,9 @@ class Source:
     paths: list[str]  # (M,) stored path of each candidate, in listing order
     labels: list[int] | None  # (M,) or None if unlabeled
     classes: tuple[str, ...] | None
-    skipped: list[dict]  # non-image files met while listing
+    skipped: list[dict]  # files without an image extension met while listing
     encode: Callable[[int, int, int], Encoded]  # (position, short side, quality) -> checked bytes
+    notes: list[str] = field(default_factory=list)  # warnings of the listing (empty classes)
 
 
 def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
@@ -61,29 +68,19 @@ def _resized_size(width: int, height: int, short: int) -> tuple[int, int]:
     return int(short * width / height), short
 
 
-_ORIENTATION = 0x0112  # the EXIF tag; 2..8 mirror and/or rotate, 5..8 swap width and height
-
-
-def _orientation(img: Image.Image) -> int:
-    try:
-        value = img.getexif().get(_ORIENTATION, 1)
-    except Exception:  # a broken EXIF block: the image as stored
-        return 1
-    return value if isinstance(value, int) and 2 <= value <= 8 else 1
-
-
 def _shrink(img: Image.Image, short: int, quality: int) -> Encoded:
     """Decode (a JPEG at reduced size down to 2x the target, like Image.thumbnail), turn it
     upright by its EXIF orientation, resize with bicubic antialiasing to the shorter side
     `short`, encode as JPEG (mode L or RGB)."""
-    orient = _orientation(img)
+    orient = exif_orientation(img)
     width, height = img.size if orient < 5 else img.size[::-1]  # as shown
     nw, nh = _resized_size(width, height, short)
     img.draft(img.mode, (2 * nw, 2 * nh) if orient < 5 else (2 * nh, 2 * nw))
     img.load()
+    img = to_8bit(img)
     if orient != 1:
         img = ImageOps.exif_transpose(img)
-    mode = "L" if img.mode in _GRAY_MODES or img.mode == "LA" else "RGB"
+    mode = "L" if img.mode in _GRAY_MODES else "RGB"
     small = img.convert(mode).resize((nw, nh), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
     small.save(buf, format="JPEG", quality=quality)
@@ -94,24 +91,32 @@ def _encode_bytes(data: bytes, short: int = 0, quality: int = DEFAULT_QUALITY) -
     """Fully decode `data`; keep JPEG/PNG/WEBP bytes as is, re-encode others to PNG; an image
     whose shorter side exceeds `short` > 0 is resized (`_shrink`)."""
     with open_image(data) as img:
-        if short > 0 and min(img.size) > short:
-            return _shrink(img, short, quality)
-        img.load()
-        if _orientation(img) != 1:  # stored upright: the readers do not look at EXIF
-            return _upright(img, quality)
-        width, height = img.size
-        if img.format in _KEEP:
-            channels = {"P": 3, "PA": 4}.get(img.mode, len(img.getbands()))
-            return Encoded(data, _KEEP[img.format], height, width, channels)
-        mode = "L" if img.mode in _GRAY_MODES else "RGB"
-        return Encoded(_png(img.convert(mode)), "png", height, width, 1 if mode == "L" else 3)
+        deep = high_depth(img)
+        enc = _encode_open(img, data, short, quality)
+    enc.high_depth = deep
+    return enc
+
+
+def _encode_open(img: Image.Image, data: bytes, short: int, quality: int) -> Encoded:
+    if short > 0 and min(img.size) > short:
+        return _shrink(img, short, quality)
+    img.load()
+    if exif_orientation(img) != 1:  # stored upright: the shard readers do not look at EXIF
+        return _upright(img, quality)
+    width, height = img.size
+    if img.format in _KEEP:  # as given: a 16-bit PNG too, which the readers make 8-bit
+        channels = {"P": 3, "PA": 4}.get(img.mode, len(img.getbands()))
+        return Encoded(data, _KEEP[img.format], height, width, channels)
+    img = to_8bit(img)
+    mode = "L" if img.mode in _GRAY_MODES else "RGB"
+    return Encoded(_png(img.convert(mode)), "png", height, width, 1 if mode == "L" else 3)
 
 
 def _upright(img: Image.Image, quality: int) -> Encoded:
     """An image with an EXIF orientation, turned as it is shown: a JPEG re-encoded as JPEG
     (`quality`), other formats as PNG."""
     jpeg = img.format == "JPEG"
-    up = ImageOps.exif_transpose(img)
+    up = ImageOps.exif_transpose(to_8bit(img))
     mode = "L" if up.mode in _GRAY_MODES else "RGB"
     up = up.convert(mode)
     if jpeg:
@@ -130,11 +135,12 @@ def _png(img: Image.Image) -> bytes:
 
 
 def _visible(entries: list[os.DirEntry]) -> list[os.DirEntry]:
-    return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    return sorted((e for e in entries if not e.name.startswith(".") and e.name not in _LEFT_OUT),
+                  key=lambda e: e.name)
 
 
 def _list_files(folder: Path) -> list[Path]:
-    """Non-hidden files under `folder`, recursively, in sorted order."""
+    """Files under `folder`, recursively, in sorted order; hidden ones and `__MACOSX` left out."""
     out: list[Path] = []
     with os.scandir(folder) as it:
         entries = _visible(list(it))
@@ -158,6 +164,7 @@ def _folder_source(src: Path) -> Source:
     listed = {d: _list_files(d) for d in dirs}
     labeled = any(_is_image(f) for fs in listed.values() for f in fs)
     skipped: list[dict] = []
+    notes: list[str] = []
     rel: list[Path] = []
     labels: list[int] | None = None
     classes: tuple[str, ...] | None = None
@@ -167,32 +174,35 @@ def _folder_source(src: Path) -> Source:
                 f"{src}: mixes images and class sub-folders; use either an ImageFolder layout "
                 "(images only inside class folders) or a flat folder of images"
             )
-        classes, labels = tuple(d.name for d in dirs), []
-        skipped += [{"path": f.name, "error": "non-image file"} for f in files]
-        for label, d in enumerate(dirs):
-            if not any(_is_image(f) for f in listed[d]):
-                raise InputError(f"{d}: class folder has no image files")
+        skipped += [{"path": f.name, "error": NOT_IMAGE} for f in files]
+        empty = [d for d in dirs if not any(_is_image(f) for f in listed[d])]
+        notes += [f"{d}: class folder has no image files; left out (the classes are the other "
+                  "folders)" for d in empty]
+        kept = [d for d in dirs if d not in empty]
+        classes, labels = tuple(d.name for d in kept), []
+        for d in empty:
+            skipped += [{"path": f.relative_to(src).as_posix(), "error": NOT_IMAGE}
+                        for f in listed[d]]
+        for label, d in enumerate(kept):
             for f in listed[d]:
                 if _is_image(f):
                     rel.append(f.relative_to(src))
                     labels.append(label)
                 else:
-                    skipped.append(
-                        {"path": f.relative_to(src).as_posix(), "error": "non-image file"}
-                    )
+                    skipped.append({"path": f.relative_to(src).as_posix(), "error": NOT_IMAGE})
     else:
         for f in files:
             if _is_image(f):
                 rel.append(f.relative_to(src))
             else:
-                skipped.append({"path": f.name, "error": "non-image file"})
+                skipped.append({"path": f.name, "error": NOT_IMAGE})
     if not rel:
         raise InputError(f"{src}: no image files found ({', '.join(sorted(IMAGE_EXTS))})")
 
     def encode(i: int, short: int, quality: int) -> Encoded:
         return _encode_bytes((src / rel[i]).read_bytes(), short, quality)
 
-    return Source([p.as_posix() for p in rel], labels, classes, skipped, encode)
+    return Source([p.as_posix() for p in rel], labels, classes, skipped, encode, notes)
 
 
 def _npz_source(src: Path, split: str) -> Source:

@@ -12,8 +12,10 @@ contiguous indices [s*S, min((s+1)*S, N)). Per sample, with key = f"{index:09d}"
 
 Tars are byte-deterministic (mtime 0, uid/gid 0, mode 0o644): the same source and seed give
 the same shards and the same manifest identity. Each shard is written to a temp name and
-renamed (`oocid.atomic`); manifest.json is written last, atomically. Unreadable inputs are
-skipped, reported on stderr and listed in the manifest; they take no index.
+renamed (`oocid.atomic`); manifest.json is written last, atomically. Unreadable inputs and
+files without an image extension are skipped, reported on stderr and listed in the manifest;
+they take no index. Images with 16-bit or float pixels are counted (image_stats "high_depth")
+and named in one warning: the readers scale them to 8 bits (`oocid.data.decode.to_8bit`).
 
 Storing images at a training size is the usual practice (FFCV and others write resized
 ImageNet): RandomResizedCrop(224) and Resize(256) + CenterCrop(224) need no more than a 256 px
@@ -40,7 +42,7 @@ from tqdm import tqdm
 
 from oocid.atomic import AtomicFile, write_error
 from oocid.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_identity, write_manifest
-from oocid.data.sources import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE, Encoded, open_source
+from oocid.data.sources import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE, NOT_IMAGE, Encoded, open_source
 from oocid.errors import InputError, WriteError
 from oocid.progress import progress_bar
 
@@ -190,6 +192,7 @@ def _stats(encs: list[Encoded], short: int, quality: int) -> dict:
         return {"min": int(a.min()), "max": int(a.max()), "mean": float(a.mean())}
 
     channels = Counter(str(e.channels) for e in encs)
+    deep = sum(1 for e in encs if e.high_depth)
     formats = Counter(e.ext for e in encs)
     resized = sum(1 for e in encs if e.orig_height)
     return {
@@ -200,7 +203,27 @@ def _stats(encs: list[Encoded], short: int, quality: int) -> dict:
         "original": {"height": mmm([e.orig_height or e.height for e in encs]),
                      "width": mmm([e.orig_width or e.width for e in encs])},
         "resize": {"short_side": short, "quality": quality, "resized": resized},
+        "high_depth": deep,
     }
+
+
+def _count(k: int, one: str, many: str) -> str:
+    return f"{k} {one if k == 1 else many}"
+
+
+def skip_counts(skipped: tuple[dict, ...] | list[dict]) -> str:
+    """"N unreadable[, M without an image extension]": the skipped inputs by kind."""
+    names = sum(1 for s in skipped  # "non-image file": the same reason in older manifests
+                if s.get("error") in (NOT_IMAGE, "non-image file"))
+    bad = len(skipped) - names
+    return f"{bad} unreadable" + (f", {names} without an image extension" if names else "")
+
+
+def shard_summary(m: Manifest, out: Path) -> str:
+    """The line `oocid shard` ends with."""
+    cls = f", {_count(len(m.classes), 'class', 'classes')}" if m.classes else ", unlabeled"
+    return (f"wrote {_count(m.n, 'sample', 'samples')} in {_count(len(m.shards), 'shard', 'shards')}"
+            f" to {out}{cls}; skipped {skip_counts(m.skipped)}")
 
 
 def _shown(src: Path, path: str) -> str:
@@ -247,6 +270,8 @@ def write_shards(
     skipped = list(source.skipped)
     for s in skipped:
         _warn(f"skipped {_shown(src, s['path'])}: {s['error']}")
+    for note in source.notes:
+        _warn(note)
     _check_out(out, force)
 
     writer = _ShardWriter(out, shard_size)
@@ -288,11 +313,14 @@ def write_shards(
     if writer.n == 0:  # nothing written, not even the folder: no manifest lists the skipped
         raise InputError(f"{src}: no readable images ({len(skipped)} skipped, each named "
                          f"above); nothing written to {out}")
-    if skipped:
-        _warn(
-            f"skipped {len(skipped)} of {len(source.paths) + len(source.skipped)} inputs "
-            f"(listed in {out / MANIFEST_NAME})"
-        )
+    if skipped:  # the progress bar counted only the files with an image extension
+        _warn(f"skipped {len(skipped)} of {len(source.paths) + len(source.skipped)} inputs: "
+              f"{skip_counts(skipped)} (listed in {out / MANIFEST_NAME})")
+    deep = sum(1 for e in sizes if e.high_depth)
+    if deep:
+        _warn(f"{_count(deep, 'image has', 'images have')} 16-bit or floating-point pixels; "
+              "they are read as 8-bit (16-bit values / 257, floats in [0, 1] x 255, other "
+              "floats clipped to 0..255)")
     try:
         return _write_manifest(src, out, source.classes, writer, skipped, sizes, short_side,
                                quality, seed)

@@ -25,7 +25,7 @@ from oocid.checkpoint import check_bank_id, load_checkpoint, model_from_checkpoi
 from oocid.config import Config, DataConfig, config_from_dict
 from oocid.data.augment import batch_eval_transform, sample_transform
 from oocid.data.batch import fits_in_memory, normalization_stats
-from oocid.data.decode import decode_image
+from oocid.data.decode import decode_file, decode_image
 from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import IMAGE_EXTS, Manifest, read_manifest, verify_shards
 from oocid.data.reader import RawSample, iter_samples
@@ -218,7 +218,7 @@ def load_queries(files: Sequence[Path], channels: int, named: Sequence[Path]
     images: list[Image.Image] = []
     for f in files:
         try:
-            images.append(decode_image(f.read_bytes(), channels))
+            images.append(decode_file(f.read_bytes(), channels))
         except Exception as e:  # PIL raises many kinds for a non-image
             if f in direct:
                 raise InputError(f"{f}: not a readable image ({_why(e)})") from None

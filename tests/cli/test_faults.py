@@ -557,8 +557,9 @@ def test_non_image_files_in_the_source_folder_are_skipped_and_listed(tmp_path: P
     (src / "a" / "notes.txt").write_text("not an image")
     (src / "b" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     res = ok(oocid("shard", src, tmp_path / "out", "--shard-size", 4, "--no-progress"))
-    assert "wrote 6 samples in 2 shards" in res.out and "skipped 2 unreadable" in res.out, res
-    assert re.search(r"skipped .*a/notes\.txt: non-image file", res.err), res
+    assert "wrote 6 samples in 2 shards" in res.out, res
+    assert "skipped 1 unreadable, 1 without an image extension" in res.out, res
+    assert re.search(r"skipped .*a/notes\.txt: not an image extension", res.err), res
     assert re.search(r"skipped .*b/broken\.jpg: ", res.err), res
     listed = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["skipped"]
     assert sorted(s["path"] for s in listed) == ["a/notes.txt", "b/broken.jpg"]
@@ -575,7 +576,7 @@ def test_a_source_of_unreadable_files_only_writes_nothing(tmp_path: Path) -> Non
     res = oocid("shard", src, tmp_path / "out", "--no-progress")
     assert_error(res, 2, (re.escape(str(src)), r"no readable images \(2 skipped, each named "
                           r"above\); nothing written to " + re.escape(str(tmp_path / "out"))))
-    assert re.search(r"skipped .*notes\.txt: non-image file", res.err), res
+    assert re.search(r"skipped .*notes\.txt: not an image extension", res.err), res
     assert re.search(r"skipped .*broken\.jpg: ", res.err), res
     assert "listed in" not in res.err and "manifest" not in res.err, res
     assert not (tmp_path / "out").exists()

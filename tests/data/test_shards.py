@@ -85,6 +85,7 @@ def test_npz_round_trip(npz_shards: tuple[Path, Manifest]) -> None:
         "original": {"height": {"min": 6, "max": 6, "mean": 6.0},
                      "width": {"min": 5, "max": 5, "mean": 5.0}},
         "resize": {"short_side": 256, "quality": 90, "resized": 0},
+        "high_depth": 0,
     }
     positions = []
     for shard, p in zip(m.shards, m.shard_paths(), strict=True):
@@ -163,7 +164,8 @@ def test_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 
     assert m.n == 5 and len(m.shards) == 3 and m.classes == ("cat", "dog")
     assert {s["path"]: s["error"] for s in m.skipped}.keys() == {"cat/notes.txt", "dog/broken.jpg"}
-    assert dict((s["path"], s["error"]) for s in m.skipped)["cat/notes.txt"] == "non-image file"
+    reasons = {s["path"]: s["error"] for s in m.skipped}
+    assert reasons["cat/notes.txt"] == "not an image extension"
     err = capsys.readouterr().err
     assert f"oocid: warning: skipped {src / 'dog' / 'broken.jpg'}:" in err
     assert "skipped 2 of 7 inputs" in err
