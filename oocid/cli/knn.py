@@ -22,7 +22,8 @@ from torch import Tensor
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
-from oocid.eval.evaluate import check_same_classes, num_classes_of, read_labels
+from oocid.eval.classes import class_map, training_labels
+from oocid.eval.evaluate import num_classes_of, read_labels
 from oocid.eval.plot import save_image
 from oocid.eval.retrieval import (
     contact_sheet,
@@ -56,10 +57,12 @@ def per_class_top1(confusion: Tensor) -> list[float | None]:
 
 
 def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: int,
-               temperature: float, classes: Sequence[str]) -> dict[str, Any]:
+               temperature: float, classes: Sequence[str],
+               evaluated: Sequence[int] | None = None) -> dict[str, Any]:
     """top-1 (and top-5 with more than 5 classes: with 5 or fewer it is always 1), per-class
     top-1 and confusion matrix at k' = min(k, N), from the sorted top-k (sims,
-    neighbour_labels (Q, >=k'))."""
+    neighbour_labels (Q, >=k')). The confusion matrix is over every (training) class; the
+    per-class list holds the `evaluated` ones (the validation set's; default all)."""
     c = len(classes)
     used = min(k, sims.shape[1])
     scores = knn_scores_from_topk(sims, neighbour_labels, used, temperature, c)
@@ -67,8 +70,9 @@ def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: 
     pred = scores.argsort(dim=1, descending=True, stable=True)[:, 0]  # as topk_accuracy ranks
     conf = confusion_matrix(pred, query_labels, c)
     n = conf.sum(dim=1).tolist()
-    per = [{"class": name, "n": int(n[i]), "top1": a}
-           for i, (name, a) in enumerate(zip(classes, per_class_top1(conf), strict=True))]
+    top1 = per_class_top1(conf)
+    per = [{"class": classes[i], "n": int(n[i]), "top1": top1[i]}
+           for i in (range(c) if evaluated is None else sorted(set(evaluated)))]
     top5 = {"top5": acc[5]} if c > 5 else {}
     return {"top1": acc[1], **top5, "k": used, "per_class": per, "confusion": conf.tolist()}
 
@@ -95,7 +99,7 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     side = load_training_side(checkpoint, _banks(bank), train_shards, device_name, recompute, progress,
                               verify=verify)
     tm = side.manifest
-    check_same_classes(tm, vm, val)
+    mapping = class_map(tm, vm, val)  # validation classes matched to training ones by name
     labels = read_labels(tm)
     if (labels < 0).any():  # shards of the wrong kind for the command: input, as `train --val`
         raise InputError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
@@ -105,11 +109,14 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
                                       side.cfg.model.channels_last)
     if (vlab < 0).any():
         raise InputError(f"{val}: validation shards are unlabeled; kNN accuracy needs labels")
+    vlab = training_labels(vlab, mapping, val)
     if int(vlab.max()) >= c:
         raise DataError(f"{val}: label {int(vlab.max())} outside the training set's {c} classes")
     sims, index = topk_indexed(feats, side.chunks(), max(ks))  # (Q, k'), once at the largest k
     nl = torch.from_numpy(labels).to(index.device)[index]
-    by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes) for kk in ks}
+    evaluated = None if mapping is None else mapping.tolist()
+    by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes, evaluated)
+            for kk in ks}
     return {**by_k[str(max(ks))], "ks": ks, "temperature": temperature,
             "queries": int(feats.shape[0]), "bank_rows": tm.n,
             "bank": _bank_name(bank),
