@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from oocid.atomic import check_writable
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
@@ -28,6 +29,7 @@ from oocid.eval.plot import save_image
 from oocid.eval.retrieval import (
     contact_sheet,
     embed_images,
+    fit_caption,
     load_queries,
     load_training_side,
     lookup_samples,
@@ -176,6 +178,7 @@ def run_search(bank: Path | Sequence[Path] | None, checkpoint: Path, queries: Se
     channels = side.model.in_channels
     files, images = load_queries(files, channels, queries)  # a folder's unreadable ones skipped
     sims, index = topk_indexed(embed_images(side, images), side.chunks(), k)  # (Q, k')
+    used = sims.shape[1]  # k' = min(k, training rows)
     tm = side.manifest
     samples = lookup_samples(tm, index.flatten().tolist())
     hits = []
@@ -192,7 +195,7 @@ def run_search(bank: Path | Sequence[Path] | None, checkpoint: Path, queries: Se
         hits.append(QueryHits(f, images[q], found, thumbs))
     meta = {"checkpoint": str(checkpoint), "bank": _bank_name(bank),
             "train_shards": str(tm.root),
-            "features": side.features, "k": k}
+            "features": side.features, "k": used, **({"k_asked": k} if used < k else {})}
     return meta, hits
 
 
@@ -201,8 +204,13 @@ def search_json(meta: dict[str, Any], hits: list[QueryHits]) -> dict[str, Any]:
                                 for h in hits]}
 
 
-def format_hits(hits: list[QueryHits]) -> str:
+def format_hits(hits: list[QueryHits], meta: dict[str, Any] | None = None) -> str:
+    """Each query's neighbours, one a line; first, when `meta` (`run_search`'s) says k was
+    above the training rows, a line saying every row was used."""
     lines = []
+    if meta is not None and "k_asked" in meta:
+        lines.append(f"{meta['k']} neighbours per query (k={meta['k']}, all training rows; "
+                     f"asked {meta['k_asked']})")
     for q, h in enumerate(hits):
         lines.append(f"query {q + 1}/{len(hits)}: {h.query}")
         for n in h.neighbours:
@@ -223,16 +231,39 @@ def sheet_format(path: Path) -> str:
     return fmt
 
 
-def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]:
-    """The contact sheet (PNG or JPEG, as `path`'s suffix says): per query, the query then its
-    neighbours captioned with the similarity. Returns its (width, height)."""
-    fmt = sheet_format(path)
+def check_tile(tile: int) -> None:
     if tile < 8:
         raise InputError(f"--tile must be >= 8 pixels, got {tile}")
-    rows = [[(h.image, "query"), *((t, f"{n['similarity']:.3f}")
-                                   for t, n in zip(h.thumbs, h.neighbours, strict=True))]
+
+
+def check_outputs(out: Path | None, sheet: Path | None, tile: int, search: bool) -> None:
+    """`knn`'s options and output paths, before any work: --sheet only with --query, of a
+    format it writes, --tile of at least 8 pixels, and a file can be made at --out and --sheet
+    (`check_writable`: a missing folder is an InputError, one that refuses a file exit 4)."""
+    check_tile(tile)
+    if sheet is not None:
+        if not search:
+            raise InputError("--sheet needs --query")
+        sheet_format(sheet)
+        check_writable(sheet, "contact sheet")
+    if out is not None:
+        check_writable(out, "results")
+
+
+def sheet_rows(hits: list[QueryHits], tile: int) -> list[list[tuple[Image.Image, str]]]:
+    """Per query: the query captioned with its file name (shortened to fit the tile), then its
+    neighbours captioned with their similarity."""
+    return [[(h.image, fit_caption(h.query.name, tile - 2)),
+             *((t, f"{n['similarity']:.3f}") for t, n in zip(h.thumbs, h.neighbours, strict=True))]
             for h in hits]
-    sheet = contact_sheet(rows, tile)
+
+
+def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]:
+    """The contact sheet (PNG or JPEG, as `path`'s suffix says) of `sheet_rows`. Returns its
+    (width, height)."""
+    fmt = sheet_format(path)
+    check_tile(tile)
+    sheet = contact_sheet(sheet_rows(hits, tile), tile)
     save_image(sheet, path, fmt)
     return sheet.size
 

@@ -307,6 +307,30 @@ def sheet_size(rows: int, cols: int, tile: int) -> tuple[int, int]:
     return cols * (tile + PAD) + PAD, rows * (tile + CAPTION + PAD) + PAD
 
 
+def fit_caption(text: str, width: int) -> str:
+    """`text` shortened in the middle (its start and end kept, "…" between) to at most `width`
+    pixels in the contact sheet's font; characters that font cannot draw become "?"."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+
+    def length(t: str) -> float:
+        try:
+            return float(draw.textlength(t, font=font))
+        except UnicodeError:  # Pillow's bitmap font (no FreeType) draws Latin-1 only
+            return float("inf")
+
+    if length(text) == float("inf"):
+        text = text.encode("latin-1", "replace").decode("latin-1")
+    if length(text) <= width:
+        return text
+    dots = "…" if length("…") < float("inf") else "..."
+    for n in range(len(text) - 1, 0, -1):
+        cut = text[:(n + 1) // 2] + dots + text[len(text) - n // 2:]
+        if length(cut) <= width:
+            return cut
+    return dots if length(dots) <= width else ""
+
+
 def contact_sheet(rows: Sequence[Sequence[tuple[Image.Image, str]]], tile: int = 96
                   ) -> Image.Image:
     """One row per list of (image, caption); images fitted into tile x tile (tiny ones scaled
