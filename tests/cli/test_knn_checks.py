@@ -138,9 +138,10 @@ def test_each_sheet_row_is_captioned_with_its_query_files_name() -> None:
     img = Image.new("L", (16, 16))
     long = Path("some/folder/a_rather_long_query_file_name_17.png")
     hits = [QueryHits(Path("x/q.png"), img, [{"similarity": 0.5}], [img]),
-            QueryHits(long, img, [], [])]
+            QueryHits(long, img, [], []), QueryHits(Path("ñandú_日.png"), img, [], [])]
     rows = sheet_rows(hits, 96)
     assert [c for _, c in rows[0]] == ["q.png", "0.500"]
+    assert rows[2][0][1] == "nandu_?.png"  # the sheet's font draws ASCII only, not a box
     short = rows[1][0][1]
     width = ImageDraw.Draw(Image.new("L", (1, 1))).textlength(short, font=ImageFont.load_default())
     assert width <= 94 and "…" in short, short
