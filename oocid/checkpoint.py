@@ -90,6 +90,10 @@ def finish_checkpoint(run_dir: Path, step: int) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a checkpoint file (CPU tensors); InputError/DataError with the path on failure."""
     path = Path(path)
+    if path.is_dir():
+        last = path / "last.pt"
+        hint = f"; give {last}, the newest checkpoint of that run" if last.is_file() else ""
+        raise InputError(f"{path}: is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found")
     try:

@@ -18,8 +18,12 @@ import numpy as np
 from oocid.config import Config, demo_config
 
 
-def tiny_npz(path: Path, n: int = 96, size: int = 16, classes: int = 4, seed: int = 0) -> Path:
-    """Synthetic labeled grayscale images: each class a different bar orientation plus noise."""
+def tiny_npz(path: Path, n: int = 96, size: int = 16, classes: int = 4, seed: int = 0,
+             keep: list[int] | None = None, names: list[str] | None = None) -> Path:
+    """Synthetic labeled grayscale images: each class a different bar orientation plus noise.
+    `keep`: only the images of these classes (the same images as without it), relabeled
+    0, 1, ... in this order, as a folder of only those classes numbers them; `names`: the class
+    names (default c0, c1, ...: each class's name before `keep`)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % classes
     yy, xx = np.mgrid[0:size, 0:size]
@@ -28,8 +32,13 @@ def tiny_npz(path: Path, n: int = 96, size: int = 16, classes: int = 4, seed: in
         pattern = [(xx // 3) % 2, (yy // 3) % 2, ((xx + yy) // 3) % 2, ((xx - yy) // 3) % 2][c % 4]
         img = pattern * 180 + rng.integers(0, 60, (size, size))
         images[i] = np.clip(img, 0, 255)
+    class_names = [f"c{i}" for i in range(classes)]
+    if keep is not None:
+        rows = np.isin(labels, keep)
+        images, labels = images[rows], np.array([keep.index(c) for c in labels[rows]])
+        class_names = [class_names[c] for c in keep]
     np.savez(path, images=images, labels=labels.astype(np.int64),
-             class_names=np.array([f"c{i}" for i in range(classes)]))
+             class_names=np.array(names if names is not None else class_names))
     return path
 
 

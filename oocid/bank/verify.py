@@ -89,20 +89,27 @@ def verify_store(path: Path | str, *, tol: float | None = None,
 
 
 def store_info(path: Path | str) -> dict[str, Any]:
-    """Summary of a bank: shape, dtype, kind, sizes, metadata and row-norm statistics."""
+    """Summary of a bank: shape, dtype, kind, sizes, metadata and row-norm statistics. A chunk
+    file that is missing, truncated or does not decode leaves the norms out: `damaged` holds
+    its error (naming the file) in their place, the metadata is all there."""
     with open_store(path, read_only=True) as store:
         store.check_rows = False  # the norms of a damaged bank are what this reports
-        lo, hi, total = np.inf, -np.inf, 0.0
-        for _, x in store.iter_chunks():
-            norms = _row_norms(x)
-            lo, hi, total = min(lo, norms.min()), max(hi, norms.max()), total + norms.sum()
         m = store.meta
-        return {"path": str(store.path), "kind": store.kind, "n_rows": m.n_rows, "dim": m.dim,
-                "dtype": m.dtype, "chunk_rows": m.chunk_rows, "n_chunks": store.n_chunks,
-                "nbytes_on_disk": store.nbytes_on_disk(), "committed_step": m.committed_step,
-                "bank_id": m.bank_id, "manifest_id": m.manifest_id, "momentum": m.momentum, "seed": m.seed,
-                "pending_journal": store.pending_journal, "norm_min": float(lo),
-                "norm_mean": float(total / m.n_rows), "norm_max": float(hi)}
+        info: dict[str, Any] = {
+            "path": str(store.path), "kind": store.kind, "n_rows": m.n_rows, "dim": m.dim,
+            "dtype": m.dtype, "chunk_rows": m.chunk_rows, "n_chunks": store.n_chunks,
+            "nbytes_on_disk": store.nbytes_on_disk(), "committed_step": m.committed_step,
+            "bank_id": m.bank_id, "manifest_id": m.manifest_id, "momentum": m.momentum,
+            "seed": m.seed, "pending_journal": store.pending_journal}
+        lo, hi, total = np.inf, -np.inf, 0.0
+        try:
+            for _, x in store.iter_chunks():
+                norms = _row_norms(x)
+                lo, hi, total = min(lo, norms.min()), max(hi, norms.max()), total + norms.sum()
+        except DataError as e:  # a chunk file missing, truncated or undecodable
+            return {**info, "damaged": str(e)}
+        return {**info, "norm_min": float(lo), "norm_mean": float(total / m.n_rows),
+                "norm_max": float(hi)}
 
 
 def check_matches(store: BankStore, n_rows: int, dim: int, manifest_id: str | None, *,

@@ -227,23 +227,20 @@ def knn(
 
     if (shards is None) == (not query):
         raise InputError("give either --shards DIR (classify) or --query PATH (search)")
+    knn_cli.check_outputs(out, sheet, tile, search=bool(query))  # before any work
     if query:
         if k is not None and len(k) > 1:
             raise InputError("--query takes one --k")
-        if sheet is not None:
-            knn_cli.sheet_format(sheet)  # a suffix it cannot write is refused before the search
         meta, hits = knn_cli.run_search(bank, checkpoint, query, train_shards,
                                         k[0] if k else 10, device, recompute=recompute,
                                         progress=progress, verify=verify_checksums)
-        print(knn_cli.format_hits(hits))
+        print(knn_cli.format_hits(hits, meta))
         if sheet is not None:
             w, h = knn_cli.write_sheet(hits, sheet, tile)
             print(f"wrote {sheet} ({w}x{h})")
         if out is not None:
             atomic_write(out, knn_cli.to_json(knn_cli.search_json(meta, hits)) + "\n", "results")
         return
-    if sheet is not None:
-        raise InputError("--sheet needs --query")
     assert shards is not None
     res = knn_cli.run_knn(bank, checkpoint, shards, train_shards, k or [200], temperature, device,
                           recompute=recompute, progress=progress, verify=verify_checksums)

@@ -19,14 +19,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from oocid.atomic import check_writable
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
-from oocid.eval.evaluate import check_same_classes, num_classes_of, read_labels
+from oocid.eval.classes import class_map, training_labels
+from oocid.eval.evaluate import num_classes_of, read_labels
 from oocid.eval.plot import save_image
 from oocid.eval.retrieval import (
     contact_sheet,
     embed_images,
+    fit_caption,
     load_queries,
     load_training_side,
     lookup_samples,
@@ -56,10 +59,12 @@ def per_class_top1(confusion: Tensor) -> list[float | None]:
 
 
 def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: int,
-               temperature: float, classes: Sequence[str]) -> dict[str, Any]:
+               temperature: float, classes: Sequence[str],
+               evaluated: Sequence[int] | None = None) -> dict[str, Any]:
     """top-1 (and top-5 with more than 5 classes: with 5 or fewer it is always 1), per-class
     top-1 and confusion matrix at k' = min(k, N), from the sorted top-k (sims,
-    neighbour_labels (Q, >=k'))."""
+    neighbour_labels (Q, >=k')). The confusion matrix is over every (training) class; the
+    per-class list holds the `evaluated` ones (the validation set's; default all)."""
     c = len(classes)
     used = min(k, sims.shape[1])
     scores = knn_scores_from_topk(sims, neighbour_labels, used, temperature, c)
@@ -67,8 +72,9 @@ def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: 
     pred = scores.argsort(dim=1, descending=True, stable=True)[:, 0]  # as topk_accuracy ranks
     conf = confusion_matrix(pred, query_labels, c)
     n = conf.sum(dim=1).tolist()
-    per = [{"class": name, "n": int(n[i]), "top1": a}
-           for i, (name, a) in enumerate(zip(classes, per_class_top1(conf), strict=True))]
+    top1 = per_class_top1(conf)
+    per = [{"class": classes[i], "n": int(n[i]), "top1": top1[i]}
+           for i in (range(c) if evaluated is None else sorted(set(evaluated)))]
     top5 = {"top5": acc[5]} if c > 5 else {}
     return {"top1": acc[1], **top5, "k": used, "per_class": per, "confusion": conf.tolist()}
 
@@ -95,7 +101,7 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     side = load_training_side(checkpoint, _banks(bank), train_shards, device_name, recompute, progress,
                               verify=verify)
     tm = side.manifest
-    check_same_classes(tm, vm, val)
+    mapping = class_map(tm, vm, val)  # validation classes matched to training ones by name
     labels = read_labels(tm)
     if (labels < 0).any():  # shards of the wrong kind for the command: input, as `train --val`
         raise InputError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
@@ -105,11 +111,14 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
                                       side.cfg.model.channels_last)
     if (vlab < 0).any():
         raise InputError(f"{val}: validation shards are unlabeled; kNN accuracy needs labels")
+    vlab = training_labels(vlab, mapping, val)
     if int(vlab.max()) >= c:
         raise DataError(f"{val}: label {int(vlab.max())} outside the training set's {c} classes")
     sims, index = topk_indexed(feats, side.chunks(), max(ks))  # (Q, k'), once at the largest k
     nl = torch.from_numpy(labels).to(index.device)[index]
-    by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes) for kk in ks}
+    evaluated = None if mapping is None else mapping.tolist()
+    by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes, evaluated)
+            for kk in ks}
     return {**by_k[str(max(ks))], "ks": ks, "temperature": temperature,
             "queries": int(feats.shape[0]), "bank_rows": tm.n,
             "bank": _bank_name(bank),
@@ -169,6 +178,7 @@ def run_search(bank: Path | Sequence[Path] | None, checkpoint: Path, queries: Se
     channels = side.model.in_channels
     files, images = load_queries(files, channels, queries)  # a folder's unreadable ones skipped
     sims, index = topk_indexed(embed_images(side, images), side.chunks(), k)  # (Q, k')
+    used = sims.shape[1]  # k' = min(k, training rows)
     tm = side.manifest
     samples = lookup_samples(tm, index.flatten().tolist())
     hits = []
@@ -185,7 +195,7 @@ def run_search(bank: Path | Sequence[Path] | None, checkpoint: Path, queries: Se
         hits.append(QueryHits(f, images[q], found, thumbs))
     meta = {"checkpoint": str(checkpoint), "bank": _bank_name(bank),
             "train_shards": str(tm.root),
-            "features": side.features, "k": k}
+            "features": side.features, "k": used, **({"k_asked": k} if used < k else {})}
     return meta, hits
 
 
@@ -194,8 +204,13 @@ def search_json(meta: dict[str, Any], hits: list[QueryHits]) -> dict[str, Any]:
                                 for h in hits]}
 
 
-def format_hits(hits: list[QueryHits]) -> str:
+def format_hits(hits: list[QueryHits], meta: dict[str, Any] | None = None) -> str:
+    """Each query's neighbours, one a line; first, when `meta` (`run_search`'s) says k was
+    above the training rows, a line saying every row was used."""
     lines = []
+    if meta is not None and "k_asked" in meta:
+        lines.append(f"{meta['k']} neighbours per query (k={meta['k']}, all training rows; "
+                     f"asked {meta['k_asked']})")
     for q, h in enumerate(hits):
         lines.append(f"query {q + 1}/{len(hits)}: {h.query}")
         for n in h.neighbours:
@@ -216,16 +231,39 @@ def sheet_format(path: Path) -> str:
     return fmt
 
 
-def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]:
-    """The contact sheet (PNG or JPEG, as `path`'s suffix says): per query, the query then its
-    neighbours captioned with the similarity. Returns its (width, height)."""
-    fmt = sheet_format(path)
+def check_tile(tile: int) -> None:
     if tile < 8:
         raise InputError(f"--tile must be >= 8 pixels, got {tile}")
-    rows = [[(h.image, "query"), *((t, f"{n['similarity']:.3f}")
-                                   for t, n in zip(h.thumbs, h.neighbours, strict=True))]
+
+
+def check_outputs(out: Path | None, sheet: Path | None, tile: int, search: bool) -> None:
+    """`knn`'s options and output paths, before any work: --sheet only with --query, of a
+    format it writes, --tile of at least 8 pixels, and a file can be made at --out and --sheet
+    (`check_writable`: a missing folder is an InputError, one that refuses a file exit 4)."""
+    check_tile(tile)
+    if sheet is not None:
+        if not search:
+            raise InputError("--sheet needs --query")
+        sheet_format(sheet)
+        check_writable(sheet, "contact sheet")
+    if out is not None:
+        check_writable(out, "results")
+
+
+def sheet_rows(hits: list[QueryHits], tile: int) -> list[list[tuple[Image.Image, str]]]:
+    """Per query: the query captioned with its file name (shortened to fit the tile), then its
+    neighbours captioned with their similarity."""
+    return [[(h.image, fit_caption(h.query.name, tile - 2)),
+             *((t, f"{n['similarity']:.3f}") for t, n in zip(h.thumbs, h.neighbours, strict=True))]
             for h in hits]
-    sheet = contact_sheet(rows, tile)
+
+
+def write_sheet(hits: list[QueryHits], path: Path, tile: int) -> tuple[int, int]:
+    """The contact sheet (PNG or JPEG, as `path`'s suffix says) of `sheet_rows`. Returns its
+    (width, height)."""
+    fmt = sheet_format(path)
+    check_tile(tile)
+    sheet = contact_sheet(sheet_rows(hits, tile), tile)
     save_image(sheet, path, fmt)
     return sheet.size
 

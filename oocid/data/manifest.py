@@ -209,6 +209,9 @@ def read_manifest(shard_dir: Path) -> Manifest:
     """Load and validate `shard_dir/manifest.json`; check every shard file is there."""
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST_NAME
+    if shard_dir.exists() and not shard_dir.is_dir():
+        raise InputError(f"{shard_dir}: is a file, not a shard folder (give the folder "
+                         "`oocid shard` wrote)")
     if not shard_dir.is_dir():
         raise InputError(f"{shard_dir}: no such shard folder")
     if not path.is_file():

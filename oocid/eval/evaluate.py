@@ -9,7 +9,6 @@ Q queries, N bank rows, D dims, C classes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -162,8 +161,3 @@ def num_classes_of(manifest: Manifest, labels: np.ndarray) -> int:
         return len(manifest.classes)
     return int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0
 
-
-def check_same_classes(train: Manifest, val: Manifest, val_path: Path) -> None:
-    if train.classes and val.classes and tuple(train.classes) != tuple(val.classes):
-        raise DataError(f"{val_path}: class names differ from the training shards' "
-                        f"({len(val.classes)} vs {len(train.classes)} classes)")

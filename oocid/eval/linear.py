@@ -28,8 +28,9 @@ from oocid.config import config_from_dict
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError
+from oocid.eval.classes import class_map, training_labels
 from oocid.eval.embed import write_features
-from oocid.eval.evaluate import check_same_classes, num_classes_of
+from oocid.eval.evaluate import num_classes_of
 from oocid.eval.export import pre_fc
 from oocid.method.knn import topk_accuracy
 
@@ -110,7 +111,7 @@ def linear_eval(checkpoint: Path, train_shards: Path, val_shards: Path, *,
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], str(checkpoint))
     emb = model_from_checkpoint(state, device, str(checkpoint))
-    check_same_classes(tm, vm, val_shards)
+    mapping = class_map(tm, vm, val_shards)  # validation classes matched by name
     net: nn.Module = emb if head else pre_fc(emb)  # what embeds the images, frozen
     before = state_hash(net)
     with tempfile.TemporaryDirectory(prefix="oocid-linear-") as tmp:
@@ -124,6 +125,7 @@ def linear_eval(checkpoint: Path, train_shards: Path, val_shards: Path, *,
             raise DataError(f"{train_shards if (yt < 0).any() else val_shards}: unlabeled "
                             "samples; a linear probe needs labels")
         c = num_classes_of(tm, yt)
+        yv = training_labels(torch.from_numpy(yv), mapping, val_shards).numpy()
         if int(yv.max()) >= c:
             raise DataError(f"{val_shards}: label {int(yv.max())} outside the {c} classes")
         clf, losses = fit_linear(xt, yt, c, probe, device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -305,6 +306,52 @@ PAD, CAPTION = 4, 14  # pixels between cells; caption strip under each tile
 def sheet_size(rows: int, cols: int, tile: int) -> tuple[int, int]:
     """(width, height) of a contact sheet of rows x cols tiles of tile x tile pixels."""
     return cols * (tile + PAD) + PAD, rows * (tile + CAPTION + PAD) + PAD
+
+
+_NO_GLYPH = "\u0378"  # an unassigned code point: what a font draws for a character it lacks
+
+
+def _drawable(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
+    """`text` with each character the font cannot draw replaced by its base letter (é -> e)
+    when it can draw that, else by "?" (Pillow's built-in font draws ASCII only)."""
+    def mask(t: str) -> tuple[tuple[int, int], bytes] | None:
+        try:
+            m = font.getmask(t)
+        except UnicodeError:  # the bitmap font without FreeType: Latin-1 only
+            return None
+        return m.size, bytes(m)
+
+    missing = mask(_NO_GLYPH)
+
+    def ok(ch: str) -> bool:
+        got = mask(ch)
+        return got is not None and got != missing
+
+    out = []
+    for ch in text:
+        base = "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c))
+        out.append(ch if ok(ch) else base if base and all(ok(c) for c in base) else "?")
+    return "".join(out)
+
+
+def fit_caption(text: str, width: int) -> str:
+    """`text` in characters the contact sheet's font draws (`_drawable`), shortened in the
+    middle (its start and end kept, "…" between) to at most `width` pixels."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    text = _drawable(text, font)
+    dots = "…" if _drawable("…", font) == "…" else "..."
+
+    def fits(t: str) -> bool:
+        return float(draw.textlength(t, font=font)) <= width
+
+    if fits(text):
+        return text
+    for n in range(len(text) - 1, 0, -1):
+        cut = text[:(n + 1) // 2] + dots + text[len(text) - n // 2:]
+        if fits(cut):
+            return cut
+    return dots if fits(dots) else ""
 
 
 def contact_sheet(rows: Sequence[Sequence[tuple[Image.Image, str]]], tile: int = 96

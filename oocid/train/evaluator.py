@@ -7,6 +7,7 @@ import torch
 from oocid.data.eval_data import eval_batches
 from oocid.distributed.merge import topk_across
 from oocid.distributed.partition import global_rows
+from oocid.eval.classes import class_map, training_labels
 from oocid.eval.embed import iter_features
 from oocid.eval.evaluate import knn_streamed, num_classes_of, read_labels, tensor_chunks
 from oocid.train.state import RunState
@@ -26,6 +27,8 @@ class Evaluator:
         self.num_classes = num_classes_of(run.manifest, labels)
         # this process's rows of the bank (all of them with one process)
         self.train_labels = torch.from_numpy(labels[global_rows(run.local or run.manifest)])
+        # the validation labels as training labels: classes matched by name (oocid.eval.classes)
+        self.classes = class_map(run.manifest, self.val, self.val.root)
 
     def __call__(self) -> dict[str, float]:
         run, cfg, bank = self.run, self.run.cfg, self.run.bank
@@ -38,8 +41,8 @@ class Evaluator:
         # several processes: rank 0's features for all (each process's BatchNorm statistics
         # are its own; rank 0's model is the one the checkpoint keeps), each scores its part
         # of the bank and k candidates per query are merged
-        queries = ((world.broadcast_tensor(f), label) for _, f, label in
-                   iter_features(run.model, batches, cfg.model.channels_last))
+        queries = ((world.broadcast_tensor(f), training_labels(y, self.classes, self.val.root))
+                   for _, f, y in iter_features(run.model, batches, cfg.model.channels_last))
         topk = (lambda q, rows: topk_across(world, q, rows, self.train_labels, k)) \
             if world.distributed else None
         acc = knn_streamed(queries, chunks, self.train_labels, k, cfg.train.knn_temperature, c,

@@ -420,10 +420,10 @@ def test_top_level_help_lists_every_command() -> None:
         assert re.search(rf"\b{name}\b", out), out
 
 
-def test_knn_out_that_cannot_be_written_is_exit_4_with_the_result_printed(
+def test_knn_out_that_cannot_be_written_is_exit_4_before_any_work(
         jobs: dict[str, Future[Any]], inputs: Inputs) -> None:
-    """The kNN result still reaches stdout; --out fails with one line and leaves nothing."""
+    """--out below a file fails with one line before the search, and leaves nothing."""
     run = jobs["knn-unwritable"].result()
     assert_error(run, 4, [r"not-a-folder/res\.json", "could not write results"])
-    assert "kNN top-1" in run.out
+    assert run.out == ""
     assert (inputs.work / "not-a-folder").read_text() == "x"

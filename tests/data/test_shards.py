@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 import warnings
 from pathlib import Path
@@ -251,6 +252,9 @@ def test_read_manifest_errors(npz_shards: tuple[Path, Manifest]) -> None:
     good = json.loads(path.read_text())
     with pytest.raises(InputError, match="no such shard folder"):
         read_manifest(m.root / "missing")
+    with pytest.raises(InputError, match=re.escape(f"{m.shard_paths()[0]}: is a file, not a "
+                                                   "shard folder")):
+        read_manifest(m.shard_paths()[0])  # was "no such shard folder"
     path.write_text("{not json")
     with pytest.raises(DataError, match=r"manifest.json: unreadable or invalid JSON"):
         read_manifest(m.root)
