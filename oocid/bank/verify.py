@@ -118,12 +118,13 @@ def check_matches(store: BankStore, n_rows: int, dim: int, manifest_id: str | No
 
     A bank with no manifest id recorded matches any manifest; `manifest_id=None` skips the check.
     """
-    name = store.path.name
+    name, new = store.path, "; give a new --bank path to start a bank for them"
     if store.n_rows != n_rows:
-        raise DataError(f"{name} has {store.n_rows} rows but {source} have {n_rows} samples")
+        raise DataError(f"{name} has {store.n_rows} rows but {source} have {n_rows} samples{new}")
     if store.dim != dim:
-        raise DataError(f"{name} has rows of dimension {store.dim} but the model's are {dim}")
+        raise DataError(f"{name} has rows of dimension {store.dim} but the model's are {dim}"
+                        f"{new.replace('them', 'it')}")
     have = store.meta.manifest_id
     if manifest_id is not None and have is not None and have != manifest_id:
         raise DataError(f"{name} belongs to manifest {have} but {source} are manifest "
-                        f"{manifest_id}")
+                        f"{manifest_id}{new}")

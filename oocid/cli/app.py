@@ -321,7 +321,8 @@ def linear(
     res = linear_eval(checkpoint, train_shards, val_shards, head=head, device_name=device,
                       probe=ProbeConfig(epochs, lr, batch_size), progress=progress,
                       verify=verify_checksums)
-    print(f"linear top-1 {res['top1']:.4f}  top-5 {res['top5']:.4f}  (train top-1 "
+    top5 = f"  top-5 {res['top5']:.4f}" if res["classes"] > 5 else ""  # as knn: else always 1
+    print(f"linear top-1 {res['top1']:.4f}{top5}  (train top-1 "
           f"{res['train_top1']:.4f}; {res['features']}; backbone unchanged)")
     if out is not None:
         atomic_write(out, json.dumps(res, indent=2) + "\n", "results")

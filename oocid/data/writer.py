@@ -291,6 +291,8 @@ def write_shards(
                     _warn(f"{_shown(src, path)}: {' '.join(str(w.message).split())}")
             except Exception as e:  # any decode failure: record, warn, go on
                 reason = " ".join(str(e).split()) or type(e).__name__
+                if isinstance(e, Image.DecompressionBombError):
+                    reason += " (Pillow's limit; make the image smaller first)"
                 skipped.append({"path": path, "error": reason})
                 _warn(f"skipped {_shown(src, path)}: {reason}")
                 continue

@@ -434,8 +434,9 @@ def test_check_matches(tmp_path: Path) -> None:
     with create_store(tmp_path / "bank.zarr", 1000, 4, manifest_id="abc") as s:
         check_matches(s, 1000, 4, "abc")
         check_matches(s, 1000, 4, None)
-        with pytest.raises(DataError, match=r"bank\.zarr has 1000 rows but the shards "
-                                            r"\(manifest\.json\) have 1200 samples"):
+        with pytest.raises(DataError, match=rf"^{tmp_path}/bank\.zarr has 1000 rows but the shards "
+                                            r"\(manifest\.json\) have 1200 samples; give a new "
+                                            r"--bank path to start a bank for them$"):
             check_matches(s, 1200, 4, "abc", source="the shards (manifest.json)")
         with pytest.raises(DataError, match=r"bank\.zarr has rows of dimension 4"):
             check_matches(s, 1000, 128, "abc")

@@ -547,3 +547,8 @@ def test_a_decompression_bomb_warning_names_its_file(tmp_path: Path,
         m = write_shards(src, tmp_path / "out", shard_size=4, progress=False)
     err = [ln for ln in capsys.readouterr().err.splitlines() if "big.png" in ln]
     assert m.n == 1 and len(err) == 1 and "decompression bomb" in err[0].lower()
+    Image.new("L", (40, 60), 50).save(src / "huge.png")  # 2,400 pixels: over twice the limit
+    m = write_shards(src, tmp_path / "out2", shard_size=4, progress=False)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "huge.png" in ln]
+    assert m.n == 1 and len(err) == 1 and err[0].endswith(
+        "(Pillow's limit; make the image smaller first)"), err

@@ -483,6 +483,7 @@ def test_cli_knn_embed_export(trained: Trained) -> None:
                             str(trained.train), "--val-shards", str(trained.val), "--epochs", "2",
                             "--out", str(d / "lin.json"), "--device", "cpu", "--no-progress"])
     assert r.exit_code == 0 and "backbone unchanged" in r.output, r.output
+    assert "top-5" not in r.output  # 4 classes: top-5 is always 1
     assert json.loads((d / "lin.json").read_text())["epochs"] == 2
     r = runner.invoke(app, ["knn", "--checkpoint", str(trained.ckpt), "--bank", str(trained.bank),
                             "--shards", str(trained.val), "--query", str(trained.query)])
