@@ -13,7 +13,7 @@ import pytest
 
 from oocid.bank.create import create_store
 from oocid.bank.parts import write_part_info
-from oocid.cli.app import main
+from oocid.cli.entry import main
 
 N, D, R = 40, 8, 16  # chunks of 16, 16 and 8 rows
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import tiny_config, tiny_npz
 from PIL import Image, ImageDraw, ImageFont
 
-from oocid.cli.app import main
+from oocid.cli.entry import main
 from oocid.cli.knn import QueryHits, sheet_rows
 from oocid.data.writer import write_shards
 from oocid.train.loop import train
