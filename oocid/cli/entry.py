@@ -46,8 +46,7 @@ def main() -> None:
              "(set OOCID_DEBUG=1 for the traceback)", 70)
     if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, without a word
         fail(interrupted(), 130)
-    if isinstance(code, int) and code:
-        sys.exit(code)
+    sys.exit(code if isinstance(code, int) else 0)  # as typer's standalone mode: always exits
 
 
 if __name__ == "__main__":

@@ -76,8 +76,9 @@ def test_version_and_no_arguments(monkeypatch: pytest.MonkeyPatch,
     from importlib.metadata import version
 
     monkeypatch.setattr(sys, "argv", ["oocid", "--version"])
-    main()  # exit 0: returns
-    assert capsys.readouterr().out == f"oocid {version('oocid')}\n"
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 0 and capsys.readouterr().out == f"oocid {version('oocid')}\n"
     monkeypatch.setattr(sys, "argv", ["oocid"])
     with pytest.raises(SystemExit) as e:
         main()
