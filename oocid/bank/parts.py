@@ -100,13 +100,14 @@ def iter_part_chunks(banks: Sequence[Path]) -> Iterator[tuple[int, np.ndarray]]:
 
 def assemble(banks: Sequence[Path], out: Path, progress: bool = False) -> int:
     """Join node-local parts into one ordinary bank at `out`; returns its committed step.
-    A part that cannot be read, or holds a damaged row, stops it and leaves no bank at `out`."""
+    A part that cannot be read, or holds a damaged row, stops it and leaves no bank at `out`.
+    The bank takes the parts' id last: a killed assemble leaves one with an id of its own,
+    which `knn` and `--resume` refuse as another run's."""
     plan = chunks_of(banks)
     with open_store(banks[0], read_only=True) as s0:
         meta, step = s0.meta, committed(s0)
     store = create_store(out, meta.n_rows, meta.dim, dtype=meta.dtype, chunk_rows=meta.chunk_rows,
-                         manifest_id=meta.manifest_id, momentum=meta.momentum, seed=meta.seed,
-                         bank_id=meta.bank_id)
+                         manifest_id=meta.manifest_id, momentum=meta.momentum, seed=meta.seed)
     try:
         with chunk_bar(meta.n_rows and -(-meta.n_rows // meta.chunk_rows), "assembling",
                        progress) as bar:
@@ -116,9 +117,12 @@ def assemble(banks: Sequence[Path], out: Path, progress: bool = False) -> int:
                         store.write_part({c: s.read_chunk(c)})
                         bar.update()
         store.write_chunks({}, step)  # one commit of every part, at the parts' step
+        store._upgrade(meta.bank_id)  # the run's id, once every row is in
     except BaseException:
-        store.close()
-        remove_bank(out)
+        try:
+            store.close()
+        finally:
+            remove_bank(out)
         raise
     store.close()
     return step

@@ -92,7 +92,9 @@ def to_8bit(img: Image.Image) -> Image.Image:
 
 
 def exif_orientation(img: Image.Image) -> int:
-    """The EXIF orientation (2..8) of an image from `open_image`, 1 for none or a broken one."""
+    """The EXIF orientation (2..8) of an image, 1 for none or a broken one. Of a loaded image it
+    is the turn still to make: Pillow's TIFF reader turns the image as it loads and drops the
+    tag, a JPEG or PNG is loaded as stored."""
     try:
         value = img.getexif().get(_ORIENTATION, 1)
     except Exception:  # a broken EXIF block: the image as stored
@@ -100,13 +102,20 @@ def exif_orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and 2 <= value <= 8 else 1
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """A loaded image in 8 bits (`to_8bit`), turned as it is shown (its EXIF orientation): how
+    `oocid shard` stores an image, and how `decode_file` reads one."""
+    turn = exif_orientation(img)  # after the load (a TIFF has turned itself by then)
+    img = to_8bit(img)
+    return img if turn == 1 else img.transpose(_TURN[turn])
+
+
 def decode_file(data: bytes, channels: int) -> Image.Image:
-    """A user's image file (a query), not a shard's member: `decode_image`, then turned as its
-    EXIF orientation says, as `oocid shard` stores such an image."""
+    """A user's image file (a query), not a shard's member: decoded as `decode_image` does and
+    turned `upright`, as `oocid shard` stores such an image."""
     img = open_image(data)
-    turn = exif_orientation(img)
-    out = load_image(img, channels)[0]
-    return out if turn == 1 else out.transpose(_TURN[turn])
+    img.load()
+    return load_image(upright(img), channels)[0]
 
 
 def need_for(width: int, height: int, box_w: float, box_h: float, out_w: int, out_h: int

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-from oocid.data.decode import exif_orientation, high_depth, open_image, to_8bit
+from oocid.data.decode import exif_orientation, high_depth, open_image, to_8bit, upright
 from oocid.data.manifest import IMAGE_EXTS
 from oocid.errors import InputError, OocidError
 
@@ -72,14 +72,17 @@ def _shrink(img: Image.Image, short: int, quality: int) -> Encoded:
     """Decode (a JPEG at reduced size down to 2x the target, like Image.thumbnail), turn it
     upright by its EXIF orientation, resize with bicubic antialiasing to the shorter side
     `short`, encode as JPEG (mode L or RGB)."""
-    orient = exif_orientation(img)
-    width, height = img.size if orient < 5 else img.size[::-1]  # as shown
-    nw, nh = _resized_size(width, height, short)
-    img.draft(img.mode, (2 * nw, 2 * nh) if orient < 5 else (2 * nh, 2 * nw))
+    jpeg = img.format == "JPEG"  # decoded reduced: its size as shown comes from the header
+    orient = exif_orientation(img) if jpeg else 1
+    width, height = img.size if orient < 5 else img.size[::-1]
+    if jpeg:
+        nw, nh = _resized_size(width, height, short)
+        img.draft(img.mode, (2 * nw, 2 * nh) if orient < 5 else (2 * nh, 2 * nw))
     img.load()
-    img = to_8bit(img)
-    if orient != 1:
-        img = ImageOps.exif_transpose(img)
+    img = upright(img)  # (Pillow's TIFF reader turns an image itself, even its header's size)
+    if not jpeg:
+        width, height = img.size
+    nw, nh = _resized_size(width, height, short)
     mode = "L" if img.mode in _GRAY_MODES else "RGB"
     small = img.convert(mode).resize((nw, nh), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
@@ -116,7 +119,7 @@ def _upright(img: Image.Image, quality: int) -> Encoded:
     """An image with an EXIF orientation, turned as it is shown: a JPEG re-encoded as JPEG
     (`quality`), other formats as PNG."""
     jpeg = img.format == "JPEG"
-    up = ImageOps.exif_transpose(to_8bit(img))
+    up = upright(img)
     mode = "L" if up.mode in _GRAY_MODES else "RGB"
     up = up.convert(mode)
     if jpeg:

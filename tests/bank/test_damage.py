@@ -294,3 +294,42 @@ def test_assembling_parts_stops_at_a_damaged_row_and_writes_no_bank(tmp_path: Pa
     with pytest.raises(DataError, match=r"b\.zarr.*row 19"):
         assemble([a, b], tmp_path / "whole.zarr")
     assert not (tmp_path / "whole.zarr").exists()
+
+
+KILLED_ASSEMBLE = """
+import os, sys
+from pathlib import Path
+from oocid.bank.store import BankStore
+from oocid.bank.parts import assemble
+commit = BankStore.write_chunks
+def commit_then_die(self, *a, **kw):
+    commit(self, *a, **kw)
+    os._exit(9)  # SIGKILL's effect: no clean-up runs
+BankStore.write_chunks = commit_then_die
+assemble([Path(p) for p in sys.argv[2:]], Path(sys.argv[1]))
+"""
+
+
+def test_a_bank_assemble_killed_before_its_end_is_not_the_runs(tmp_path: Path) -> None:
+    """Killed after the commit of every row but before the bank takes the parts' id: what is
+    left has an id of its own, so it is never taken for the run's bank."""
+    import subprocess
+    import sys
+
+    a, b = zarr_bank(tmp_path, "a.zarr"), zarr_bank(tmp_path, "b.zarr")
+    write_part_info(a, [0, 2], 2, 0, None)
+    write_part_info(b, [1], 2, 1, None)
+    with open_store(a, read_only=True) as s:
+        run_id = s.meta.bank_id
+    with open_store(b, recover=False) as s:
+        s.settle(-1, None, run_id)
+    out = tmp_path / "whole.zarr"
+    p = subprocess.run([sys.executable, "-c", KILLED_ASSEMBLE, str(out), str(a), str(b)],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert p.returncode == 9, p.stderr
+    with open_store(out, read_only=True) as s:
+        assert s.meta.bank_id != run_id
+    out.rename(tmp_path / "left.zarr")
+    assemble([a, b], out)
+    with open_store(out, read_only=True) as s:
+        assert s.meta.bank_id == run_id

@@ -205,3 +205,28 @@ def test_16_bit_images_oocid_shard_resizes_or_turns_are_scaled_first(tmp_path: P
     assert got["t.tif"].shape == (20, 10)
     assert (got["t.tif"][:4] == 0).all() and (got["t.tif"][4:] == 80).all()  # left edge on top
     assert m.image_stats["high_depth"] == 2
+
+
+@pytest.mark.parametrize("name, bits", [("p16.png", 16), ("p8.png", 8), ("t16.tif", 16),
+                                        ("t8.tif", 8), ("j8.jpg", 8)])
+@pytest.mark.parametrize("wide", [40, 400])  # under --short-side 64 (turned), over (resized)
+def test_shard_and_query_turn_every_format_and_depth_upright_alike(
+        tmp_path: Path, name: str, bits: int, wide: int) -> None:
+    """An image tagged orientation 6 (shown turned 90 degrees clockwise) with a bright left
+    edge: stored by `oocid shard` and read as a query, it is upright (the edge on top) and
+    the same shape. Pillow turns a TIFF itself as it loads it, a PNG or JPEG not; a 16-bit
+    image used to lose its tag on the way to 8 bits."""
+    a = np.zeros((wide // 2, wide), np.uint16 if bits == 16 else np.uint8)
+    a[:, : wide // 10] = 60000 if bits == 16 else 233
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(a).save(src / name, exif=exif.tobytes())
+    m = write_shards(src, tmp_path / "out", short_side=64, progress=False)
+    stored = np.asarray(decode_image(next(iter_samples(m.shard_paths()[0])).image, 1), float)
+    query = np.asarray(decode_file((src / name).read_bytes(), 1), float)
+    for got in (stored, query):
+        h, w = got.shape
+        assert h == 2 * w  # upright: taller than wide
+        assert got[: h // 20].mean() > 200 and got[h // 5:].mean() < 30, name  # edge on top
