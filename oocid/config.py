@@ -120,7 +120,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     knn_k: int = 200
     knn_temperature: float = 0.07
-    eval_every: int = 1  # epochs between kNN checks on --val shards (0: only at the end)
+    eval_every: int = 1  # epochs between kNN checks on --val (0: at the end; -1: a tenth of the run)
     threads: int = 0  # torch CPU threads (0: torch's default)
     precision: Precision = "auto"  # auto (bf16 on CUDA where supported, else 16; 32 on CPU) | 32 | 16 | bf16
     compile: bool = False  # torch.compile the model
@@ -238,6 +238,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: data.workers must be >= 0, or -1 for as many as the CPUs allow")
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:
         raise InputError(f"{where}: data.crop_scale_min must be in (0, 1]")
+    if cfg.train.eval_every < -1:
+        raise InputError(f"{where}: train.eval_every must be >= 0, or -1 for a tenth of the run")
     if cfg.bank.cache_mb < 0:
         raise InputError(f"{where}: bank.cache_mb must be >= 0 (0: the default budget)")
     if cfg.model.arch == "small" and cfg.data.image_size < SMALL_MIN_SIDE:
@@ -296,6 +298,13 @@ def parse_override(item: str) -> dict[str, Any]:
 def config_from_dict(data: dict[str, Any], where: str = "checkpoint") -> Config:
     """Rebuild a Config saved with `to_dict` (strict)."""
     return apply_mapping(Config(), json.loads(json.dumps(data)), where)
+
+
+def eval_period(cfg: Config) -> int:
+    """Epochs between the `--val` checks (0: after the last only): train.eval_every, or (-1) a
+    tenth of the run's epochs, however many they are once every override is in."""
+    every = cfg.train.eval_every
+    return max(1, cfg.optim.epochs // 10) if every < 0 else every
 
 
 SMALL_MIN_SIDE = 8  # the smallest crop the small net takes: 3 max-pools of 2 (models.py)

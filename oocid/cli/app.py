@@ -76,9 +76,9 @@ def train(
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, config.json.")
                    ] = Path("runs/oocid"),
     val: Annotated[Path | None, typer.Option(help="Labeled validation shards for a kNN check "
-                                             "every train.eval_every epochs (default 1, a "
-                                             "recipe's a tenth of its epochs; 0: at the end "
-                                             "only) and after the last.")] = None,
+                                             "every train.eval_every epochs (default 1; -1, "
+                                             "a recipe's: a tenth of the epochs; 0: at the "
+                                             "end only) and after the last.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")
                       ] = False,
     epochs: Annotated[int | None, typer.Option(help="Override optim.epochs.")] = None,

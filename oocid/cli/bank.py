@@ -115,7 +115,13 @@ def _verify_all(paths: list[Path], tol: float | None) -> list[str]:
 
     parts: list[tuple[Path, dict[str, Any]]] = []
     for path in paths:
-        rep = verify_store(path, tol=tol)
+        try:
+            rep = verify_store(path, tol=tol)
+        except OocidError as e:  # no bank there: a missing path, a file a shell glob matched
+            if len(paths) == 1:
+                raise
+            fail(str(e))
+            continue
         if not rep.ok:
             rows = ", ".join(str(r) for r in rep.bad_rows)
             detail = "; ".join(rep.problems)  # each names the file

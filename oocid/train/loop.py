@@ -25,7 +25,7 @@ from oocid.checkpoint import (
     load_checkpoint,
     repair_metrics,
 )
-from oocid.config import Config, config_from_dict
+from oocid.config import Config, config_from_dict, eval_period
 from oocid.data.batch import Batch, image_channels
 from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import InMemoryData
@@ -308,8 +308,8 @@ def _loop(run: RunState) -> RunResult:
         if watch.fired:
             rec["collapse"] = sorted(watch.fired)
         if evaluate is not None and (run.epoch == cfg.optim.epochs or run.epoch == last_epoch
-                                     or (cfg.train.eval_every > 0
-                                         and run.epoch % cfg.train.eval_every == 0)):
+                                     or (eval_period(cfg) > 0
+                                         and run.epoch % eval_period(cfg) == 0)):
             rec.update(evaluate())
         run.checkpoint(None, rec)
         if run.world.main:

@@ -106,7 +106,7 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
     cfg.data.workers = AUTO_WORKERS
     per_epoch, _ = _steps(cfg, most)
     cfg.optim.epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(STEPS / per_epoch)))
-    cfg.train.eval_every = max(1, cfg.optim.epochs // 10)  # with --val: 10 checks a run
+    cfg.train.eval_every = -1  # with --val: a check every tenth of the run (config.eval_period)
     loss = f"exact softmax (t {cfg.loss.temperature})"
     if processes > 1:  # the softmax scores every row; each process holds only its part
         cfg.loss.kind = "infonce"

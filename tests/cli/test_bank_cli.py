@@ -81,6 +81,23 @@ def test_a_failing_bank_among_several_is_named_and_the_others_still_checked(
     assert one.code == 1 and one.err.splitlines() == err[:1], one
 
 
+def test_a_path_that_is_no_bank_among_several_fails_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shell's `runs/*/bank*` also matches `bank.npy.meta.json`: that path, and a missing
+    one, fail on their own lines (exit 1) and the banks after them are still checked."""
+    a, c = bank(tmp_path / "a.npy"), bank(tmp_path / "c.zarr")
+    meta, gone = tmp_path / "a.npy.meta.json", tmp_path / "gone.zarr"
+    r = oocid(monkeypatch, capsys, "bank", "verify", a, meta, gone, c)
+    assert r.code == 1, r
+    assert [x.split(": ok")[0] for x in r.out.splitlines()] == [str(a), str(c)]
+    err = r.err.splitlines()
+    assert len(err) == 3 and err[0].startswith(f"oocid: error: {meta}: ")
+    assert err[1].startswith(f"oocid: error: {gone}: ")
+    assert err[2] == "oocid: error: 2 of the checks of 4 banks failed (each named above)"
+    assert oocid(monkeypatch, capsys, "bank", "verify", gone).code == 2  # one path: as before
+
+
 def test_whole_banks_alone_and_the_parts_together(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,7 +14,7 @@ import torch
 from helpers import ENV, run_process, tiny_npz
 from PIL import Image
 
-from oocid.config import AUTO_WORKERS, SMALL_MIN_SIDE, Config
+from oocid.config import AUTO_WORKERS, SMALL_MIN_SIDE, Config, eval_period, load_config
 from oocid.data.manifest import Manifest, ShardInfo, read_manifest
 from oocid.data.writer import write_shards
 from oocid.train.recipe import HINT, MAX_EPOCHS, MIN_EPOCHS, SMALL_SIDE, STEPS, recipe_for
@@ -128,8 +128,11 @@ def test_images_below_the_small_nets_smallest_input_are_scaled_up_to_it(tmp_path
 def test_a_recipe_checks_val_ten_times_a_run(tmp_path: Path) -> None:
     write_shards(tiny_npz(tmp_path / "g.npz", n=96, size=16), tmp_path / "g", shard_size=32,
                  progress=False)
-    cfg, _ = recipe_for(read_manifest(tmp_path / "g"))
-    assert cfg.train.eval_every == cfg.optim.epochs // 10 == MAX_EPOCHS // 10
+    base, _ = recipe_for(read_manifest(tmp_path / "g"))
+    assert eval_period(base) == base.optim.epochs // 10 == MAX_EPOCHS // 10
+    for epochs, every in ((5, 1), (50, 5)):  # --epochs given: a tenth of those
+        assert eval_period(load_config(None, [f"optim.epochs={epochs}"], base=base)) == every
+    assert eval_period(load_config(None, ["train.eval_every=3"], base=base)) == 3
 
 
 def test_portrait_and_landscape_images_of_one_size_are_not_called_square(tmp_path: Path

@@ -58,6 +58,18 @@ def test_loss_goes_down_on_a_fixed_batch(tmp_path: Path, kind: str) -> None:
     store.close()
 
 
+def test_val_every_tenth_of_the_run_follows_the_epochs_given(tmp_path: Path,
+                                                             shards: tuple[Path, Path]) -> None:
+    """train.eval_every = -1 (a recipe's): 20 epochs check --val every 2nd epoch."""
+    tr, va = shards
+    cfg = tiny_config()
+    cfg.optim.epochs, cfg.train.eval_every = 20, -1
+    train(cfg, tr, tmp_path / "bank.zarr", tmp_path / "run", val=va, progress=False,
+          log=lambda m: None)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if "knn_top1" in r] == list(range(2, 21, 2))
+
+
 def test_train_writes_run_and_bank(tmp_path: Path, shards: tuple[Path, Path]) -> None:
     tr, va = shards
     res = train(tiny_config(), tr, tmp_path / "bank.zarr", tmp_path / "run", val=va,
