@@ -33,7 +33,11 @@ from oocid.method.zest import ZEstimator
 
 
 class OnDiskBank(ChunkCache):
-    """A memory bank of N rows of D floats on disk (`*.zarr` or `*.npy`), cached on `device`."""
+    """A memory bank of N rows of D floats on disk (`*.zarr` or `*.npy`), cached on `device`.
+
+    Its rows are unit vectors, as `NPIDLoss.update` writes them; a row written otherwise through
+    `update` is taken for damage when its chunk is next read from disk (DataError naming the bank
+    and the row), as a row damaged on disk is."""
 
     @classmethod
     def open(cls, path: Path | str, n_rows: int | None = None, dim: int = 128, *,

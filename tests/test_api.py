@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import oocid
 from oocid.bank.store import open_store
-from oocid.errors import InputError
+from oocid.errors import DataError, InputError
 from oocid.method.npid import momentum_update
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +63,19 @@ def test_open_refuses_a_bank_of_another_size(tmp_path: Path) -> None:
         oocid.OnDiskBank.open(tmp_path / "b.npy", n_rows=90)
     with pytest.raises(InputError, match="no bank here"):
         oocid.OnDiskBank.open(tmp_path / "none.npy")
+
+
+def test_rows_that_are_not_unit_vectors_are_refused_when_read_back(tmp_path: Path) -> None:
+    """What the class says: a raw `update` of rows of norm 2, committed, stops the next read of
+    their chunk with the damage error, not a silent use (the only check: the update itself is
+    not checked, to keep a device sync out of every step)."""
+    path = tmp_path / "b.zarr"
+    with oocid.OnDiskBank.open(path, n_rows=64, dim=8, chunk_rows=16) as bank:
+        idx = torch.arange(4)
+        bank.update(idx, 2 * bank.gather(idx))
+        bank.commit(0)
+    with pytest.raises(DataError, match=r"b\.zarr: row 0 has norm 2, not 1"):
+        oocid.OnDiskBank.open(path)  # the whole bank fits the cache: read as it opens
 
 
 def test_example_own_loop_runs(tmp_path: Path) -> None:
