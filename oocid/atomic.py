@@ -107,13 +107,16 @@ def atomic_write(path: Path, data: bytes | str, what: str) -> None:
         f.write(data.encode() if isinstance(data, str) else data)
 
 
-def check_writable(path: Path, what: str, *, parents: bool = False) -> None:
+def check_writable(path: Path, what: str, *, parents: bool = False, bank: bool = False) -> None:
     """Fail before any work when a file cannot be created at `path`: `write_error` (exit 4)
     when the folder it goes in (with `parents`, the nearest folder above it that exists: the
     rest would be created) is a file or refuses a new file (read-only, permissions); an
-    InputError naming the folder when, without `parents`, that folder does not exist. Probed by
+    InputError naming the folder when, without `parents`, that folder does not exist, and one
+    when `path` itself is a folder (unless it is a `bank`: a Zarr bank is one). Probed by
     creating and removing a file of a name of its own there (which works as root too, where
     permission bits would not tell)."""
+    if not bank and path.is_dir():
+        raise InputError(f"{path}: is a folder; give a file name for the {what}")
     folder = existing = path.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,7 +248,14 @@ def validate(cfg: Config, where: str = "config") -> None:
                          "net (it halves the image 3 times)")
 
 
-BUNDLED = Path(__file__).resolve().parent.parent / "configs"  # a clone's, or an editable install's
+def _bundled() -> Path:
+    """The bundled configs: a clone's (an editable install's), else where an installed wheel
+    put them (pyproject.toml's data-files)."""
+    here = Path(__file__).resolve().parent.parent / "configs"
+    return here if here.is_dir() else Path(sys.prefix) / "share" / "oocid" / "configs"
+
+
+BUNDLED = _bundled()
 
 
 def find_config(path: Path) -> Path:
@@ -258,7 +266,7 @@ def find_config(path: Path) -> Path:
     bundled = BUNDLED / (path.name if path.suffix == ".toml" else path.name + ".toml")
     if not path.is_absolute() and str(path.parent) in (".", "configs") and bundled.is_file():
         return bundled
-    have = sorted(p.stem for p in BUNDLED.glob("*.toml"))
+    have = sorted(p.stem for p in BUNDLED.glob("*.toml")) if BUNDLED.is_dir() else []
     hint = f" (bundled configs: {', '.join(have)})" if have else ""
     raise InputError(f"{path}: config file not found{hint}")
 

@@ -39,3 +39,16 @@ def test_an_error_inside_the_block_keeps_the_old_file(tmp_path: Path) -> None:
 def test_message_names_the_path_and_says_disk_full() -> None:
     e = write_error(Path("/x/y"), "bank journal", OSError(errno.EFBIG, "File too large"))
     assert str(e) == "/x/y: could not write bank journal: disk full (File too large)"
+
+
+def test_a_folder_where_a_file_goes_is_refused_before_any_work(tmp_path: Path) -> None:
+    """`knn --out DIR` used to search first and then fail to write (exit 4); a Zarr bank is a
+    folder and passes."""
+    from oocid.atomic import check_writable
+    from oocid.errors import InputError
+
+    (tmp_path / "results").mkdir()
+    with pytest.raises(InputError, match=r"results: is a folder; give a file name for the results"):
+        check_writable(tmp_path / "results", "results")
+    (tmp_path / "b.zarr").mkdir()
+    check_writable(tmp_path / "b.zarr", "bank", bank=True)

@@ -170,7 +170,7 @@ def train(
     else:
         cfg = load_config(config, overrides)
     check_writable(out / "config.json", "the run's config", parents=True)  # before any work:
-    check_writable(bank, "bank", parents=True)  # one line, exit 4, not an internal error
+    check_writable(bank, "bank", parents=True, bank=True)  # one line, exit 4, not an internal error
     if verify_checksums:
         from oocid.data.manifest import verify_shard_dirs
 

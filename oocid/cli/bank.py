@@ -59,7 +59,7 @@ def bank_assemble(
     from oocid.atomic import check_writable
     from oocid.bank.parts import assemble
 
-    check_writable(out, "bank", parents=True)
+    check_writable(out, "bank", parents=True, bank=True)
     step = assemble(parts, out, progress)
     print(f"{out}: assembled from {len(parts)} parts at step {step}")
 
@@ -92,7 +92,7 @@ def bank_init(
         chunk_rows = chunk_rows or m.shard_size
     if rows is None:
         raise InputError("give --rows N or --shards DIR")
-    check_writable(path, "bank")  # one line, exit 4 (ENOTDIR below a file, read-only, ...)
+    check_writable(path, "bank", bank=True)  # one line, exit 4 (ENOTDIR below a file, read-only, ...)
     st = create_store(path, rows, dim, dtype=dtype, chunk_rows=chunk_rows or 4096,
                       manifest_id=manifest_id, seed=seed, progress=progress)
     st.close()

@@ -34,7 +34,9 @@ def main() -> None:
     except (KeyboardInterrupt, Abort):
         fail(interrupted(), 130)
     except ClickException as e:  # a mistyped option, a missing argument, a bad value
-        if not e.format_message():  # no arguments: the help was printed
+        if type(e).__name__ == "NoArgsIsHelpError" or not e.format_message():
+            if e.format_message():  # no arguments: the help (with rich, printed already)
+                print(e.format_message().rstrip("\n"))
             sys.exit(e.exit_code)
         ctx = getattr(e, "ctx", None)
         where = ctx.command_path if ctx is not None else "oocid"

@@ -84,3 +84,16 @@ def test_version_and_no_arguments(monkeypatch: pytest.MonkeyPatch,
         main()
     out = capsys.readouterr()
     assert e.value.code == 2 and "Usage: oocid" in out.out + out.err and "error" not in out.err
+
+
+def test_no_arguments_print_the_help_without_rich_too() -> None:
+    """typer without rich (TYPER_USE_RICH=0, typer-slim) hands the help over as the usage
+    error's message: printed as help, not as an 'oocid: error:' line."""
+    import os
+    import subprocess
+
+    p = subprocess.run([sys.executable, "-m", "oocid"], capture_output=True, text=True,
+                       env={**os.environ, "TYPER_USE_RICH": "0"}, timeout=120, check=False)
+    assert p.returncode == 2 and p.stderr == "", p.stderr
+    assert p.stdout.startswith("Usage: oocid [OPTIONS] COMMAND") and "shard" in p.stdout
+    assert p.stdout.endswith("bank.\n")
