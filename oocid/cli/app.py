@@ -23,9 +23,12 @@ app.add_typer(bank_app, name="bank")
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        print(f"oocid {version('oocid')}")
+        try:
+            print(f"oocid {version('oocid')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            print("oocid (not installed: no version recorded)")
         raise typer.Exit()
 
 
