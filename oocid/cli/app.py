@@ -23,12 +23,9 @@ app.add_typer(bank_app, name="bank")
 
 def _print_version(value: bool) -> None:
     if value:
-        from importlib.metadata import PackageNotFoundError, version
+        from oocid.version import __version__
 
-        try:
-            print(f"oocid {version('oocid')}")
-        except PackageNotFoundError:  # run from a source tree that was never installed
-            print("oocid (not installed: no version recorded)")
+        print(f"oocid {__version__}")
         raise typer.Exit()
 
 

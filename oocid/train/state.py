@@ -11,7 +11,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from oocid import __version__
 from oocid.bank.cache import ChunkCache
 from oocid.checkpoint import finish_checkpoint, save_checkpoint
 from oocid.config import Config
@@ -24,6 +23,7 @@ from oocid.models import Embedder
 from oocid.train.ddp import gathered
 from oocid.train.setup import Say
 from oocid.train.tblog import TensorBoardLog
+from oocid.version import __version__
 
 
 @dataclass

@@ -73,12 +73,12 @@ def test_a_usage_error_is_one_plain_line(monkeypatch: pytest.MonkeyPatch,
 
 def test_version_and_no_arguments(monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from importlib.metadata import version
+    from oocid.version import __version__
 
     monkeypatch.setattr(sys, "argv", ["oocid", "--version"])
     with pytest.raises(SystemExit) as e:
         main()
-    assert e.value.code == 0 and capsys.readouterr().out == f"oocid {version('oocid')}\n"
+    assert e.value.code == 0 and capsys.readouterr().out == f"oocid {__version__}\n"
     monkeypatch.setattr(sys, "argv", ["oocid"])
     with pytest.raises(SystemExit) as e:
         main()
