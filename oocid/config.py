@@ -273,14 +273,19 @@ def find_config(path: Path) -> Path:
 
 def load_config(path: Path | None, overrides: list[str] | None = None,
                 base: Config | None = None) -> Config:
-    """Defaults (or `base`), then the TOML file, then `key=value` overrides (TOML values)."""
+    """Defaults (or `base`), then the TOML file (or a .json one with the same keys: a run's
+    config.json), then `key=value` overrides (TOML values)."""
     cfg = base if base is not None else Config()
     if path is not None:
         path = find_config(Path(path))
+        lang = "JSON" if path.suffix == ".json" else "TOML"
         try:
-            data = tomllib.loads(path.read_text())
-        except ValueError as e:  # TOMLDecodeError, UnicodeDecodeError, an int of > 4300 digits
-            raise InputError(f"{path}: not valid TOML: {e}") from None
+            text = path.read_text()
+            data = json.loads(text) if lang == "JSON" else tomllib.loads(text)
+        except ValueError as e:  # TOML/JSONDecodeError, UnicodeDecodeError, a > 4300-digit int
+            raise InputError(f"{path}: not valid {lang}: {e}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: not a config (a JSON object of sections)")
         apply_mapping(cfg, data, str(path))
     for item in overrides or []:
         apply_mapping(cfg, parse_override(item), f"override {item!r}")

@@ -101,3 +101,21 @@ def test_a_negative_cache_and_a_crop_too_small_for_the_small_net_are_refused() -
     with pytest.raises(InputError, match=r"data\.image_size must be >= 8 for the small net"):
         load_config(None, ['model.arch="small"', "data.image_size=7"])
     assert load_config(None, ['model.arch="small"', "data.image_size=8"]).data.image_size == 8
+
+
+def test_a_runs_config_json_loads_as_a_config_file(tmp_path: Path) -> None:
+    """`train` writes RUN/config.json; --config takes it back, overrides on top, with the
+    same strict keys as TOML; a file that is not JSON (or not an object) is one error."""
+    cfg = demo_config()
+    cfg.optim.epochs, cfg.data.batch_size = 7, 64
+    run = tmp_path / "config.json"
+    run.write_text(cfg.to_json() + "\n")
+    assert load_config(run).to_dict() == cfg.to_dict()
+    assert load_config(run, ["optim.epochs=9"]).optim.epochs == 9
+    run.write_text('{"optim": {"learning_rate": 0.1}}')
+    with pytest.raises(InputError, match=r"config\.json.*unknown config key optim\.learning_rate"):
+        load_config(run)
+    for text, what in (("[optim]\nlr = 0.1\n", "not valid JSON"), ("[1, 2]", "not a config")):
+        run.write_text(text)
+        with pytest.raises(InputError, match=rf"config\.json: {what}"):
+            load_config(run)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from PIL import Image
 
-from oocid.demo import format_demo, run_demo
+from oocid.config import demo_config
+from oocid.demo import DEFAULT_TOP1, format_demo, run_demo
 from oocid.eval.retrieval import sheet_size
 
 
@@ -25,3 +27,24 @@ def test_demo_writes_its_numbers_and_pictures(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "demo" / "demo.json").read_text())["pictures"] == res["pictures"]
     text = format_demo(res)
     assert f"picture: {sheet}" in text and f"picture: {curve}" in text
+
+
+def _result(epochs: int) -> dict[str, object]:
+    return {"k": 200, "temperature": 0.07, "test_images": 2000, "learned_top1": 0.651,
+            "learned_bank_top1": 0.6, "untrained_top1": 0.678, "pixels_top1": 0.743,
+            "pixels_centered_top1": 0.799, "epochs": epochs, "train_seconds": 9.0,
+            "total_seconds": 12.0}
+
+
+def test_a_short_demo_says_it_is_not_the_methods_result() -> None:
+    """Fewer epochs than the demo's default: one line naming the default run's number (the
+    README's table); the default run has no such line; one epoch is singular."""
+    full = demo_config().optim.epochs
+    short = format_demo(_result(5)).splitlines()
+    assert short[-2] == "  trained 5 epochs in 9.0 s; total 12.0 s"
+    assert short[-1] == (f"  5 of the demo's {full} epochs: too few to learn; the default run "
+                         f"gives {DEFAULT_TOP1:.3f}")
+    assert "  trained 1 epoch in 9.0 s; total 12.0 s" in format_demo(_result(1)).splitlines()
+    assert "too few" not in format_demo(_result(full))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert re.search(rf"learned features \(NPID\) +{DEFAULT_TOP1:.3f}\n", readme)

@@ -252,7 +252,7 @@ class ChunkCache(ChunkSlots):
     def all_rows(self) -> Tensor:
         if not self.full:
             raise InputError("the exact softmax needs the whole bank in the cache; raise "
-                             "--cache-mb or use loss.kind = \"nce\" / \"infonce\"")
+                             "--cache-mb or use --loss infonce (or --loss auto)")
         return self.rows
 
     # ---- between commits, checkpoints -----------------------------------------------------

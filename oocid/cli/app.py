@@ -70,9 +70,10 @@ def train(
     shards: Annotated[Path, typer.Option(help="Training shard folder (from `oocid shard`).")],
     bank: Annotated[Path, typer.Option(help="Bank path: DIR.zarr (Zarr v3) or FILE.npy (memmap); "
                                        "created when missing.")],
-    config: Annotated[Path | None, typer.Option(help="TOML config file, or a bundled one by "
-                                                "name (configs/: demo, imagenet_resnet18, ...). "
-                                                "Default: a recipe from the data.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML config file, a run's config.json, "
+                                                "or a bundled config by name (configs/: demo, "
+                                                "imagenet_resnet18, ...). Default: a recipe "
+                                                "from the data.")] = None,
     out: Annotated[Path, typer.Option(help="Run folder: checkpoints, metrics.jsonl, config.json.")
                    ] = Path("runs/oocid"),
     val: Annotated[Path | None, typer.Option(help="Labeled validation shards for a kNN check "
@@ -182,8 +183,8 @@ def train(
                     max_steps=max_steps, announce=recipe, node_local_bank=node_local_bank)
     last = res.metrics[-1] if res.metrics else {}
     if not res.quiet:  # one line in words, then the JSON line scripts parse (kept last)
-        print(summary(res))
-        print(json.dumps({"run": str(out), "epochs": res.epochs, "step": res.step, **last}))
+        print(summary(res))  # the run's step wins over the last epoch's (--max-steps after it)
+        print(json.dumps({"run": str(out), **last, "epochs": res.epochs, "step": res.step}))
 
 
 @app.command()

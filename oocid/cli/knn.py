@@ -10,6 +10,7 @@ Q queries, C classes, k neighbours.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from oocid.atomic import check_writable
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
-from oocid.eval.classes import class_map, training_labels
+from oocid.eval.classes import class_map, not_held_out, training_labels
 from oocid.eval.evaluate import num_classes_of, read_labels
 from oocid.eval.plot import save_image
 from oocid.eval.retrieval import (
@@ -101,6 +102,9 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     side = load_training_side(checkpoint, _banks(bank), train_shards, device_name, recompute, progress,
                               verify=verify)
     tm = side.manifest
+    warning = not_held_out(tm, vm)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     mapping = class_map(tm, vm, val)  # validation classes matched to training ones by name
     labels = read_labels(tm)
     if (labels < 0).any():  # shards of the wrong kind for the command: input, as `train --val`

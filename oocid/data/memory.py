@@ -29,7 +29,7 @@ def decode_all(manifest: Manifest, channels: int, progress: bool = False, skips:
     hw = same_size(manifest)
     if hw is None:
         raise DataError(f"{manifest.root}: images differ in size; cannot hold them in memory "
-                        "(set data.in_memory = \"no\")")
+                        "(use --set data.in_memory=no)")
     h, w = hw
     images = np.zeros((manifest.n, channels, h, w), dtype=np.uint8)
     labels = np.full(manifest.n, -1, dtype=np.int64)

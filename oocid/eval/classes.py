@@ -67,3 +67,13 @@ def training_labels(labels: Tensor, mapping: np.ndarray | None, val_path: Path) 
                         "classes")
     lut = torch.as_tensor(mapping, device=labels.device)
     return torch.where(labels < 0, labels, lut[labels.clamp(min=0)])
+
+
+def not_held_out(train: Manifest, val: Manifest) -> str | None:
+    """One warning line when the validation shards are the training shards (the same manifest
+    identity, wherever the folders are), else None: a kNN score of the training images against
+    their own rows says little about images the net has not seen."""
+    if train.identity != val.identity:
+        return None
+    return ("oocid: warning: the validation shards are the training shards: the accuracy is not "
+            "on held-out images")

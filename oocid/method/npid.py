@@ -319,7 +319,7 @@ class NPIDStep:
             raise DivergedError(
                 f"training diverged: {self.skipped_in_a_row} steps in a row (up to step {step}) "
                 "gave non-finite features or loss; none reached the bank and the last checkpoint "
-                "is intact; lower optim.lr (or use train.precision = 32)")
+                "is intact; lower --lr (or use --precision 32)")
         self.optimizer.zero_grad(set_to_none=True)
         self.bank.end_step()
         return StepOut(float("nan"), True, z)

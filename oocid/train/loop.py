@@ -36,6 +36,7 @@ from oocid.distributed.partition import rank_manifest
 from oocid.distributed.sync import DistSync
 from oocid.distributed.world import World, rank_device, start_world, stop_world, world_from_env
 from oocid.errors import DataError, InputError
+from oocid.eval.classes import not_held_out
 from oocid.method.npid import NPIDStep
 from oocid.method.zest import ZEstimator
 from oocid.models import Embedder, build_model
@@ -90,6 +91,9 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     manifest = read_manifest(shards)
     val_manifest = read_manifest(val) if val is not None else None
     check_val(manifest, val_manifest, shards, val)
+    warning = None if val_manifest is None else not_held_out(manifest, val_manifest)
+    if warning is not None:
+        say(warning)
     device = rank_device(world, resolve_device(cfg.train.device))
     use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
     start_world(world, device)
@@ -108,7 +112,7 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
         if lc.kind in ("nce", "infonce") and lc.nce_k >= local.n:
             raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {local.n} "
                              f"samples ({shards}{' per process' if world.distributed else ''}); "
-                             "lower it or use loss.kind = \"softmax\" for small sets")
+                             "lower it with --nce-k, or use --loss softmax for small sets")
         if cfg.train.tensorboard:
             require_tensorboard()
         if cfg.train.threads > 0:
@@ -204,7 +208,9 @@ def _restore(cfg: Config, manifest: Manifest, store: BankStore, run_dir: Path, m
         diff = config_diff(saved, cfg, ignore=RESUME_MAY_CHANGE)
         if diff:
             raise InputError(f"{path}: was written with a different config ({', '.join(diff)}); "
-                             f"resume with the config saved in {run_dir / 'config.json'}")
+                             "resume without changing it: with no --config, --resume reads "
+                             f"the run's config from {run_dir / 'config.json'} (only --epochs, "
+                             "--cache-mb and other speed settings may change)")
         if cfg.optim.epochs < int(state["epoch"]):
             raise InputError(f"{path}: has already trained {state['epoch']} epochs; "
                              f"optim.epochs = {cfg.optim.epochs} is fewer (to train on, "

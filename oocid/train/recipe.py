@@ -1,7 +1,8 @@
 """A training recipe from the data and the machine, for `oocid train` without --config.
 
 Small images (every image's shorter side at most SMALL_SIDE px) get the small conv net at that
-size (scaled up to its smallest input, SMALL_MIN_SIDE, if below), the exact softmax, a cosine
+size (scaled up to its smallest input, SMALL_MIN_SIDE, if below), loss.kind "auto" (the exact
+softmax while the bank fits the device cache, else InfoNCE with K below the rows), a cosine
 schedule, an epoch count that gives about STEPS optimiser steps whatever N is, and (with --val)
 a kNN check every tenth of the run; grayscale images are not mirrored (a mirrored digit or letter is another
 thing). Larger images (or images of unknown size):
@@ -74,6 +75,15 @@ def _steps(cfg: Config, most: int) -> tuple[int, int]:
     return per_epoch, per_epoch * cfg.optim.epochs
 
 
+def _fit_k(cfg: Config, fewest: int) -> str:
+    """Lower loss.nce_k to at most half the rows the smallest process holds, so that sampled
+    negatives (loss.kind auto on a bank larger than the device cache, or --loss infonce / nce)
+    run on any N without --nce-k; returns ", K k" when it lowered it, else ""."""
+    k = min(cfg.loss.nce_k, max(1, fewest // 2))
+    lowered, cfg.loss.nce_k = k < cfg.loss.nce_k, k
+    return f", K {k}" if lowered else ""
+
+
 def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 1,
                device: str = "cpu") -> tuple[Config, str]:
     """(config, one line saying what was chosen and why) for the shards of `manifest`, trained
@@ -89,9 +99,10 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
     if not 0 < short <= SMALL_SIDE and device != "cpu":
         cfg = copy.deepcopy(base) if base is not None else Config()
         _, total = _steps(cfg, most)
+        k = _fit_k(cfg, fewest)
         return cfg, (f"oocid: recipe for {what}, N {n}, on {device}: the paper's ImageNet "
                      f"recipe ({cfg.model.arch}, {cfg.data.image_size} px, {cfg.optim.epochs} "
-                     f"epochs, {total} steps); {HINT}")
+                     f"epochs, {total} steps{k}); {HINT}")
     size = max(SMALL_MIN_SIDE, short) if 0 < short <= SMALL_SIDE else SMALL_SIDE
     cfg = demo_config()
     cfg.data.image_size = size
@@ -107,11 +118,14 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
     per_epoch, _ = _steps(cfg, most)
     cfg.optim.epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, round(STEPS / per_epoch)))
     cfg.train.eval_every = -1  # with --val: a check every tenth of the run (config.eval_period)
-    loss = f"exact softmax (t {cfg.loss.temperature})"
+    _fit_k(cfg, fewest)
     if processes > 1:  # the softmax scores every row; each process holds only its part
         cfg.loss.kind = "infonce"
-        cfg.loss.nce_k = min(cfg.loss.nce_k, max(1, fewest // 2))  # below every part's rows
         loss = f"InfoNCE, K {cfg.loss.nce_k} per process (t {cfg.loss.temperature})"
+    else:  # auto (oocid.train.setup.resolve_loss): the softmax needs the bank in the cache
+        cfg.loss.kind = "auto"
+        loss = (f"exact softmax (t {cfg.loss.temperature}) while the bank fits the device "
+                f"cache, else InfoNCE K {cfg.loss.nce_k}")
     why = (" (on a CPU; the ImageNet recipe, ResNet-18 at 224 px, is for a GPU)"
            if short > SMALL_SIDE or not short else
            " (scaled up: the smallest input it takes)" if size > short else "")

@@ -99,7 +99,7 @@ def resolve_loss(cfg: Config, n_rows: int, budget_rows: int, say: Say | None = N
     each hold their part), the softmax over all rows is not available."""
     if cfg.loss.kind == "softmax" and not whole_bank:
         raise InputError('loss.kind = "softmax" scores every row of the bank, which no process '
-                         'holds when several train together; use "nce" or "infonce"')
+                         'holds when several train together; use --loss infonce (or nce)')
     if cfg.loss.kind != "auto":
         return cfg
     fits = budget_rows >= n_rows and whole_bank

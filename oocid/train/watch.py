@@ -43,7 +43,7 @@ class CollapseWatch:
     def check(self, step: int, out: StepOut, npid: NPIDStep) -> None:
         lc = self.cfg.loss
         remedy = ("NCE with a one-shot Z is fragile on small data (docs/method.md): use "
-                  "--set loss.z=ema, or loss.kind = \"softmax\" when the bank fits")
+                  "--set loss.z=ema, or --loss softmax when the bank fits")
         if out.skipped:
             return
         self.first_step = step if self.first_step is None else self.first_step

@@ -33,7 +33,9 @@ def test_small_grayscale_gets_the_small_net_at_its_size_without_flips(tmp_path: 
     cfg, note = recipe_for(read_manifest(tmp_path / "g"))
     assert cfg.model.arch == "small" and cfg.data.image_size == 16
     assert cfg.data.augment == "gray" and cfg.data.flip is False
-    assert cfg.loss.kind == "softmax" and cfg.optim.schedule == "cosine"
+    assert cfg.loss.kind == "auto" and cfg.optim.schedule == "cosine"
+    assert cfg.loss.nce_k == 48  # half the 96 rows: InfoNCE, if auto picks it, runs
+    assert "exact softmax (t 0.1) while the bank fits the device cache, else InfoNCE K 48" in note
     assert cfg.optim.epochs == MAX_EPOCHS  # 1 step an epoch: STEPS would be 3000 epochs
     assert "16 px grayscale" in note and "flip off" in note
     assert f"{MAX_EPOCHS} epochs ({MAX_EPOCHS} steps)" in note and note.endswith(f"; {HINT}")
@@ -67,9 +69,14 @@ def test_large_images_on_a_gpu_get_the_papers_imagenet_recipe(tmp_path: Path) ->
     write_shards(_colour_npz(tmp_path / "l.npz", 12, 80), tmp_path / "l", shard_size=6,
                  progress=False)
     cfg, note = recipe_for(read_manifest(tmp_path / "l"), device="cuda")
-    assert cfg.to_dict() == Config().to_dict()
+    paper = Config()
+    paper.loss.nce_k = 6  # half the 12 rows, so that sampled negatives run on them
+    assert cfg.to_dict() == paper.to_dict()
     assert "80 px colour images" in note and "ImageNet" in note
-    assert "200 epochs, 200 steps" in note and note.endswith(f"; {HINT}")  # 1 step an epoch
+    assert "200 epochs, 200 steps, K 6" in note and note.endswith(f"; {HINT}")  # 1 step an epoch
+    big = dataclasses.replace(read_manifest(tmp_path / "l"), n=10_000)
+    assert recipe_for(big, device="cuda")[0].to_dict() == Config().to_dict()  # K 4096 < 5000
+    assert "K 4096" not in recipe_for(big, device="cuda")[1]
 
 
 def test_larger_mixed_size_images_on_a_cpu_get_the_small_net_at_64_px(tmp_path: Path) -> None:
@@ -77,7 +84,7 @@ def test_larger_mixed_size_images_on_a_cpu_get_the_small_net_at_64_px(tmp_path: 
     manifest = read_manifest(tmp_path / "s")
     cfg, note = recipe_for(manifest, device="cpu")
     assert cfg.model.arch == "small" and cfg.data.image_size == SMALL_SIDE == 64
-    assert cfg.data.augment == "cifar" and cfg.data.flip and cfg.loss.kind == "softmax"
+    assert cfg.data.augment == "cifar" and cfg.data.flip and cfg.loss.kind == "auto"
     assert cfg.data.workers == AUTO_WORKERS  # mixed sizes stream: decoded in workers
     assert "colour images up to 100 px" in note and "small net at 64 px (on a CPU;" in note
     assert "is for a GPU" in note and note.endswith(f"; {HINT}")
