@@ -154,6 +154,9 @@ def _train(inp: Inputs, store: BankStore, resume: bool, progress: bool,
         bank_state, partial = rank_part(state, world)
         scaler_state, saved = state.get("scaler"), config_from_dict(state["config"], "")
         say(f"oocid: resumed {run_dir} at epoch {epoch}, step {step}")
+        if state.get("val") and inp.val_manifest is None:  # resumed without the run's --val
+            say(f"oocid: warning: the run checked --val {state['val']}; this resume has no "
+                f"--val, so it checks nothing (pass --val {state['val']} to keep the checks)")
     if world.main:
         atomic_write(run_dir / "config.json", cfg.to_json() + "\n", "the run's config")
 

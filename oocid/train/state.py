@@ -119,6 +119,7 @@ class RunState:
             "manifest_id": self.manifest.identity,
             "bank_id": self.bank.store.meta.bank_id,  # the bank it pairs with (check_bank_id)
             "shards": str(self.manifest.root.resolve()),
+            "val": str(self.val_manifest.root.resolve()) if self.val_manifest else None,
             "n_data": self.manifest.n,
             "rng": {"torch": torch.get_rng_state()},
             "bank_cache": self.bank.state_dict(),

@@ -70,6 +70,22 @@ def test_val_every_tenth_of_the_run_follows_the_epochs_given(tmp_path: Path,
     assert [r["epoch"] for r in lines if "knn_top1" in r] == list(range(2, 21, 2))
 
 
+def test_a_resume_without_the_runs_val_says_so(tmp_path: Path, shards: tuple[Path, Path]
+                                               ) -> None:
+    tr, va = shards
+    args = (tiny_config(), tr, tmp_path / "bank.zarr", tmp_path / "run")
+    train(*args, val=va, max_steps=2, progress=False, log=lambda m: None)
+    said: list[str] = []
+    train(*args, resume=True, max_steps=1, progress=False, log=said.append)
+    warn = [s for s in said if "--val" in s]
+    assert warn == [f"oocid: warning: the run checked --val {va.resolve()}; this resume has no "
+                    f"--val, so it checks nothing (pass --val {va.resolve()} to keep the "
+                    "checks)"], said
+    said.clear()
+    train(*args, val=va, resume=True, max_steps=1, progress=False, log=said.append)
+    assert not [s for s in said if "warning" in s], said
+
+
 def test_train_writes_run_and_bank(tmp_path: Path, shards: tuple[Path, Path]) -> None:
     tr, va = shards
     res = train(tiny_config(), tr, tmp_path / "bank.zarr", tmp_path / "run", val=va,
