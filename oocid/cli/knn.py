@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -111,6 +112,12 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
         raise InputError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
     c = num_classes_of(tm, labels)
     classes = list(tm.classes) if tm.classes else [str(i) for i in range(c)]
+    counts = np.bincount(labels)
+    fewest = int(counts[counts > 0].min()) if labels.size else 0
+    if 0 < fewest < max(ks):  # votes beyond a class's size come from other classes
+        print(f"oocid: note: k {max(ks)} is more than the {fewest} training images of the "
+              "smallest class; a smaller --k may suit this set (the paper's 200 is for "
+              "ImageNet's ~1,300 a class)", file=sys.stderr)
     feats, _, vlab = extract_features(side.model, eval_batches(vm, side.cfg.data, side.device),
                                       side.cfg.model.channels_last)
     if (vlab < 0).any():

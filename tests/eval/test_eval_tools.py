@@ -257,6 +257,18 @@ def test_knn_several_k_in_one_pass(trained: Trained) -> None:
         assert [p["n"] for p in r["per_class"]] == conf.sum(axis=1).tolist()
 
 
+def test_a_k_above_the_smallest_class_is_noted(trained: Trained,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """96 training images in 4 classes of 24: k 10 votes within a class's size, k 30 cannot."""
+    capsys.readouterr()
+    run_knn(trained.bank, trained.ckpt, trained.val, None, [10, 3], 0.07, "cpu")
+    assert "note" not in capsys.readouterr().err
+    run_knn(trained.bank, trained.ckpt, trained.val, None, 30, 0.07, "cpu")
+    assert capsys.readouterr().err.splitlines() == [
+        "oocid: note: k 30 is more than the 24 training images of the smallest class; a smaller "
+        "--k may suit this set (the paper's 200 is for ImageNet's ~1,300 a class)"]
+
+
 def test_knn_warns_when_bank_and_checkpoint_steps_differ(trained: Trained, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
