@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from types import FrameType
 from typing import NoReturn
 
 INTERRUPTED = "interrupted"  # what a command without a word of its own says on Ctrl-C
@@ -27,6 +30,30 @@ def on_interrupt(msg: str) -> None:
 
 def interrupted() -> str:
     return _interrupted[0]
+
+
+_terminated = [False]  # a SIGTERM arrived: the interrupt exits 143, not 130
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM (a job scheduler's stop, torchrun stopping the other processes) takes Ctrl-C's
+    path: a KeyboardInterrupt where the command is, so its clean-up runs. Only the first: a
+    second one while that clean-up runs is ignored (SIGKILL is the hard stop)."""
+    if _terminated[0]:
+        return
+    _terminated[0] = True
+    raise KeyboardInterrupt
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM interrupt the command as Ctrl-C does (signals reach the main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def interrupt_code() -> int:
+    """The exit code of an interrupted command: 143 after a SIGTERM (128 + 15), else 130."""
+    return 143 if _terminated[0] else 130
 
 
 def _to_error_file(path: str, line: str) -> bool:

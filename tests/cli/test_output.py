@@ -157,9 +157,15 @@ def test_a_bank_path_of_another_kind_is_refused_and_leaves_no_lock(tmp_path: Pat
     assert not (tmp_path / "bank.bin.lock").exists() and not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path: Path) -> None:
+# Ctrl-C, and SIGTERM (a job scheduler's stop, torchrun stopping the other processes): the same
+# clean-up and line; the exit code says which (128 + the signal's number).
+STOPS = [pytest.param("SIGINT", 130, id="ctrl-c"), pytest.param("SIGTERM", 143, id="sigterm")]
+
+
+@pytest.mark.parametrize(("sig", "code"), STOPS)
+def test_ctrl_c_or_sigterm_says_what_was_kept(tmp_path: Path, sig: str, code: int) -> None:
     """SIGINT during training: exit 130, one line saying the bank and checkpoint are intact,
-    and the bank verifies."""
+    and the bank verifies; SIGTERM the same with exit 143."""
     import signal
     import time
 
@@ -173,9 +179,9 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path: Path) -> None:
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # an epoch committed: the interrupt lands mid-run
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == code, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("oocid: interrupted; the bank and the last checkpoint are intact"), err
     assert "Traceback" not in err
@@ -201,10 +207,12 @@ main()
 """
 
 
-def test_ctrl_c_during_shard_removes_its_partial_set_and_the_rerun_works(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), STOPS)
+def test_stop_during_shard_removes_its_partial_set_and_the_rerun_works(
+        tmp_path: Path, sig: str, code: int) -> None:
     """SIGINT with one shard finished and the next half written: exit 130, one line saying what
     was removed (not the training line), nothing of the run left in OUT (a folder that was
-    there before stays); the same command then runs without --force."""
+    there before stays); the same command then runs without --force. SIGTERM: the same, 143."""
     import signal
     import time
 
@@ -219,9 +227,9 @@ def test_ctrl_c_during_shard_removes_its_partial_set_and_the_rerun_works(tmp_pat
     while not flag.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (out / "shard-000000.tar").is_file() and (out / "shard-000001.tar.tmp").is_file()
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == code, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last == (f"oocid: interrupted; removed the 1 shard this run had written to {out} and "
