@@ -6,6 +6,7 @@ that name what is wrong (one line, exit 2), kNN output that suits the data.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +146,25 @@ def test_plain_progress_lines_every_tenth_of_a_long_total(
         for _ in range(5):
             short.update(1)
     assert out.getvalue() == "oocid: shard 5/5 img (100%)\n"
+
+
+def test_help_names_values_as_the_docs_do() -> None:
+    """Repeatable options show the value one use takes (`<int>`, not `<list[int]>`), positionals
+    their names as docs/commands.md writes them (SRC OUT, not {src} {out}: typer keeps the
+    braces), `bank verify --tol` its defaults; the top-level list gives export a line that
+    stands alone (it ended "into the model built as below")."""
+    knn = oocid("knn", "--help")
+    assert knn.returncode == 0, knn.stderr
+    assert "list[" not in knn.stdout, knn.stdout
+    assert re.search(r"--k +<int> +Neighbours", knn.stdout), knn.stdout
+    assert re.search(r"--bank +<path> +The trained bank", knn.stdout), knn.stdout
+    shard = oocid("shard", "--help").stdout
+    assert "Usage: oocid shard [OPTIONS] {SRC} {OUT}" in shard, shard
+    assert "1e-4 for a float32 bank, 1e-3 for float16" in oocid("bank", "verify", "--help").stdout
+    assert "data.batch_size (per process under torchrun)" in oocid("train", "--help").stdout
+    top = oocid("--help").stdout
+    line = next(x for x in top.splitlines() if " export " in x)
+    assert "as below" not in line and line.rstrip(" │").endswith("your own code."), top
 
 
 def test_a_bank_path_of_another_kind_is_refused_and_leaves_no_lock(tmp_path: Path) -> None:
