@@ -42,6 +42,10 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     if _terminated[0]:
         return
     _terminated[0] = True
+    # A scheduler signals the whole process group: DataLoader workers die of it, and torch's
+    # SIGCHLD handler would raise "worker killed by signal" in the clean-up (a traceback on
+    # stderr) or instead of the interrupt. Their deaths are expected now.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     raise KeyboardInterrupt
 
 

@@ -208,6 +208,54 @@ def test_ctrl_c_or_sigterm_says_what_was_kept(tmp_path: Path, sig: str, code: in
     assert oocid("bank", "verify", tmp_path / "b.npy").returncode == 0
 
 
+# A `oocid train` whose DataLoader workers are slow: each says so in a file at its first sample.
+SLOW_WORKERS = """
+import os, sys, time
+from pathlib import Path
+from oocid.data import stream
+it, flags = stream.ShardStream.__iter__, Path(sys.argv[1])
+def slow_iter(self):
+    for n, sample in enumerate(it(self)):
+        if n == 0:
+            (flags / str(os.getpid())).write_text("running")
+        time.sleep(0.05)
+        yield sample
+stream.ShardStream.__iter__ = slow_iter
+sys.argv = ["oocid", *sys.argv[2:]]
+from oocid.cli.entry import main
+main()
+"""
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers(tmp_path: Path) -> None:
+    """SIGTERM to every process of the run, as a scheduler sends it: the DataLoader workers die
+    of it, and the trainer still stops with its one line and exit 143, no traceback ("DataLoader
+    worker is killed by signal" from torch's SIGCHLD handler, before)."""
+    import signal
+    import time
+
+    assert oocid("shard", tiny_npz(tmp_path / "t.npz"), tmp_path / "s").returncode == 0
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, str(flags), "train", "--shards",
+                          str(tmp_path / "s"), "--bank", str(tmp_path / "b.npy"), "--out",
+                          str(tmp_path / "run"), "--no-progress", "--set", "data.workers=2",
+                          "--set", 'data.in_memory="no"'], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
+                         start_new_session=True)
+    deadline = time.monotonic() + 120  # a bound on a hang, not a timed assertion
+    while len(list(flags.iterdir())) < 2 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1]
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert err.strip().splitlines()[-1].startswith("oocid: interrupted; the bank and the last "
+                                                   "checkpoint are intact"), err
+    assert oocid("bank", "verify", tmp_path / "b.npy").returncode == 0
+
+
 # A `oocid shard` that stops once its second shard is open (the first one renamed into place,
 # the second still under its temporary name), says so in a file, and waits for the SIGINT.
 PAUSED_SHARD = """
