@@ -10,7 +10,7 @@ import traceback
 from typer import Abort
 
 from oocid.cli.app import app
-from oocid.cli.exits import fail, handle_sigterm, interrupt_code, interrupted
+from oocid.cli.exits import fail, handle_sigterm, interrupt_code, interrupted, release_sigterm
 from oocid.errors import OocidError
 
 try:  # newer typer carries its own copy of click
@@ -49,6 +49,7 @@ def main() -> None:
              "(set OOCID_DEBUG=1 for the traceback)", 70)
     if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, without a word
         fail(interrupted(), interrupt_code())
+    release_sigterm()
     sys.exit(code if isinstance(code, int) else 0)  # as typer's standalone mode: always exits
 
 

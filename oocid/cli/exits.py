@@ -55,6 +55,13 @@ def handle_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def release_sigterm() -> None:
+    """The command is over: a SIGTERM from here on ends the process at once, as by default (under
+    torchrun, one that fails gets it while it exits), not with a KeyboardInterrupt."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def interrupt_code() -> int:
     """The exit code of an interrupted command: 143 after a SIGTERM (128 + 15), else 130."""
     return 143 if _terminated[0] else 130
@@ -72,6 +79,7 @@ def _to_error_file(path: str, line: str) -> bool:
 
 def fail(msg: str, code: int) -> NoReturn:
     """Say `msg` in one line and exit with `code` (once per machine under torchrun)."""
+    release_sigterm()
     line = f"oocid: {msg}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE", "")
     recorded = bool(error_file) and _to_error_file(error_file, line)
