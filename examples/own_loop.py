@@ -34,7 +34,10 @@ epochs = int(sys.argv[2]) if len(sys.argv) > 2 else 1
 with OnDiskBank.open(bank_path, n_rows=len(data), chunk_rows=128,
                      steps_per_epoch=len(loader)) as bank:
     criterion = NPIDLoss(bank, kind="infonce", k=256, temperature=0.07)
-    step = 0
+    # A second run on the bank continues its step count (commit refuses a step that goes back).
+    # A real loop also saves the model and optimiser with each commit and loads them here, so
+    # the model goes on with the bank it trained (torch.save({"step": step, "model": ...})).
+    step = max(bank.committed_step, 0)
     for epoch in range(epochs):
         for images, index in loader:
             features = F.normalize(model(images), dim=1)  # (B, 128), unit length

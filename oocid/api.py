@@ -9,6 +9,9 @@
         criterion.update(f, index)                  # the bank's momentum update, after the step
     bank.commit(step)                               # all of the step's rows durable, or none
 
+`step` counts on across runs on one bank: a second run starts from `bank.committed_step`
+(and the model and optimiser saved with it); `commit` refuses a step that goes back.
+
 The bank is the trainer's own: rows on disk, a device cache of whole chunks, crash-safe
 commits. The loss is the trainer's too (`oocid.method.npid.bank_loss`).
 """
@@ -63,6 +66,36 @@ class OnDiskBank(ChunkCache):
     def __init__(self, store: BankStore, budget_rows: int, device: torch.device, *,
                  steps_per_epoch: int = 1) -> None:
         super().__init__(store, budget_rows, device, steps_per_epoch=steps_per_epoch)
+        self._updated = False  # rows updated since the last commit
+
+    @property
+    def committed_step(self) -> int:
+        """The step of the bank's last commit (-1: never committed). A second run on the bank
+        continues its step count from here."""
+        return self.store.meta.committed_step
+
+    def __repr__(self) -> str:
+        cached = min(self.n_slots * self.r, self.n)
+        return (f"OnDiskBank('{self.store.path}', rows={self.n}, dim={self.dim}, "
+                f"committed_step={self.committed_step}, cache_rows={cached})")
+
+    def update(self, index: Tensor, rows: Tensor) -> None:
+        super().update(index, rows)
+        self._updated = True
+
+    def commit(self, step: int) -> None:
+        """Make every row updated since the last commit durable, all or none, as step `step`.
+        Steps count on across runs: a step below `committed_step` is refused (InputError), and
+        so is the same step with rows updated since (a second run that counted from 0 again);
+        the same step with nothing updated since commits nothing new."""
+        have = self.committed_step
+        if step < have or (step == have and self._updated):
+            since = " already, with rows updated since" if step == have else ""
+            raise InputError(f"{self.store.path}: cannot commit step {step}: the bank is "
+                             f"committed at step {have}{since} (a later run continues the "
+                             "count from bank.committed_step)")
+        super().commit(step)
+        self._updated = False
 
     def close(self, raise_errors: bool = True) -> None:
         """Stop the cache's I/O and close the store, always (uncommitted rows are dropped);

@@ -11,6 +11,7 @@ traceback reaches the user. Exit codes (documented in the README):
     5  training diverged (every step of a long run of steps gave non-finite values)
    70  internal error (a bug), printed by the CLI for any other exception
   130  interrupted (Ctrl-C)
+  143  stopped by SIGTERM (a job scheduler, torchrun): as Ctrl-C
 """
 
 from __future__ import annotations

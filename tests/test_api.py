@@ -78,16 +78,46 @@ def test_rows_that_are_not_unit_vectors_are_refused_when_read_back(tmp_path: Pat
         oocid.OnDiskBank.open(path)  # the whole bank fits the cache: read as it opens
 
 
+def test_commit_refuses_a_step_that_goes_back(tmp_path: Path) -> None:
+    """A second run that counts its steps from 0 again: commit(9) on a bank committed at step 18
+    is refused, naming the bank and both steps, and leaves the bank at 18; so is step 18 again
+    with rows updated since; step 18 with nothing updated since, and a later step, commit."""
+    path = tmp_path / "b.zarr"
+    idx = torch.arange(4)
+    with oocid.OnDiskBank.open(path, n_rows=64, dim=8, chunk_rows=16) as bank:
+        assert bank.committed_step == -1
+        bank.update(idx, bank.gather(idx).flip(0))
+        bank.commit(18)
+        assert bank.committed_step == 18
+        assert repr(bank) == (f"OnDiskBank('{path}', rows=64, dim=8, committed_step=18, "
+                              "cache_rows=64)")
+    with oocid.OnDiskBank.open(path) as bank:
+        assert bank.committed_step == 18
+        bank.commit(18)  # nothing updated since: nothing new
+        bank.update(idx, bank.gather(idx).flip(0))
+        with pytest.raises(InputError, match=r"b\.zarr: cannot commit step 9: the bank is "
+                                             r"committed at step 18 \("):
+            bank.commit(9)
+        with pytest.raises(InputError, match="cannot commit step 18: .* at step 18 already"):
+            bank.commit(18)
+        assert bank.committed_step == 18
+        bank.commit(19)
+    with open_store(path, read_only=True) as store:
+        assert store.meta.committed_step == 19
+
+
 def test_example_own_loop_runs(tmp_path: Path) -> None:
-    """examples/own_loop.py as a user runs it: trains an epoch and commits the bank."""
+    """examples/own_loop.py as a user runs it: trains an epoch and commits the bank; run again
+    on the same bank, it continues the step count (8 steps an epoch: 8, then 16)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bank = tmp_path / "bank.zarr"
-    out = subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"), str(bank), "1"],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("epoch 1: loss ")
+    for _ in range(2):
+        out = subprocess.run([sys.executable, str(ROOT / "examples" / "own_loop.py"), str(bank),
+                              "1"], capture_output=True, text=True, env=env, timeout=600)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("epoch 1: loss ")
     store = open_store(bank)
-    assert store.meta.committed_step == 512 // 64
+    assert store.meta.committed_step == 2 * 512 // 64
     rows = store.read_rows(0, store.n_rows)
     assert np.allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-4)
     store.close()

@@ -38,9 +38,11 @@ def _options(version: Annotated[bool, typer.Option(
 
 @app.command()
 def shard(
-    src: Annotated[Path, typer.Argument(help="Image folder (class sub-folders = labels; flat = "
-                                        "unlabeled) or .npz with `images` and optional `labels`.")],
-    out: Annotated[Path, typer.Argument(help="Output folder for the tar shards and manifest.json.")],
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="Image folder (class sub-folders = "
+                                        "labels; flat = unlabeled) or .npz with `images` and "
+                                        "optional `labels`.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for the tar shards and "
+                                        "manifest.json.")],
     shard_size: Annotated[int, typer.Option(help="Samples per shard (= bank chunk rows).")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of the shuffle that assigns instance ids.")] = 0,
     split: Annotated[str, typer.Option(help="For an .npz with `<split>_images` keys.")] = "train",
@@ -83,7 +85,8 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")
                       ] = False,
     epochs: Annotated[int | None, typer.Option(help="Override optim.epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override data.batch_size.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override data.batch_size (per process "
+                                                   "under torchrun).")] = None,
     lr: Annotated[float | None, typer.Option(help="Override optim.lr.")] = None,
     loss: Annotated[str | None, typer.Option(help="Override loss.kind: auto | softmax | nce | "
                                              "infonce (auto: softmax when the bank fits the "
@@ -112,8 +115,9 @@ def train(
                                                      help="Override train.tensorboard: per-epoch "
                                                      "metrics to RUN/tb (needs `pip install "
                                                      "tensorboard`).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any config key, e.g. --set "
-                                                   "loss.z=ema (repeatable).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", metavar="<key=value>", help="Any "
+                                                   "config key, e.g. --set loss.z=ema "
+                                                   "(repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
     verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
                                 ] = False,
@@ -190,21 +194,24 @@ def train(
 @app.command()
 def knn(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose model embeds the queries.")],
-    bank: Annotated[list[Path] | None, typer.Option(help="The trained bank (its rows are the "
-                                                    "training features); optional with "
+    bank: Annotated[list[Path] | None, typer.Option(metavar="<path>", help="The trained bank "
+                                                    "(its rows are the training features); "
+                                                    "optional with "
                                                     "--recompute. Repeat it for each part of a "
                                                     "node-local bank.")] = None,
     shards: Annotated[Path | None, typer.Option(help="Labeled validation shards to classify.")
                       ] = None,
-    query: Annotated[list[Path] | None, typer.Option(help="Instead of --shards: an image file or "
-                                                     "a folder of images; list the nearest "
+    query: Annotated[list[Path] | None, typer.Option(metavar="<path>", help="Instead of "
+                                                     "--shards: an image file or a folder of "
+                                                     "images; list the nearest "
                                                      "training images (repeatable).")] = None,
     train_shards: Annotated[Path | None, typer.Option(help="Training shards (labels, neighbour "
                                                       "look-up, --recompute); default: the path "
                                                       "in the checkpoint.")] = None,
-    k: Annotated[list[int] | None, typer.Option(help="Neighbours; repeat for several k in one "
-                                                "pass (top-k once, at the largest). Default: "
-                                                "200 with --shards, 10 with --query.")] = None,
+    k: Annotated[list[int] | None, typer.Option(metavar="<int>", help="Neighbours; repeat for "
+                                                "several k in one pass (top-k once, at the "
+                                                "largest). Default: 200 with --shards, 10 with "
+                                                "--query.")] = None,
     temperature: Annotated[float, typer.Option(help="sigma in exp(s / sigma).")] = 0.07,
     recompute: Annotated[bool, typer.Option(help="Score against the training shards embedded "
                                             "now with the test transform instead of the bank "
@@ -347,8 +354,8 @@ def demo(
 
 @app.command()
 def plot(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder (holds metrics.jsonl).")],
-    out: Annotated[Path | None, typer.Option(help="PNG path (default RUN_DIR/metrics.png).")
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="A run folder (holds metrics.jsonl).")],
+    out: Annotated[Path | None, typer.Option(help="PNG path (default RUN/metrics.png).")
                    ] = None,
 ) -> None:
     """Draw loss and kNN accuracy over epochs as a PNG."""

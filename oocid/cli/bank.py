@@ -14,7 +14,8 @@ bank_app = typer.Typer(no_args_is_help=True, help="Inspect, verify or create an 
 
 
 @bank_app.command("info")
-def bank_info(path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")]) -> None:
+def bank_info(path: Annotated[Path, typer.Argument(metavar="BANK", help="bank.zarr or bank.npy")]
+              ) -> None:
     """N, D, dtype, store, size on disk, last committed step, norm statistics (exit 3 after the
     rest when a chunk file is damaged: the norms are not computed then)."""
     from oocid.bank.verify import store_info
@@ -31,10 +32,12 @@ def bank_info(path: Annotated[Path, typer.Argument(help="bank.zarr or bank.npy")
 
 @bank_app.command("verify")
 def bank_verify(
-    paths: Annotated[list[Path], typer.Argument(help="bank.zarr or bank.npy (several: each "
+    paths: Annotated[list[Path], typer.Argument(metavar="BANK", help="bank.zarr or bank.npy "
+                                                "(several: each "
                                                 "whole bank on its own); or every part of a "
                                                 "bank trained with --node-local-bank")],
-    tol: Annotated[float | None, typer.Option(help="Allowed | ||v|| - 1 |.")] = None,
+    tol: Annotated[float | None, typer.Option(help="Allowed | ||v|| - 1 |. Default: 1e-4 for a "
+                                              "float32 bank, 1e-3 for float16.")] = None,
 ) -> None:
     """Check every row is finite and unit-norm and the metadata is consistent (exit 1 if not);
     for the parts of a node-local bank, also that together they hold every chunk once, of the
@@ -49,7 +52,7 @@ def bank_verify(
 
 @bank_app.command("assemble")
 def bank_assemble(
-    parts: Annotated[list[Path], typer.Argument(help="Every part of a bank trained with "
+    parts: Annotated[list[Path], typer.Argument(metavar="PART", help="Every part of a bank trained with "
                                                 "--node-local-bank (copied to one machine).")],
     out: Annotated[Path, typer.Option(help="The whole bank to write (.zarr or .npy).")],
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -66,7 +69,7 @@ def bank_assemble(
 
 @bank_app.command("init")
 def bank_init(
-    path: Annotated[Path, typer.Argument(help="New bank.zarr or bank.npy")],
+    path: Annotated[Path, typer.Argument(metavar="BANK", help="New bank.zarr or bank.npy")],
     rows: Annotated[int | None, typer.Option(help="N rows (or take it from --shards).")] = None,
     dim: Annotated[int, typer.Option(help="D.")] = 128,
     dtype: Annotated[str, typer.Option(help="float32 | float16 on disk.")] = "float32",

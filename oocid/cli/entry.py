@@ -10,7 +10,7 @@ import traceback
 from typer import Abort
 
 from oocid.cli.app import app
-from oocid.cli.exits import fail, interrupted
+from oocid.cli.exits import fail, handle_sigterm, interrupt_code, interrupted, release_sigterm
 from oocid.errors import OocidError
 
 try:  # newer typer carries its own copy of click
@@ -27,12 +27,13 @@ def main() -> None:
         # At rich's 80 columns the options table leaves ~18 for the help text: one word a line
         # in a pipe or a file. COLUMNS set by the user still wins.
         os.environ["COLUMNS"] = str(HELP_WIDTH)
+    handle_sigterm()  # SIGTERM ends a command as Ctrl-C does: clean-up, one line, exit 143
     try:
         code = app(standalone_mode=False, prog_name="oocid")  # usage errors: below, one line
     except OocidError as e:
         fail(f"error: {e}", e.exit_code)
     except (KeyboardInterrupt, Abort):
-        fail(interrupted(), 130)
+        fail(interrupted(), interrupt_code())
     except ClickException as e:  # a mistyped option, a missing argument, a bad value
         if type(e).__name__ == "NoArgsIsHelpError" or not e.format_message():
             if e.format_message():  # no arguments: the help (with rich, printed already)
@@ -47,7 +48,8 @@ def main() -> None:
         fail(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} "
              "(set OOCID_DEBUG=1 for the traceback)", 70)
     if code == 130:  # typer turns Ctrl-C inside a command into exit code 130, without a word
-        fail(interrupted(), 130)
+        fail(interrupted(), interrupt_code())
+    release_sigterm()
     sys.exit(code if isinstance(code, int) else 0)  # as typer's standalone mode: always exits
 
 

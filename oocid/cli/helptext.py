@@ -5,8 +5,9 @@ VERIFY_HELP = ("Check every shard's sha256 against its manifest before use: find
 
 
 EXPORT_HELP = (
-    "Export the backbone as a state dict (torch.load(PATH, weights_only=True)) that loads with "
-    "strict=True into the model built as below.\n\n"
+    "Export the trained backbone as a state dict for torchvision or your own code.\n\n"
+    "It loads with torch.load(PATH, weights_only=True) and strict=True into the model built as "
+    "below.\n\n"
     "Keys: every parameter and buffer of the backbone (conv1, bn1, layer1-4 with BN running "
     "statistics; features.* for small), none of the fc.* projection head unless --head.\n\n"
     "resnet18 / resnet50: m = torchvision.models.resnet18() (resnet50()); m.fc = nn.Identity() "

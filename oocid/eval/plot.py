@@ -55,9 +55,11 @@ def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> tuple
     return ticks(step) or [lo], decimals
 
 
-def y_range(ys: list[float], bounds: tuple[float, float] | None = None) -> tuple[float, float]:
+def y_range(ys: list[float], bounds: tuple[float, float] | None = None,
+            min_span: float = 0.0) -> tuple[float, float]:
     """The y axis for `ys`: their span plus 5 % each side (a flat series: +-0.5), kept inside
-    `bounds` (an accuracy: 0-1)."""
+    `bounds` (an accuracy: 0-1); at least `min_span` wide, about the series' middle and shifted
+    to stay inside `bounds`, so that a small change does not fill the panel like a large one."""
     lo, hi = min(ys), max(ys)
     if hi - lo < 1e-12:
         lo, hi = lo - 0.5, hi + 0.5
@@ -65,11 +67,21 @@ def y_range(ys: list[float], bounds: tuple[float, float] | None = None) -> tuple
     lo, hi = lo - margin, hi + margin
     if bounds is not None:
         lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    if hi - lo < min_span:
+        mid = (lo + hi) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+        if bounds is not None:
+            shift = max(bounds[0] - lo, 0.0) - max(hi - bounds[1], 0.0)
+            lo, hi = max(lo + shift, bounds[0]), min(hi + shift, bounds[1])
     return lo, hi
 
 
+ACC_MIN_SPAN = 0.1  # an accuracy axis spans at least 10 points
+LOSS_MIN_SPAN = 0.1  # a loss axis spans at least a tenth of the loss's size
+
+
 def _panel(title: str, xs: list[float], ys: list[float], color: tuple[int, int, int],
-           bounds: tuple[float, float] | None = None) -> Image.Image:
+           bounds: tuple[float, float] | None = None, min_span: float = 0.0) -> Image.Image:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
@@ -77,7 +89,7 @@ def _panel(title: str, xs: list[float], ys: list[float], color: tuple[int, int, 
     d.text((PAD_L, 8), title, fill="black", font=font)
     d.rectangle([x0, y0, x1, y1], outline=(120, 120, 120))
     xlo, xhi = min(xs), max(xs)
-    ylo, yhi = y_range(ys, bounds)
+    ylo, yhi = y_range(ys, bounds, min_span)
 
     def px(x: float) -> float:
         return x0 + (x - xlo) / max(xhi - xlo, 1e-12) * (x1 - x0) if xhi > xlo else (x0 + x1) / 2
@@ -109,11 +121,13 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     loss = [(r["epoch"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
     if loss:
         panels.append(_panel(f"training loss ({run_dir.name})", [e for e, _ in loss],
-                             [v for _, v in loss], (31, 119, 180)))
+                             [v for _, v in loss], (31, 119, 180),
+                             min_span=LOSS_MIN_SPAN * max(abs(v) for _, v in loss)))
     knn = [(r["epoch"], r["knn_top1"]) for r in rows if isinstance(r.get("knn_top1"), (int, float))]
     if knn:
         panels.append(_panel("kNN top-1 on the validation shards", [e for e, _ in knn],
-                             [v for _, v in knn], (214, 39, 40), bounds=(0.0, 1.0)))
+                             [v for _, v in knn], (214, 39, 40), bounds=(0.0, 1.0),
+                             min_span=ACC_MIN_SPAN))
     if not panels:
         raise DataError(f"{run_dir / 'metrics.jsonl'}: nothing to plot")
     img = Image.new("RGB", (W, H * len(panels)), "white")

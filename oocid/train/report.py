@@ -28,15 +28,18 @@ class RunResult:
 def schedule_note(saved: Config, cfg: Config, epoch: int, step_in_epoch: int, spe: int,
                   step: int) -> str | None:
     """One line when a resume changes optim.epochs to a count still ahead of the checkpoint:
-    the schedule is recomputed for it, with the next step's lr under both. None otherwise (an
-    equal count finishes at once: `summary` says the run is complete)."""
+    the schedule is recomputed for it; the next step's lr under the new schedule, and the lr of
+    the checkpoint's last step under the old one (not the old schedule's next step: past the end
+    of a cosine that is 0). None otherwise (an equal count finishes at once: `summary` says the
+    run is complete)."""
     old, new = saved.optim.epochs, cfg.optim.epochs
     if old == new or new <= epoch:
         return None
     now = lr_at(cfg, epoch, step_in_epoch, spe)
-    before = lr_at(saved, epoch, step_in_epoch, spe)
+    last = (epoch, step_in_epoch - 1) if step_in_epoch > 0 else (epoch - 1, spe - 1)
+    before = lr_at(saved, *last, spe) if last[0] >= 0 else lr_at(saved, 0, 0, spe)
     return (f"oocid: optim.epochs {old} -> {new}: the lr schedule is recomputed for {new} "
-            f"epochs; lr {now:.4g} now, {before:.4g} at the checkpoint (step {step})")
+            f"epochs; lr {now:.3g} now, {before:.3g} at the checkpoint (step {step})")
 
 
 def _duration(seconds: float) -> str:

@@ -373,9 +373,10 @@ def test_resume_continues_with_more_epochs(jobs: dict[str, Future[Any]]) -> None
     assert run.rc == 0, run
     assert run.last_json()["epochs"] == 2, run
     assert [m["epoch"] for m in metrics(out)] == [1, 2]
-    # cosine over 1 epoch ends at 0; over 2 the next step's lr is half of 0.03
+    # cosine over 1 epoch of 3 steps: the last at a quarter of 0.03 (the schedule's end, 0, is
+    # no step's); over 2 epochs the next step's lr is half of 0.03
     assert ("oocid: optim.epochs 1 -> 2: the lr schedule is recomputed for 2 epochs; lr 0.015 "
-            f"now, 0 at the checkpoint (step {STEPS})") in run.err.splitlines(), run
+            f"now, 0.0075 at the checkpoint (step {STEPS})") in run.err.splitlines(), run
     assert run.out.splitlines()[0].startswith(f"done: epoch 2 of 2 ({STEPS} steps, "), run
     assert info(bank)["committed_step"] == str(2 * STEPS)
 

@@ -57,7 +57,7 @@ def test_an_error_file_that_cannot_be_written_leaves_the_line_printed(
     (["train", "--shard", "s", "--bank", "b.zarr"],
      "oocid: error: No such option: --shard (Possible options: --arch, --shards, --tensorboard) "
      "(see `oocid train --help`)"),
-    (["bank", "verify"], "oocid: error: Missing argument 'paths' (see `oocid bank verify --help`)"),
+    (["bank", "verify"], "oocid: error: Missing argument 'BANK' (see `oocid bank verify --help`)"),
     (["trian"], "oocid: error: No such command 'trian'. Did you mean 'train'? (see `oocid --help`)"),
 ])
 def test_a_usage_error_is_one_plain_line(monkeypatch: pytest.MonkeyPatch,

@@ -6,6 +6,7 @@ that name what is wrong (one line, exit 2), kNN output that suits the data.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,25 @@ def test_plain_progress_lines_every_tenth_of_a_long_total(
     assert out.getvalue() == "oocid: shard 5/5 img (100%)\n"
 
 
+def test_help_names_values_as_the_docs_do() -> None:
+    """Repeatable options show the value one use takes (`<int>`, not `<list[int]>`), positionals
+    their names as docs/commands.md writes them (SRC OUT, not {src} {out}: typer keeps the
+    braces), `bank verify --tol` its defaults; the top-level list gives export a line that
+    stands alone (it ended "into the model built as below")."""
+    knn = oocid("knn", "--help")
+    assert knn.returncode == 0, knn.stderr
+    assert "list[" not in knn.stdout, knn.stdout
+    assert re.search(r"--k +<int> +Neighbours", knn.stdout), knn.stdout
+    assert re.search(r"--bank +<path> +The trained bank", knn.stdout), knn.stdout
+    shard = oocid("shard", "--help").stdout
+    assert "Usage: oocid shard [OPTIONS] {SRC} {OUT}" in shard, shard
+    assert "1e-4 for a float32 bank, 1e-3 for float16" in oocid("bank", "verify", "--help").stdout
+    assert "data.batch_size (per process under torchrun)" in oocid("train", "--help").stdout
+    top = oocid("--help").stdout
+    line = next(x for x in top.splitlines() if " export " in x)
+    assert "as below" not in line and line.rstrip(" │").endswith("your own code."), top
+
+
 def test_a_bank_path_of_another_kind_is_refused_and_leaves_no_lock(tmp_path: Path) -> None:
     """No config (the recipe) and --bank bank.bin: one line, exit 2, no bank.bin.lock, no
     recipe line before the error."""
@@ -157,9 +177,15 @@ def test_a_bank_path_of_another_kind_is_refused_and_leaves_no_lock(tmp_path: Pat
     assert not (tmp_path / "bank.bin.lock").exists() and not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path: Path) -> None:
+# Ctrl-C, and SIGTERM (a job scheduler's stop, torchrun stopping the other processes): the same
+# clean-up and line; the exit code says which (128 + the signal's number).
+STOPS = [pytest.param("SIGINT", 130, id="ctrl-c"), pytest.param("SIGTERM", 143, id="sigterm")]
+
+
+@pytest.mark.parametrize(("sig", "code"), STOPS)
+def test_ctrl_c_or_sigterm_says_what_was_kept(tmp_path: Path, sig: str, code: int) -> None:
     """SIGINT during training: exit 130, one line saying the bank and checkpoint are intact,
-    and the bank verifies."""
+    and the bank verifies; SIGTERM the same with exit 143."""
     import signal
     import time
 
@@ -173,12 +199,60 @@ def test_ctrl_c_says_what_was_kept_and_exits_130(tmp_path: Path) -> None:
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)  # an epoch committed: the interrupt lands mid-run
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == code, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("oocid: interrupted; the bank and the last checkpoint are intact"), err
     assert "Traceback" not in err
+    assert oocid("bank", "verify", tmp_path / "b.npy").returncode == 0
+
+
+# A `oocid train` whose DataLoader workers are slow: each says so in a file at its first sample.
+SLOW_WORKERS = """
+import os, sys, time
+from pathlib import Path
+from oocid.data import stream
+it, flags = stream.ShardStream.__iter__, Path(sys.argv[1])
+def slow_iter(self):
+    for n, sample in enumerate(it(self)):
+        if n == 0:
+            (flags / str(os.getpid())).write_text("running")
+        time.sleep(0.05)
+        yield sample
+stream.ShardStream.__iter__ = slow_iter
+sys.argv = ["oocid", *sys.argv[2:]]
+from oocid.cli.entry import main
+main()
+"""
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers(tmp_path: Path) -> None:
+    """SIGTERM to every process of the run, as a scheduler sends it: the DataLoader workers die
+    of it, and the trainer still stops with its one line and exit 143, no traceback ("DataLoader
+    worker is killed by signal" from torch's SIGCHLD handler, before)."""
+    import signal
+    import time
+
+    assert oocid("shard", tiny_npz(tmp_path / "t.npz"), tmp_path / "s").returncode == 0
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", SLOW_WORKERS, str(flags), "train", "--shards",
+                          str(tmp_path / "s"), "--bank", str(tmp_path / "b.npy"), "--out",
+                          str(tmp_path / "run"), "--no-progress", "--set", "data.workers=2",
+                          "--set", 'data.in_memory="no"'], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**ENV, "OMP_NUM_THREADS": "1"},
+                         start_new_session=True)
+    deadline = time.monotonic() + 120  # a bound on a hang, not a timed assertion
+    while len(list(flags.iterdir())) < 2 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1]
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "Traceback" not in err and "killed by signal" not in err, err
+    assert err.strip().splitlines()[-1].startswith("oocid: interrupted; the bank and the last "
+                                                   "checkpoint are intact"), err
     assert oocid("bank", "verify", tmp_path / "b.npy").returncode == 0
 
 
@@ -201,10 +275,12 @@ main()
 """
 
 
-def test_ctrl_c_during_shard_removes_its_partial_set_and_the_rerun_works(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), STOPS)
+def test_stop_during_shard_removes_its_partial_set_and_the_rerun_works(
+        tmp_path: Path, sig: str, code: int) -> None:
     """SIGINT with one shard finished and the next half written: exit 130, one line saying what
     was removed (not the training line), nothing of the run left in OUT (a folder that was
-    there before stays); the same command then runs without --force."""
+    there before stays); the same command then runs without --force. SIGTERM: the same, 143."""
     import signal
     import time
 
@@ -219,9 +295,9 @@ def test_ctrl_c_during_shard_removes_its_partial_set_and_the_rerun_works(tmp_pat
     while not flag.exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (out / "shard-000000.tar").is_file() and (out / "shard-000001.tar.tmp").is_file()
-    p.send_signal(signal.SIGINT)
+    p.send_signal(getattr(signal, sig))
     _, err = p.communicate(timeout=120)
-    assert p.returncode == 130, err
+    assert p.returncode == code, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last == (f"oocid: interrupted; removed the 1 shard this run had written to {out} and "

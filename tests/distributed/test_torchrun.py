@@ -137,6 +137,29 @@ def test_a_killed_rank_stops_the_run_and_resume_completes_it(root: Path, two: tu
     assert same(result(root, name), two[1])  # as if never killed
 
 
+def test_a_sigtermed_rank_says_it_was_interrupted_in_torchruns_summary(root: Path) -> None:
+    """SIGTERM to one process (as a scheduler or a user's `kill` sends): it stops as on Ctrl-C
+    and torchrun's summary shows it as the root cause, exit 143 with the line, not "Signal 15
+    (SIGTERM) received by PID"; the bank verifies."""
+    name = "term"
+    p = subprocess.Popen(torchrun(2, *train_args(root, name, "--checkpoint-every", "2")),
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((root / name).glob("ckpt-*")) and time.monotonic() < deadline \
+            and p.poll() is None:
+        time.sleep(0.05)
+    ranks = sorted(workers(p.pid))
+    assert p.poll() is None and len(ranks) == 2, "the run ended before the signal"
+    os.kill(ranks[1], signal.SIGTERM)
+    _, err = p.communicate(timeout=240)
+    assert p.returncode != 0
+    cause = err.split("Root Cause")[-1]
+    assert "exitcode  : 143" in cause, err
+    assert ("traceback : oocid: interrupted; the bank and the last checkpoint are intact (a run "
+            "continues with --resume)") in cause, err
+    assert verify_store(root / f"{name}.zarr").ok
+
+
 def test_a_two_process_run_resumes_as_one(root: Path) -> None:
     args = train_args(root, "shrink", "--checkpoint-every", "2")
     first = run(torchrun(2, *args, "--max-steps", "5"))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from oocid.errors import DataError, InputError
-from oocid.eval.plot import H, W, nice_ticks, plot_run, y_range
+from oocid.eval.plot import PAD_B, PAD_T, H, W, nice_ticks, plot_run, y_range
 
 
 def test_plot_two_panels(tmp_path: Path) -> None:
@@ -44,6 +44,32 @@ def test_ticks_are_round_and_labelled_once() -> None:
     assert y_range([0.932], bounds=(0.0, 1.0))[1] == 1.0
     lo, hi = y_range([0.5, 0.6], bounds=(0.0, 1.0))
     assert lo == pytest.approx(0.495) and hi == pytest.approx(0.605)
+
+
+def test_a_small_change_is_drawn_small(tmp_path: Path) -> None:
+    """What a user saw: a kNN curve from 0.694 to 0.700 drawn over an axis of 0.694-0.700, so a
+    0.6-point change looked like a collapse; a loss from 5.84 to 5.80 the same. Each curve now
+    takes a small part of its panel's height (the accuracy axis spans at least 0.1, the loss axis
+    a tenth of the loss)."""
+    lines = [{"epoch": e, "loss": 5.84 - e / 100, "knn_top1": 0.700 - e * 0.0015}
+             for e in range(5)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    img = Image.open(plot_run(tmp_path)).convert("RGB")
+    for panel, color in ((0, (31, 119, 180)), (1, (214, 39, 40))):
+        rows = [y for y in range(panel * H, (panel + 1) * H) for x in range(W)
+                if img.getpixel((x, y)) == color]
+        assert rows
+        assert max(rows) - min(rows) < 0.15 * (H - PAD_T - PAD_B)  # was the whole height
+
+
+def test_the_minimum_span_stays_within_bounds() -> None:
+    for ys in ([0.694, 0.7], [0.98, 0.99], [0.0, 0.01], [0.5]):
+        lo, hi = y_range(ys, bounds=(0.0, 1.0), min_span=0.1)
+        assert 0.0 <= lo <= min(ys) and max(ys) <= hi <= 1.0 and hi - lo >= 0.1 - 1e-12
+    assert y_range([0.98, 0.99], bounds=(0.0, 1.0), min_span=0.1) == pytest.approx((0.9, 1.0))
+    assert y_range([0.694, 0.7], bounds=(0.0, 1.0), min_span=0.1) == pytest.approx((0.647, 0.747))
+    lo, hi = y_range([5.80, 5.84], min_span=0.584)
+    assert hi - lo == pytest.approx(0.584) and (lo + hi) / 2 == pytest.approx(5.82)
 
 
 @given(st.floats(-1e4, 1e4), st.floats(1e-3, 1e4), st.integers(3, 8))
