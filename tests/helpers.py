@@ -76,6 +76,23 @@ class Run:
         return dict(json.loads(self.out.strip().splitlines()[-1]))
 
 
+def in_process(monkeypatch: Any, capsys: Any, *args: object) -> Run:
+    """`oocid ARGS` run in this process through the real entry point (oocid.cli.entry.main),
+    which always exits: its exit status (0 for none), stdout and stderr."""
+    from oocid.cli.entry import main
+
+    argv = [str(a) for a in args]
+    monkeypatch.setattr(sys, "argv", ["oocid", *argv])
+    try:
+        main()
+        code: object = 0  # pragma: no cover - main always exits
+    except SystemExit as e:
+        code = e.code
+    got = capsys.readouterr()
+    return Run(argv, int(code) if isinstance(code, int) else (0 if code is None else 1),
+               got.out, got.err)
+
+
 def run_process(cmd: list[str], argv: list[str], env: dict[str, str]) -> Run:
     """Run `cmd` (an `oocid` invocation whose arguments are `argv`), at most SLOTS at once."""
     with SLOTS:

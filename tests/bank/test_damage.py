@@ -280,9 +280,8 @@ def test_parts_of_different_banks_are_not_one_bank_and_assemble_keeps_the_id(tmp
         assert s.meta.bank_id == run_id
 
 
-def test_assembling_parts_stops_at_a_damaged_row_and_writes_no_bank(tmp_path: Path) -> None:
-    """A damaged row in one part is not copied into the assembled bank: DataError naming the
-    part and the row, and no bank at the output path."""
+def two_parts(tmp_path: Path) -> tuple[Path, Path, str]:
+    """The two parts of one node-local bank (chunks 0 and 2, chunk 1), and the run's id."""
     a, b = zarr_bank(tmp_path, "a.zarr"), zarr_bank(tmp_path, "b.zarr")
     write_part_info(a, [0, 2], 2, 0, None)
     write_part_info(b, [1], 2, 1, None)
@@ -290,6 +289,13 @@ def test_assembling_parts_stops_at_a_damaged_row_and_writes_no_bank(tmp_path: Pa
         run_id = s.meta.bank_id
     with open_store(b, recover=False) as s:
         s.settle(-1, None, run_id)
+    return a, b, run_id
+
+
+def test_assembling_parts_stops_at_a_damaged_row_and_writes_no_bank(tmp_path: Path) -> None:
+    """A damaged row in one part is not copied into the assembled bank: DataError naming the
+    part and the row, and no bank at the output path."""
+    a, b, _ = two_parts(tmp_path)
     poke(b, R + 3, 7.0)  # row 19, in chunk 1: part b's
     with pytest.raises(DataError, match=r"b\.zarr.*row 19"):
         assemble([a, b], tmp_path / "whole.zarr")
@@ -316,13 +322,7 @@ def test_a_bank_assemble_killed_before_its_end_is_not_the_runs(tmp_path: Path) -
     import subprocess
     import sys
 
-    a, b = zarr_bank(tmp_path, "a.zarr"), zarr_bank(tmp_path, "b.zarr")
-    write_part_info(a, [0, 2], 2, 0, None)
-    write_part_info(b, [1], 2, 1, None)
-    with open_store(a, read_only=True) as s:
-        run_id = s.meta.bank_id
-    with open_store(b, recover=False) as s:
-        s.settle(-1, None, run_id)
+    a, b, run_id = two_parts(tmp_path)
     out = tmp_path / "whole.zarr"
     p = subprocess.run([sys.executable, "-c", KILLED_ASSEMBLE, str(out), str(a), str(b)],
                        capture_output=True, text=True, timeout=120, check=False)
