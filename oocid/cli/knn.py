@@ -112,12 +112,6 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
         raise InputError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
     c = num_classes_of(tm, labels)
     classes = list(tm.classes) if tm.classes else [str(i) for i in range(c)]
-    counts = np.bincount(labels)
-    fewest = int(counts[counts > 0].min()) if labels.size else 0
-    if 0 < fewest < max(ks):  # votes beyond a class's size come from other classes
-        print(f"oocid: note: k {max(ks)} is more than the {fewest} training images of the "
-              "smallest class; a smaller --k may suit this set (the paper's 200 is for "
-              "ImageNet's ~1,300 a class)", file=sys.stderr)
     feats, _, vlab = extract_features(side.model, eval_batches(vm, side.cfg.data, side.device),
                                       side.cfg.model.channels_last)
     if (vlab < 0).any():
@@ -126,6 +120,12 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     if int(vlab.max()) >= c:
         raise DataError(f"{val}: label {int(vlab.max())} outside the training set's {c} classes")
     sims, index = topk_indexed(feats, side.chunks(), max(ks))  # (Q, k'), once at the largest k
+    counts = np.bincount(labels)
+    fewest = int(counts[counts > 0].min()) if labels.size else 0
+    if 0 < fewest < max(ks):  # votes beyond a class's size come from other classes
+        print(f"oocid: note: k {max(ks)} is more than the {fewest} training images of the "
+              "smallest class; a smaller --k may suit this set (the paper's 200 is for "
+              "ImageNet's ~1,300 a class)", file=sys.stderr)
     nl = torch.from_numpy(labels).to(index.device)[index]
     evaluated = None if mapping is None else mapping.tolist()
     by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes, evaluated)
