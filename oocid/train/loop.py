@@ -107,7 +107,9 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
             else manifest
         # Measured once: the default budget follows free memory, which changes between calls.
         budget = cache_budget_rows(cfg, None, device, local.n, sharers=world.local_size)
-        cfg = resolve_loss(cfg, manifest.n, budget, say, whole_bank=not world.distributed)
+        chosen: list[str] = []  # said after the recipe's line, which it follows from
+        cfg = resolve_loss(cfg, manifest.n, budget, chosen.append,
+                           whole_bank=not world.distributed)
         lc = cfg.loss
         if lc.kind in ("nce", "infonce") and lc.nce_k >= local.n:
             raise InputError(f"loss.nce_k = {lc.nce_k} negatives needs more than {local.n} "
@@ -122,8 +124,8 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
             raise InputError(f"{run_dir}: already holds checkpoints; pass --resume or choose "
                              "another --out")
         with open_bank(cfg, manifest, bank_path, resume, world, layout, say) as store:
-            if announce is not None:  # the inputs have passed their checks, the bank included
-                say(announce)
+            for line in ([announce] if announce is not None else []) + chosen:
+                say(line)  # the inputs have passed their checks, the bank included
             if world.main:
                 run_dir.mkdir(parents=True, exist_ok=True)
             run = Inputs(cfg, manifest, local, val_manifest, world, layout, run_dir, device,

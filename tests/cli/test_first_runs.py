@@ -47,9 +47,12 @@ def test_the_recipe_trains_a_bank_larger_than_the_cache_with_infonce(shards: Pat
     recipe's softmax stopped the run."""
     run = ok("train", "--shards", shards, "--bank", tmp_path / "b.zarr", "--out", tmp_path / "r",
              "--epochs", 1, "--cache-mb", 0.03, "--no-progress")
-    assert "loss.kind = auto -> infonce (the bank of 128 rows does not fit" in run.err, run
-    assert ("exact softmax (t 0.1) while the bank fits the device cache, else InfoNCE K 64"
-            in run.err), run
+    lines = run.err.splitlines()  # the recipe's line, then the loss it resolved to
+    assert lines[0].startswith("oocid: recipe for ") and ("exact softmax (t 0.1) while the bank "
+                                                          "fits the device cache, else InfoNCE "
+                                                          "K 64") in lines[0], run
+    assert lines[1].startswith("oocid: loss.kind = auto -> infonce (the bank of 128 rows does "
+                               "not fit"), run
     assert load_checkpoint(tmp_path / "r" / "last.pt")["config"]["loss"]["kind"] == "infonce"
     assert run.last_json()["epochs"] == 1, run
 
