@@ -250,9 +250,12 @@ def validate(cfg: Config, where: str = "config") -> None:
 
 def _bundled() -> Path:
     """The bundled configs: a clone's (an editable install's), else where an installed wheel
-    put them (pyproject.toml's data-files)."""
+    put them (pyproject.toml's data-files: under sys.prefix, or the user base of `--user`)."""
+    import site
+
     here = Path(__file__).resolve().parent.parent / "configs"
-    return here if here.is_dir() else Path(sys.prefix) / "share" / "oocid" / "configs"
+    wheel = [Path(p) / "share" / "oocid" / "configs" for p in (sys.prefix, site.USER_BASE or "")]
+    return next((p for p in [here, *wheel] if (p / "demo.toml").is_file()), here)
 
 
 BUNDLED = _bundled()

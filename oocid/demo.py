@@ -76,7 +76,8 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
     write_shards(npz, train_dir, shard_size=1000, seed=0, split="train", progress=progress)
     write_shards(npz, val_dir, shard_size=1000, seed=0, split="test", progress=progress)
     t_train = time.perf_counter()
-    say(f"oocid demo: training {cfg.model.arch} for {cfg.optim.epochs} epochs "
+    n = cfg.optim.epochs
+    say(f"oocid demo: training {cfg.model.arch} for {n} epoch{'' if n == 1 else 's'} "
         f"({cfg.loss.kind} loss), bank {out / 'bank.zarr'}")
     train(cfg, train_dir, out / "bank.zarr", out / "run", progress=progress, log=say)
     train_s = time.perf_counter() - t_train
@@ -177,7 +178,7 @@ def format_demo(res: dict[str, Any]) -> str:
     lines.append(f"  trained {epochs} epoch{'' if epochs == 1 else 's'} in "
                  f"{res['train_seconds']} s; total {res['total_seconds']} s")
     if epochs < full:  # a short run's numbers are not what the method learns here
-        lines.append(f"  {epochs} of the demo's {full} epochs: too few to learn; the default "
-                     f"run gives {DEFAULT_TOP1:.3f}")
+        lines.append(f"  {epochs} of the demo's {full} epochs: a short run learns less; the "
+                     f"default run gives {DEFAULT_TOP1:.3f}")
     lines += [f"  picture: {p}" for p in res.get("pictures", [])]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,13 @@ def test_data_workers_auto_by_default_and_negative_counts_refused(monkeypatch: p
     assert load_config(None, ["data.workers=-1"]).data.workers == -1
     with pytest.raises(InputError, match=r"data\.workers must be >= 0, or -1"):
         load_config(None, ["data.workers=-2"])
+
+
+def test_pyproject_installs_every_bundled_config() -> None:
+    """The wheel's data-files list the configs by hand: it must name every one of configs/."""
+    text = (ROOT / "pyproject.toml").read_text()
+    listed = set(re.findall(r'"configs/([a-z0-9_]+\.toml)"', text))
+    assert listed == {p.name for p in (ROOT / "configs").glob("*.toml")}
 
 
 def test_a_bundled_config_is_found_by_name_from_any_folder(tmp_path: Path,

@@ -42,7 +42,7 @@ def test_a_short_demo_says_it_is_not_the_methods_result() -> None:
     full = demo_config().optim.epochs
     short = format_demo(_result(5)).splitlines()
     assert short[-2] == "  trained 5 epochs in 9.0 s; total 12.0 s"
-    assert short[-1] == (f"  5 of the demo's {full} epochs: too few to learn; the default run "
+    assert short[-1] == (f"  5 of the demo's {full} epochs: a short run learns less; the default run "
                          f"gives {DEFAULT_TOP1:.3f}")
     assert "  trained 1 epoch in 9.0 s; total 12.0 s" in format_demo(_result(1)).splitlines()
     assert "too few" not in format_demo(_result(full))

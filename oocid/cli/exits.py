@@ -21,6 +21,7 @@ INTERRUPTED = "interrupted"  # what a command without a word of its own says on 
 TRAIN_INTERRUPTED = ("interrupted; the bank and the last checkpoint are intact (a run continues "
                      "with --resume)")
 _interrupted = [INTERRUPTED]  # the line for Ctrl-C: set by the command that runs
+_terminated = [False]  # a SIGTERM arrived: the interrupt exits 143, not 130
 
 
 def on_interrupt(msg: str) -> None:
@@ -29,10 +30,12 @@ def on_interrupt(msg: str) -> None:
 
 
 def interrupted() -> str:
+    """The running command's interrupt line; under torchrun after a SIGTERM, which torchrun
+    sends every process once one has failed, it says where the cause is named."""
+    if _terminated[0] and os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return (f"stopped by SIGTERM (torchrun's summary names the process that failed first, "
+                f"if one did); {_interrupted[0]}")
     return _interrupted[0]
-
-
-_terminated = [False]  # a SIGTERM arrived: the interrupt exits 143, not 130
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:

@@ -103,9 +103,6 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     side = load_training_side(checkpoint, _banks(bank), train_shards, device_name, recompute, progress,
                               verify=verify)
     tm = side.manifest
-    warning = not_held_out(tm, vm)
-    if warning is not None:
-        print(warning, file=sys.stderr)
     mapping = class_map(tm, vm, val)  # validation classes matched to training ones by name
     labels = read_labels(tm)
     if (labels < 0).any():  # shards of the wrong kind for the command: input, as `train --val`
@@ -120,6 +117,9 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     if int(vlab.max()) >= c:
         raise DataError(f"{val}: label {int(vlab.max())} outside the training set's {c} classes")
     sims, index = topk_indexed(feats, side.chunks(), max(ks))  # (Q, k'), once at the largest k
+    warning = not_held_out(tm, vm)  # said once the search has succeeded, as the note below
+    if warning is not None:
+        print(warning, file=sys.stderr)
     counts = np.bincount(labels)
     fewest = int(counts[counts > 0].min()) if labels.size else 0
     if 0 < fewest < max(ks):  # votes beyond a class's size come from other classes

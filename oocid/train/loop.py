@@ -92,8 +92,6 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     val_manifest = read_manifest(val) if val is not None else None
     check_val(manifest, val_manifest, shards, val)
     warning = None if val_manifest is None else not_held_out(manifest, val_manifest)
-    if warning is not None:
-        say(warning)
     device = rank_device(world, resolve_device(cfg.train.device))
     use_device(device)  # cuda:N current for this thread; cuDNN autotuning on CUDA
     start_world(world, device)
@@ -107,7 +105,7 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
             else manifest
         # Measured once: the default budget follows free memory, which changes between calls.
         budget = cache_budget_rows(cfg, None, device, local.n, sharers=world.local_size)
-        chosen: list[str] = []  # said after the recipe's line, which it follows from
+        chosen = [] if warning is None else [warning]  # said after the recipe's line
         cfg = resolve_loss(cfg, manifest.n, budget, chosen.append,
                            whole_bank=not world.distributed)
         lc = cfg.loss

@@ -155,8 +155,9 @@ def test_a_sigtermed_rank_says_it_was_interrupted_in_torchruns_summary(root: Pat
     assert p.returncode != 0
     cause = err.split("Root Cause")[-1]
     assert "exitcode  : 143" in cause, err
-    assert ("traceback : oocid: interrupted; the bank and the last checkpoint are intact (a run "
-            "continues with --resume)") in cause, err
+    assert ("traceback : oocid: stopped by SIGTERM (torchrun's summary names the process that "
+            "failed first, if one did); interrupted; the bank and the last checkpoint are intact "
+            "(a run continues with --resume)") in cause, err
     assert verify_store(root / f"{name}.zarr").ok
 
 
