@@ -56,3 +56,9 @@ class DivergedError(OocidError):
     """Training diverged: steps keep giving non-finite features or loss (each one skipped)."""
 
     exit_code = 5
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (its whitespace runs as single spaces), or its type's
+    name when it has none: how a skipped image's reason is said."""
+    return " ".join(str(e).split()) or type(e).__name__

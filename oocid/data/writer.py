@@ -43,7 +43,7 @@ from tqdm import tqdm
 from oocid.atomic import AtomicFile, write_error
 from oocid.data.manifest import FORMAT, MANIFEST_NAME, Manifest, ShardInfo, manifest_identity, write_manifest
 from oocid.data.sources import DEFAULT_QUALITY, DEFAULT_SHORT_SIDE, NOT_IMAGE, Encoded, open_source
-from oocid.errors import InputError, WriteError
+from oocid.errors import InputError, WriteError, one_line
 from oocid.progress import progress_bar
 
 DEFAULT_SHARD_SIZE = 4096
@@ -290,7 +290,7 @@ def write_shards(
                 for w in caught:  # Pillow's warning names no file: say which, in one line
                     _warn(f"{_shown(src, path)}: {' '.join(str(w.message).split())}")
             except Exception as e:  # any decode failure: record, warn, go on
-                reason = " ".join(str(e).split()) or type(e).__name__
+                reason = one_line(e)
                 if isinstance(e, Image.DecompressionBombError):
                     reason += " (Pillow's limit; make the image smaller first)"
                 skipped.append({"path": path, "error": reason})

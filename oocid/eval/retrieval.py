@@ -31,7 +31,7 @@ from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import IMAGE_EXTS, Manifest, read_manifest, verify_shards
 from oocid.data.reader import RawSample, iter_samples
 from oocid.device import resolve_device
-from oocid.errors import DataError, InputError
+from oocid.errors import DataError, InputError, one_line
 from oocid.eval.embed import iter_features
 from oocid.method.knn import topk_streaming
 from oocid.models import Embedder
@@ -204,11 +204,6 @@ def thumbnail(sample: RawSample, channels: int) -> Image.Image:
         return Image.new("L" if channels == 1 else "RGB", (32, 32), 128)
 
 
-def _why(e: Exception) -> str:
-    """An exception as one line, as `oocid shard` reports a skipped image."""
-    return " ".join(str(e).split()) or type(e).__name__
-
-
 def load_queries(files: Sequence[Path], channels: int, named: Sequence[Path]
                  ) -> tuple[list[Path], list[Image.Image]]:
     """The query files that decode, and their images. A file found in a folder that does not
@@ -222,8 +217,8 @@ def load_queries(files: Sequence[Path], channels: int, named: Sequence[Path]
             images.append(decode_file(f.read_bytes(), channels))
         except Exception as e:  # PIL raises many kinds for a non-image
             if f in direct:
-                raise InputError(f"{f}: not a readable image ({_why(e)})") from None
-            print(f"oocid: warning: skipped {f}: {_why(e)}", file=sys.stderr)
+                raise InputError(f"{f}: not a readable image ({one_line(e)})") from None
+            print(f"oocid: warning: skipped {f}: {one_line(e)}", file=sys.stderr)
             continue
         kept.append(f)
     if not kept:

@@ -316,9 +316,9 @@ def _loop(run: RunState) -> RunResult:
             rec["z_drift"] = run.zest.drift() if run.zest is not None else 1.0
         if watch.fired:
             rec["collapse"] = sorted(watch.fired)
+        every = eval_period(cfg)
         if evaluate is not None and (run.epoch == cfg.optim.epochs or run.epoch == last_epoch
-                                     or (eval_period(cfg) > 0
-                                         and run.epoch % eval_period(cfg) == 0)):
+                                     or (every > 0 and run.epoch % every == 0)):
             rec.update(evaluate())
         run.checkpoint(None, rec)
         if run.world.main:
