@@ -269,7 +269,8 @@ def embed(
     shards: Annotated[Path, typer.Option(help="Any shard folder (from `oocid shard`).")],
     out: Annotated[Path, typer.Option(help="FEATS.npy (plus FEATS.index.npy and "
                                       "FEATS.labels.npy beside it) or FEATS.npz (keys "
-                                      "features, index, labels).")],
+                                      "features, index, labels, and classes: the class "
+                                      "names).")],
     pre_fc: Annotated[bool, typer.Option(help="Backbone features before the fc head (not "
                                          "normalised) instead of the unit D-dim features.")
                       ] = False,

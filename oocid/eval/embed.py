@@ -5,7 +5,8 @@ embedded and written straight into a memory-mapped array at their index, so the 
 never have to fit in memory. M = samples embedded (N minus undecodable ones), F = width.
 
     OUT.npy  (M, F) float32   + OUT.index.npy (M,) int64 + OUT.labels.npy (M,) int64 (-1: none)
-    OUT.npz  keys features, index, labels (the same arrays)
+    OUT.npz  keys features, index, labels (the same arrays), and classes (C,) str when the
+             shards have class names (label j is classes[j], as in the shards' manifest.json)
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: 
         if feats is None:
             raise DataError(f"{manifest.root}: no sample could be decoded")
         keep = np.flatnonzero(index_seen)
-        _write(paths, feats, keep, labels[keep])
+        _write(paths, feats, keep, labels[keep], manifest.classes)
         dim = int(feats.shape[1])
         del feats
     except OSError as e:
@@ -150,11 +151,11 @@ def _rows(feats: np.ndarray, keep: np.ndarray, block: int = 65536) -> Iterator[n
         yield np.asarray(feats[a:a + block] if full else feats[keep[a:a + block]])
 
 
-def _write(paths: tuple[Path, ...], feats: np.ndarray, keep: np.ndarray, labels: np.ndarray
-           ) -> None:
-    """Features (rows `keep` of `feats`), index and labels, each file written under a
-    temporary name; all are put in place once all are written, so a failed write leaves the
-    files of an earlier run as they were (and no temporary file)."""
+def _write(paths: tuple[Path, ...], feats: np.ndarray, keep: np.ndarray, labels: np.ndarray,
+           classes: tuple[str, ...] | None = None) -> None:
+    """Features (rows `keep` of `feats`), index, labels (and in an .npz the class names), each
+    file written under a temporary name; all are put in place once all are written, so a
+    failed write leaves the files of an earlier run as they were (and no temporary file)."""
     shape = (len(keep), feats.shape[1])
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
               "fortran_order": False, "shape": shape}
@@ -168,7 +169,10 @@ def _write(paths: tuple[Path, ...], feats: np.ndarray, keep: np.ndarray, labels:
                     np.lib.format.write_array_header_2_0(f, header)
                     for r in _rows(feats, keep):
                         f.write(np.ascontiguousarray(r, np.float32).tobytes())
-                for name, arr in (("index", keep.astype(np.int64)), ("labels", labels)):
+                arrays = [("index", keep.astype(np.int64)), ("labels", labels)]
+                if classes is not None:
+                    arrays.append(("classes", np.array(classes, dtype=np.str_)))
+                for name, arr in arrays:
                     with z.open(f"{name}.npy", "w", force_zip64=True) as f:
                         np.lib.format.write_array(f, arr)
         else:

@@ -400,10 +400,16 @@ def test_embed_order_and_formats(trained: Trained) -> None:
     ref, ri, _ = extract_features(model, eval_batches(read_manifest(trained.val),
                                                       tiny_config().data, CPU))
     assert np.allclose(f[ri.numpy()], ref.numpy(), atol=1e-5)
-    with np.load(npz) as z:
-        assert sorted(z.files) == ["features", "index", "labels"]
+    with np.load(npz) as z:  # no pickled objects: np.load's default allow_pickle=False
+        assert sorted(z.files) == ["classes", "features", "index", "labels"]
         assert z["features"].shape == (40, 128) and np.array_equal(z["index"], idx)
         assert not np.allclose(np.linalg.norm(z["features"], axis=1), 1.0)  # pre-fc: raw
+        assert z["classes"].tolist() == list(read_manifest(trained.val).classes or ())
+        assert len(z["classes"]) == 4
+    embed_shards(trained.ckpt, trained.d / "unlabeled", npz, device_name="cpu")
+    with np.load(npz) as z:  # unlabeled: no class names, every label -1
+        assert sorted(z.files) == ["features", "index", "labels"]
+        assert z["features"].shape == (20, 128) and (z["labels"] == -1).all()
     with pytest.raises(InputError, match="npz"):
         embed_shards(trained.ckpt, trained.val, trained.d / "v.txt")
 
