@@ -74,6 +74,34 @@ def test_nce_matches_official_code(z: float) -> None:
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
 
 
+def nce_float64(x: torch.Tensor, w: torch.Tensor, n: int, t: float, eps: float = 1e-7
+                ) -> torch.Tensor:
+    """The per-batch NCE loss in float64 from the same inputs, Z estimated from the batch."""
+    out = torch.exp(torch.einsum("bkd,bd->bk", w.double(), x) / t)  # (B, K+1)
+    p = out / (out.detach().mean() * n)
+    c = (w.shape[1] - 1) / n
+    return -(torch.log(p[:, 0] / (p[:, 0] + c + eps)).sum()
+             + torch.log(c / (p[:, 1:] + c + eps)).sum()) / x.shape[0]
+
+
+def test_nce_at_the_paper_scale_equals_the_float64_loss() -> None:
+    # K 4096 against N = 1.28M: each negative's term is about -1/K, and log(c / (P + c + eps))
+    # rounded to float32 near 1 biased every one of them alike (2e-4 of the loss in all)
+    b, k, d, n = 8, 4096, 128, 1_281_167
+    x = unit(b, d, seed=7)
+    w = unit(b, k + 1, d, seed=8)
+    w[:, 0] = F.normalize(x + 0.3 * w[:, 0], dim=1)  # positives near their features
+    xr = x.double().requires_grad_(True)
+    want = nce_float64(xr, w, n, 0.07)
+    want.backward()
+    xo = x.clone().requires_grad_(True)
+    got, _ = nce_loss(xo, w, n, 0.07)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=2e-6)
+    assert xo.grad is not None and xr.grad is not None
+    torch.testing.assert_close(xo.grad.double(), xr.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_nce_gradient_flows_to_x_only() -> None:
     x = unit(4, 8, seed=3).requires_grad_(True)
     w = unit(4, 6, 8, seed=4).requires_grad_(True)
