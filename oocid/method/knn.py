@@ -68,8 +68,10 @@ def topk_streaming(queries: Tensor, chunks: Iterable[tuple[int, Tensor]], k: int
     """Running top-k of cosine similarity over bank chunks.
 
     queries (Q, D) unit rows; chunks yields (start_row, rows (n, D)) in any order.
-    Returns (sims (Q, k'), index (Q, k')) sorted by decreasing similarity (ties by increasing
-    index), k' = min(k, N seen). Chunks are regrouped into blocks of `block_rows` rows; each
+    Returns (sims (Q, k'), index (Q, k')) sorted by decreasing similarity, k' = min(k, N seen).
+    Which of several rows of exactly the same score is kept at the k-th place is not specified
+    (as with the official code's `torch.topk`); the rows kept are listed by increasing index
+    among equal scores. Chunks are regrouped into blocks of `block_rows` rows; each
     block is scored `query_block` queries at a time, S = q @ rows^T (query_block, n), and its
     top-k merged in place with those queries' running top-k by one topk over [running | block]
     (query_block, 2k). Once every query holds k scores, a block is scored in (tile, tile) GEMMs
@@ -156,15 +158,14 @@ def _merge_above(q: Tensor, rows: Tensor, where: int | Tensor, best_s: Tensor, b
     """Merge one block of rows into the running top-k (Q, k), in place, looking only at the
     scores above each query's bar: the k-th score held, or above an estimate `bar` (Q,).
 
-    A row can only enter a query's top-k if its score beats the query's k-th score (strictly:
-    an equal score from a later row loses the tie to the row already held, which keeps ties by
-    increasing index when rows come in order). The block is scored in (tile, tile) GEMMs that
-    stay in cache; each tile is scanned by the maximum of every `group` consecutive scores, and
-    only groups whose maximum beats the bar are gathered and filtered score by score. Past the
-    first block few scores pass, so the scan costs a few % of the GEMM where a top-k over every
-    score cost as much as the GEMM. The candidates of a tile of queries are merged per query by
-    one top-k over [running | candidates] at the end of the block, or sooner once they number k
-    per query (the bar then rises)."""
+    A row can only enter a query's top-k if its score beats the query's k-th score (strictly: an
+    equal score from a later row loses the tie to the row already held). The block is scored in
+    (tile, tile) GEMMs that stay in cache; each tile is scanned by the maximum of every `group`
+    consecutive scores, and only groups whose maximum beats the bar are gathered and filtered
+    score by score. Past the first block few scores pass, so the scan costs a few % of the GEMM
+    where a top-k over every score cost as much as the GEMM. The candidates of a tile of queries
+    are merged per query by one top-k over [running | candidates] at the end of the block, or
+    sooner once they number k per query (the bar then rises)."""
     nq, n, dev = q.shape[0], rows.shape[0], q.device
     buf = torch.empty(min(tile, nq) * min(tile, n), dtype=torch.float32, device=dev)
     for a in range(0, nq, tile):
