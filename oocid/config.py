@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import typing
@@ -218,6 +219,16 @@ def apply_mapping(cfg: Config, data: dict[str, Any], where: str) -> Config:
     return cfg
 
 
+FLOAT32_LOG_MAX = 88.72283905206835  # log of the largest float32
+
+
+def knn_temperature_floor(k: int) -> float:
+    """The kNN temperature t at which the k weights exp(s / t) of the nearest rows (s <= 1)
+    sum to the largest float32; the class scores are finite for every t above it (0.0120 at
+    k 200)."""
+    return 1.0 / (FLOAT32_LOG_MAX - math.log(max(1, k)))
+
+
 def validate(cfg: Config, where: str = "config") -> None:
     """Choices of the Literal-typed keys, and range checks that types alone cannot express."""
     for name, choices in CHOICES.items():
@@ -235,6 +246,10 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: loss.temperature must be > 0")
     if cfg.optim.lr <= 0:
         raise InputError(f"{where}: optim.lr must be > 0")
+    least = knn_temperature_floor(cfg.train.knn_k)
+    if not cfg.train.knn_temperature > least:
+        raise InputError(f"{where}: train.knn_temperature must be > {least:.4g} with train.knn_k "
+                         f"= {cfg.train.knn_k} (the kNN weights exp(s / t) overflow below)")
     if cfg.data.workers < AUTO_WORKERS:
         raise InputError(f"{where}: data.workers must be >= 0, or -1 for as many as the CPUs allow")
     if not 0.0 < cfg.data.crop_scale_min <= 1.0:

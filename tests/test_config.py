@@ -127,3 +127,25 @@ def test_a_runs_config_json_loads_as_a_config_file(tmp_path: Path) -> None:
         run.write_text(text)
         with pytest.raises(InputError, match=rf"config\.json: {what}"):
             load_config(run)
+
+
+def test_a_knn_temperature_whose_weights_overflow_is_refused() -> None:
+    """k weights exp(s / t), s <= 1, sum to a finite float32 for every t above the floor
+    (0.0120 at the default k 200) and to inf just below it; 0 is refused too."""
+    import torch
+
+    from oocid.config import knn_temperature_floor
+    from oocid.method.knn import knn_scores_from_topk
+
+    floor = knn_temperature_floor(200)
+    assert 0.0119 < floor < 0.0121
+    ones, labels = torch.ones(1, 200), torch.zeros(1, 200, dtype=torch.int64)
+    assert torch.isfinite(knn_scores_from_topk(ones, labels, 200, floor * 1.001, 2)).all()
+    assert torch.isinf(knn_scores_from_topk(ones, labels, 200, floor * 0.99, 2)).any()
+    for t in ("0.01", "0", "-1"):
+        with pytest.raises(InputError, match=r"train\.knn_temperature must be > 0\.01199 with "
+                                             r"train\.knn_k = 200 \(the kNN weights"):
+            load_config(None, [f"train.knn_temperature={t}"])
+    assert load_config(None, ["train.knn_temperature=0.02"]).train.knn_temperature == 0.02
+    cfg = load_config(None, ["train.knn_k=1", "train.knn_temperature=0.0115"])  # k 1: 0.01127
+    assert cfg.train.knn_k == 1

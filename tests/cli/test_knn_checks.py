@@ -133,3 +133,18 @@ def test_each_sheet_row_is_captioned_with_its_query_files_name() -> None:
     head, tail = short.split("…")
     assert long.name.startswith(head) and long.name.endswith(tail) and tail.endswith(".png")
     assert re.fullmatch(r"a_\w+", head), short
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (("--temperature", "0.01"), "--temperature must be > 0.01199 with --k 200 (the weights "
+                                "exp(s / t) overflow below), got 0.01"),
+    (("--temperature", "nan"), "--temperature must be > 0.01199 with --k 200 (the weights "
+                               "exp(s / t) overflow below), got nan"),
+    (("--k", "5", "--k", "10", "--temperature", "0.0115"),
+     "--temperature must be > 0.01157 with --k 10 (the weights exp(s / t) overflow below), "
+     "got 0.0115"),
+])
+def test_a_temperature_whose_weights_overflow_is_refused_before_the_search(
+        trained: Trained, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        args: tuple[str, ...], line: str) -> None:
+    failed(oocid(monkeypatch, capsys, *classify(trained, *args)), 2, line)
