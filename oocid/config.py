@@ -222,11 +222,11 @@ def apply_mapping(cfg: Config, data: dict[str, Any], where: str) -> Config:
 FLOAT32_LOG_MAX = 88.72283905206835  # log of the largest float32
 
 
-def knn_temperature_floor(k: int) -> float:
-    """The kNN temperature t at which the k weights exp(s / t) of the nearest rows (s <= 1)
-    sum to the largest float32; the class scores are finite for every t above it (0.0120 at
-    k 200)."""
-    return 1.0 / (FLOAT32_LOG_MAX - math.log(max(1, k)))
+def temperature_floor(terms: int) -> float:
+    """The temperature t at which `terms` values exp(s / t), s <= 1 (cosine), sum to the
+    largest float32; the sum is finite for every t above it. kNN: the weights of the k
+    nearest rows (0.0120 at k 200); NCE: the B (K + 1) values whose mean estimates Z."""
+    return 1.0 / (FLOAT32_LOG_MAX - math.log(max(1, terms)))
 
 
 def validate(cfg: Config, where: str = "config") -> None:
@@ -244,9 +244,14 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: bank.momentum must be in [0, 1)")
     if cfg.loss.temperature <= 0:
         raise InputError(f"{where}: loss.temperature must be > 0")
+    terms = cfg.data.batch_size * (cfg.loss.nce_k + 1)
+    if cfg.loss.kind == "nce" and not cfg.loss.temperature > temperature_floor(terms):
+        raise InputError(f"{where}: loss.temperature must be > {temperature_floor(terms):.4g} "
+                         f"for NCE with batch {cfg.data.batch_size} and K {cfg.loss.nce_k} "
+                         "(exp(s / t) and the sum that estimates Z overflow below)")
     if cfg.optim.lr <= 0:
         raise InputError(f"{where}: optim.lr must be > 0")
-    least = knn_temperature_floor(cfg.train.knn_k)
+    least = temperature_floor(cfg.train.knn_k)
     if not cfg.train.knn_temperature > least:
         raise InputError(f"{where}: train.knn_temperature must be > {least:.4g} with train.knn_k "
                          f"= {cfg.train.knn_k} (the kNN weights exp(s / t) overflow below)")

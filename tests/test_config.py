@@ -134,10 +134,10 @@ def test_a_knn_temperature_whose_weights_overflow_is_refused() -> None:
     (0.0120 at the default k 200) and to inf just below it; 0 is refused too."""
     import torch
 
-    from oocid.config import knn_temperature_floor
+    from oocid.config import temperature_floor
     from oocid.method.knn import knn_scores_from_topk
 
-    floor = knn_temperature_floor(200)
+    floor = temperature_floor(200)
     assert 0.0119 < floor < 0.0121
     ones, labels = torch.ones(1, 200), torch.zeros(1, 200, dtype=torch.int64)
     assert torch.isfinite(knn_scores_from_topk(ones, labels, 200, floor * 1.001, 2)).all()
@@ -149,3 +149,15 @@ def test_a_knn_temperature_whose_weights_overflow_is_refused() -> None:
     assert load_config(None, ["train.knn_temperature=0.02"]).train.knn_temperature == 0.02
     cfg = load_config(None, ["train.knn_k=1", "train.knn_temperature=0.0115"])  # k 1: 0.01127
     assert cfg.train.knn_k == 1
+
+
+def test_an_nce_temperature_whose_z_sum_overflows_is_refused() -> None:
+    """NCE's exp(s / t), summed over the B (K + 1) scores of a step to estimate Z: at the
+    paper's B 256, K 4096 the sum overflows float32 at t 0.01336; the softmax losses take
+    log-sum-exp and have no such floor."""
+    with pytest.raises(InputError, match=r"loss\.temperature must be > 0\.01336 for NCE with "
+                                         r"batch 256 and K 4096 \(exp\(s / t\) and the sum"):
+        load_config(None, ['loss.kind="nce"', "loss.temperature=0.0133"])
+    assert load_config(None, ['loss.kind="nce"', "loss.temperature=0.0134"]).loss.kind == "nce"
+    assert load_config(None, ['loss.kind="softmax"', "loss.temperature=0.005"]).loss.kind \
+        == "softmax"

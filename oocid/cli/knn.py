@@ -22,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from oocid.atomic import check_writable
-from oocid.config import knn_temperature_floor
+from oocid.config import temperature_floor
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
@@ -85,7 +85,7 @@ def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: 
 def _check_ks(ks: Sequence[int], temperature: float) -> list[int]:
     if not ks or any(k < 1 for k in ks):
         raise InputError(f"--k must be >= 1, got {list(ks)}")
-    least = knn_temperature_floor(max(ks))
+    least = temperature_floor(max(ks))
     if not temperature > least:
         raise InputError(f"--temperature must be > {least:.4g} with --k {max(ks)} (the weights "
                          f"exp(s / t) overflow below), got {temperature}")
