@@ -312,7 +312,8 @@ def linear(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint whose frozen backbone is probed.")],
     train_shards: Annotated[Path, typer.Option(help="Labeled shards to fit the classifier on.")],
     val_shards: Annotated[Path, typer.Option(help="Labeled shards to report top-1/top-5 on.")],
-    epochs: Annotated[int, typer.Option(help="Passes over the training features.")] = 20,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training features "
+                                               "(default: 20, or as many as make 2,000 steps)")] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate (cosine schedule to 0).")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Classifier batch size.")] = 256,
     head: Annotated[bool, typer.Option(help="Probe the 128-d embedding instead of the pre-fc "
@@ -325,14 +326,12 @@ def linear(
 ) -> None:
     """Linear probe: logistic regression (one nn.Linear) on frozen, L2-normalised pre-fc
     backbone features (test transform, no augmentation); checks the backbone is unchanged."""
-    from oocid.eval.linear import ProbeConfig, linear_eval
+    from oocid.eval.linear import ProbeConfig, format_linear, linear_eval
 
     res = linear_eval(checkpoint, train_shards, val_shards, head=head, device_name=device,
                       probe=ProbeConfig(epochs, lr, batch_size), progress=progress,
                       verify=verify_checksums)
-    top5 = f"  top-5 {res['top5']:.4f}" if res["classes"] > 5 else ""  # as knn: else always 1
-    print(f"linear top-1 {res['top1']:.4f}{top5}  (train top-1 "
-          f"{res['train_top1']:.4f}; {res['features']}; backbone unchanged)")
+    print(format_linear(res))
     if out is not None:
         atomic_write(out, json.dumps(res, indent=2) + "\n", "results")
 

@@ -84,6 +84,9 @@ def train(cfg: Config, shards: Path, bank_path: Path, run_dir: Path, *, val: Pat
     `max_epochs` / `max_steps` stop after that many epochs / optimiser steps of this call with
     a checkpoint (the schedule still spans cfg.optim.epochs); `--resume` continues exactly.
     `announce` (how the config was chosen) is said once the inputs have passed their checks."""
+    for name, limit in (("--max-steps", max_steps), ("max_epochs", max_epochs)):
+        if limit is not None and limit < 1:  # else one step ran before the check after it
+            raise InputError(f"{name} must be >= 1, got {limit}")
     world = world_from_env()
     say: Say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
     if not world.main:  # rank 0 speaks for the run; errors are still raised on every rank

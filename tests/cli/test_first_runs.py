@@ -80,6 +80,18 @@ def test_only_the_same_shard_list_is_named_the_training_set(shards: Path, tmp_pa
     assert not_held_out(train, read_manifest(shards)) == HELD_OUT
 
 
+def test_max_steps_below_one_is_refused_before_any_step(shards: Path, tmp_path: Path) -> None:
+    """`--max-steps 0` (say, for an untrained baseline) ran one step and reported "stopped at
+    step 1": the stop was checked only after a step. Now 0 and -1 are input errors, with no
+    bank or run folder left behind."""
+    for n in (0, -1):
+        run = oocid("train", "--shards", shards, "--bank", tmp_path / "b.zarr", "--out",
+                    tmp_path / "r", "--max-steps", n, "--no-progress")
+        assert run.rc == 2 and run.err.splitlines() == [
+            f"oocid: error: --max-steps must be >= 1, got {n}"], run
+        assert not (tmp_path / "r").exists() and not (tmp_path / "b.zarr").exists()
+
+
 def test_max_steps_after_an_epoch_end_reports_its_own_step_and_resume_advice_works(
         shards: Path, tmp_path: Path) -> None:
     """4 steps an epoch (batch 32): --max-steps 2, then --resume --max-steps 4 ends epoch 1 at

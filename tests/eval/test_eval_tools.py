@@ -501,7 +501,7 @@ def test_cli_knn_embed_export(trained: Trained) -> None:
                             str(trained.train), "--val-shards", str(trained.val), "--epochs", "2",
                             "--out", str(d / "lin.json"), "--device", "cpu", "--no-progress"])
     assert r.exit_code == 0 and "backbone unchanged" in r.output, r.output
-    assert "top-5" not in r.output  # 4 classes: top-5 is always 1
+    assert "top-5" not in r.output and ", 2 epochs; " in r.output  # 4 classes: top-5 always 1
     assert json.loads((d / "lin.json").read_text())["epochs"] == 2
     r = runner.invoke(app, ["knn", "--checkpoint", str(trained.ckpt), "--bank", str(trained.bank),
                             "--shards", str(trained.val), "--query", str(trained.query)])
@@ -566,6 +566,46 @@ def test_cli_search_of_a_folder_without_a_readable_image_is_an_error(trained: Tr
 
 
 # ------------------------------------------------------------------------------ linear probe
+
+
+def test_default_probe_epochs_give_small_sets_enough_steps() -> None:
+    """20 epochs stay the default where they give 2,000 steps or more; a small set gets as many
+    as give 2,000 (scikit-learn's digits: 1,400 images, 6 steps an epoch)."""
+    import oocid.eval.linear as lin
+
+    assert lin.default_epochs(1_281_167, 256) == 20  # ImageNet: 100,000 steps
+    assert lin.default_epochs(25_600, 256) == 20
+    assert lin.default_epochs(10_000, 256) == 50  # 40 steps an epoch
+    assert lin.default_epochs(1_400, 256) == 334
+    assert lin.default_epochs(96, 32) == 667
+
+
+def test_default_probe_epochs_fit_what_20_epochs_underfit() -> None:
+    """1,400 unit-norm features of 10 noisy class centres: 20 epochs of batch 256 (120 Adam
+    steps) leave the classifier short of the training set; the default fits it."""
+    import oocid.eval.linear as lin
+
+    rng = np.random.default_rng(0)
+    centres, y = rng.normal(size=(10, 128)), rng.integers(0, 10, 1400)
+    x = (centres[y] + 3.0 * rng.normal(size=(1400, 128))).astype(np.float32)
+    train_top1 = {}
+    for epochs in (20, None):
+        clf, _ = lin.fit_linear(x, y, 10, lin.ProbeConfig(epochs=epochs), CPU)
+        train_top1[epochs] = lin.accuracy(clf, x, y, CPU)[1]
+    assert train_top1[20] < 0.97 and train_top1[None] > 0.99, train_top1
+
+
+@pytest.mark.parametrize(("probe", "message"), [
+    ({"epochs": 0}, "--epochs must be >= 1, got 0"),
+    ({"batch_size": -2}, "--batch-size must be >= 1, got -2"),
+    ({"lr": 0.0}, "--lr must be > 0, got 0.0")])
+def test_a_bad_probe_setting_is_named_alone(trained: Trained, probe: dict[str, object],
+                                            message: str) -> None:
+    import oocid.eval.linear as lin
+
+    with pytest.raises(InputError) as e:
+        lin.linear_eval(trained.ckpt, trained.train, trained.val, probe=lin.ProbeConfig(**probe))
+    assert str(e.value) == message
 
 
 def test_linear_probe_and_frozen_backbone(trained: Trained, monkeypatch: pytest.MonkeyPatch
