@@ -27,10 +27,18 @@ from oocid.data.manifest import read_manifest
 from oocid.data.writer import write_shards
 from oocid.device import resolve_device
 from oocid.errors import InputError
+from oocid.eval.baselines import (
+    LEARNED,
+    LEARNED_BANK,
+    PIXELS,
+    PIXELS_CENTERED,
+    UNTRAINED,
+    unit_pixels,
+    untrained_model,
+)
 from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
 from oocid.eval.plot import plot_run, save_image
 from oocid.eval.retrieval import contact_sheet
-from oocid.models import build_model
 from oocid.train.loop import train
 
 MARKER = ".oocid-demo"
@@ -55,9 +63,7 @@ def _prepare_out(out: Path) -> None:
 def pixel_features(images: np.ndarray, center: np.ndarray | None = None) -> torch.Tensor:
     """(N, ...) uint8 -> (N, P) L2-normalised float pixels (optionally minus a mean image)."""
     x = torch.from_numpy(images.reshape(len(images), -1).astype(np.float32) / 255.0)
-    if center is not None:
-        x = x - torch.from_numpy(center.reshape(1, -1))
-    return torch.nn.functional.normalize(x, dim=1)
+    return unit_pixels(x, None if center is None else torch.from_numpy(center))
 
 
 def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
@@ -92,8 +98,8 @@ def run_demo(out: Path, *, epochs: int | None = None, progress: bool = True,
 
     state = load_checkpoint(out / "run" / "last.pt")
     learned = model_from_checkpoint(state, device, str(out / "run" / "last.pt"))
-    torch.manual_seed(cfg.train.seed)
-    untrained = build_model(cfg.model.arch, image_channels(tm), cfg.model.dim).to(device).eval()
+    untrained = untrained_model(cfg.model.arch, image_channels(tm), cfg.model.dim, cfg.train.seed,
+                                device)
     if cfg.model.channels_last:
         learned = learned.to(memory_format=torch.channels_last)
         untrained = untrained.to(memory_format=torch.channels_last)
@@ -165,11 +171,9 @@ def _pictures(out: Path, fq: torch.Tensor, ql: torch.Tensor, ft: torch.Tensor,
 
 
 def format_demo(res: dict[str, Any]) -> str:
-    rows = [("learned features (NPID)", res["learned_top1"]),
-            ("learned, memory bank as train features", res["learned_bank_top1"]),
-            ("same network, untrained", res["untrained_top1"]),
-            ("raw pixels", res["pixels_top1"]),
-            ("mean-centred pixels", res["pixels_centered_top1"])]
+    rows = [(LEARNED, res["learned_top1"]), (LEARNED_BANK, res["learned_bank_top1"]),
+            (UNTRAINED, res["untrained_top1"]), (PIXELS, res["pixels_top1"]),
+            (PIXELS_CENTERED, res["pixels_centered_top1"])]
     lines = [f"weighted kNN (k={res['k']}, t={res['temperature']}) top-1 on "
              f"{res['test_images']} held-out Fashion-MNIST images:",
              f"  {'features':<40} {'top-1':>6}"]

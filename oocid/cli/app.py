@@ -225,7 +225,11 @@ def knn(
                                                "similarity).")] = None,
     tile: Annotated[int, typer.Option(help="Contact sheet tile size in pixels.")] = 96,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    progress: Annotated[bool, typer.Option(help="Show a progress bar for --recompute.")] = True,
+    baselines: Annotated[bool, typer.Option("--baselines", help="Also score the same kNN over "
+                                            "the network untrained, raw pixels and mean-centred "
+                                            "pixels (a table after the result).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars (--recompute, --baselines).")
+                        ] = True,
     verify_checksums: Annotated[bool, typer.Option("--verify-checksums", help=VERIFY_HELP)
                                 ] = False,
 ) -> None:
@@ -235,7 +239,7 @@ def knn(
 
     if (shards is None) == (not query):
         raise InputError("give either --shards DIR (classify) or --query PATH (search)")
-    knn_cli.check_outputs(out, sheet, tile, search=bool(query))  # before any work
+    knn_cli.check_outputs(out, sheet, tile, search=bool(query), baselines=baselines)  # no work yet
     if query:
         if k is not None and len(k) > 1:
             raise InputError("--query takes one --k")
@@ -251,14 +255,9 @@ def knn(
         return
     assert shards is not None
     res = knn_cli.run_knn(bank, checkpoint, shards, train_shards, k or [200], temperature, device,
-                          recompute=recompute, progress=progress, verify=verify_checksums)
-    for kk in res["ks"]:
-        r = res["by_k"][str(kk)]
-        top5 = f"  top-5 {r['top5']:.4f}" if "top5" in r else ""  # only with more than 5 classes
-        used = f"k={r['k']}" if r["k"] == kk else f"k={r['k']}, all rows; asked {kk}"
-        print(f"kNN top-1 {r['top1']:.4f}{top5}  ({used}, t={temperature}, "
-              f"{res['queries']} queries, {res['bank_rows']} training rows, {res['features']})")
-    print(knn_cli.format_per_class(res["per_class"], res["k"]))
+                          recompute=recompute, progress=progress, verify=verify_checksums,
+                          baselines=baselines)
+    print(knn_cli.format_result(res))
     if out is not None:
         atomic_write(out, knn_cli.to_json(res) + "\n", "results")
 

@@ -24,12 +24,14 @@ from torch import Tensor
 from oocid.atomic import check_writable
 from oocid.config import temperature_floor
 from oocid.data.eval_data import eval_batches, extract_features
-from oocid.data.manifest import read_manifest, verify_shards
+from oocid.data.manifest import Manifest, read_manifest, verify_shards
 from oocid.errors import DataError, InputError
+from oocid.eval.baselines import format_baselines, pixel_search, scored, untrained_model, untrained_search
 from oocid.eval.classes import class_map, not_held_out, training_labels
 from oocid.eval.evaluate import num_classes_of, read_labels
 from oocid.eval.plot import save_image
 from oocid.eval.retrieval import (
+    TrainingSide,
     contact_sheet,
     embed_images,
     fit_caption,
@@ -94,11 +96,12 @@ def _check_ks(ks: Sequence[int], temperature: float) -> list[int]:
 
 def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, train_shards: Path | None,
             k: int | Sequence[int], temperature: float, device_name: str = "auto", *,
-            recompute: bool = False, progress: bool = False, verify: bool = False
-            ) -> dict[str, Any]:
+            recompute: bool = False, progress: bool = False, verify: bool = False,
+            baselines: bool = False) -> dict[str, Any]:
     """Weighted kNN accuracy of `val` for every k; the top-level numbers are those of the
     largest k, `by_k` holds each (keyed by the k asked for; "k" in each is the k used,
-    min(k, training rows)). `verify`: check every shard's sha256 first."""
+    min(k, training rows)). `verify`: check every shard's sha256 first. `baselines`: also the
+    same kNN over the baselines' features (`baseline_results`), under "baselines"."""
     ks = _check_ks([k] if isinstance(k, int) else list(k), temperature)
     vm = read_manifest(val)
     if verify:
@@ -133,12 +136,51 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     evaluated = None if mapping is None else mapping.tolist()
     by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes, evaluated)
             for kk in ks}
+    base = {"baselines": baseline_results(side, vm, mapping, labels, ks, temperature, c)
+            } if baselines else {}
     return {**by_k[str(max(ks))], "ks": ks, "temperature": temperature,
             "queries": int(feats.shape[0]), "bank_rows": tm.n,
             "bank": _bank_name(bank),
             "checkpoint": str(checkpoint), "train_shards": str(tm.root),
             "features": side.features, "classes": classes, "confusion_axes": CONFUSION_AXES,
-            "by_k": by_k}
+            "by_k": by_k, **base}
+
+
+def baseline_results(side: TrainingSide, vm: Manifest, mapping: np.ndarray | None,
+                     labels: np.ndarray, ks: Sequence[int], temperature: float, num_classes: int
+                     ) -> dict[str, dict[str, Any]]:
+    """The weighted kNN of the validation set `vm` over each baseline's features
+    (oocid.eval.baselines): the checkpoint's network untrained (seeded with train.seed), raw
+    pixels, mean-centred pixels; the same ks and temperature as the learned features'."""
+    cfg, dev, kmax = side.cfg, side.device, max(ks)
+    model = untrained_model(side.model.arch, side.model.in_channels, side.model.out_dim,
+                            cfg.train.seed, dev)
+    found = {"untrained": untrained_search(model, side.manifest, vm, cfg.data,
+                                           cfg.model.channels_last, dev, kmax, side.progress)}
+    found["pixels"], found["pixels_centered"] = pixel_search(side.manifest, vm, cfg.data, dev,
+                                                             kmax, side.progress)
+    train_labels = torch.from_numpy(labels)
+    out = {}
+    for key, f in found.items():
+        f.labels = training_labels(f.labels, mapping, vm.root)
+        out[key] = scored(f, train_labels, ks, temperature, num_classes)
+    return out
+
+
+def format_result(res: dict[str, Any]) -> str:
+    """`run_knn`'s result: a line per k, the per-class line, and the baselines' table if any."""
+    lines = []
+    for kk in res["ks"]:
+        r = res["by_k"][str(kk)]
+        top5 = f"  top-5 {r['top5']:.4f}" if "top5" in r else ""  # only with more than 5 classes
+        used = f"k={r['k']}" if r["k"] == kk else f"k={r['k']}, all rows; asked {kk}"
+        lines.append(f"kNN top-1 {r['top1']:.4f}{top5}  ({used}, t={res['temperature']}, "
+                     f"{res['queries']} queries, {res['bank_rows']} training rows, "
+                     f"{res['features']})")
+    lines.append(format_per_class(res["per_class"], res["k"]))
+    if "baselines" in res:
+        lines.append(format_baselines(res))
+    return "\n".join(lines)
 
 
 def format_per_class(per_class: list[dict[str, Any]], k: int, most: int = 12) -> str:
@@ -250,11 +292,16 @@ def check_tile(tile: int) -> None:
         raise InputError(f"--tile must be >= 8 pixels, got {tile}")
 
 
-def check_outputs(out: Path | None, sheet: Path | None, tile: int, search: bool) -> None:
+def check_outputs(out: Path | None, sheet: Path | None, tile: int, search: bool,
+                  baselines: bool = False) -> None:
     """`knn`'s options and output paths, before any work: --sheet only with --query, of a
-    format it writes, --tile of at least 8 pixels, and a file can be made at --out and --sheet
-    (`check_writable`: a missing folder is an InputError, one that refuses a file exit 4)."""
+    format it writes, --baselines only without it, --tile of at least 8 pixels, and a file can
+    be made at --out and --sheet (`check_writable`: a missing folder is an InputError, one that
+    refuses a file exit 4)."""
     check_tile(tile)
+    if baselines and search:
+        raise InputError("--baselines compares kNN accuracy on --shards; it does not go with "
+                         "--query")
     if sheet is not None:
         if not search:
             raise InputError("--sheet needs --query")

@@ -33,7 +33,7 @@ from oocid.data.reader import RawSample, iter_samples
 from oocid.device import resolve_device
 from oocid.errors import DataError, InputError, one_line
 from oocid.eval.embed import iter_features
-from oocid.method.knn import topk_streaming
+from oocid.method.knn import BLOCK_ROWS, topk_streaming
 from oocid.models import Embedder
 
 
@@ -135,10 +135,11 @@ def step_warning(bank: Path, bank_step: int, checkpoint: Path, step: int | None)
             "(give the checkpoint of the bank's step for matching features)")
 
 
-def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: int
-                 ) -> tuple[Tensor, Tensor]:
+def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: int, *,
+                 block_rows: int = BLOCK_ROWS) -> tuple[Tensor, Tensor]:
     """`knn.topk_streaming` over chunks given as (index (n,), rows (n, D)) in any order:
-    (sims (Q, k'), global index (Q, k')) sorted by decreasing similarity, k' = min(k, rows).
+    (sims (Q, k'), global index (Q, k')) sorted by decreasing similarity, k' = min(k, rows);
+    `block_rows`: rows scored per GEMM (fewer for wide rows: pixels).
     Memory: one block of chunks, the (Q, k) buffers, and the chunks' indices: a (start, n) pair
     per chunk of consecutive indices (the bank's), else the (rows,) int64 index map."""
     seen: list[tuple[int, int] | Tensor] = []  # per chunk: (first index, n) or its indices
@@ -157,7 +158,7 @@ def topk_indexed(queries: Tensor, chunks: Iterable[tuple[Tensor, Tensor]], k: in
         ended.append(True)
 
     try:
-        sims, pos = topk_streaming(queries, positions(), k)
+        sims, pos = topk_streaming(queries, positions(), k, block_rows=block_rows)
     except ValueError:
         if not ended or seen:  # an error of a chunk's source, not an empty stream: as it is
             raise
