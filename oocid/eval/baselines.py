@@ -190,17 +190,19 @@ def format_baselines(res: dict[str, Any]) -> str:
     rows = [(learned, res["by_k"])] + [(NAMES[key], base[key]["by_k"]) for key in NAMES]
     top5 = "top5" in res
     several = len(ks) > 1
-    heads = [f"{f'k={k} ' if several else ''}top-{n}" for k in ks for n in ((1, 5) if top5 else (1,))]
+    tops = (1, 5) if top5 else (1,)
+    used = [res["by_k"][str(k)]["k"] for k in ks]  # min(k, training rows)
+    heads = [f"{f'k={k} ' if several else ''}top-{n}" for k in used for n in tops]
     width = max(6, *(len(h) for h in heads))
-    used = ", ".join(str(res["by_k"][str(k)]["k"]) for k in ks)
-    lines = [f"baselines: weighted kNN (k={used}, t={res['temperature']}) on {res['queries']} "
-             f"validation images, {res['bank_rows']} training images:",
+    lines = [f"baselines: weighted kNN (k={', '.join(map(str, used))}, t={res['temperature']}) on "
+             f"{res['queries']} validation images, {res['bank_rows']} training images:",
              f"  {'features':<40}" + "".join(f" {h:>{width}}" for h in heads)]
     for name, by_k in rows:
-        cells = [by_k[str(k)][f"top{n}"] for k in ks for n in ((1, 5) if top5 else (1,))]
+        cells = [by_k[str(k)][f"top{n}"] for k in ks for n in tops]
         lines.append(f"  {name:<40}" + "".join(f" {v:>{width}.4f}" for v in cells))
     best = max(NAMES, key=lambda key: base[key]["top1"])
     if not res["top1"] > base[best]["top1"]:
+        at = f" at k={res['k']}" if several else ""  # the largest k's numbers
         lines.append(f"  note: learned top-1 {res['top1']:.4f} is not above the best baseline "
-                     f"({NAMES[best]}, {base[best]['top1']:.4f})")
+                     f"({NAMES[best]}, {base[best]['top1']:.4f}){at}")
     return "\n".join(lines)
