@@ -203,6 +203,8 @@ def format_baselines(res: dict[str, Any]) -> str:
     best = max(NAMES, key=lambda key: base[key]["top1"])
     if not res["top1"] > base[best]["top1"]:
         at = f" at k={res['k']}" if several else ""  # the largest k's numbers
+        hint = ("; --recompute scores the network's features of the training images, not "
+                "the bank's rows") if learned == LEARNED_BANK else ""
         lines.append(f"  note: learned top-1 {res['top1']:.4f} is not above the best baseline "
-                     f"({NAMES[best]}, {base[best]['top1']:.4f}){at}")
+                     f"({NAMES[best]}, {base[best]['top1']:.4f}){at}{hint}")
     return "\n".join(lines)

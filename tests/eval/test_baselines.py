@@ -184,12 +184,16 @@ def test_the_table_has_the_demos_rows_and_a_note_only_when_pixels_win() -> None:
     assert lines[2].split()[-2:] == ["0.8000", "0.9900"] and lines[4].split()[-2:] == [
         "0.9000", "0.9900"]
     assert lines[6] == "  note: learned top-1 0.8000 is not above the best baseline (raw pixels, " \
-                       "0.9000)"
+                       "0.9000); --recompute scores the network's features of the training " \
+                       "images, not the bank's rows"
     assert len(lines) == 7
+    recomputed = format_baselines(_result(0.8, 0.9, [200], "recomputed")).splitlines()
+    assert recomputed[-1] == "  note: learned top-1 0.8000 is not above the best baseline (raw " \
+                             "pixels, 0.9000)"  # no hint: already the network's features
     several = format_baselines(_result(0.95, 0.9, [5, 200], "recomputed")).splitlines()
     assert several[1].split() == ["features", "k=5", "top-1", "k=5", "top-5", "k=200", "top-1",
                                   "k=200", "top-5"]
     assert several[2].startswith("  learned features (NPID) ") and len(several) == 6  # no note
     tie = format_baselines(_result(0.9, 0.9, [5, 200])).splitlines()
-    assert tie[-1] == "  note: learned top-1 0.9000 is not above the best baseline (raw pixels, " \
-                      "0.9000) at k=200"
+    assert tie[-1].startswith("  note: learned top-1 0.9000 is not above the best baseline "
+                              "(raw pixels, 0.9000) at k=200; --recompute ")
