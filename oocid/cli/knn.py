@@ -19,19 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch import Tensor
 
 from oocid.atomic import check_writable
 from oocid.config import temperature_floor
 from oocid.data.eval_data import eval_batches, extract_features
-from oocid.data.manifest import Manifest, read_manifest, verify_shards
+from oocid.data.manifest import read_manifest, verify_shards
 from oocid.errors import DataError, InputError
-from oocid.eval.baselines import format_baselines, pixel_search, scored, untrained_model, untrained_search
+from oocid.eval.baselines import baseline_results, format_baselines
 from oocid.eval.classes import class_map, not_held_out, training_labels
-from oocid.eval.evaluate import num_classes_of, read_labels
+from oocid.eval.evaluate import knn_report, num_classes_of, read_labels
 from oocid.eval.plot import save_image
 from oocid.eval.retrieval import (
-    TrainingSide,
     contact_sheet,
     embed_images,
     fit_caption,
@@ -44,44 +42,8 @@ from oocid.eval.retrieval import (
     thumbnail,
     topk_indexed,
 )
-from oocid.method.knn import knn_scores_from_topk, topk_accuracy
 
 CONFUSION_AXES = "rows: true class, columns: predicted class (both in `classes` order)"
-
-
-def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """(C, C) int64 counts of (true class, predicted class); pred, target (Q,) int64."""
-    c = num_classes
-    flat = target.long().cpu() * c + pred.long().cpu()
-    return torch.bincount(flat, minlength=c * c).view(c, c)
-
-
-def per_class_top1(confusion: Tensor) -> list[float | None]:
-    """Top-1 accuracy of each true class (None for a class with no queries)."""
-    n = confusion.sum(dim=1).tolist()
-    diag = confusion.diagonal().tolist()
-    return [None if n[c] == 0 else diag[c] / n[c] for c in range(len(n))]
-
-
-def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: int,
-               temperature: float, classes: Sequence[str],
-               evaluated: Sequence[int] | None = None) -> dict[str, Any]:
-    """top-1 (and top-5 with more than 5 classes: with 5 or fewer it is always 1), per-class
-    top-1 and confusion matrix at k' = min(k, N), from the sorted top-k (sims,
-    neighbour_labels (Q, >=k')). The confusion matrix is over every (training) class; the
-    per-class list holds the `evaluated` ones (the validation set's; default all)."""
-    c = len(classes)
-    used = min(k, sims.shape[1])
-    scores = knn_scores_from_topk(sims, neighbour_labels, used, temperature, c)
-    acc = topk_accuracy(scores, query_labels, (1, 5))
-    pred = scores.argsort(dim=1, descending=True, stable=True)[:, 0]  # as topk_accuracy ranks
-    conf = confusion_matrix(pred, query_labels, c)
-    n = conf.sum(dim=1).tolist()
-    top1 = per_class_top1(conf)
-    per = [{"class": classes[i], "n": int(n[i]), "top1": top1[i]}
-           for i in (range(c) if evaluated is None else sorted(set(evaluated)))]
-    top5 = {"top5": acc[5]} if c > 5 else {}
-    return {"top1": acc[1], **top5, "k": used, "per_class": per, "confusion": conf.tolist()}
 
 
 def _check_ks(ks: Sequence[int], temperature: float) -> list[int]:
@@ -115,7 +77,8 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
         raise InputError(f"{tm.root}: training shards are unlabeled; kNN accuracy needs labels")
     c = num_classes_of(tm, labels)
     classes = list(tm.classes) if tm.classes else [str(i) for i in range(c)]
-    feats, _, vlab = extract_features(side.model, eval_batches(vm, side.cfg.data, side.device),
+    feats, _, vlab = extract_features(side.model, eval_batches(vm, side.cfg.data, side.device,
+                                                           channels=side.model.in_channels),
                                       side.cfg.model.channels_last)
     if (vlab < 0).any():
         raise InputError(f"{val}: validation shards are unlabeled; kNN accuracy needs labels")
@@ -136,7 +99,7 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
     evaluated = None if mapping is None else mapping.tolist()
     by_k = {str(kk): knn_report(sims, nl, vlab, kk, temperature, classes, evaluated)
             for kk in ks}
-    base = {"baselines": baseline_results(side, vm, mapping, labels, ks, temperature, c)
+    base = {"baselines": baseline_results(side, vm, mapping, labels, ks, temperature, classes)
             } if baselines else {}
     return {**by_k[str(max(ks))], "ks": ks, "temperature": temperature,
             "queries": int(feats.shape[0]), "bank_rows": tm.n,
@@ -144,27 +107,6 @@ def run_knn(bank: Path | Sequence[Path] | None, checkpoint: Path, val: Path, tra
             "checkpoint": str(checkpoint), "train_shards": str(tm.root),
             "features": side.features, "classes": classes, "confusion_axes": CONFUSION_AXES,
             "by_k": by_k, **base}
-
-
-def baseline_results(side: TrainingSide, vm: Manifest, mapping: np.ndarray | None,
-                     labels: np.ndarray, ks: Sequence[int], temperature: float, num_classes: int
-                     ) -> dict[str, dict[str, Any]]:
-    """The weighted kNN of the validation set `vm` over each baseline's features
-    (oocid.eval.baselines): the checkpoint's network untrained (seeded with train.seed), raw
-    pixels, mean-centred pixels; the same ks and temperature as the learned features'."""
-    cfg, dev, kmax = side.cfg, side.device, max(ks)
-    model = untrained_model(side.model.arch, side.model.in_channels, side.model.out_dim,
-                            cfg.train.seed, dev)
-    found = {"untrained": untrained_search(model, side.manifest, vm, cfg.data,
-                                           cfg.model.channels_last, dev, kmax, side.progress)}
-    found["pixels"], found["pixels_centered"] = pixel_search(side.manifest, vm, cfg.data, dev,
-                                                             kmax, side.progress)
-    train_labels = torch.from_numpy(labels)
-    out = {}
-    for key, f in found.items():
-        f.labels = training_labels(f.labels, mapping, vm.root)
-        out[key] = scored(f, train_labels, ks, temperature, num_classes)
-    return out
 
 
 def format_result(res: dict[str, Any]) -> str:

@@ -24,9 +24,11 @@ from oocid.errors import DataError
 
 
 def eval_batches(manifest: Manifest, data_cfg: DataConfig, device: torch.device, batch_size: int = 512,
-                 progress: bool = False) -> Iterator[Batch]:
-    """Every sample once, in index order where held in memory, with the test transform."""
-    channels = image_channels(manifest)
+                 progress: bool = False, channels: int | None = None) -> Iterator[Batch]:
+    """Every sample once, in index order where held in memory, with the test transform.
+    `channels`: decode to this many (1: grayscale, 3: RGB) instead of the set's own: the
+    model's, for a set whose images differ from the training set's (as `knn --query` does)."""
+    channels = image_channels(manifest) if channels is None else channels
     mean, std = normalization_stats(data_cfg, channels)
     use_mem = data_cfg.in_memory != "no" and fits_in_memory(manifest, channels,
                                                             data_cfg.in_memory_max_mb)

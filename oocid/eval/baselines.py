@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,10 +31,11 @@ from oocid.data.augment import norm_constants
 from oocid.data.batch import image_channels, normalization_stats
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import Manifest
+from oocid.eval.classes import training_labels
 from oocid.eval.embed import iter_features
-from oocid.eval.evaluate import QUERY_CHUNK
-from oocid.eval.retrieval import topk_indexed
-from oocid.method.knn import BLOCK_ROWS, knn_scores_from_topk, topk_accuracy
+from oocid.eval.evaluate import QUERY_CHUNK, blocks_of, knn_report
+from oocid.eval.retrieval import TrainingSide, topk_indexed
+from oocid.method.knn import BLOCK_ROWS
 from oocid.models import Embedder, build_model
 from oocid.progress import progress_bar
 
@@ -46,6 +48,7 @@ PIXELS_CENTERED = "mean-centred pixels"
 NAMES = {"untrained": UNTRAINED, "pixels": PIXELS, "pixels_centered": PIXELS_CENTERED}
 
 PIXEL_BYTES = 256 << 20  # float32 pixels of a block of queries, and of a block of training rows
+SLOW_PASSES = 4  # more passes over the training images than this: a warning says the cost
 
 Say = Callable[[str], None]
 
@@ -73,10 +76,11 @@ def unit_pixels(x: Tensor, center: Tensor | None = None) -> Tensor:
 
 def untrained_model(arch: str, in_channels: int, dim: int, seed: int, device: torch.device
                     ) -> Embedder:
-    """The network `arch` freshly initialised after torch.manual_seed(seed), as `oocid demo`
-    builds it (the global random state is left as it was)."""
+    """The network `arch` initialised on the CPU after seeding the CPU generator with `seed`
+    (the weights torch.manual_seed(seed) gives, as `oocid demo` builds it), then moved to
+    `device`; the global random state, every device's, is left as it was."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         model = build_model(arch, in_channels, dim)
     return model.to(device).eval()
 
@@ -86,7 +90,8 @@ def untrained_search(model: Embedder, train: Manifest, val: Manifest, data_cfg: 
                      say: Say = _stderr) -> Found:
     """The untrained network's top-k: validation features against the training features,
     both with the test transform (the training side streamed, as `knn --recompute`)."""
-    q, _, labels = extract_features(model, eval_batches(val, data_cfg, device), channels_last)
+    q, _, labels = extract_features(model, eval_batches(val, data_cfg, device,
+                                                        channels=model.in_channels), channels_last)
     say(f"oocid: baselines: the untrained network's features of {train.n} training images")
     batches = eval_batches(train, data_cfg, device)
     chunks = ((idx, f) for idx, f, _ in iter_features(model, batches, channels_last, progress,
@@ -101,6 +106,7 @@ class _Pixels:
     def __init__(self, data_cfg: DataConfig, channels: int, device: torch.device) -> None:
         mean, std = normalization_stats(data_cfg, channels)
         self.mean, self.std = norm_constants(tuple(mean), tuple(std), device)
+        self.channels = channels
         self.width = channels * data_cfg.image_size ** 2  # P
 
     def __call__(self, images: Tensor) -> Tensor:
@@ -109,18 +115,10 @@ class _Pixels:
 
 def _query_blocks(val: Manifest, data_cfg: DataConfig, device: torch.device, pixels: _Pixels,
                   rows: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """The validation pixels (q, P) in [0, 1] and labels (q,), in blocks of `rows` queries."""
-    held: list[tuple[Tensor, Tensor]] = []
-    n = 0
-    for b in eval_batches(val, data_cfg, device):
-        held.append((pixels(b.images), b.label))
-        n += b.label.shape[0]
-        while n >= rows:
-            x, y = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
-            yield x[:rows], y[:rows]
-            held, n = [(x[rows:], y[rows:])], n - rows
-    if n:
-        yield torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+    """The validation pixels (q, P) in [0, 1] and labels (q,), in blocks of `rows` queries,
+    decoded with the training set's channels."""
+    batches = eval_batches(val, data_cfg, device, channels=pixels.channels)
+    return blocks_of(((pixels(b.images), b.label) for b in batches), rows)
 
 
 def pixel_search(train: Manifest, val: Manifest, data_cfg: DataConfig, device: torch.device,
@@ -160,6 +158,10 @@ def pixel_search(train: Manifest, val: Manifest, data_cfg: DataConfig, device: t
     each = "" if passes == 1 else f", in {passes} passes of {rows} queries"
     say(f"oocid: baselines: raw pixels ({channels} x {size} x {size}, in [0, 1]) of {val.n} "
         f"validation images against {train.n} training images{each}, and their mean image")
+    if passes > SLOW_PASSES:
+        say(f"oocid: warning: the pixel baselines read the {train.n} training images "
+            f"{2 * passes} times ({passes} passes each); a sample of the validation set as "
+            f"--shards (`oocid shard` of a few thousand images) takes one pass each")
     raw = search(None, "raw pixels")
     center = (total / max(1, counted[0])).float().to(device)  # (P,) the training mean image
     say(f"oocid: baselines: the same pixels minus the training set's mean image{each}")
@@ -168,43 +170,65 @@ def pixel_search(train: Manifest, val: Manifest, data_cfg: DataConfig, device: t
 
 def scored(found: Found, train_labels: Tensor, ks: Sequence[int], temperature: float,
            num_classes: int) -> dict[str, Any]:
-    """top-1 (and top-5 with more than 5 classes, as `knn` shows them) for every k: the largest
-    k's at the top, each k's in "by_k" ("k" in each: the k used, min(k, training rows)).
-    found.labels must already be training labels."""
+    """top-1 (and top-5 with more than 5 classes, as `knn` shows them) for every k, by
+    `knn_report`: the largest k's at the top, each k's in "by_k" ("k" in each: the k used,
+    min(k, training rows)). found.labels must already be training labels."""
     nl = train_labels.to(found.index.device)[found.index]
+    names = [str(c) for c in range(num_classes)]
     by_k: dict[str, dict[str, Any]] = {}
     for k in ks:
-        used = min(k, found.sims.shape[1])
-        scores = knn_scores_from_topk(found.sims, nl, used, temperature, num_classes)
-        acc = topk_accuracy(scores, found.labels.to(scores.device), (1, 5))
-        top5 = {"top5": acc[5]} if num_classes > 5 else {}
-        by_k[str(k)] = {"top1": acc[1], **top5, "k": used}
+        r = knn_report(found.sims, nl, found.labels.to(nl.device), k, temperature, names)
+        by_k[str(k)] = {key: r[key] for key in ("top1", "top5", "k") if key in r}
     return {**by_k[str(max(ks))], "by_k": by_k}
+
+
+def baseline_results(side: TrainingSide, vm: Manifest, mapping: np.ndarray | None,
+                     labels: np.ndarray, ks: Sequence[int], temperature: float,
+                     classes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The weighted kNN of the validation set `vm` over each baseline's features: the
+    checkpoint's network untrained (seeded with train.seed), raw pixels, mean-centred pixels;
+    the same ks and temperature as the learned features', validation classes matched to the
+    training `classes` by `mapping` (oocid.eval.classes)."""
+    cfg, dev, kmax = side.cfg, side.device, max(ks)
+    model = untrained_model(side.model.arch, side.model.in_channels, side.model.out_dim,
+                            cfg.train.seed, dev)
+    found = {"untrained": untrained_search(model, side.manifest, vm, cfg.data,
+                                           cfg.model.channels_last, dev, kmax, side.progress)}
+    found["pixels"], found["pixels_centered"] = pixel_search(side.manifest, vm, cfg.data, dev,
+                                                             kmax, side.progress)
+    train_labels = torch.from_numpy(labels)
+    out = {}
+    for key, f in found.items():
+        f.labels = training_labels(f.labels, mapping, vm.root)
+        out[key] = scored(f, train_labels, ks, temperature, len(classes))
+    return out
 
 
 def format_baselines(res: dict[str, Any]) -> str:
     """`knn --baselines`' table: the learned features' top-1 (top-5) and each baseline's, a
-    column per k, then a note when the learned top-1 does not beat the best baseline's."""
-    ks, base = res["ks"], res["baselines"]
+    column per k used (two --k above the training rows use the same k: one column), then a
+    note when the learned top-1 is below the best baseline's, or ties it short of 1."""
+    base = res["baselines"]
     learned = LEARNED_BANK if res["features"] == "memory bank" else LEARNED
     rows = [(learned, res["by_k"])] + [(NAMES[key], base[key]["by_k"]) for key in NAMES]
-    top5 = "top5" in res
-    several = len(ks) > 1
-    tops = (1, 5) if top5 else (1,)
-    used = [res["by_k"][str(k)]["k"] for k in ks]  # min(k, training rows)
-    heads = [f"{f'k={k} ' if several else ''}top-{n}" for k in used for n in tops]
+    tops = (1, 5) if "top5" in res else (1,)
+    asked = {res["by_k"][str(k)]["k"]: k for k in res["ks"]}  # k used -> a k asked that gives it
+    several = len(asked) > 1
+    heads = [f"{f'k={k} ' if several else ''}top-{n}" for k in asked for n in tops]
     width = max(6, *(len(h) for h in heads))
-    lines = [f"baselines: weighted kNN (k={', '.join(map(str, used))}, t={res['temperature']}) on "
-             f"{res['queries']} validation images, {res['bank_rows']} training images:",
+    lines = [f"baselines: weighted kNN (k={', '.join(map(str, asked))}, t={res['temperature']}) "
+             f"on {res['queries']} validation images, {res['bank_rows']} training images:",
              f"  {'features':<40}" + "".join(f" {h:>{width}}" for h in heads)]
     for name, by_k in rows:
-        cells = [by_k[str(k)][f"top{n}"] for k in ks for n in tops]
+        cells = [by_k[str(k)][f"top{n}"] for k in asked.values() for n in tops]
         lines.append(f"  {name:<40}" + "".join(f" {v:>{width}.4f}" for v in cells))
     best = max(NAMES, key=lambda key: base[key]["top1"])
-    if not res["top1"] > base[best]["top1"]:
+    mine, theirs = res["top1"], base[best]["top1"]
+    if mine < theirs or (mine == theirs < 1.0):
         at = f" at k={res['k']}" if several else ""  # the largest k's numbers
-        hint = ("; --recompute scores the network's features of the training images, not "
-                "the bank's rows") if learned == LEARNED_BANK else ""
-        lines.append(f"  note: learned top-1 {res['top1']:.4f} is not above the best baseline "
-                     f"({NAMES[best]}, {base[best]['top1']:.4f}){at}{hint}")
+        hint = ("; try --recompute: it scores the network's features of the training images, "
+                "not the bank's rows") if learned == LEARNED_BANK else ""
+        how = "is below" if mine < theirs else "only ties"
+        lines.append(f"  note: learned top-1 {mine:.4f} {how} the best baseline "
+                     f"({NAMES[best]}, {theirs:.4f}){at}{hint}")
     return "\n".join(lines)

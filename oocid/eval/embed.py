@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from oocid.atomic import AtomicFile, check_writable, write_error
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.config import Config, config_from_dict
-from oocid.data.batch import Batch, image_channels
+from oocid.data.batch import Batch
 from oocid.data.eval_data import eval_batches
 from oocid.data.manifest import Manifest, read_manifest, verify_shards
 from oocid.device import resolve_device
@@ -100,16 +100,13 @@ def write_features(model: nn.Module, in_channels: int, manifest: Manifest, cfg: 
     check_writable(out, "features")
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    if image_channels(manifest) != in_channels:
-        raise DataError(f"{manifest.root}: {image_channels(manifest)}-channel images, but the "
-                        f"model takes {in_channels}-channel images")
     n = manifest.n
     tmp = out.with_name(out.name + ".rows.tmp")
     try:
         feats: np.ndarray | None = None
         index_seen = np.zeros(n, dtype=bool)
         labels = np.full(n, -1, dtype=np.int64)
-        batches = eval_batches(manifest, cfg.data, device, batch_size)
+        batches = eval_batches(manifest, cfg.data, device, batch_size, channels=in_channels)
         for idx, f, lab in iter_features(model, batches, cfg.model.channels_last, progress, n):
             if feats is None:  # (N, F) on disk, rows at their index
                 feats = _open_rows(tmp, n, f.shape[1])

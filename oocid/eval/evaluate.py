@@ -8,7 +8,8 @@ Q queries, N bank rows, D dims, C classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,41 @@ from oocid.method.knn import (
     topk_hits,
     topk_streaming,
 )
+
+
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """(C, C) int64 counts of (true class, predicted class); pred, target (Q,) int64."""
+    c = num_classes
+    flat = target.long().cpu() * c + pred.long().cpu()
+    return torch.bincount(flat, minlength=c * c).view(c, c)
+
+
+def per_class_top1(confusion: Tensor) -> list[float | None]:
+    """Top-1 accuracy of each true class (None for a class with no queries)."""
+    n = confusion.sum(dim=1).tolist()
+    diag = confusion.diagonal().tolist()
+    return [None if n[c] == 0 else diag[c] / n[c] for c in range(len(n))]
+
+
+def knn_report(sims: Tensor, neighbour_labels: Tensor, query_labels: Tensor, k: int,
+               temperature: float, classes: Sequence[str],
+               evaluated: Sequence[int] | None = None) -> dict[str, Any]:
+    """top-1 (and top-5 with more than 5 classes: with 5 or fewer it is always 1), per-class
+    top-1 and confusion matrix at k' = min(k, N), from the sorted top-k (sims,
+    neighbour_labels (Q, >=k')). The confusion matrix is over every (training) class; the
+    per-class list holds the `evaluated` ones (the validation set's; default all)."""
+    c = len(classes)
+    used = min(k, sims.shape[1])
+    scores = knn_scores_from_topk(sims, neighbour_labels, used, temperature, c)
+    acc = topk_accuracy(scores, query_labels, (1, 5))
+    pred = scores.argsort(dim=1, descending=True, stable=True)[:, 0]  # as topk_accuracy ranks
+    conf = confusion_matrix(pred, query_labels, c)
+    n = conf.sum(dim=1).tolist()
+    top1 = per_class_top1(conf)
+    per = [{"class": classes[i], "n": int(n[i]), "top1": top1[i]}
+           for i in (range(c) if evaluated is None else sorted(set(evaluated)))]
+    top5 = {"top5": acc[5]} if c > 5 else {}
+    return {"top1": acc[1], **top5, "k": used, "per_class": per, "confusion": conf.tolist()}
 
 
 def read_labels(manifest: Manifest) -> np.ndarray:
@@ -102,21 +138,28 @@ def knn_streamed(batches: Iterator[tuple[Tensor, Tensor]],
     `knn_against` cut from all the queries at once, so the accuracies are the same. `topk`
     (queries, chunks) -> (similarities, neighbours' labels) replaces the top-k over `chunks`
     (several processes: `oocid.distributed.merge.topk_across`)."""
-    held: list[tuple[Tensor, Tensor]] = []
     counts = _HitCounts(bank_labels, k, temperature, num_classes, block_rows, topk)
-    rows = 0
-    for feats, labels in batches:
-        held.append((feats, labels))
-        rows += feats.shape[0]
-        while rows >= query_chunk:
-            q, y = _joined(held)
-            counts.add(q[:query_chunk], y[:query_chunk], chunks)
-            held, rows = [(q[query_chunk:], y[query_chunk:])], rows - query_chunk
-    if rows:
-        counts.add(*_joined(held), chunks)
+    for q, y in blocks_of(batches, query_chunk):
+        counts.add(q, y, chunks)
     if not counts.n:
         raise DataError("no samples to score")
     return counts.accuracy()
+
+
+def blocks_of(batches: Iterator[tuple[Tensor, Tensor]], rows: int
+              ) -> Iterator[tuple[Tensor, Tensor]]:
+    """(x (b, ...), y (b,)) batches regrouped into blocks of `rows` (the last one shorter)."""
+    held: list[tuple[Tensor, Tensor]] = []
+    n = 0
+    for x, y in batches:
+        held.append((x, y))
+        n += x.shape[0]
+        while n >= rows:
+            q, lab = _joined(held)
+            yield q[:rows], lab[:rows]
+            held, n = [(q[rows:], lab[rows:])], n - rows
+    if n:
+        yield _joined(held)
 
 
 def _joined(held: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from oocid.data.batch import image_channels
 from oocid.data.eval_data import eval_batches
 from oocid.distributed.merge import topk_across
 from oocid.distributed.partition import global_rows
@@ -32,7 +33,8 @@ class Evaluator:
 
     def __call__(self) -> dict[str, float]:
         run, cfg, bank = self.run, self.run.cfg, self.run.bank
-        batches = eval_batches(self.val, cfg.data, run.device)
+        batches = eval_batches(self.val, cfg.data, run.device,
+                               channels=image_channels(run.manifest))
         # No flush: the bank on disk stays paired with the last checkpoint, so a kill during the
         # scan loses nothing (docs/design.md, "Checkpoints and resume").
         chunks = (lambda: tensor_chunks(bank.all_rows())) if bank.full else bank.rows_now

@@ -9,9 +9,10 @@ The commands run in this process through `main`, against one tiny training (96 i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import in_process, tiny_config, tiny_npz
 
@@ -96,3 +97,38 @@ def test_baselines_with_query_are_refused_before_any_work(
     assert (r.rc, r.out, r.err) == (2, "", "oocid: error: --baselines compares kNN accuracy on "
                                     "--shards; it does not go with --query\n"), r
     assert not (trained.d / "q.json").exists()
+
+
+def test_an_rgb_validation_set_for_a_grayscale_model_is_decoded_as_the_model_takes_it(
+        trained: Trained, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same validation images stored as RGB (R = G = B) for the model trained on grayscale:
+    decoded to grayscale as the model takes them (an internal error before), so every number,
+    the learned features' and each baseline's, is that of the grayscale set; `embed` and
+    `train --val` too."""
+    with np.load(trained.d / "v.npz") as z:
+        rgb = np.repeat(z["images"][..., None], 3, axis=-1)  # (N, H, W, 3)
+        np.savez(trained.d / "v3.npz", images=rgb, **{k: z[k] for k in z.files if k != "images"})
+    write_shards(trained.d / "v3.npz", trained.d / "val3", shard_size=32, progress=False)
+    got = {}
+    for name in ("val", "val3"):
+        out = trained.d / f"{name}.json"
+        r = oocid(monkeypatch, capsys, *knn(replace(trained, val=trained.d / name),
+                                            "--baselines", "--out", out))
+        assert r.rc == 0 and "error" not in r.err, r
+        res = json.loads(out.read_text())
+        got[name] = (res["top1"], {key: b["top1"] for key, b in res["baselines"].items()})
+        e = oocid(monkeypatch, capsys, "embed", "--checkpoint", trained.run / "last.pt",
+                  "--shards", trained.d / name, "--out", trained.d / f"{name}.npz",
+                  "--device", "cpu", "--no-progress")
+        assert e.rc == 0, e
+    assert got["val3"] == got["val"]
+    with np.load(trained.d / "val.npz") as a, np.load(trained.d / "val3.npz") as b:
+        assert np.array_equal(a["features"], b["features"])
+    cfg = tiny_config()  # and train --val's kNN check after an epoch
+    cfg.optim.epochs, cfg.train.eval_every = 1, 1
+    run = trained.d / "run-val3"
+    train(cfg, trained.d / "train", trained.d / "bank-val3.zarr", run, val=trained.d / "val3",
+          progress=False, log=lambda m: None)
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= rec["knn_top1"] <= 1.0

@@ -88,7 +88,12 @@ def test_pixel_baselines_equal_a_numpy_computation(tmp_path: Path, channels: int
     said: list[str] = []
     extra = {} if budget is None else {"budget": budget}
     raw, centred = pixel_search(tm, vm, cfg.data, CPU, 20, say=said.append, **extra)
-    assert len(said) == 2 and ("7 passes" in said[0]) == (budget is not None), said
+    many = budget is not None  # 7 passes: above SLOW_PASSES, so a warning with the cost
+    assert len(said) == 2 + many and ("7 passes" in said[0]) == many, said
+    if many:
+        assert said[1] == "oocid: warning: the pixel baselines read the 160 training images 14 " \
+                          "times (7 passes each); a sample of the validation set as --shards " \
+                          "(`oocid shard` of a few thousand images) takes one pass each", said
     t, v = np.load(tz), np.load(vz)
     assert (raw.sims.shape, centred.index.shape) == ((64, 20), (64, 20))
     labels = torch.from_numpy(read_labels(tm))
@@ -183,17 +188,30 @@ def test_the_table_has_the_demos_rows_and_a_note_only_when_pixels_win() -> None:
         "mean-centred pixels"]
     assert lines[2].split()[-2:] == ["0.8000", "0.9900"] and lines[4].split()[-2:] == [
         "0.9000", "0.9900"]
-    assert lines[6] == "  note: learned top-1 0.8000 is not above the best baseline (raw pixels, " \
-                       "0.9000); --recompute scores the network's features of the training " \
-                       "images, not the bank's rows"
+    assert lines[6] == "  note: learned top-1 0.8000 is below the best baseline (raw pixels, " \
+                       "0.9000); try --recompute: it scores the network's features of the " \
+                       "training images, not the bank's rows"
     assert len(lines) == 7
     recomputed = format_baselines(_result(0.8, 0.9, [200], "recomputed")).splitlines()
-    assert recomputed[-1] == "  note: learned top-1 0.8000 is not above the best baseline (raw " \
+    assert recomputed[-1] == "  note: learned top-1 0.8000 is below the best baseline (raw " \
                              "pixels, 0.9000)"  # no hint: already the network's features
     several = format_baselines(_result(0.95, 0.9, [5, 200], "recomputed")).splitlines()
     assert several[1].split() == ["features", "k=5", "top-1", "k=5", "top-5", "k=200", "top-1",
                                   "k=200", "top-5"]
     assert several[2].startswith("  learned features (NPID) ") and len(several) == 6  # no note
     tie = format_baselines(_result(0.9, 0.9, [5, 200])).splitlines()
-    assert tie[-1].startswith("  note: learned top-1 0.9000 is not above the best baseline "
-                              "(raw pixels, 0.9000) at k=200; --recompute ")
+    assert tie[-1].startswith("  note: learned top-1 0.9000 only ties the best baseline "
+                              "(raw pixels, 0.9000) at k=200; try --recompute")
+    ceiling = format_baselines(_result(1.0, 1.0, [200]))
+    assert "note" not in ceiling  # everything at 1: nothing to say
+
+
+def test_two_ks_above_the_training_rows_are_one_column() -> None:
+    """--k 200 --k 500 over 100 training rows both use k 100: one column, not two equal ones."""
+    res = _result(0.95, 0.9, [200, 500])
+    for by_k in [res["by_k"], *(b["by_k"] for b in res["baselines"].values())]:
+        for k in ("200", "500"):
+            by_k[k]["k"] = 100
+    lines = format_baselines(res).splitlines()
+    assert lines[0].startswith("baselines: weighted kNN (k=100, t=0.07) on 40 ")
+    assert lines[1].split() == ["features", "top-1", "top-5"]

@@ -33,7 +33,7 @@ from oocid.bank.create import create_store, write_rows
 from oocid.bank.store import open_store
 from oocid.checkpoint import load_checkpoint, model_from_checkpoint
 from oocid.cli.app import app
-from oocid.cli.knn import confusion_matrix, knn_report, per_class_top1, run_knn, run_search, write_sheet
+from oocid.cli.knn import run_knn, run_search, write_sheet
 from oocid.config import config_from_dict
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import read_manifest
@@ -41,7 +41,7 @@ from oocid.data.reader import iter_samples
 from oocid.data.writer import write_shards
 from oocid.errors import DataError, InputError
 from oocid.eval.embed import embed_shards
-from oocid.eval.evaluate import read_labels
+from oocid.eval.evaluate import confusion_matrix, knn_report, per_class_top1, read_labels
 from oocid.eval.export import export_checkpoint, pre_fc
 from oocid.eval.retrieval import sheet_size, source_path, topk_indexed
 from oocid.method.knn import topk_accuracy, weighted_knn
