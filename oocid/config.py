@@ -225,7 +225,9 @@ FLOAT32_LOG_MAX = 88.72283905206835  # log of the largest float32
 def temperature_floor(terms: int) -> float:
     """The temperature t at which `terms` values exp(s / t), s <= 1 (cosine), sum to the
     largest float32; the sum is finite for every t above it. kNN: the weights of the k
-    nearest rows (0.0120 at k 200); NCE: the B (K + 1) values whose mean estimates Z."""
+    nearest rows (0.0120 at k 200); NCE: the B (K + 1) values whose mean estimates Z (Z itself,
+    that mean times N, can still overflow on collapsed features in a narrow band above the
+    floor: at N 1.28 M, t 0.01336-0.01339; the run's non-finite check catches it)."""
     return 1.0 / (FLOAT32_LOG_MAX - math.log(max(1, terms)))
 
 

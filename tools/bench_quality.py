@@ -57,9 +57,9 @@ from oocid.data.manifest import Manifest, read_manifest
 from oocid.data.memory import decode_all
 from oocid.data.writer import write_shards
 from oocid.demo import demo_data_path, pixel_features
+from oocid.eval.baselines import untrained_model
 from oocid.eval.evaluate import knn_against, read_labels, tensor_chunks
 from oocid.eval.plot import PALETTE, save_image
-from oocid.models import build_model
 from oocid.train.recipe import recipe_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,8 +223,8 @@ def bench_set(name: str, arrays: dict[str, np.ndarray], recipes: list[str], budg
         (fq, ql), (ft, _) = features(model, vm, cfg), features(model, tm, cfg)
         with open_store(d / "bank.npy", read_only=True) as store:
             bank = torch.from_numpy(store.read_rows(0, store.n_rows))
-        torch.manual_seed(cfg.train.seed)
-        net = build_model(cfg.model.arch, image_channels(tm), cfg.model.dim).eval()
+        net = untrained_model(cfg.model.arch, image_channels(tm), cfg.model.dim, cfg.train.seed,
+                              torch.device("cpu"))
         if cfg.model.channels_last:
             net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         (uq, uql), (ut, _) = features(net, vm, cfg), features(net, tm, cfg)

@@ -312,7 +312,8 @@ def linear(
     train_shards: Annotated[Path, typer.Option(help="Labeled shards to fit the classifier on.")],
     val_shards: Annotated[Path, typer.Option(help="Labeled shards to report top-1/top-5 on.")],
     epochs: Annotated[int | None, typer.Option(help="Passes over the training features "
-                                               "(default: 20, or as many as make 2,000 steps)")] = None,
+                                               "(default: 20, more on a small set so the probe "
+                                               "makes 2,000 steps).")] = None,
     lr: Annotated[float, typer.Option(help="Adam learning rate (cosine schedule to 0).")] = 0.01,
     batch_size: Annotated[int, typer.Option(help="Classifier batch size.")] = 256,
     head: Annotated[bool, typer.Option(help="Probe the 128-d embedding instead of the pre-fc "

@@ -192,6 +192,8 @@ def baseline_results(side: TrainingSide, vm: Manifest, mapping: np.ndarray | Non
     cfg, dev, kmax = side.cfg, side.device, max(ks)
     model = untrained_model(side.model.arch, side.model.in_channels, side.model.out_dim,
                             cfg.train.seed, dev)
+    if cfg.model.channels_last:  # as the learned model runs (the same numbers, its speed)
+        model = model.to(memory_format=torch.channels_last)
     found = {"untrained": untrained_search(model, side.manifest, vm, cfg.data,
                                            cfg.model.channels_last, dev, kmax, side.progress)}
     found["pixels"], found["pixels_centered"] = pixel_search(side.manifest, vm, cfg.data, dev,

@@ -80,7 +80,9 @@ def fit_linear(feats: np.ndarray, labels: np.ndarray, num_classes: int, cfg: Pro
     torch.manual_seed(cfg.seed)
     clf = nn.Linear(feats.shape[1], num_classes).to(device)
     opt = torch.optim.Adam(clf.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    epochs = cfg.epochs or default_epochs(len(labels), cfg.batch_size)
+    epochs = default_epochs(len(labels), cfg.batch_size) if cfg.epochs is None else cfg.epochs
+    if epochs < 1:
+        raise ValueError(f"fit_linear: epochs must be >= 1 or None, got {epochs}")
     steps = epochs * math.ceil(len(labels) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))  # cosine to 0

@@ -632,3 +632,16 @@ def test_linear_probe_and_frozen_backbone(trained: Trained, monkeypatch: pytest.
     monkeypatch.setattr(lin, "write_features", tampering)
     with pytest.raises(DataError, match="backbone changed"):
         lin.linear_eval(trained.ckpt, trained.train, trained.val, probe=probe, device_name="cpu")
+
+
+def test_fit_linear_refuses_zero_epochs_and_takes_none_as_the_default() -> None:
+    """The library call: epochs 0 is an error naming it (it was taken as the default by `or`);
+    None is the default's count."""
+    import oocid.eval.linear as lin
+
+    feats = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    labels = np.arange(40) % 2
+    with pytest.raises(ValueError, match="epochs must be >= 1 or None, got 0"):
+        lin.fit_linear(feats, labels, 2, lin.ProbeConfig(epochs=0, batch_size=8), CPU)
+    _, losses = lin.fit_linear(feats, labels, 2, lin.ProbeConfig(batch_size=8), CPU)
+    assert len(losses) == lin.default_epochs(40, 8) == 400
