@@ -54,6 +54,19 @@ def tiny_config(**loss: object) -> Config:
     return cfg
 
 
+def tiny_run(d: Path, val: Path | None = None) -> None:
+    """The tiny set (`tiny_npz`: 96 images of 16 px, 4 classes) sharded at D/train and trained
+    for one epoch of `tiny_config` into D/bank.zarr and D/run (`val`: with that --val)."""
+    from oocid.data.writer import write_shards
+    from oocid.train.loop import train
+
+    write_shards(tiny_npz(d / "t.npz"), d / "train", shard_size=32, progress=False)
+    cfg = tiny_config()
+    cfg.optim.epochs = 1
+    train(cfg, d / "train", d / "bank.zarr", d / "run", val=val, progress=False,
+          log=lambda m: None)
+
+
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}
 CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
 SLOTS = threading.BoundedSemaphore(max(2, CPUS))  # `oocid` processes running at once

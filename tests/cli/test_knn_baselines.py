@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import in_process, tiny_config, tiny_npz
+from helpers import in_process, tiny_config, tiny_npz, tiny_run
 
 from oocid.data.writer import write_shards
 from oocid.train.loop import train
@@ -34,11 +34,8 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     d = tmp_path_factory.mktemp("baselines")
-    write_shards(tiny_npz(d / "t.npz"), d / "train", shard_size=32, progress=False)
     write_shards(tiny_npz(d / "v.npz", n=48, seed=1), d / "val", shard_size=32, progress=False)
-    cfg = tiny_config()
-    cfg.optim.epochs = 1
-    train(cfg, d / "train", d / "bank.zarr", d / "run", progress=False, log=lambda m: None)
+    tiny_run(d)
     return Trained(d, d / "bank.zarr", d / "run", d / "val")
 
 

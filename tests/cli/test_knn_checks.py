@@ -13,12 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Run, in_process, tiny_config, tiny_npz
+from helpers import Run, in_process, tiny_run
 from PIL import Image, ImageDraw, ImageFont
 
 from oocid.cli.knn import QueryHits, sheet_rows
-from oocid.data.writer import write_shards
-from oocid.train.loop import train
 
 
 @dataclass
@@ -33,10 +31,7 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     d = tmp_path_factory.mktemp("knn")
-    write_shards(tiny_npz(d / "t.npz"), d / "train", shard_size=32, progress=False)
-    cfg = tiny_config()
-    cfg.optim.epochs = 1
-    train(cfg, d / "train", d / "bank.zarr", d / "run", progress=False, log=lambda m: None)
+    tiny_run(d)
     Image.new("L", (16, 16), 90).save(d / "q.png")
     (d / "a-file").write_text("x")
     return Trained(d, d / "train", d / "bank.zarr", d / "run", d / "q.png")
