@@ -54,7 +54,15 @@ def tiny_config(**loss: object) -> Config:
     return cfg
 
 
-def tiny_run(d: Path, val: Path | None = None) -> None:
+@dataclass
+class TinyRun:
+    d: Path
+    train: Path  # shards
+    bank: Path
+    run: Path  # the run folder (last.pt in it)
+
+
+def tiny_run(d: Path, val: Path | None = None) -> TinyRun:
     """The tiny set (`tiny_npz`: 96 images of 16 px, 4 classes) sharded at D/train and trained
     for one epoch of `tiny_config` into D/bank.zarr and D/run (`val`: with that --val)."""
     from oocid.data.writer import write_shards
@@ -65,6 +73,7 @@ def tiny_run(d: Path, val: Path | None = None) -> None:
     cfg.optim.epochs = 1
     train(cfg, d / "train", d / "bank.zarr", d / "run", val=val, progress=False,
           log=lambda m: None)
+    return TinyRun(d, d / "train", d / "bank.zarr", d / "run")
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "OOCID_DEBUG"}

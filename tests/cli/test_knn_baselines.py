@@ -9,12 +9,10 @@ The commands run in this process through `main`, against one tiny training (96 i
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import in_process, tiny_config, tiny_npz, tiny_run
+from helpers import TinyRun, in_process, tiny_config, tiny_npz, tiny_run
 
 from oocid.data.writer import write_shards
 from oocid.train.loop import train
@@ -23,24 +21,18 @@ oocid = in_process
 ROWS = ["same network, untrained", "raw pixels", "mean-centred pixels"]
 
 
-@dataclass
-class Trained:
-    d: Path
-    bank: Path
-    run: Path
-    val: Path
+Trained = TinyRun  # and 48 validation images at D/val
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     d = tmp_path_factory.mktemp("baselines")
     write_shards(tiny_npz(d / "v.npz", n=48, seed=1), d / "val", shard_size=32, progress=False)
-    tiny_run(d)
-    return Trained(d, d / "bank.zarr", d / "run", d / "val")
+    return tiny_run(d)
 
 
-def knn(t: Trained, *args: object) -> list[object]:
-    return ["knn", "--checkpoint", t.run / "last.pt", "--bank", t.bank, "--shards", t.val,
+def knn(t: Trained, *args: object, val: str = "val") -> list[object]:
+    return ["knn", "--checkpoint", t.run / "last.pt", "--bank", t.bank, "--shards", t.d / val,
             "--device", "cpu", "--no-progress", *args]
 
 
@@ -110,8 +102,7 @@ def test_an_rgb_validation_set_for_a_grayscale_model_is_decoded_as_the_model_tak
     got = {}
     for name in ("val", "val3"):
         out = trained.d / f"{name}.json"
-        r = oocid(monkeypatch, capsys, *knn(replace(trained, val=trained.d / name),
-                                            "--baselines", "--out", out))
+        r = oocid(monkeypatch, capsys, *knn(trained, "--baselines", "--out", out, val=name))
         assert r.rc == 0 and "error" not in r.err, r
         res = json.loads(out.read_text())
         got[name] = (res["top1"], {key: b["top1"] for key, b in res["baselines"].items()})

@@ -9,32 +9,24 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import Run, in_process, tiny_run
+from helpers import Run, TinyRun, in_process, tiny_run
 from PIL import Image, ImageDraw, ImageFont
 
 from oocid.cli.knn import QueryHits, sheet_rows
 
-
-@dataclass
-class Trained:
-    d: Path
-    train: Path
-    bank: Path
-    run: Path
-    query: Path
+Trained = TinyRun  # the query image is D/q.png
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     d = tmp_path_factory.mktemp("knn")
-    tiny_run(d)
+    run = tiny_run(d)
     Image.new("L", (16, 16), 90).save(d / "q.png")
     (d / "a-file").write_text("x")
-    return Trained(d, d / "train", d / "bank.zarr", d / "run", d / "q.png")
+    return run
 
 
 oocid = in_process
@@ -46,7 +38,7 @@ def failed(r: Run, code: int, line: str) -> None:
 
 
 def search(t: Trained, *args: object) -> list[object]:
-    return ["knn", "--checkpoint", t.run / "last.pt", "--bank", t.bank, "--query", t.query,
+    return ["knn", "--checkpoint", t.run / "last.pt", "--bank", t.bank, "--query", t.d / "q.png",
             "--device", "cpu", *args]
 
 
@@ -90,7 +82,7 @@ def test_a_checkpoint_folder_is_called_one_and_its_last_pt_suggested(
 ) -> None:
     run = trained.run
     r = oocid(monkeypatch, capsys, "knn", "--checkpoint", run, "--bank", trained.bank,
-              "--query", trained.query, "--device", "cpu")
+              "--query", trained.d / "q.png", "--device", "cpu")
     failed(r, 2, f"{run}: is a folder, not a checkpoint file; give {run / 'last.pt'}, the "
                  "newest checkpoint of that run")
     r = oocid(monkeypatch, capsys, "export", "--checkpoint", trained.bank, "--out",
