@@ -162,16 +162,18 @@ def train(
                          "config; pass its --config, or start the run again without --resume")
     elif config is None:  # no config: a recipe that fits the data (oocid.train.recipe)
         from oocid.data.manifest import read_manifest
-        from oocid.train.recipe import recipe_for, with_overrides
+        from oocid.train.recipe import recipe_for, total_steps, with_overrides
 
         probe = load_config(None, overrides)  # bad overrides: reported before the shards are read
         from oocid.device import resolve_device
         from oocid.distributed.world import world_from_env
 
-        base, recipe = recipe_for(read_manifest(shards), processes=world_from_env().size,
-                                  device=resolve_device(probe.train.device).type)
-        recipe = with_overrides(recipe, overrides)
+        m, procs = read_manifest(shards), world_from_env().size
+        base, recipe = recipe_for(m, processes=procs, device=resolve_device(probe.train.device).type)
+        steps = total_steps(base, m, procs)  # the recipe's, before the overrides apply to it
         cfg = load_config(None, overrides, base=base)
+        now = total_steps(cfg, m, procs)
+        recipe = with_overrides(recipe, overrides, None if now == steps else now)
     else:
         cfg = load_config(config, overrides)
     check_writable(out / "config.json", "the run's config", parents=True)  # before any work:

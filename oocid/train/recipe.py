@@ -136,9 +136,16 @@ def recipe_for(manifest: Manifest, base: Config | None = None, processes: int = 
                  f"({total} steps); {HINT}")
 
 
-def with_overrides(line: str, overrides: list[str]) -> str:
-    """The recipe line naming the overrides applied on top of it, the hint still last."""
+def total_steps(cfg: Config, manifest: Manifest, processes: int = 1) -> int:
+    """Optimiser steps of the whole run of `cfg` on `manifest` with `processes` processes."""
+    return _steps(cfg, _local_sizes(manifest, processes)[1])[1]
+
+
+def with_overrides(line: str, overrides: list[str], steps: int | None = None) -> str:
+    """The recipe line naming the overrides applied on top of it (and `steps`, the run's steps
+    when they changed the recipe's), the hint still last."""
     if not overrides:
         return line
     head = line.removesuffix(f"; {HINT}")
-    return f"{head}; then {', '.join(overrides)}; {HINT}"
+    now = "" if steps is None else f" ({steps} step{'' if steps == 1 else 's'})"
+    return f"{head}; then {', '.join(overrides)}{now}; {HINT}"

@@ -218,7 +218,7 @@ def test_train_without_a_config_says_and_saves_its_recipe(tmp_path: Path) -> Non
                       {**ENV, "OMP_NUM_THREADS": "1"})
     assert run.rc == 0, run
     said = [ln for ln in run.err.splitlines() if "recipe for" in ln]
-    assert len(said) == 1 and said[0].endswith(f"; then optim.epochs=1; {HINT}"), run
+    assert len(said) == 1 and said[0].endswith(f"; then optim.epochs=1 (1 step); {HINT}"), run
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model"]["arch"] == "small" and saved["data"]["image_size"] == 16
     assert saved["data"]["flip"] is False and saved["optim"]["epochs"] == 1
