@@ -224,7 +224,7 @@ def knn(
     sheet: Annotated[Path | None, typer.Option(help="With --query: write a contact sheet (.png or "
                                                ".jpg/.jpeg, as the suffix says), one row per "
                                                "query (query, then neighbours with their "
-                                               "similarity).")] = None,
+                                               "similarity and class).")] = None,
     tile: Annotated[int, typer.Option(help="Contact sheet tile size in pixels.")] = 96,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     baselines: Annotated[bool, typer.Option("--baselines", help="Also score the same kNN over "

@@ -255,9 +255,16 @@ def check_outputs(out: Path | None, sheet: Path | None, tile: int, search: bool,
 
 def sheet_rows(hits: list[QueryHits], tile: int) -> list[list[tuple[Image.Image, str]]]:
     """Per query: the query captioned with its file name (shortened to fit the tile), then its
-    neighbours captioned with their similarity."""
+    neighbours captioned with their similarity and, from labeled shards, their class (shortened
+    to fit)."""
+    def caption(n: dict[str, Any]) -> str:
+        sim = f"{n['similarity']:.3f}"
+        if n.get("class") is None:
+            return sim
+        return fit_caption(f"{sim} {n['class']}", tile - 2, keep=len(sim) + 2)
+
     return [[(h.image, fit_caption(h.query.name, tile - 2)),
-             *((t, f"{n['similarity']:.3f}") for t, n in zip(h.thumbs, h.neighbours, strict=True))]
+             *((t, caption(n)) for t, n in zip(h.thumbs, h.neighbours, strict=True))]
             for h in hits]
 
 

@@ -330,24 +330,26 @@ def _drawable(text: str, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> 
     return "".join(out)
 
 
-def fit_caption(text: str, width: int) -> str:
+def fit_caption(text: str, width: int, keep: int = 0) -> str:
     """`text` in characters the contact sheet's font draws (`_drawable`), shortened in the
-    middle (its start and end kept, "…" between) to at most `width` pixels."""
+    middle (its start and end kept, "…" between) to at most `width` pixels; the first `keep`
+    characters are never cut (a similarity before a class name)."""
     font = ImageFont.load_default()
     draw = ImageDraw.Draw(Image.new("L", (1, 1)))
     text = _drawable(text, font)
     dots = "…" if _drawable("…", font) == "…" else "..."
+    head, rest = text[:keep], text[keep:]
 
     def fits(t: str) -> bool:
         return float(draw.textlength(t, font=font)) <= width
 
     if fits(text):
         return text
-    for n in range(len(text) - 1, 0, -1):
-        cut = text[:(n + 1) // 2] + dots + text[len(text) - n // 2:]
+    for n in range(len(rest) - 1, 0, -1):
+        cut = head + rest[:(n + 1) // 2] + dots + rest[len(rest) - n // 2:]
         if fits(cut):
             return cut
-    return dots if fits(dots) else ""
+    return next((t for t in (head + dots, head.rstrip(), dots) if fits(t)), "")
 
 
 def contact_sheet(rows: Sequence[Sequence[tuple[Image.Image, str]]], tile: int = 96

@@ -122,6 +122,23 @@ def test_each_sheet_row_is_captioned_with_its_query_files_name() -> None:
     assert re.fullmatch(r"a_\w+", head), short
 
 
+def test_a_neighbour_from_labeled_shards_is_captioned_with_its_class() -> None:
+    """similarity, then the class, which is shortened (never the similarity) to fit the tile."""
+    img = Image.new("L", (16, 16))
+    near = [{"similarity": 0.93412, "class": "sneaker"},
+            {"similarity": 0.5, "class": "a_very_long_class_name_indeed"},
+            {"similarity": 0.25, "class": None}]
+    rows = sheet_rows([QueryHits(Path("q.png"), img, near, [img] * 3)], 96)
+    caps = [c for _, c in rows[0][1:]]
+    assert caps[0] == "0.934 sneaker" and caps[2] == "0.250"
+    width = ImageDraw.Draw(Image.new("L", (1, 1))).textlength(caps[1],
+                                                              font=ImageFont.load_default())
+    assert width <= 94 and caps[1].startswith("0.500 a_") and "…" in caps[1], caps
+    assert caps[1].endswith("indeed"[-len(caps[1].split("…")[1]):]), caps
+    tiny = sheet_rows([QueryHits(Path("q.png"), img, near[:1], [img])], 40)[0][1][1]
+    assert tiny.startswith("0.934"), tiny  # the similarity stays whole on a small tile
+
+
 @pytest.mark.parametrize(("args", "line"), [
     (("--temperature", "0.01"), "--temperature must be > 0.01199 with --k 200 (the weights "
                                 "exp(s / t) overflow below), got 0.01"),
