@@ -5,8 +5,8 @@ noise), each image a square of 40 to 64 px in two random colours (random hue, sa
 value), with a random angle, period, phase or centre and slight pixel noise: what makes a class
 is its structure, not its colour or size. PNG files. One generator
 `numpy.random.default_rng(seed)` draws everything, the train split first, then val: the same
-seed gives the same files. The no-config recipe was measured on it (docs/benchmarks.md,
-"Learned features against pixels").
+seed gives the same files. The no-config recipe was measured on it (docs/method.md,
+"Defaults from the data").
 
 Usage: python tools/make_textures.py OUT [--train 300] [--val 60] [--seed 0]
   writes OUT/train/<class>/*.png and OUT/val/<class>/*.png, ready for `oocid shard`.
