@@ -246,9 +246,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: bank.momentum must be in [0, 1)")
     if cfg.loss.temperature <= 0:
         raise InputError(f"{where}: loss.temperature must be > 0")
-    terms = cfg.data.batch_size * (cfg.loss.nce_k + 1)
-    if cfg.loss.kind == "nce" and not cfg.loss.temperature > temperature_floor(terms):
-        raise InputError(f"{where}: loss.temperature must be > {temperature_floor(terms):.4g} "
+    least = temperature_floor(cfg.data.batch_size * (cfg.loss.nce_k + 1))
+    if cfg.loss.kind == "nce" and not cfg.loss.temperature > least:
+        raise InputError(f"{where}: loss.temperature must be > {least:.4g} "
                          f"for NCE with batch {cfg.data.batch_size} and K {cfg.loss.nce_k} "
                          "(exp(s / t) and the sum that estimates Z overflow below)")
     if cfg.optim.lr <= 0:

@@ -32,9 +32,8 @@ from oocid.data.batch import image_channels, normalization_stats
 from oocid.data.eval_data import eval_batches, extract_features
 from oocid.data.manifest import Manifest
 from oocid.eval.classes import training_labels
-from oocid.eval.embed import iter_features
 from oocid.eval.evaluate import QUERY_CHUNK, blocks_of, knn_report
-from oocid.eval.retrieval import TrainingSide, topk_indexed
+from oocid.eval.retrieval import TrainingSide, embedded_chunks, topk_indexed
 from oocid.method.knn import BLOCK_ROWS
 from oocid.models import Embedder, build_model
 from oocid.progress import progress_bar
@@ -93,9 +92,7 @@ def untrained_search(model: Embedder, train: Manifest, val: Manifest, data_cfg: 
     q, _, labels = extract_features(model, eval_batches(val, data_cfg, device,
                                                         channels=model.in_channels), channels_last)
     say(f"oocid: baselines: the untrained network's features of {train.n} training images")
-    batches = eval_batches(train, data_cfg, device)
-    chunks = ((idx, f) for idx, f, _ in iter_features(model, batches, channels_last, progress,
-                                                      train.n, "untrained"))
+    chunks = embedded_chunks(model, train, data_cfg, device, channels_last, progress, "untrained")
     sims, index = topk_indexed(q, chunks, k)
     return Found(sims, index, labels)
 

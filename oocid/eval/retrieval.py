@@ -58,13 +58,21 @@ class TrainingSide:
     def chunks(self) -> Iterator[tuple[Tensor, Tensor]]:
         """(index (n,) int64, rows (n, D) unit float) covering the training set, streamed."""
         if self.recompute:
-            batches = eval_batches(self.manifest, self.cfg.data, self.device)
-            for idx, f, _ in iter_features(self.model, batches, self.cfg.model.channels_last,
-                                           self.progress, self.manifest.n, "training features"):
-                yield idx, f
+            yield from embedded_chunks(self.model, self.manifest, self.cfg.data, self.device,
+                                       self.cfg.model.channels_last, self.progress)
             return
         assert self.bank is not None
         yield from bank_chunks(self.parts or (self.bank,), self.device)
+
+
+def embedded_chunks(model: Embedder, manifest: Manifest, data_cfg: DataConfig,
+                    device: torch.device, channels_last: bool = False, progress: bool = False,
+                    desc: str = "training features") -> Iterator[tuple[Tensor, Tensor]]:
+    """(index (b,), features (b, D)) of every sample of `manifest` embedded by `model` with the
+    test transform, batch by batch: the training side of `--recompute` and of the baselines."""
+    batches = eval_batches(manifest, data_cfg, device)
+    for idx, f, _ in iter_features(model, batches, channels_last, progress, manifest.n, desc):
+        yield idx, f
 
 
 def bank_chunks(banks: Sequence[Path], device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
